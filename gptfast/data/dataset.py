@@ -1,0 +1,69 @@
+"""Sliding-window next-token datasets and the train/val DataLoaders built from them."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+class GPTDataset(Dataset):
+    """Overlapping windows over a token stream; item i is (inputs, targets), targets shifted by one.
+
+    Window starts are 0, stride, 2*stride, ... as long as a full window plus its one-token-ahead
+    target fits: `len(token_ids) - context_length` must be positive. Windows are sliced on the fly
+    from one tensor, so memory stays at one copy of the token stream.
+    """
+
+    def __init__(self, token_ids, context_length: int, stride: int):
+        if context_length < 1 or stride < 1:
+            raise ValueError(f"context_length and stride must be positive, got {context_length} and {stride}")
+        self.tokens = torch.as_tensor(token_ids, dtype=torch.long)
+        if self.tokens.ndim != 1:
+            raise ValueError(f"token_ids must be a 1-D sequence, got shape {tuple(self.tokens.shape)}")
+        if len(self.tokens) <= context_length:
+            raise ValueError(
+                f"text too short: {len(self.tokens)} tokens, but one window of context_length "
+                f"{context_length} needs at least {context_length + 1} (inputs plus the next-token target)")
+        self.context_length = context_length
+        self.stride = stride
+        self.starts = range(0, len(self.tokens) - context_length, stride)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.starts[i]
+        chunk = self.tokens[s: s + self.context_length + 1]  # (T+1,)
+        return chunk[:-1], chunk[1:]                          # (T,), (T,)
+
+
+def create_dataloaders(text: str, tokenizer, batch_size: int = 4, context_length: int = 256,
+                       stride: int | None = None, train_ratio: float = 0.9, num_workers: int = 0,
+                       seed: int = 123) -> tuple[DataLoader, DataLoader]:
+    """Split `text` by characters into train/val, tokenize each, and wrap them in DataLoaders.
+
+    Train: shuffled (seeded) and drop_last; validation: neither. `stride` defaults to
+    `context_length` (no overlap, so no window is seen twice per epoch).
+    """
+    if not 0.0 < train_ratio < 1.0:
+        raise ValueError(f"train_ratio must be in (0, 1), got {train_ratio}")
+    stride = stride or context_length
+    split = int(train_ratio * len(text))
+    parts = {"train": text[:split], "val": text[split:]}
+    datasets = {}
+    for name, part in parts.items():
+        ids = tokenizer.encode(part)
+        try:
+            datasets[name] = GPTDataset(ids, context_length, stride)
+        except ValueError as err:
+            raise ValueError(f"{name} split ({len(part)} characters): {err}; use a longer text, a "
+                             f"smaller context length or another train_ratio") from None
+    if len(datasets["train"]) < batch_size:
+        raise ValueError(f"the train split has {len(datasets['train'])} windows, fewer than batch_size "
+                         f"{batch_size}; with drop_last that is an empty epoch - lower the batch size, "
+                         "context length or stride")
+    generator = torch.Generator().manual_seed(seed)
+    train = DataLoader(datasets["train"], batch_size=batch_size, shuffle=True, drop_last=True,
+                       num_workers=num_workers, generator=generator)
+    val = DataLoader(datasets["val"], batch_size=batch_size, shuffle=False, drop_last=False,
+                     num_workers=num_workers)
+    return train, val

@@ -1,0 +1,141 @@
+"""The GPT model, block by block: embeddings -> N x (pre-LN attention + feed-forward) -> LM head.
+
+LayerNorm, GELU and causal attention go through `gptfast.ops`, so the same model runs on the
+`reference`, `torch` or any later kernel backend; `set_backend` switches all of them at once.
+Shapes: B batch, T tokens, C = emb_dim, nh = n_heads, hs = C / nh, V = vocab_size.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+
+from .. import ops
+from .config import GPTConfig
+
+
+class LayerNorm(nn.Module):
+    """Learned scale (`weight`) and shift (`bias`) around a zero-mean, unit-variance row."""
+
+    def __init__(self, emb_dim: int, eps: float = 1e-5, backend: str | None = None):
+        super().__init__()
+        self.eps = eps
+        self.backend = backend
+        self.weight = nn.Parameter(torch.ones(emb_dim))
+        self.bias = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x):                                        # (B, T, C) -> (B, T, C)
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend)
+
+
+class GELU(nn.Module):
+    def __init__(self, backend: str | None = None):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, x):
+        return ops.gelu(x, backend=self.backend)
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: expand 4x, GELU, project back."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.act = GELU(cfg.backend)
+        self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+
+    def forward(self, x):                                        # (B, T, C)
+        return self.proj(self.act(self.fc(x)))                   # (B, T, 4C) inside
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where each token sees only itself and earlier tokens."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.W_query = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
+        self.W_key = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
+        self.W_value = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)      # mixes the heads' outputs
+        self.drop_rate = cfg.drop_rate                           # on the attention weights
+        self.backend = cfg.backend
+
+    def split_heads(self, x):                                    # (B, T, C) -> (B, nh, T, hs)
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x):                                        # (B, T, C)
+        B, T, C = x.shape
+        q = self.split_heads(self.W_query(x))                    # (B, nh, T, hs)
+        k = self.split_heads(self.W_key(x))
+        v = self.split_heads(self.W_value(x))
+        dropout_p = self.drop_rate if self.training else 0.0
+        y = ops.causal_attention(q, k, v, dropout_p=dropout_p, backend=self.backend)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)                   # heads side by side again
+        return self.out_proj(y)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN block: x + drop(attn(ln1(x))), then x + drop(ff(ln2(x)))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.norm1 = LayerNorm(cfg.emb_dim, backend=cfg.backend)
+        self.att = CausalSelfAttention(cfg)
+        self.norm2 = LayerNorm(cfg.emb_dim, backend=cfg.backend)
+        self.ff = FeedForward(cfg)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x):                                        # (B, T, C)
+        shortcut = x
+        x = self.drop_shortcut(self.att(self.norm1(x)))
+        x = x + shortcut                                         # add the input back: residual
+        shortcut = x
+        x = self.drop_shortcut(self.ff(self.norm2(x)))
+        return x + shortcut
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        cfg = replace(cfg, backend=ops.resolve_backend_name(cfg.backend))  # fail early; own copy
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = LayerNorm(cfg.emb_dim, backend=cfg.backend)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)  # untied, as in the book
+
+    @property
+    def backend(self) -> str:
+        return self.cfg.backend
+
+    def set_backend(self, name: str | None) -> "GPTModel":
+        """Route every LayerNorm, GELU and attention of this model through backend `name`."""
+        name = ops.resolve_backend_name(name)
+        self.cfg.backend = name
+        for module in self.modules():
+            if hasattr(module, "backend") and module is not self:
+                module.backend = name
+        return self
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:       # (B, T) token ids
+        B, T = idx.shape
+        if T > self.cfg.context_length:
+            raise ValueError(f"sequence length {T} exceeds the model's context_length "
+                             f"{self.cfg.context_length}")
+        pos = torch.arange(T, device=idx.device)                 # (T,)
+        x = self.tok_emb(idx) + self.pos_emb(pos)                # (B, T, C), pos broadcast over B
+        x = self.drop_emb(x)
+        for block in self.trf_blocks:
+            x = block(x)
+        x = self.final_norm(x)
+        return self.out_head(x)                                  # (B, T, V) logits

@@ -1,0 +1,71 @@
+"""The op interface the model calls: `layer_norm`, `gelu`, `causal_attention`.
+
+Each op is computed by a selectable backend (`reference`, `torch`, later `extension`, `triton`),
+chosen per call by `backend=`, which the model takes from its config, `--backend` or
+$GPTFAST_BACKEND. Argument checks live here, once, so every backend gets the same clear errors.
+"""
+from __future__ import annotations
+
+import torch
+
+from .registry import (DEFAULT_BACKEND, BackendError, available_backends, get_backend,
+                       register_backend, resolve_backend_name)
+
+
+def _check_floating(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    _check_floating(name, t)
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+               backend: str | None = None) -> torch.Tensor:
+    """LayerNorm over the last dim of x (..., C) with weight, bias of shape (C,)."""
+    _check_floating("x", x)
+    if x.ndim < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    C = x.shape[-1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        _check_like(name, p, "x", x)
+        if p.shape != (C,):
+            raise ValueError(f"{name} must have shape ({C},) to match x's last dim, got {tuple(p.shape)}")
+    if eps <= 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    return get_backend(backend).layer_norm(x, weight, bias, eps)
+
+
+def gelu(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """GELU with the tanh approximation, elementwise."""
+    _check_floating("x", x)
+    return get_backend(backend).gelu(x)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                     scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """Causal scaled dot-product attention. q, k, v: (B, nh, T, hs) -> (B, nh, T, hs).
+
+    `scale` defaults to 1/sqrt(hs); `dropout_p` drops attention weights (pass 0.0 in eval mode).
+    """
+    _check_floating("q", q)
+    if q.ndim != 4:
+        raise ValueError(f"q must have rank 4 (B, nh, T, hs), got shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        _check_like(name, t, "q", q)
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the same shape as q {tuple(q.shape)}, got {tuple(t.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return get_backend(backend).causal_attention(q, k, v, dropout_p, scale)
+
+
+__all__ = ["layer_norm", "gelu", "causal_attention", "available_backends", "resolve_backend_name",
+           "register_backend", "get_backend", "BackendError", "DEFAULT_BACKEND"]

@@ -1,0 +1,23 @@
+"""The `torch` backend: PyTorch's own fused built-ins for the same three ops.
+
+These are the baselines our kernels must beat: `F.layer_norm`, `F.gelu(approximate="tanh")` and
+`F.scaled_dot_product_attention` (which picks flash / memory-efficient / math kernels itself).
+Attention dropout uses SDPA's own RNG, so its dropped weights differ from the other backends'.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                     scale: float | None = None) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)

@@ -1,0 +1,39 @@
+"""The `reference` backend: every op written out as the textbook math, in plain PyTorch.
+
+This is the truth that every fused kernel is tested against (in float64). It is written for
+reading, not speed: attention materializes the full (T, T) score matrix.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Normalize each row over the last dim to zero mean, unit (biased) variance; then scale, shift."""
+    mean = x.mean(dim=-1, keepdim=True)                         # (..., 1)
+    var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)          # biased: divide by C, not C - 1
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias   # (..., C)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation (as in GPT-2): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                     scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + causal mask) v, with dropout on the attention weights.
+
+    q, k, v: (B, nh, T, hs). Position t may attend to positions <= t only.
+    """
+    T, hs = q.shape[-2], q.shape[-1]
+    scale = 1.0 / math.sqrt(hs) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale                   # (B, nh, T, T)
+    future = torch.triu(torch.ones(T, T, dtype=torch.bool, device=q.device), diagonal=1)
+    scores = scores.masked_fill(future, float("-inf"))           # no peeking at later tokens
+    weights = torch.softmax(scores, dim=-1)                      # (B, nh, T, T), rows sum to 1
+    if dropout_p > 0.0:
+        weights = torch.nn.functional.dropout(weights, p=dropout_p, training=True)
+    return weights @ v                                           # (B, nh, T, hs)

@@ -1,0 +1,74 @@
+"""Op backends by name: which exist, which can run here, and which one is in use.
+
+A backend is a module-like object with `layer_norm`, `gelu` and `causal_attention`. Backends are
+loaded lazily, so a missing compiled extension or Triton only matters when that backend is asked for.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+DEFAULT_BACKEND = "torch"
+ENV_VAR = "GPTFAST_BACKEND"
+
+# name -> (module path, one-line description)
+_BACKENDS: dict[str, tuple[str, str]] = {
+    "reference": ("gptfast.ops.reference", "explicit PyTorch math (the textbook; the truth in tests)"),
+    "torch": ("gptfast.ops.native", "PyTorch built-ins: F.layer_norm, F.gelu, SDPA"),
+}
+_loaded: dict[str, ModuleType] = {}
+_errors: dict[str, str] = {}
+
+
+class BackendError(ValueError):
+    """An unknown backend name, or a known backend that cannot run here."""
+
+
+def register_backend(name: str, module: str, description: str) -> None:
+    """Make `name` selectable; `module` is imported on first use and must define the ops."""
+    _BACKENDS[name] = (module, description)
+    _loaded.pop(name, None)
+    _errors.pop(name, None)
+
+
+def _load(name: str) -> ModuleType | None:
+    if name in _loaded:
+        return _loaded[name]
+    if name in _errors:
+        return None
+    try:
+        module = importlib.import_module(_BACKENDS[name][0])
+    except Exception as err:  # ImportError, a failed build, a missing driver, ...
+        _errors[name] = f"{type(err).__name__}: {err}"
+        return None
+    _loaded[name] = module
+    return module
+
+
+def available_backends() -> dict[str, str]:
+    """Every known backend -> "available: <description>" or "unavailable: <why>"."""
+    status = {}
+    for name, (_, description) in _BACKENDS.items():
+        ok = _load(name) is not None
+        status[name] = f"available: {description}" if ok else f"unavailable: {_errors[name]}"
+    return status
+
+
+def resolve_backend_name(name: str | None = None) -> str:
+    """`name`, else $GPTFAST_BACKEND, else the default; checked to exist and to be loadable."""
+    name = name or os.environ.get(ENV_VAR) or DEFAULT_BACKEND
+    if name not in _BACKENDS:
+        raise BackendError(f"unknown op backend {name!r}; available: {', '.join(_usable())}")
+    if _load(name) is None:
+        raise BackendError(f"op backend {name!r} is unavailable here ({_errors[name]}); "
+                           f"available: {', '.join(_usable())}")
+    return name
+
+
+def get_backend(name: str | None = None) -> ModuleType:
+    return _loaded.get(name) or _loaded[resolve_backend_name(name)]
+
+
+def _usable() -> list[str]:
+    return [n for n in _BACKENDS if _load(n) is not None]

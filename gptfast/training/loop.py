@@ -1,0 +1,66 @@
+"""The training loop: forward, loss, backward, AdamW step; periodic evaluation; a sample per epoch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..generate import generate, text_to_token_ids, token_ids_to_text
+from .evaluate import calc_loss_batch, evaluate_model
+from .metrics import MetricsLog
+
+
+@dataclass
+class History:
+    steps: list = field(default_factory=list)
+    tokens_seen: list = field(default_factory=list)
+    train_losses: list = field(default_factory=list)
+    val_losses: list = field(default_factory=list)
+    samples: list = field(default_factory=list)
+    step: int = 0            # optimizer steps taken
+    tokens: int = 0          # training tokens consumed
+
+
+def generate_sample(model, tokenizer, device, start_context: str, max_new_tokens: int = 50) -> str:
+    """Greedy continuation of `start_context`, newlines flattened for a one-line log."""
+    idx = text_to_token_ids(start_context, tokenizer).to(device)
+    out = generate(model, idx, max_new_tokens=max_new_tokens, context_size=model.cfg.context_length)
+    return token_ids_to_text(out, tokenizer).replace("\n", " ")
+
+
+def train_model(model, train_loader, val_loader, optimizer, device, num_epochs: int, eval_freq: int,
+                eval_iter: int, start_context: str, tokenizer, log: MetricsLog | None = None,
+                progress: bool = True, sample_tokens: int = 50) -> History:
+    """Train for `num_epochs`; evaluate every `eval_freq` steps (from step 0) on `eval_iter` batches."""
+    log = log or MetricsLog(None)
+    hist = History()
+    for epoch in range(1, num_epochs + 1):
+        model.train()
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{num_epochs}", unit="batch",
+                   disable=not progress, dynamic_ncols=True)
+        for inputs, targets in bar:
+            optimizer.zero_grad(set_to_none=True)
+            loss = calc_loss_batch(inputs, targets, model, device)
+            loss.backward()
+            optimizer.step()
+            hist.tokens += inputs.numel()
+            loss_value = loss.item()
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+            if hist.step % eval_freq == 0:
+                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+                hist.steps.append(hist.step)
+                hist.tokens_seen.append(hist.tokens)
+                hist.train_losses.append(train_loss)
+                hist.val_losses.append(val_loss)
+                tqdm.write(f"Ep {epoch} (Step {hist.step:06d}): "
+                           f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+                log.write("eval", epoch=epoch, step=hist.step, tokens_seen=hist.tokens,
+                          train_loss=train_loss, val_loss=val_loss, batch_loss=loss_value)
+            hist.step += 1
+        bar.close()
+        sample = generate_sample(model, tokenizer, device, start_context, sample_tokens)
+        hist.samples.append(sample)
+        tqdm.write(f"Ep {epoch} sample: {sample}")
+        log.write("sample", epoch=epoch, step=hist.step, text=sample)
+    return hist

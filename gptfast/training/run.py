@@ -1,0 +1,137 @@
+"""One training run end to end: corpus -> tokenizer -> loaders -> model -> loop -> plot, checkpoint.
+
+`scripts/train.py` only parses flags into `TrainSettings` and calls `run_training`. Problems a user
+can fix (bad flag values, missing files, offline without a cache) raise `ConfigError` or one of
+the errors listed in `USER_ERRORS`, which the script prints as one line.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .. import ops
+from ..data import DEFAULT_CORPUS, DownloadError, create_dataloaders, load_text
+from ..model import PRESETS, GPTConfig, GPTModel
+from ..tokenizer import TOKENIZERS, TokenizerUnavailableError, get_tokenizer
+from .checkpoint import CHECKPOINT_NAME, save_checkpoint
+from .loop import History, train_model
+from .metrics import MetricsLog, plot_losses
+
+
+class ConfigError(ValueError):
+    """A training setting that cannot work, with a message saying which and why."""
+
+
+USER_ERRORS = (ConfigError, FileNotFoundError, DownloadError, TokenizerUnavailableError,
+               ops.BackendError)
+
+
+@dataclass
+class TrainSettings:
+    data: str = DEFAULT_CORPUS           # a text file or a URL (downloaded once, cached)
+    preset: str | None = None            # None -> "cpu-small" on CPU, "book-124m" on CUDA
+    backend: str | None = None           # None -> $GPTFAST_BACKEND -> "torch"
+    device: str = "auto"                 # auto / cpu / cuda
+    epochs: int = 10
+    batch_size: int = 2
+    context_length: int | None = None    # None -> the preset's
+    stride: int | None = None            # None -> context_length (no overlap)
+    lr: float = 4e-4
+    weight_decay: float = 0.1
+    eval_freq: int = 5
+    eval_iter: int = 5
+    seed: int = 123
+    out: str = os.path.join("runs", "latest")
+    tokenizer: str = "gpt2"
+    bpe_vocab_size: int = 1024           # with tokenizer="bpe": trained on the training split
+    start_context: str = "Every effort moves you"
+    num_workers: int = 0
+    train_ratio: float = 0.9
+    progress: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA GPU is available (use --device cpu)")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {name!r}; choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+def build_config(s: TrainSettings, device: torch.device, vocab_size: int) -> GPTConfig:
+    preset = s.preset or ("book-124m" if device.type == "cuda" else "cpu-small")
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    cfg = GPTConfig.from_preset(preset)
+    if vocab_size != cfg.vocab_size:
+        cfg.vocab_size = vocab_size          # e.g. our own BPE with a small vocabulary
+    if s.context_length is not None and s.context_length > cfg.context_length:
+        raise ConfigError(f"--context-length {s.context_length} exceeds the {preset} model's context "
+                          f"length {cfg.context_length}")
+    return cfg
+
+
+def run_training(s: TrainSettings, echo=print) -> dict:
+    """Train as `s` says; writes checkpoint, metrics and plot into `s.out`; returns a summary."""
+    if s.tokenizer not in TOKENIZERS:
+        raise ConfigError(f"unknown tokenizer {s.tokenizer!r}; choose one of: {', '.join(TOKENIZERS)}")
+    device = resolve_device(s.device)
+    backend = ops.resolve_backend_name(s.backend)
+    torch.manual_seed(s.seed)
+
+    text = load_text(s.data)
+    split = int(s.train_ratio * len(text))
+    if s.tokenizer == "bpe":
+        echo(f"training a byte-level BPE tokenizer ({s.bpe_vocab_size} tokens) on the training split")
+        tokenizer = get_tokenizer("bpe", text=text[:split], vocab_size=s.bpe_vocab_size)
+    else:
+        tokenizer = get_tokenizer(s.tokenizer)
+
+    cfg = build_config(s, device, tokenizer.n_vocab)
+    cfg.backend = backend
+    context_length = s.context_length or cfg.context_length
+    try:
+        train_loader, val_loader = create_dataloaders(
+            text, tokenizer, batch_size=s.batch_size, context_length=context_length,
+            stride=s.stride or context_length, train_ratio=s.train_ratio,
+            num_workers=s.num_workers, seed=s.seed)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+    torch.manual_seed(s.seed)  # the same initial weights whatever the tokenizer did before
+    model = GPTModel(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+
+    n_params = model.num_parameters()
+    echo(f"config: {json.dumps(cfg.to_dict())}")
+    echo(f"parameters: {n_params:,} | device: {device} | backend: {backend} | tokenizer: "
+         f"{s.tokenizer} ({tokenizer.n_vocab} tokens)")
+    echo(f"data: {s.data} | {len(text):,} characters | train batches/epoch: {len(train_loader)} | "
+         f"val batches: {len(val_loader)} | tokens/step: {s.batch_size * context_length:,} "
+         f"({s.batch_size} x {context_length})")
+
+    os.makedirs(s.out, exist_ok=True)
+    log = MetricsLog(os.path.join(s.out, "metrics.jsonl"))
+    log.write("config", settings=asdict(s), model=cfg.to_dict(), parameters=n_params,
+              device=str(device), torch=torch.__version__)
+    hist: History = train_model(model, train_loader, val_loader, optimizer, device, s.epochs,
+                                s.eval_freq, s.eval_iter, s.start_context, tokenizer, log=log,
+                                progress=s.progress)
+
+    ckpt = save_checkpoint(os.path.join(s.out, CHECKPOINT_NAME), model, optimizer, tokenizer,
+                           step=hist.step, epoch=s.epochs, tokens_seen=hist.tokens)
+    plot = plot_losses(hist.steps, hist.tokens_seen, hist.train_losses, hist.val_losses,
+                       os.path.join(s.out, "loss.png"))
+    summary = {"steps": hist.step, "tokens_seen": hist.tokens, "parameters": n_params,
+               "final_train_loss": hist.train_losses[-1] if hist.train_losses else None,
+               "final_val_loss": hist.val_losses[-1] if hist.val_losses else None,
+               "checkpoint": ckpt, "plot": plot, "metrics": log.path,
+               "seconds": round(log.write("done").get("time_s"), 1)}
+    echo(f"done in {summary['seconds']} s: {hist.step} steps, {hist.tokens:,} tokens | "
+         f"checkpoint {ckpt} | plot {plot} | metrics {log.path}")
+    return summary

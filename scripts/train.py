@@ -1,0 +1,68 @@
+"""Train a GPT on a text corpus.
+
+    python scripts/train.py                       # cpu-small on the-verdict (downloaded once)
+    python scripts/train.py --preset book-124m --epochs 10 --batch-size 2 --lr 4e-4 \
+        --weight-decay 0.1 --eval-freq 5 --eval-iter 5 --seed 123 --data ../shared/data/the-verdict.txt
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gptfast.cli import OneLineParser, nonnegative_float, positive_float, positive_int
+from gptfast.model import PRESETS
+from gptfast.ops import available_backends
+from gptfast.tokenizer import TOKENIZERS
+from gptfast.training import USER_ERRORS, TrainSettings, run_training
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainSettings()
+    p = OneLineParser(prog="train.py", description="Train a GPT model on a text corpus.")
+    p.add_argument("--data", default=d.data, help="text file or URL (default: the-verdict, cached)")
+    p.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} "
+                                    "(default: cpu-small on CPU, book-124m on CUDA)")
+    p.add_argument("--backend", help="op backend: " + ", ".join(available_backends()) +
+                                     " (default: $GPTFAST_BACKEND or torch)")
+    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--epochs", type=positive_int, default=d.epochs)
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    p.add_argument("--context-length", type=positive_int, help="window length (default: the preset's)")
+    p.add_argument("--stride", type=positive_int, help="window step (default: the context length)")
+    p.add_argument("--lr", type=positive_float, default=d.lr)
+    p.add_argument("--weight-decay", type=nonnegative_float, default=d.weight_decay)
+    p.add_argument("--eval-freq", type=positive_int, default=d.eval_freq, help="evaluate every N steps")
+    p.add_argument("--eval-iter", type=positive_int, default=d.eval_iter, help="batches per evaluation")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=d.out, help="run folder: checkpoint.pt, metrics.jsonl, loss.png")
+    p.add_argument("--tokenizer", default=d.tokenizer, choices=TOKENIZERS)
+    p.add_argument("--bpe-vocab-size", type=positive_int, default=d.bpe_vocab_size,
+                   help="vocabulary of the BPE trained with --tokenizer bpe")
+    p.add_argument("--start-context", default=d.start_context, help="prompt of the per-epoch sample")
+    p.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader workers")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = TrainSettings(
+        data=args.data, preset=args.preset, backend=args.backend, device=args.device,
+        epochs=args.epochs, batch_size=args.batch_size, context_length=args.context_length,
+        stride=args.stride, lr=args.lr, weight_decay=args.weight_decay, eval_freq=args.eval_freq,
+        eval_iter=args.eval_iter, seed=args.seed, out=args.out, tokenizer=args.tokenizer,
+        bpe_vocab_size=args.bpe_vocab_size, start_context=args.start_context,
+        num_workers=args.num_workers, progress=not args.no_progress)
+    try:
+        run_training(settings)
+    except USER_ERRORS as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("train.py: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
