@@ -80,6 +80,8 @@ def run_training(s: TrainSettings, echo=print) -> dict:
     """Train as `s` says; writes checkpoint, metrics and plot into `s.out`; returns a summary."""
     if s.tokenizer not in TOKENIZERS:
         raise ConfigError(f"unknown tokenizer {s.tokenizer!r}; choose one of: {', '.join(TOKENIZERS)}")
+    if s.preset is not None and s.preset not in PRESETS:  # before any slow work
+        raise ConfigError(f"unknown preset {s.preset!r}; choose one of: {', '.join(PRESETS)}")
     device = resolve_device(s.device)
     backend = ops.resolve_backend_name(s.backend)
     torch.manual_seed(s.seed)

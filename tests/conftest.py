@@ -1,0 +1,49 @@
+"""Shared test set-up: offline data from ../shared/data, deterministic torch, small helpers."""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(os.environ.get("GPTFAST_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+# tiktoken reads its GPT-2 files from here instead of the network.
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken-cache"))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def shared_file(name: str) -> pathlib.Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.fail(f"offline test data {path} is missing: the tests read ../shared/data next to the "
+                    "repository (or set GPTFAST_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def verdict_text() -> str:
+    return shared_file("the-verdict.txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text() -> str:
+    return shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    from gptfast.tokenizer import get_tokenizer
+
+    shared_file("tiktoken-cache")
+    return get_tokenizer("gpt2")
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ computed in float64 (the absolute error ‖out‖ when ref is exactly 0)."""
+    out, ref = out.double(), ref.double()
+    diff = torch.linalg.vector_norm(out - ref).item()
+    scale = torch.linalg.vector_norm(ref).item()
+    return diff / scale if scale > 0 else diff

@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from gptfast.generate import generate, sample_next, text_to_token_ids, token_ids_to_text
+from gptfast.model import GPTConfig, GPTModel
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPTModel(GPTConfig(vocab_size=50, context_length=8, emb_dim=32, n_heads=2, n_layers=2,
+                              drop_rate=0.1))
+
+
+def test_greedy_equals_manual_argmax_loop(model):
+    idx = torch.tensor([[1, 2, 3]])
+    out = generate(model, idx, max_new_tokens=12, context_size=8)
+    model.eval()
+    manual = idx
+    with torch.no_grad():
+        for _ in range(12):
+            nxt = model(manual[:, -8:])[:, -1].argmax(-1, keepdim=True)
+            manual = torch.cat([manual, nxt], 1)
+    assert out.shape == (1, 15)                       # past the context window: cropping works
+    assert torch.equal(out, manual)
+
+
+def test_restores_training_mode(model):
+    model.train()
+    generate(model, torch.tensor([[1]]), 2)
+    assert model.training
+    model.eval()
+    generate(model, torch.tensor([[1]]), 2)
+    assert not model.training
+
+
+def test_seeded_sampling_is_reproducible(model):
+    idx = torch.tensor([[4, 5]])
+    a = generate(model, idx, 20, temperature=1.5, top_k=10, seed=7)
+    b = generate(model, idx, 20, temperature=1.5, top_k=10, seed=7)
+    c = generate(model, idx, 20, temperature=1.5, top_k=10, seed=8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_top_k_one_is_greedy(model):
+    idx = torch.tensor([[4, 5]])
+    assert torch.equal(generate(model, idx, 10, temperature=2.0, top_k=1, seed=0),
+                       generate(model, idx, 10))
+
+
+def test_sample_next_respects_top_k():
+    logits = torch.tensor([[0.0, 5.0, 4.0, -1.0, 3.0]])
+    g = torch.Generator().manual_seed(0)
+    picks = {sample_next(logits, temperature=5.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert picks == {1, 2}
+    assert sample_next(logits).item() == 1
+
+
+def test_stops_at_eos_and_pads_finished_rows(model):
+    idx = torch.tensor([[1, 2], [3, 4]])
+    greedy = generate(model, idx, 6)
+    eos = greedy[0, 2].item()                         # row 0's first new token
+    out = generate(model, idx, 6, eos_id=eos)
+    assert torch.all(out[0, 2:] == eos)
+    row1_hits = (greedy[1, 2:] == eos).nonzero()
+    if len(row1_hits):                                # both rows finish -> stops early
+        assert out.shape[1] == 2 + row1_hits[0].item() + 1
+    else:
+        assert out.shape[1] == 8 and torch.equal(out[1], greedy[1])
+    single = generate(model, idx[:1], 6, eos_id=eos)
+    assert single.shape == (1, 3)                     # a single row stops right at eos
+
+
+def test_invalid_arguments(model):
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, torch.tensor([[1]]), 3, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_k"):
+        generate(model, torch.tensor([[1]]), 3, top_k=0)
+    with pytest.raises(ValueError, match="idx must have shape"):
+        generate(model, torch.tensor([1]), 3)
+
+
+def test_text_helpers_round_trip(gpt2_tokenizer):
+    ids = text_to_token_ids("Every effort moves you", gpt2_tokenizer)
+    assert ids.shape == (1, 4)
+    assert token_ids_to_text(ids, gpt2_tokenizer) == "Every effort moves you"

@@ -1,0 +1,140 @@
+import pytest
+import torch
+
+from conftest import rel_error
+from gptfast import ops
+from gptfast.model import PRESETS, GPTConfig, GPTModel
+
+
+def small_config(**kw):
+    base = dict(vocab_size=97, context_length=32, emb_dim=48, n_heads=4, n_layers=2, drop_rate=0.0)
+    return GPTConfig(**{**base, **kw})
+
+
+def expected_parameters(c: GPTConfig) -> int:
+    C, V = c.emb_dim, c.vocab_size
+    attn = 3 * C * C + (3 * C if c.qkv_bias else 0) + C * C + C
+    ff = C * 4 * C + 4 * C + 4 * C * C + C
+    block = attn + ff + 2 * 2 * C
+    return V * C + c.context_length * C + c.n_layers * block + 2 * C + C * V
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_parameter_counts(preset):
+    cfg = GPTConfig.from_preset(preset)
+    with torch.device("meta"):                        # shapes only: no memory, no init time
+        model = GPTModel(cfg)
+    assert model.num_parameters() == expected_parameters(cfg)
+
+
+def test_gpt2_124m_has_the_books_parameter_count():
+    with torch.device("meta"):
+        assert GPTModel(GPTConfig.from_preset("gpt2-124m")).num_parameters() == 163_009_536
+        # the book-124m preset differs only by its 256-token context: 768 x 768 fewer positions
+        assert GPTModel(GPTConfig.from_preset("book-124m")).num_parameters() == 163_009_536 - 768 * 768
+
+
+def test_book_preset_matches_the_book():
+    c = GPTConfig.from_preset("book-124m")
+    assert (c.vocab_size, c.context_length, c.emb_dim, c.n_heads, c.n_layers, c.drop_rate, c.qkv_bias) == \
+        (50257, 256, 768, 12, 12, 0.1, False)
+
+
+def test_forward_shapes_and_context_limit():
+    torch.manual_seed(0)
+    model = GPTModel(small_config())
+    idx = torch.randint(0, 97, (3, 17))
+    assert model(idx).shape == (3, 17, 97)
+    assert model(idx[:1, :1]).shape == (1, 1, 97)
+    with pytest.raises(ValueError, match="sequence length 33 exceeds the model's context_length 32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="divisible by n_heads"):
+        GPTConfig(emb_dim=50, n_heads=4)
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        GPTConfig.from_preset("huge")
+    with pytest.raises(ValueError, match="n_layers must be positive"):
+        GPTConfig(n_layers=0)
+    with pytest.raises(ops.BackendError, match="unknown op backend"):
+        GPTModel(small_config(backend="nope"))
+
+
+def test_model_is_causal():
+    torch.manual_seed(0)
+    model = GPTModel(small_config()).eval()
+    idx = torch.randint(0, 97, (1, 20))
+    idx2 = idx.clone()
+    idx2[0, 12:] = (idx2[0, 12:] + 1) % 97
+    a, b = model(idx), model(idx2)
+    assert torch.allclose(a[:, :12], b[:, :12], atol=1e-6)
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_reference_and_torch_backends_agree_in_float32():
+    torch.manual_seed(0)
+    model = GPTModel(small_config(backend="reference")).eval()
+    idx = torch.randint(0, 97, (2, 31))
+    targets = torch.randint(0, 97, (2, 31))
+
+    def logits_and_grads(backend):
+        model.set_backend(backend)
+        model.zero_grad()
+        logits = model(idx)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+    ref_logits, ref_grads = logits_and_grads("reference")
+    logits, grads = logits_and_grads("torch")
+    assert rel_error(logits, ref_logits) < 1e-5
+    for g, rg in zip(grads, ref_grads):
+        assert rel_error(g, rg) < 1e-5
+
+
+def test_set_backend_reaches_every_op_module(monkeypatch):
+    model = GPTModel(small_config(backend="reference"))
+    model.set_backend("torch")
+    holders = [m for m in model.modules() if m is not model and hasattr(m, "backend")]
+    assert len(holders) == 4 * 2 + 1  # per block: 2 LayerNorms, attention, GELU; plus the final LN
+    assert {m.backend for m in holders} == {"torch"} and model.backend == "torch"
+    monkeypatch.setenv("GPTFAST_BACKEND", "reference")
+    assert GPTModel(small_config()).backend == "reference"
+
+
+def test_config_is_not_mutated_and_round_trips():
+    cfg = small_config()
+    model = GPTModel(cfg)
+    assert cfg.backend is None and model.cfg.backend == ops.resolve_backend_name(None)
+    assert GPTConfig.from_dict(model.cfg.to_dict()) == model.cfg
+
+
+def test_dropout_active_only_in_training():
+    torch.manual_seed(0)
+    model = GPTModel(small_config(drop_rate=0.3))
+    idx = torch.randint(0, 97, (2, 16))
+    model.eval()
+    assert torch.equal(model(idx), model(idx))
+    model.train()
+    assert not torch.equal(model(idx), model(idx))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_torch_compile_fullgraph(backend):
+    torch.manual_seed(0)
+    model = GPTModel(small_config(backend=backend)).eval()
+    idx = torch.randint(0, 97, (2, 16))
+    targets = torch.randint(0, 97, (2, 16))
+
+    def loss_fn(m):
+        return torch.nn.functional.cross_entropy(m(idx).flatten(0, 1), targets.flatten())
+
+    eager = loss_fn(model)
+    eager.backward()
+    eager_grad = model.out_head.weight.grad.clone()
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    loss = loss_fn(compiled)
+    loss.backward()
+    assert torch.allclose(loss, eager, rtol=1e-5, atol=1e-6)
+    assert rel_error(model.out_head.weight.grad, eager_grad) < 1e-4

@@ -1,0 +1,112 @@
+import json
+import os
+
+import pytest
+import torch
+
+from gptfast.data import create_dataloaders
+from gptfast.model import GPTConfig, GPTModel
+from gptfast.training import (ConfigError, MetricsLog, TrainSettings, calc_loss_loader,
+                              load_checkpoint, plot_losses, run_training, save_checkpoint,
+                              train_model)
+
+
+def tiny_model(vocab_size=50257, seed=123):
+    torch.manual_seed(seed)
+    return GPTModel(GPTConfig.from_preset("tiny", vocab_size=vocab_size))
+
+
+def test_thirty_steps_lower_the_loss(verdict_text, gpt2_tokenizer):
+    train, val = create_dataloaders(verdict_text, gpt2_tokenizer, batch_size=4, context_length=32,
+                                    stride=32, seed=1)
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    before = calc_loss_loader(train, model, "cpu", num_batches=8)
+    hist = train_model(model, train, val, optimizer, "cpu", num_epochs=1, eval_freq=10, eval_iter=2,
+                       start_context="Every effort moves you", tokenizer=gpt2_tokenizer,
+                       progress=False, sample_tokens=5)
+    after = calc_loss_loader(train, model, "cpu", num_batches=8)
+    assert hist.step == len(train) >= 30
+    assert hist.steps == list(range(0, hist.step, 10))
+    assert hist.tokens == hist.step * 4 * 32
+    assert before > 10.0                                    # ~ln(50257) = 10.8 at initialization
+    assert after < before - 2.0
+    assert len(hist.samples) == 1 and hist.samples[0].startswith("Every effort moves you")
+
+
+def test_checkpoint_round_trip(tmp_path, gpt2_tokenizer):
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    idx = torch.randint(0, 50257, (2, 10))
+    model(idx).sum().backward()
+    optimizer.step()
+    path = save_checkpoint(str(tmp_path / "ck.pt"), model, optimizer, gpt2_tokenizer, step=7)
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]      # no temporary file left behind
+    loaded, state = load_checkpoint(path)
+    model.eval(), loaded.eval()
+    assert torch.equal(model(idx), loaded(idx))
+    assert state["step"] == 7 and state["tokenizer"] == {"name": "gpt2"}
+    assert loaded.cfg.to_dict() | {"backend": None} == model.cfg.to_dict() | {"backend": None}
+    opt2 = torch.optim.AdamW(loaded.parameters(), lr=1e-3)
+    opt2.load_state_dict(state["optimizer"])
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    torch.load(path, weights_only=True)                    # nothing but tensors and plain types
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(str(tmp_path))
+    torch.save({"hello": 1}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="not a gptfast checkpoint"):
+        load_checkpoint(str(tmp_path))
+
+
+def test_metrics_log_and_plot(tmp_path):
+    log = MetricsLog(str(tmp_path / "m.jsonl"))
+    log.write("eval", step=0, train_loss=3.0)
+    log.write("eval", step=5, train_loss=2.0)
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 5] and all("time_s" in r for r in records)
+    png = plot_losses([0, 5, 10], [0, 100, 200], [3.0, 2.0, 1.5], [3.1, 2.5, 2.4], str(tmp_path / "l.png"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def run_settings(tmp_path, text_path, **kw):
+    base = dict(data=str(text_path), preset="tiny", epochs=1, batch_size=4, context_length=32,
+                eval_freq=5, eval_iter=1, out=str(tmp_path / "run"), progress=False)
+    return TrainSettings(**{**base, **kw})
+
+
+def test_run_training_writes_everything(tmp_path, verdict_text):
+    text_path = tmp_path / "v.txt"
+    text_path.write_text(verdict_text)
+    lines = []
+    summary = run_training(run_settings(tmp_path, text_path), echo=lines.append)
+    out = tmp_path / "run"
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "loss.png", "metrics.jsonl"]
+    events = [json.loads(x)["event"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events[0] == "config" and events[-1] == "done" and "eval" in events and "sample" in events
+    assert any(line.startswith("parameters: 6,536,704 | device: cpu | backend: torch") for line in lines)
+    assert any("tokens/step: 128 (4 x 32)" in line for line in lines)
+    assert summary["final_train_loss"] < 10.8
+
+
+def test_run_training_with_our_bpe(tmp_path, verdict_text):
+    text_path = tmp_path / "v.txt"
+    text_path.write_text(verdict_text)
+    summary = run_training(run_settings(tmp_path, text_path, tokenizer="bpe", bpe_vocab_size=300,
+                                        backend="reference"), echo=lambda _: None)
+    model, state = load_checkpoint(summary["checkpoint"])
+    assert model.cfg.vocab_size == 300 and state["tokenizer"]["name"] == "bpe"
+
+
+def test_run_training_user_errors(tmp_path, verdict_text):
+    text_path = tmp_path / "v.txt"
+    text_path.write_text(verdict_text)
+    with pytest.raises(ConfigError, match="context length 64"):
+        run_training(run_settings(tmp_path, text_path, context_length=65), echo=lambda _: None)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        run_training(run_settings(tmp_path, text_path, preset="giant"), echo=lambda _: None)
+    with pytest.raises(ConfigError, match="text too short"):
+        run_training(run_settings(tmp_path, text_path, context_length=64, batch_size=1,
+                                  train_ratio=0.999), echo=lambda _: None)
