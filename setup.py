@@ -1,13 +1,16 @@
 """Build script for gptfast.
 
-The pure-Python package needs nothing but setuptools, so a plain `pip install -e .` works in pip's
-isolated build environment, which cannot import torch. The compiled extension (`gptfast._C`,
-sources in csrc/) is built only when torch is importable at build time (`pip install -e .
---no-build-isolation`) and sources exist; otherwise the package installs without it and the
-`extension` op backend reports itself unavailable. torch is never a build requirement: that would
-make pip download a CUDA torch into the isolated environment.
+The Python package needs nothing but setuptools, so a plain `pip install -e .` works in pip's
+isolated build environment, which cannot import torch (and must not: listing torch as a build
+requirement makes pip fetch a multi-GB CUDA build). The compiled extension gptfast._C (csrc/) is
+built ahead of time when torch is importable here, i.e. with
+`pip install -e . --no-build-isolation`; otherwise gptfast compiles it on first use of the
+`extension` backend (cached under TORCH_EXTENSIONS_DIR).
+
+Switches: GPTFAST_SKIP_EXTENSION=1 skips the C++ build; GPTFAST_CPU_ISA=generic drops the
+x86-64 AVX2/FMA flags.
 """
-import glob
+import importlib.util
 import os
 
 from setuptools import setup
@@ -15,20 +18,30 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def load_build_meta():
+    spec = importlib.util.spec_from_file_location("_build_meta", os.path.join(ROOT, "gptfast", "_build_meta.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def extension_modules():
-    cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    if not cpu_sources or os.environ.get("GPTFAST_SKIP_EXTENSION") == "1":
+    meta = load_build_meta()
+    if os.environ.get("GPTFAST_SKIP_EXTENSION") == "1" or not meta.cpu_sources(ROOT):
         return [], {}
     try:
+        import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
-        print("gptfast: torch is not importable at build time; skipping the C++ extension "
-              "(rebuild with `pip install -e . --no-build-isolation`).")
+        print("gptfast: torch is not importable at build time; gptfast._C will be compiled on first use "
+              "(or now: pip install -e . --no-build-isolation)")
         return [], {}
+    src_hash = meta.source_hash(ROOT)
+    meta.write_build_info(torch.__version__, src_hash)
     ext = CppExtension(
         name="gptfast._C",
-        sources=cpu_sources + sorted(glob.glob(os.path.join("csrc", "*.cpp"))),
-        extra_compile_args={"cxx": ["-O3", "-g0", "-fopenmp"]},
+        sources=meta.cpu_sources(ROOT),
+        extra_compile_args={"cxx": meta.cxx_flags(torch.__version__, src_hash)},
         extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": BuildExtension}

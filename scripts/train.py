@@ -11,7 +11,7 @@ import sys
 
 from gptfast.cli import OneLineParser, nonnegative_float, positive_float, positive_int
 from gptfast.model import PRESETS
-from gptfast.ops import available_backends
+from gptfast.ops import known_backends
 from gptfast.tokenizer import TOKENIZERS
 from gptfast.training import USER_ERRORS, TrainSettings, run_training
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=d.data, help="text file or URL (default: the-verdict, cached)")
     p.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} "
                                     "(default: cpu-small on CPU, book-124m on CUDA)")
-    p.add_argument("--backend", help="op backend: " + ", ".join(available_backends()) +
+    p.add_argument("--backend", help="op backend: " + ", ".join(known_backends()) +
                                      " (default: $GPTFAST_BACKEND or torch)")
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
     p.add_argument("--epochs", type=positive_int, default=d.epochs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .registry import (DEFAULT_BACKEND, BackendError, available_backends, get_backend,
-                       register_backend, resolve_backend_name)
+                       known_backends, register_backend, resolve_backend_name)
 
 
 def _check_floating(name: str, t: torch.Tensor) -> None:
@@ -50,10 +50,14 @@ def gelu(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
-                     scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+                     scale: float | None = None, seed: torch.Tensor | int | None = None,
+                     backend: str | None = None) -> torch.Tensor:
     """Causal scaled dot-product attention. q, k, v: (B, nh, T, hs) -> (B, nh, T, hs).
 
     `scale` defaults to 1/sqrt(hs); `dropout_p` drops attention weights (pass 0.0 in eval mode).
+    `seed` keys the shared counter-based dropout RNG (see dropout_rng.py): the same seed drops the
+    same weights in `reference`, `extension` and `triton`. When None it is drawn from torch's RNG
+    (so torch.manual_seed makes runs repeatable). The `torch` backend uses SDPA's own dropout.
     """
     _check_floating("q", q)
     if q.ndim != 4:
@@ -64,8 +68,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
             raise ValueError(f"{name} must have the same shape as q {tuple(q.shape)}, got {tuple(t.shape)}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    return get_backend(backend).causal_attention(q, k, v, dropout_p, scale)
+    if dropout_p > 0.0:
+        if seed is None:
+            seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        elif not isinstance(seed, torch.Tensor):
+            seed = torch.tensor([seed], dtype=torch.int64)
+    return get_backend(backend).causal_attention(q, k, v, dropout_p, scale, seed)
 
 
 __all__ = ["layer_norm", "gelu", "causal_attention", "available_backends", "resolve_backend_name",
-           "register_backend", "get_backend", "BackendError", "DEFAULT_BACKEND"]
+           "register_backend", "get_backend", "known_backends", "BackendError", "DEFAULT_BACKEND"]

@@ -19,5 +19,6 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, seed=None) -> torch.Tensor:
+    # `seed` is not used: SDPA draws its dropout mask from torch's own RNG
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)

@@ -1,13 +1,16 @@
 """The `reference` backend: every op written out as the textbook math, in plain PyTorch.
 
 This is the truth that every fused kernel is tested against (in float64). It is written for
-reading, not speed: attention materializes the full (T, T) score matrix.
+reading, not speed: attention materializes the full (T, T) score matrix. Attention dropout uses
+the counter-based RNG of `dropout_rng` (the same mask as our kernels, for the same seed).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+from .dropout_rng import dropout_keep_mask
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -22,18 +25,28 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
-                     scale: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale + causal mask) v, with dropout on the attention weights.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+              scale: float | None = None, dropout_p: float = 0.0, seed=None) -> torch.Tensor:
+    """softmax(q k^T * scale [+ causal mask]) v, with dropout on the attention weights.
 
-    q, k, v: (B, nh, T, hs). Position t may attend to positions <= t only.
+    q, k, v: (B, nh, T, hs). With `causal`, position t may attend to positions <= t only.
+    Dropout keeps weight (b*nh + h, t, s) iff the shared counter-based hash of (seed, b*nh + h, t, s)
+    says so, and scales kept weights by 1 / (1 - dropout_p).
     """
-    T, hs = q.shape[-2], q.shape[-1]
+    B, nh, T, hs = q.shape
     scale = 1.0 / math.sqrt(hs) if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale                   # (B, nh, T, T)
-    future = torch.triu(torch.ones(T, T, dtype=torch.bool, device=q.device), diagonal=1)
-    scores = scores.masked_fill(future, float("-inf"))           # no peeking at later tokens
+    if causal:
+        future = torch.triu(torch.ones(T, T, dtype=torch.bool, device=q.device), diagonal=1)
+        scores = scores.masked_fill(future, float("-inf"))       # no peeking at later tokens
     weights = torch.softmax(scores, dim=-1)                      # (B, nh, T, T), rows sum to 1
     if dropout_p > 0.0:
-        weights = torch.nn.functional.dropout(weights, p=dropout_p, training=True)
+        if seed is None:
+            seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        keep = dropout_keep_mask(seed, B * nh, T, T, dropout_p, device=q.device).view(B, nh, T, T)
+        weights = weights * keep / (1.0 - dropout_p)
     return weights @ v                                           # (B, nh, T, hs)
+
+
+def causal_attention(q, k, v, dropout_p: float = 0.0, scale: float | None = None, seed=None):
+    return attention(q, k, v, causal=True, scale=scale, dropout_p=dropout_p, seed=seed)

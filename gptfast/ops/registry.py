@@ -16,6 +16,7 @@ ENV_VAR = "GPTFAST_BACKEND"
 _BACKENDS: dict[str, tuple[str, str]] = {
     "reference": ("gptfast.ops.reference", "explicit PyTorch math (the textbook; the truth in tests)"),
     "torch": ("gptfast.ops.native", "PyTorch built-ins: F.layer_norm, F.gelu, SDPA"),
+    "extension": ("gptfast.ops.extension", "our compiled C++ kernels (csrc/) as torch custom ops"),
 }
 _loaded: dict[str, ModuleType] = {}
 _errors: dict[str, str] = {}
@@ -50,9 +51,19 @@ def available_backends() -> dict[str, str]:
     """Every known backend -> "available: <description>" or "unavailable: <why>"."""
     status = {}
     for name, (_, description) in _BACKENDS.items():
-        ok = _load(name) is not None
-        status[name] = f"available: {description}" if ok else f"unavailable: {_errors[name]}"
+        module = _load(name)
+        if module is None:
+            status[name] = f"unavailable: {_errors[name]}"
+            continue
+        status[name] = f"available: {description}"
+        if hasattr(module, "build_info"):           # compiled backends say what they contain
+            status[name] += f" {module.build_info()}"
     return status
+
+
+def known_backends() -> list[str]:
+    """Every backend name, without loading (or compiling) any of them."""
+    return list(_BACKENDS)
 
 
 def resolve_backend_name(name: str | None = None) -> str:

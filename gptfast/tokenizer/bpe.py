@@ -65,15 +65,33 @@ def _merge_word(word: tuple[int, ...], pair: tuple[int, int], new_id: int) -> tu
     return tuple(out)
 
 
-def learn_merges(word_counts: dict[tuple[int, ...], int], num_merges: int,
-                 first_id: int = 256) -> list[tuple[int, int, int]]:
+def learn_merges(word_counts: dict[tuple[int, ...], int], num_merges: int, first_id: int = 256,
+                 native: bool | None = None) -> list[tuple[int, int, int]]:
     """The BPE training loop: `num_merges` times, merge the most frequent adjacent pair.
 
     `word_counts` maps each distinct pre-tokenized chunk (a tuple of byte ids) to its frequency.
-    Pair frequencies are kept up to date incrementally: a merge only re-counts the words that
-    contain the merged pair. Ties go to the smallest pair (a, b), so training is deterministic.
-    Returns merges as (a, b, new_id) with new_id = first_id, first_id + 1, ...
+    Ties go to the smallest pair (a, b), so training is deterministic. Returns merges as
+    (a, b, new_id) with new_id = first_id, first_id + 1, ...
+
+    `native`: use the C++ loop of gptfast._C (True), the Python loop below (False), or the C++ one
+    when it is already built (None). Both give identical merges.
     """
+    if native is not False:
+        from ..compiled import load_extension, loaded_extension
+
+        ext = load_extension() if native else loaded_extension()
+        if ext is not None:
+            words = list(word_counts)
+            merged = ext.bpe_learn_merges([list(w) for w in words], [word_counts[w] for w in words],
+                                          num_merges, first_id)
+            return [tuple(m) for m in merged]
+    return _learn_merges_python(word_counts, num_merges, first_id)
+
+
+def _learn_merges_python(word_counts: dict[tuple[int, ...], int], num_merges: int,
+                         first_id: int) -> list[tuple[int, int, int]]:
+    """Pair frequencies kept up to date incrementally: a merge only re-counts the words that
+    contain the merged pair; a lazy max-heap finds the most frequent pair."""
     words = list(word_counts)
     freqs = [word_counts[w] for w in words]
     pair_counts: Counter = Counter()

@@ -35,6 +35,10 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs: 
     """Train for `num_epochs`; evaluate every `eval_freq` steps (from step 0) on `eval_iter` batches."""
     log = log or MetricsLog(None)
     hist = History()
+    # Where we start from: an untrained model predicts close to uniformly, loss ~ ln(vocab_size).
+    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+    tqdm.write(f"Before training: Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+    log.write("initial_eval", step=0, tokens_seen=0, train_loss=train_loss, val_loss=val_loss)
     for epoch in range(1, num_epochs + 1):
         model.train()
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{num_epochs}", unit="batch",

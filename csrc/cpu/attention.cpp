@@ -1,0 +1,310 @@
+// Causal (or full) scaled dot-product attention on CPU, FlashAttention-style.
+//
+// q, k, v, o: (B, H, T, D) contiguous; lse: (B, H, T). The (T, T) score matrix is never built:
+// the forward walks key tiles of kBK columns for each tile of kBQ query rows, keeping a running
+// row max m, normalizer l and output accumulator (online softmax), and saves
+// lse = m + log(l). The backward recomputes probabilities P = exp(S - lse) tile by tile, in two
+// deterministic passes: one parallel over key tiles (dK, dV), one over query tiles (dQ), so no
+// two threads ever add into the same output. Causal tiles above the diagonal are skipped.
+//
+// Dropout (on the softmax weights, after normalization) uses the counter-based hash of
+// dropout_hash.h, so the mask is regenerated in the backward rather than stored.
+//   O = Z V, Z = P * M / (1 - p);  dV = Z^T dO;  dZ = dO V^T;  dP = dZ * M / (1 - p);
+//   dS = P * (dP - Delta), Delta = rowsum(dO * O);  dQ = scale dS K;  dK = scale dS^T Q.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "../common.h"
+#include "../dropout_hash.h"
+
+namespace gptfast {
+namespace {
+
+constexpr int64_t kBQ = 32;      // query rows per tile
+constexpr int64_t kBK = 64;      // key columns per tile
+constexpr int64_t kMaxHeadDim = 256;
+
+template <typename T>
+struct AttnArgs {
+  const T *q, *k, *v;
+  int64_t T_, D;
+  bool causal;
+  T scale;
+  double p;               // dropout probability
+  T keep_scale;           // 1 / (1 - p)
+  uint32_t threshold;     // integer dropout threshold, 0 when p == 0
+  uint64_t seed;
+};
+
+// Number of key columns row `row` may see, counting from column 0.
+inline int64_t visible_cols(bool causal, int64_t row, int64_t T) { return causal ? row + 1 : T; }
+
+// kt (D x kBK) <- transpose of rows [k0, k0 + nk) of x (T x D); unused columns zeroed.
+template <typename T>
+void load_transposed(const T* __restrict__ x, int64_t k0, int64_t nk, int64_t D, T* __restrict__ kt) {
+  for (int64_t d = 0; d < D; ++d) {
+    T* dst = kt + d * kBK;
+    for (int64_t j = 0; j < nk; ++j) dst[j] = x[(k0 + j) * D + d];
+    for (int64_t j = nk; j < kBK; ++j) dst[j] = T(0);
+  }
+}
+
+// s[0..kBK) = alpha * (row . columns of kt): a broadcast-FMA sweep the compiler vectorizes over j.
+template <typename T>
+void row_times_tile(const T* __restrict__ row, const T* __restrict__ kt, int64_t D, T alpha,
+                    T* __restrict__ s) {
+  for (int64_t j = 0; j < kBK; ++j) s[j] = T(0);
+  for (int64_t d = 0; d < D; ++d) {
+    const T a = row[d] * alpha;
+    const T* __restrict__ src = kt + d * kBK;
+    for (int64_t j = 0; j < kBK; ++j) s[j] += a * src[j];
+  }
+}
+
+// acc[0..D) += a * x[0..D)
+template <typename T>
+inline void axpy(T a, const T* __restrict__ x, T* __restrict__ acc, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) acc[d] += a * x[d];
+}
+
+// s[j] <- exp(s[j] - shift) for j < n, vectorized.
+template <typename T>
+void exp_shifted(T* s, int64_t n, T shift) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec vshift(shift);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(s + j) - vshift).exp().store(s + j);
+  for (; j < n; ++j) s[j] = std::exp(s[j] - shift);
+}
+
+template <typename T>
+void attention_fwd_kernel(const AttnArgs<T>& a, int64_t BH, T* o, T* lse) {
+  const int64_t T_ = a.T_, D = a.D, n_qt = (T_ + kBQ - 1) / kBQ;
+  at::parallel_for(0, BH * n_qt, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> kt(D * kBK), vbuf, s(kBK), acc(kBQ * D);
+    T m[kBQ], l[kBQ];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / n_qt, q0 = (task % n_qt) * kBQ, nq = std::min(kBQ, T_ - q0);
+      const T *q = a.q + bh * T_ * D, *k = a.k + bh * T_ * D, *v = a.v + bh * T_ * D;
+      const uint32_t head_key = dropout_head_key(a.seed, static_cast<uint32_t>(bh));
+      std::fill(acc.begin(), acc.end(), T(0));
+      std::fill(m, m + kBQ, -std::numeric_limits<T>::infinity());
+      std::fill(l, l + kBQ, T(0));
+      const int64_t kv_end = a.causal ? q0 + nq : T_;
+      for (int64_t k0 = 0; k0 < kv_end; k0 += kBK) {
+        const int64_t nk = std::min(kBK, kv_end - k0);
+        load_transposed(k, k0, nk, D, kt.data());
+        for (int64_t i = 0; i < nq; ++i) {
+          const int64_t row = q0 + i;
+          const int64_t ncols = std::min(nk, visible_cols(a.causal, row, T_) - k0);  // may be <= 0
+          if (ncols <= 0) continue;
+          row_times_tile(q + row * D, kt.data(), D, a.scale, s.data());
+          T m_new = m[i];
+          for (int64_t j = 0; j < ncols; ++j) m_new = std::max(m_new, s[j]);
+          const T alpha = std::exp(m[i] - m_new);  // rescales what was accumulated so far
+          exp_shifted(s.data(), ncols, m_new);
+          T row_sum = 0;
+          for (int64_t j = 0; j < ncols; ++j) row_sum += s[j];
+          l[i] = l[i] * alpha + row_sum;
+          m[i] = m_new;
+          T* acc_row = acc.data() + i * D;
+          if (alpha != T(1))
+            for (int64_t d = 0; d < D; ++d) acc_row[d] *= alpha;
+          const uint32_t row_key = dropout_row_key(head_key, static_cast<uint32_t>(row));
+          for (int64_t j = 0; j < ncols; ++j) {
+            T w = s[j];
+            if (a.threshold) w = dropout_keep(row_key, static_cast<uint32_t>(k0 + j), a.threshold) ? w * a.keep_scale : T(0);
+            if (w != T(0)) axpy(w, v + (k0 + j) * D, acc_row, D);
+          }
+        }
+      }
+      for (int64_t i = 0; i < nq; ++i) {
+        const T inv_l = T(1) / l[i];
+        T* out = o + (bh * T_ + q0 + i) * D;
+        for (int64_t d = 0; d < D; ++d) out[d] = acc[i * D + d] * inv_l;
+        lse[bh * T_ + q0 + i] = m[i] + std::log(l[i]);
+      }
+    }
+  });
+}
+
+template <typename T>
+void attention_bwd_kernel(const AttnArgs<T>& a, int64_t BH, const T* dout, const T* lse, const T* delta,
+                          T* dq, T* dk, T* dv) {
+  const int64_t T_ = a.T_, D = a.D;
+  // Recompute P and dP for row `row` against key tile [k0, k0 + nk); kt/vt are transposed tiles.
+  auto row_probs = [&](int64_t bh, int64_t row, int64_t k0, int64_t ncols, const T* kt, const T* vt,
+                       uint32_t head_key, T* p, T* ds) {
+    const T* q = a.q + (bh * T_ + row) * D;
+    const T* go = dout + (bh * T_ + row) * D;
+    row_times_tile(q, kt, D, a.scale, p);
+    exp_shifted(p, ncols, lse[bh * T_ + row]);                 // P = exp(S - lse)
+    row_times_tile(go, vt, D, T(1), ds);                       // dZ = dO . V_j
+    const uint32_t row_key = dropout_row_key(head_key, static_cast<uint32_t>(row));
+    const T dlt = delta[bh * T_ + row];
+    for (int64_t j = 0; j < ncols; ++j) {
+      T dp = ds[j];
+      if (a.threshold) dp = dropout_keep(row_key, static_cast<uint32_t>(k0 + j), a.threshold) ? dp * a.keep_scale : T(0);
+      ds[j] = p[j] * (dp - dlt);                               // dS, before the scale
+    }
+    if (a.threshold)                                            // Z = P * M / (1 - p), for dV
+      for (int64_t j = 0; j < ncols; ++j)
+        p[j] = dropout_keep(row_key, static_cast<uint32_t>(k0 + j), a.threshold) ? p[j] * a.keep_scale : T(0);
+  };
+
+  // Pass 1: dK, dV, one task per (bh, key tile); query rows from the diagonal down.
+  const int64_t n_kt = (T_ + kBK - 1) / kBK;
+  at::parallel_for(0, BH * n_kt, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> kt(D * kBK), vt(D * kBK), p(kBK), ds(kBK), dk_acc(kBK * D), dv_acc(kBK * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / n_kt, k0 = (task % n_kt) * kBK, nk = std::min(kBK, T_ - k0);
+      const uint32_t head_key = dropout_head_key(a.seed, static_cast<uint32_t>(bh));
+      load_transposed(a.k + bh * T_ * D, k0, nk, D, kt.data());
+      load_transposed(a.v + bh * T_ * D, k0, nk, D, vt.data());
+      std::fill(dk_acc.begin(), dk_acc.end(), T(0));
+      std::fill(dv_acc.begin(), dv_acc.end(), T(0));
+      for (int64_t row = a.causal ? k0 : 0; row < T_; ++row) {
+        const int64_t ncols = std::min(nk, visible_cols(a.causal, row, T_) - k0);
+        row_probs(bh, row, k0, ncols, kt.data(), vt.data(), head_key, p.data(), ds.data());
+        const T* q = a.q + (bh * T_ + row) * D;
+        const T* go = dout + (bh * T_ + row) * D;
+        for (int64_t j = 0; j < ncols; ++j) {
+          if (p[j] != T(0)) axpy(p[j], go, dv_acc.data() + j * D, D);
+          if (ds[j] != T(0)) axpy(ds[j] * a.scale, q, dk_acc.data() + j * D, D);
+        }
+      }
+      std::copy(dk_acc.begin(), dk_acc.begin() + nk * D, dk + (bh * T_ + k0) * D);
+      std::copy(dv_acc.begin(), dv_acc.begin() + nk * D, dv + (bh * T_ + k0) * D);
+    }
+  });
+
+  // Pass 2: dQ, one task per (bh, query tile); key tiles up to the diagonal.
+  const int64_t n_qt = (T_ + kBQ - 1) / kBQ;
+  at::parallel_for(0, BH * n_qt, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> kt(D * kBK), vt(D * kBK), p(kBK), ds(kBK);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / n_qt, q0 = (task % n_qt) * kBQ, nq = std::min(kBQ, T_ - q0);
+      const uint32_t head_key = dropout_head_key(a.seed, static_cast<uint32_t>(bh));
+      const T* k = a.k + bh * T_ * D;
+      T* dq_tile = dq + (bh * T_ + q0) * D;
+      std::fill(dq_tile, dq_tile + nq * D, T(0));
+      const int64_t kv_end = a.causal ? q0 + nq : T_;
+      for (int64_t k0 = 0; k0 < kv_end; k0 += kBK) {
+        const int64_t nk = std::min(kBK, kv_end - k0);
+        load_transposed(k, k0, nk, D, kt.data());
+        load_transposed(a.v + bh * T_ * D, k0, nk, D, vt.data());
+        for (int64_t i = 0; i < nq; ++i) {
+          const int64_t row = q0 + i;
+          const int64_t ncols = std::min(nk, visible_cols(a.causal, row, T_) - k0);
+          if (ncols <= 0) continue;
+          row_probs(bh, row, k0, ncols, kt.data(), vt.data(), head_key, p.data(), ds.data());
+          for (int64_t j = 0; j < ncols; ++j)
+            if (ds[j] != T(0)) axpy(ds[j] * a.scale, k + (k0 + j) * D, dq_tile + i * D, D);
+        }
+      }
+    }
+  });
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p,
+               const at::Tensor& seed) {
+  check_float(q, "q");
+  TORCH_CHECK(q.dim() == 4, "q must have rank 4 (B, H, T, D), got shape ", q.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+              "q: the CPU attention supports float32 and float64, got ", q.scalar_type());
+  check_same(k, "k", q, "q");
+  check_same(v, "v", q, "q");
+  TORCH_CHECK(k.sizes() == q.sizes(), "k must have q's shape ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.sizes() == q.sizes(), "v must have q's shape ", q.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, "head dim D=", q.size(3),
+              " is unsupported by the CPU attention (1 to ", kMaxHeadDim, ")");
+  TORCH_CHECK(q.size(2) >= 1, "q must have at least one position, got T=", q.size(2));
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong,
+              "seed must be a one-element int64 tensor, got ", seed.scalar_type(), " with ", seed.numel(),
+              " elements");
+}
+
+template <typename T>
+AttnArgs<T> make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                      double scale, double dropout_p, const at::Tensor& seed) {
+  return AttnArgs<T>{q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), q.size(2), q.size(3), causal,
+                     static_cast<T>(scale), dropout_p, static_cast<T>(1.0 / (1.0 - dropout_p)),
+                     dropout_p > 0 ? dropout_threshold(dropout_p) : 0u,
+                     static_cast<uint64_t>(seed.item<int64_t>())};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                     const at::Tensor& v_in, bool causal, double scale,
+                                                     double dropout_p, const at::Tensor& seed) {
+  check_qkv(q_in, k_in, v_in, dropout_p, seed);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2);
+  at::Tensor o = at::empty_like(q);
+  at::Tensor lse = at::empty({B, H, T_}, q.options().dtype(stat_dtype(q.scalar_type())));
+  maybe_poison(o), maybe_poison(lse);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_fwd_cpu", [&] {
+    auto a = make_args<scalar_t>(q, k, v, causal, scale, dropout_p, seed);
+    attention_fwd_kernel<scalar_t>(a, B * H, o.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
+  });
+  return {o, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& o_in, const at::Tensor& lse_in, bool causal, double scale, double dropout_p,
+    const at::Tensor& seed) {
+  check_qkv(q_in, k_in, v_in, dropout_p, seed);
+  check_same(dout_in, "dout", q_in, "q");
+  check_same(o_in, "o", q_in, "q");
+  TORCH_CHECK(dout_in.sizes() == q_in.sizes(), "dout must have q's shape ", q_in.sizes(), ", got ",
+              dout_in.sizes());
+  TORCH_CHECK(o_in.sizes() == q_in.sizes(), "o must have q's shape ", q_in.sizes(), ", got ", o_in.sizes());
+  TORCH_CHECK(lse_in.scalar_type() == stat_dtype(q_in.scalar_type()), "lse must have dtype ",
+              stat_dtype(q_in.scalar_type()), ", got ", lse_in.scalar_type());
+  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == q_in.size(0) && lse_in.size(1) == q_in.size(1) &&
+                  lse_in.size(2) == q_in.size(2),
+              "lse must have shape (B, H, T) = (", q_in.size(0), ", ", q_in.size(1), ", ", q_in.size(2),
+              "), got ", lse_in.sizes());
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(),
+                   dout = dout_in.contiguous(), o = o_in.contiguous(), lse = lse_in.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2), D = q.size(3);
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor delta = at::empty({B, H, T_}, lse.options());
+  maybe_poison(dq), maybe_poison(dk), maybe_poison(dv);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_bwd_cpu", [&] {
+    const scalar_t *pdo = dout.data_ptr<scalar_t>(), *po = o.data_ptr<scalar_t>();
+    scalar_t* pdelta = delta.data_ptr<scalar_t>();
+    at::parallel_for(0, B * H * T_, 256, [&](int64_t begin, int64_t end) {  // Delta = rowsum(dO * O)
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t s = 0;
+        for (int64_t d = 0; d < D; ++d) s += pdo[r * D + d] * po[r * D + d];
+        pdelta[r] = s;
+      }
+    });
+    auto a = make_args<scalar_t>(q, k, v, causal, scale, dropout_p, seed);
+    attention_bwd_kernel<scalar_t>(a, B * H, pdo, lse.data_ptr<scalar_t>(), pdelta,
+                                   dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gptfast, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd_cpu);
+  m.impl("attention_bwd", &attention_bwd_cpu);
+}
+
+}  // namespace gptfast

@@ -1,0 +1,109 @@
+// GELU (tanh approximation) forward/backward on CPU, vectorized with at::vec, chunks in parallel.
+//   y  = 0.5 x (1 + tanh(u)),  u = k0 (x + k1 x^3),  k0 = sqrt(2/pi), k1 = 0.044715
+//   dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k0 (1 + 3 k1 x^2),  t = tanh(u)
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../common.h"
+
+namespace gptfast {
+namespace {
+
+using at::vec::Vectorized;
+constexpr double kK0 = 0.7978845608028654;  // sqrt(2 / pi)
+constexpr double kK1 = 0.044715;
+constexpr int64_t kGrain = 32768;
+
+template <typename T>
+void gelu_fwd_span(const T* x, T* y, int64_t n) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const Vec half(0.5), one(1), k0(kK0), k1(kK1);
+  int64_t i = 0;
+  for (; i + V <= n; i += V) {
+    Vec xv = Vec::loadu(x + i);
+    Vec u = k0 * at::vec::fmadd(k1 * xv * xv, xv, xv);
+    (half * xv * (one + u.tanh())).store(y + i);
+  }
+  for (; i < n; ++i) {
+    const T xv = x[i];
+    y[i] = T(0.5) * xv * (T(1) + std::tanh(T(kK0) * (xv + T(kK1) * xv * xv * xv)));
+  }
+}
+
+template <typename T>
+void gelu_bwd_span(const T* dy, const T* x, T* dx, int64_t n) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const Vec half(0.5), one(1), three(3), k0(kK0), k1(kK1);
+  int64_t i = 0;
+  for (; i + V <= n; i += V) {
+    Vec xv = Vec::loadu(x + i);
+    Vec x2 = xv * xv;
+    Vec t = (k0 * at::vec::fmadd(k1 * x2, xv, xv)).tanh();
+    Vec du = k0 * at::vec::fmadd(three * k1, x2, one);
+    Vec grad = half * (one + t) + half * xv * (one - t * t) * du;
+    (Vec::loadu(dy + i) * grad).store(dx + i);
+  }
+  for (; i < n; ++i) {
+    const T xv = x[i], x2 = xv * xv;
+    const T t = std::tanh(T(kK0) * (xv + T(kK1) * x2 * xv));
+    const T du = T(kK0) * (T(1) + T(3 * kK1) * x2);
+    dx[i] = dy[i] * (T(0.5) * (T(1) + t) + T(0.5) * xv * (T(1) - t * t) * du);
+  }
+}
+
+void check_gelu_x(const at::Tensor& x) {
+  check_float(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "x: the CPU GELU supports float32 and float64, got ", x.scalar_type());
+}
+
+at::Tensor gelu_fwd_cpu(const at::Tensor& x_in) {
+  check_gelu_x(x_in);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty_like(x);
+  maybe_poison(y);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gelu_fwd_cpu", [&] {
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    scalar_t* py = y.data_ptr<scalar_t>();
+    at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      gelu_fwd_span(px + begin, py + begin, end - begin);
+    });
+  });
+  return y;
+}
+
+at::Tensor gelu_bwd_cpu(const at::Tensor& dy_in, const at::Tensor& x_in) {
+  check_gelu_x(x_in);
+  check_same(dy_in, "dy", x_in, "x");
+  TORCH_CHECK(dy_in.sizes() == x_in.sizes(), "dy must have x's shape ", x_in.sizes(), ", got ",
+              dy_in.sizes());
+  const at::Tensor dy = dy_in.contiguous(), x = x_in.contiguous();
+  at::Tensor dx = at::empty_like(x);
+  maybe_poison(dx);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gelu_bwd_cpu", [&] {
+    const scalar_t *pdy = dy.data_ptr<scalar_t>(), *px = x.data_ptr<scalar_t>();
+    scalar_t* pdx = dx.data_ptr<scalar_t>();
+    at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      gelu_bwd_span(pdy + begin, px + begin, pdx + begin, end - begin);
+    });
+  });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gptfast, CPU, m) {
+  m.impl("gelu_fwd", &gelu_fwd_cpu);
+  m.impl("gelu_bwd", &gelu_bwd_cpu);
+}
+
+}  // namespace gptfast

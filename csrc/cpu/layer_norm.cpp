@@ -1,0 +1,213 @@
+// LayerNorm forward/backward on CPU: rows in parallel, each row vectorized with at::vec.
+//
+// Forward, per row of C values: one pass for the statistics (sums of x - x[0] and its square;
+// shifting by the row's first element keeps E[d^2] - E[d]^2 from cancelling catastrophically when
+// |mean| >> std), then one pass writing y = (x - mean) * rstd * weight + bias.
+// Backward: dx per row; dweight/dbias summed per fixed block of rows, then the blocks summed in a
+// fixed order, so results do not depend on the number of threads.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "../common.h"
+
+namespace gptfast {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename T>
+T sum_lanes(const Vectorized<T>& v) {
+  T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T s = 0;
+  for (int i = 0; i < Vectorized<T>::size(); ++i) s += lanes[i];
+  return s;
+}
+
+template <typename T>
+void layer_norm_fwd_row(const T* x, const T* w, const T* b, T* y, T* mean_out, T* rstd_out, int64_t C,
+                        double eps) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const T shift = x[0];
+  Vec vs(0), vss(0), vshift(shift);
+  int64_t i = 0;
+  for (; i + V <= C; i += V) {
+    Vec d = Vec::loadu(x + i) - vshift;
+    vs = vs + d;
+    vss = at::vec::fmadd(d, d, vss);
+  }
+  T s = sum_lanes(vs), ss = sum_lanes(vss);
+  for (; i < C; ++i) {
+    T d = x[i] - shift;
+    s += d;
+    ss += d * d;
+  }
+  const T mean_shifted = s / C;
+  const T var = std::max<T>(ss / C - mean_shifted * mean_shifted, T(0));  // biased variance
+  const T mean = shift + mean_shifted;
+  const T rstd = T(1) / std::sqrt(var + static_cast<T>(eps));
+  *mean_out = mean;
+  *rstd_out = rstd;
+  const Vec vmean(mean), vrstd(rstd);
+  for (i = 0; i + V <= C; i += V) {
+    Vec xhat = (Vec::loadu(x + i) - vmean) * vrstd;
+    at::vec::fmadd(xhat, Vec::loadu(w + i), Vec::loadu(b + i)).store(y + i);
+  }
+  for (; i < C; ++i) y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+}
+
+constexpr int64_t kRowsPerBlock = 32;  // dweight/dbias partial sums: one per block of rows
+
+template <typename T>
+void layer_norm_bwd_row(const T* dy, const T* x, const T* w, T mean, T rstd, T* dx, T* dw_acc,
+                        T* db_acc, int64_t C) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const Vec vmean(mean), vrstd(rstd);
+  // sums over the row of g = dy * w and of g * xhat
+  Vec vg(0), vgx(0);
+  int64_t i = 0;
+  for (; i + V <= C; i += V) {
+    Vec xhat = (Vec::loadu(x + i) - vmean) * vrstd;
+    Vec dyv = Vec::loadu(dy + i);
+    Vec g = dyv * Vec::loadu(w + i);
+    vg = vg + g;
+    vgx = at::vec::fmadd(g, xhat, vgx);
+    at::vec::fmadd(dyv, xhat, Vec::loadu(dw_acc + i)).store(dw_acc + i);
+    (Vec::loadu(db_acc + i) + dyv).store(db_acc + i);
+  }
+  T sg = sum_lanes(vg), sgx = sum_lanes(vgx);
+  for (; i < C; ++i) {
+    T xhat = (x[i] - mean) * rstd;
+    T g = dy[i] * w[i];
+    sg += g;
+    sgx += g * xhat;
+    dw_acc[i] += dy[i] * xhat;
+    db_acc[i] += dy[i];
+  }
+  const T a = sg / C, c = sgx / C;
+  const Vec va(a), vc(c);
+  for (i = 0; i + V <= C; i += V) {
+    Vec xhat = (Vec::loadu(x + i) - vmean) * vrstd;
+    Vec g = Vec::loadu(dy + i) * Vec::loadu(w + i);
+    (vrstd * (g - va - xhat * vc)).store(dx + i);
+  }
+  for (; i < C; ++i) {
+    T xhat = (x[i] - mean) * rstd;
+    dx[i] = rstd * (dy[i] * w[i] - a - xhat * c);
+  }
+}
+
+void check_ln_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  check_float(x, "x");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "x must have a non-empty last dimension, got shape ",
+              x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "x: the CPU LayerNorm supports float32 and float64, got ", x.scalar_type());
+  check_same(weight, "weight", x, "x");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "weight must have shape (",
+              x.size(-1), ",) to match x's last dim, got ", weight.sizes());
+  if (bias.defined()) {
+    check_same(bias, "bias", x, "x");
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == x.size(-1), "bias must have shape (", x.size(-1),
+                ",) to match x's last dim, got ", bias.sizes());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& x_in,
+                                                                  const at::Tensor& weight_in,
+                                                                  const at::Tensor& bias_in, double eps) {
+  check_ln_args(x_in, weight_in, bias_in);
+  TORCH_CHECK(eps > 0, "eps must be positive, got ", eps);
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), bias = bias_in.contiguous();
+  const int64_t C = x.size(-1), N = x.numel() / C;
+  at::Tensor y = at::empty_like(x);
+  auto stat_sizes = x.sizes().vec();
+  stat_sizes.pop_back();
+  at::Tensor mean = at::empty(stat_sizes, x.options().dtype(stat_dtype(x.scalar_type())));
+  at::Tensor rstd = at::empty_like(mean);
+  maybe_poison(y), maybe_poison(mean), maybe_poison(rstd);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "layer_norm_fwd_cpu", [&] {
+    const scalar_t *px = x.data_ptr<scalar_t>(), *pw = weight.data_ptr<scalar_t>(),
+                   *pb = bias.data_ptr<scalar_t>();
+    scalar_t *py = y.data_ptr<scalar_t>(), *pm = mean.data_ptr<scalar_t>(), *pr = rstd.data_ptr<scalar_t>();
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / C), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        layer_norm_fwd_row(px + r * C, pw, pb, py + r * C, pm + r, pr + r, C, eps);
+    });
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tensor& dy_in,
+                                                                  const at::Tensor& x_in,
+                                                                  const at::Tensor& weight_in,
+                                                                  const at::Tensor& mean_in,
+                                                                  const at::Tensor& rstd_in) {
+  check_ln_args(x_in, weight_in, at::Tensor());
+  check_same(dy_in, "dy", x_in, "x");
+  TORCH_CHECK(dy_in.sizes() == x_in.sizes(), "dy must have x's shape ", x_in.sizes(), ", got ",
+              dy_in.sizes());
+  const int64_t C = x_in.size(-1), N = x_in.numel() / C;
+  for (auto [t, name] : {std::pair{&mean_in, "mean"}, std::pair{&rstd_in, "rstd"}}) {
+    check_stat(*t, name, x_in, stat_dtype(x_in.scalar_type()));
+    TORCH_CHECK(t->numel() == N, name, " must hold one value per row of x (", N, "), got ", t->numel());
+  }
+  const at::Tensor dy = dy_in.contiguous(), x = x_in.contiguous(), weight = weight_in.contiguous(),
+                   mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor dweight = at::empty_like(weight), dbias = at::empty_like(weight);
+  maybe_poison(dx), maybe_poison(dweight), maybe_poison(dbias);
+  const int64_t n_blocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
+  at::Tensor partial = at::zeros({2, std::max<int64_t>(n_blocks, 1), C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "layer_norm_bwd_cpu", [&] {
+    const scalar_t *pdy = dy.data_ptr<scalar_t>(), *px = x.data_ptr<scalar_t>(),
+                   *pw = weight.data_ptr<scalar_t>(), *pm = mean.data_ptr<scalar_t>(),
+                   *pr = rstd.data_ptr<scalar_t>();
+    scalar_t *pdx = dx.data_ptr<scalar_t>(), *pdw = partial.data_ptr<scalar_t>();
+    scalar_t* pdb = pdw + std::max<int64_t>(n_blocks, 1) * C;
+    at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t r_end = std::min(N, (blk + 1) * kRowsPerBlock);
+        for (int64_t r = blk * kRowsPerBlock; r < r_end; ++r)
+          layer_norm_bwd_row(pdy + r * C, px + r * C, pw, pm[r], pr[r], pdx + r * C, pdw + blk * C,
+                             pdb + blk * C, C);
+      }
+    });
+    // fixed-order reduction over the blocks, columns in parallel
+    scalar_t *out_w = dweight.data_ptr<scalar_t>(), *out_b = dbias.data_ptr<scalar_t>();
+    at::parallel_for(0, C, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        scalar_t sw = 0, sb = 0;
+        for (int64_t blk = 0; blk < n_blocks; ++blk) {
+          sw += pdw[blk * C + c];
+          sb += pdb[blk * C + c];
+        }
+        out_w[c] = sw;
+        out_b[c] = sb;
+      }
+    });
+  });
+  return {dx, dweight, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gptfast, CPU, m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd_cpu);
+  m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
+}
+
+}  // namespace gptfast

@@ -1,0 +1,34 @@
+// The gptfast op contract: every schema declared once. Kernels register per device elsewhere
+// (csrc/cpu/*.cpp for CPU, csrc/cuda/ for CUDA); fake kernels and autograd are registered in
+// Python (gptfast/ops/extension.py).
+#include <torch/library.h>
+
+#include <atomic>
+#include <limits>
+
+#include "common.h"
+
+namespace gptfast {
+
+static std::atomic<bool> g_poison{false};
+bool poison_outputs() { return g_poison.load(std::memory_order_relaxed); }
+void set_poison_outputs(bool on) { g_poison.store(on, std::memory_order_relaxed); }
+void maybe_poison(at::Tensor& t) {
+  if (poison_outputs()) t.fill_(std::numeric_limits<double>::quiet_NaN());
+}
+
+}  // namespace gptfast
+
+TORCH_LIBRARY(gptfast, m) {
+  // LayerNorm over the last dim. mean/rstd: one per row, float32 (float64 for float64 x).
+  m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  // GELU, tanh approximation.
+  m.def("gelu_fwd(Tensor x) -> Tensor");
+  m.def("gelu_bwd(Tensor dy, Tensor x) -> Tensor");
+  // Scaled dot-product attention on (B, H, T, D); lse (B, H, T) is the softmax log-normalizer.
+  // seed: a one-element int64 tensor (a tensor, not an int, so drawing it stays inside a
+  // torch.compile graph); it keys the counter-based dropout RNG of csrc/dropout_hash.h.
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, float dropout_p, Tensor seed) -> (Tensor o, Tensor lse)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, float scale, float dropout_p, Tensor seed) -> (Tensor dq, Tensor dk, Tensor dv)");
+}

@@ -1,0 +1,121 @@
+"""The `extension` backend: our compiled kernels (csrc/) as torch custom ops.
+
+The op schemas live in C++ (`TORCH_LIBRARY(gptfast, ...)` in csrc/ops.cpp) and are reached as
+`torch.ops.gptfast.*`. This module adds what torch.compile and autograd need on the Python side:
+a fake (meta) kernel per op, which only describes output shapes and dtypes, and an autograd
+formula wiring each forward op to its backward op.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..compiled import load_extension
+
+_C = load_extension()   # ImportError with the reason when it cannot be built or loaded
+OPS = torch.ops.gptfast
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    # the kernels return contiguous tensors whatever the input strides; the fakes must agree
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+# ----------------------------------------------------------------------------- fake kernels
+@torch.library.register_fake("gptfast::layer_norm_fwd")
+def _(x, weight, bias, eps):
+    stats = x.shape[:-1]
+    return _empty(x.shape, x), _empty(stats, x, _stat_dtype(x.dtype)), _empty(stats, x, _stat_dtype(x.dtype))
+
+
+@torch.library.register_fake("gptfast::layer_norm_bwd")
+def _(dy, x, weight, mean, rstd):
+    return _empty(x.shape, x), _empty(weight.shape, weight), _empty(weight.shape, weight)
+
+
+@torch.library.register_fake("gptfast::gelu_fwd")
+def _(x):
+    return _empty(x.shape, x)
+
+
+@torch.library.register_fake("gptfast::gelu_bwd")
+def _(dy, x):
+    return _empty(x.shape, x)
+
+
+@torch.library.register_fake("gptfast::attention_fwd")
+def _(q, k, v, causal, scale, dropout_p, seed):
+    return _empty(q.shape, q), _empty(q.shape[:3], q, _stat_dtype(q.dtype))
+
+
+@torch.library.register_fake("gptfast::attention_bwd")
+def _(dout, q, k, v, o, lse, causal, scale, dropout_p, seed):
+    return _empty(q.shape, q), _empty(k.shape, k), _empty(v.shape, v)
+
+
+# ----------------------------------------------------------------------------- autograd
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, _bias, _eps = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _layer_norm_backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = OPS.layer_norm_bwd(dy, x, weight, mean, rstd)
+    return dx, dweight, dbias, None
+
+
+def _gelu_setup(ctx, inputs, output):
+    (x,) = inputs
+    ctx.save_for_backward(x)
+
+
+def _gelu_backward(ctx, dy):
+    (x,) = ctx.saved_tensors
+    return OPS.gelu_bwd(dy, x)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, causal, scale, dropout_p, seed = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, seed)
+    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, dout, _dlse):
+    q, k, v, o, lse, seed = ctx.saved_tensors
+    dq, dk, dv = OPS.attention_bwd(dout, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.dropout_p, seed)
+    return dq, dk, dv, None, None, None, None
+
+
+torch.library.register_autograd("gptfast::layer_norm_fwd", _layer_norm_backward, setup_context=_layer_norm_setup)
+torch.library.register_autograd("gptfast::gelu_fwd", _gelu_backward, setup_context=_gelu_setup)
+torch.library.register_autograd("gptfast::attention_fwd", _attention_backward, setup_context=_attention_setup)
+
+
+# ----------------------------------------------------------------------------- backend functions
+def layer_norm(x, weight, bias, eps=1e-5):
+    return OPS.layer_norm_fwd(x, weight, bias, eps)[0]
+
+
+def gelu(x):
+    return OPS.gelu_fwd(x)
+
+
+def causal_attention(q, k, v, dropout_p=0.0, scale=None, seed=None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if seed is None:                               # the interface draws one when dropout_p > 0
+        seed = torch.zeros(1, dtype=torch.int64)
+    return OPS.attention_fwd(q, k, v, True, scale, dropout_p, seed)[0]
+
+
+def build_info() -> dict:
+    return dict(_C.build_info())
