@@ -1,0 +1,306 @@
+"""The `extension` backend (our C++ kernels) against the float64 reference twins."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, rel_error
+from gptfast import ops
+from gptfast.compiled import load_extension
+from gptfast.ops import reference
+from gptfast.ops.dropout_rng import dropout_keep_mask
+
+_C = load_extension()   # the suite builds it; a failure here says why
+OPS = torch.ops.gptfast
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs():
+    """Kernel outputs start as NaN, so any element a kernel fails to write fails the test."""
+    _C.set_poison_outputs(True)
+    yield
+    _C.set_poison_outputs(False)
+
+
+def rand(*shape, dtype=torch.float64, seed=0, scale=1.0, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype)
+
+
+def compare(fn, ref_fn, inputs64, dtype, tol, seed=1):
+    """Run fn on `inputs64` cast to `dtype` and ref_fn in float64; compare outputs and grads."""
+    ref_in = [t.clone().requires_grad_() for t in inputs64]
+    ref = ref_fn(*ref_in)
+    dout = rand(*ref.shape, seed=seed)
+    ref_grads = torch.autograd.grad(ref, ref_in, dout)
+    ins = [t.detach().to(dtype).requires_grad_() for t in inputs64]
+    out = fn(*ins)
+    assert out.dtype == dtype and out.shape == ref.shape
+    grads = torch.autograd.grad(out, ins, dout.to(dtype))
+    errors = [rel_error(out, ref)] + [rel_error(g, rg) for g, rg in zip(grads, ref_grads)]
+    assert max(errors) < tol, f"relative errors (out, grads...) {errors}"
+    assert all(torch.isfinite(t).all() for t in (out, *grads))
+
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+# ----------------------------------------------------------------------------- layer norm
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 768), (4, 3, 1023), (9, 1600), (2, 5), (70, 64)])
+def test_layer_norm_matches_reference(dtype, shape):
+    C = shape[-1]
+    x, w, b = rand(*shape, seed=1, scale=2.0, shift=3.0), rand(C, seed=2), rand(C, seed=3)
+    compare(lambda *a: ops.layer_norm(*a, backend="extension"), reference.layer_norm, [x, w, b],
+            dtype, TOL[dtype])
+
+
+def test_layer_norm_large_offset_rows():
+    # |mean| >> std: a naive E[x^2] - E[x]^2 loses every digit in float32
+    x, w, b = rand(8, 768, seed=4, shift=1000.0), rand(768, seed=5), rand(768, seed=6)
+    out = ops.layer_norm(x.float(), w.float(), b.float(), backend="extension")
+    assert rel_error(out, reference.layer_norm(x, w, b)) < 1e-4
+
+
+def test_layer_norm_noncontiguous_and_stats():
+    x = rand(40, 24, seed=7).t()                      # (24, 40), non-contiguous
+    w, b = rand(40, seed=8), rand(40, seed=9)
+    y, mean, rstd = OPS.layer_norm_fwd(x, w, b, 1e-5)
+    assert rel_error(y, reference.layer_norm(x, w, b)) < 1e-12
+    assert rel_error(mean, x.mean(-1)) < 1e-12
+    assert rel_error(rstd, 1 / torch.sqrt(x.var(-1, unbiased=False) + 1e-5)) < 1e-12
+    _, mean32, rstd32 = OPS.layer_norm_fwd(x.float(), w.float(), b.float(), 1e-5)
+    assert mean32.dtype == rstd32.dtype == torch.float32
+
+
+def test_layer_norm_backward_is_deterministic():
+    x, w = rand(1000, 768, seed=10), rand(768, seed=11)
+    dy = rand(1000, 768, seed=12)
+    y, mean, rstd = OPS.layer_norm_fwd(x.float(), w.float(), w.float(), 1e-5)
+    first = OPS.layer_norm_bwd(dy.float(), x.float(), w.float(), mean, rstd)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        second = OPS.layer_norm_bwd(dy.float(), x.float(), w.float(), mean, rstd)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# ----------------------------------------------------------------------------- gelu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 1023), (2, 40000)])   # tails and parallel chunks
+def test_gelu_matches_reference(dtype, shape):
+    compare(lambda a: ops.gelu(a, backend="extension"), reference.gelu, [rand(*shape, seed=13, scale=3.0)],
+            dtype, TOL[dtype])
+
+
+def test_gelu_noncontiguous():
+    x = rand(30, 50, seed=14).t()
+    assert rel_error(OPS.gelu_fwd(x), reference.gelu(x)) < 1e-12
+
+
+# ----------------------------------------------------------------------------- attention
+def qkv(B, H, T, D, seed=0):
+    return [rand(B, H, T, D, seed=seed + i) for i in range(3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B,H,T,D", [(1, 1, 1, 16), (2, 3, 7, 64), (1, 2, 129, 80), (1, 1, 1000, 64),
+                                     (2, 1, 65, 128), (1, 2, 33, 24)])
+def test_causal_attention_matches_reference(dtype, B, H, T, D):
+    compare(lambda *a: ops.causal_attention(*a, backend="extension"), reference.causal_attention,
+            qkv(B, H, T, D), dtype, TOL[dtype])
+
+
+@pytest.mark.parametrize("T", [1, 7, 100])
+def test_full_attention_matches_reference(T):
+    scale = 0.3
+    compare(lambda q, k, v: OPS.attention_fwd(q, k, v, False, scale, 0.0, torch.zeros(1, dtype=torch.long))[0],
+            lambda q, k, v: reference.attention(q, k, v, causal=False, scale=scale),
+            qkv(2, 2, T, 32, seed=20), torch.float64, 1e-10)
+
+
+def test_lse_is_the_log_normalizer():
+    q, k, v = qkv(1, 2, 50, 16, seed=30)
+    _, lse = OPS.attention_fwd(q, k, v, True, 0.25, 0.0, torch.zeros(1, dtype=torch.long))
+    scores = (q @ k.transpose(-2, -1)) * 0.25
+    scores = scores.masked_fill(torch.triu(torch.ones(50, 50, dtype=torch.bool), 1), float("-inf"))
+    assert rel_error(lse, torch.logsumexp(scores, -1)) < 1e-12
+
+
+def test_attention_noncontiguous_inputs():
+    q, k, v = [rand(2, 37, 3, 16, seed=40 + i).transpose(1, 2) for i in range(3)]  # (B, H, T, D) views
+    out = ops.causal_attention(q, k, v, backend="extension")
+    assert rel_error(out, reference.causal_attention(q, k, v)) < 1e-12
+
+
+@pytest.mark.parametrize("T,causal", [(1, True), (45, True), (130, True), (33, False)])
+def test_dropout_drops_exactly_the_reference_weights(T, causal):
+    q, k, v = qkv(2, 3, T, 16, seed=50)
+    seed = torch.tensor([987654321987], dtype=torch.int64)
+    compare(lambda *a: OPS.attention_fwd(*a, causal, 0.25, 0.3, seed)[0],
+            lambda *a: reference.attention(*a, causal=causal, scale=0.25, dropout_p=0.3, seed=seed),
+            [q, k, v], torch.float64, 1e-10)
+
+
+def test_dropout_seed_matters_and_keep_rate():
+    q, k, v = qkv(1, 2, 64, 16, seed=60)
+    a = ops.causal_attention(q, k, v, 0.2, seed=1, backend="extension")
+    b = ops.causal_attention(q, k, v, 0.2, seed=1, backend="extension")
+    c = ops.causal_attention(q, k, v, 0.2, seed=2, backend="extension")
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    for p in (0.1, 0.5):
+        keep = dropout_keep_mask(torch.tensor([12345]), 8, 256, 256, p)
+        assert abs(keep.double().mean().item() - (1 - p)) < 0.01      # 524,288 draws: sd ~ 0.0007
+    assert dropout_keep_mask(7, 1, 4, 4, 0.0).all()
+
+
+def test_dropout_seed_is_drawn_from_torch_rng():
+    q, k, v = qkv(1, 1, 16, 8, seed=70)
+    torch.manual_seed(3)
+    a = ops.causal_attention(q, k, v, 0.5, backend="extension")
+    torch.manual_seed(3)
+    b = ops.causal_attention(q, k, v, 0.5, backend="reference")
+    assert rel_error(a, b) < 1e-12          # same torch seed -> same drawn seed -> same mask
+
+
+# ----------------------------------------------------------------------------- gradcheck, opcheck
+def test_gradcheck_float64():
+    x, w, b = (rand(3, 6, seed=80 + i).requires_grad_() if i == 0 else rand(6, seed=80 + i).requires_grad_()
+               for i in range(3))
+    assert torch.autograd.gradcheck(lambda *a: ops.layer_norm(*a, backend="extension"), (x, w, b))
+    assert torch.autograd.gradcheck(lambda a: ops.gelu(a, backend="extension"), (rand(11, seed=90).requires_grad_(),))
+    q, k, v = [t.requires_grad_() for t in qkv(1, 2, 9, 8, seed=100)]
+    assert torch.autograd.gradcheck(lambda *a: ops.causal_attention(*a, backend="extension"), (q, k, v))
+    assert torch.autograd.gradcheck(lambda *a: ops.causal_attention(*a, dropout_p=0.3, seed=5, backend="extension"),
+                                    (q, k, v))
+
+
+def opcheck_cases():
+    x, w, b = rand(4, 5, 32, seed=110, dtype=torch.float32), rand(32, seed=111, dtype=torch.float32), \
+        rand(32, seed=112, dtype=torch.float32)
+    y, mean, rstd = OPS.layer_norm_fwd(x, w, b, 1e-5)
+    q, k, v = [rand(2, 2, 19, 16, seed=120 + i, dtype=torch.float32) for i in range(3)]
+    seed = torch.tensor([42], dtype=torch.int64)
+    o, lse = OPS.attention_fwd(q, k, v, True, 0.25, 0.1, seed)
+    g = lambda t: t.clone().requires_grad_()  # noqa: E731
+    return {
+        "layer_norm_fwd": (OPS.layer_norm_fwd.default, (g(x), g(w), g(b), 1e-5)),
+        "layer_norm_bwd": (OPS.layer_norm_bwd.default, (rand(4, 5, 32, seed=113, dtype=torch.float32), x, w, mean, rstd)),
+        "gelu_fwd": (OPS.gelu_fwd.default, (g(x),)),
+        "gelu_bwd": (OPS.gelu_bwd.default, (y, x)),
+        "attention_fwd": (OPS.attention_fwd.default, (g(q), g(k), g(v), True, 0.25, 0.1, seed)),
+        "attention_bwd": (OPS.attention_bwd.default, (rand(2, 2, 19, 16, seed=125, dtype=torch.float32), q, k, v,
+                                                      o, lse, True, 0.25, 0.1, seed)),
+    }
+
+
+@pytest.mark.parametrize("name", list(opcheck_cases()))
+def test_opcheck(name):
+    op, args = opcheck_cases()[name]
+    torch.library.opcheck(op, args)
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("call,message", [
+    (lambda: OPS.attention_fwd(rand(2, 3, 4), rand(2, 3, 4), rand(2, 3, 4), True, 1.0, 0.0,
+                               torch.zeros(1, dtype=torch.long)), "q must have rank 4"),
+    (lambda: OPS.attention_fwd(rand(1, 1, 4, 8), rand(1, 1, 4, 8, dtype=torch.float32), rand(1, 1, 4, 8), True,
+                               1.0, 0.0, torch.zeros(1, dtype=torch.long)), "k has dtype Float but q has Double"),
+    (lambda: OPS.attention_fwd(rand(1, 1, 4, 300), rand(1, 1, 4, 300), rand(1, 1, 4, 300), True, 1.0, 0.0,
+                               torch.zeros(1, dtype=torch.long)), "head dim D=300 is unsupported"),
+    (lambda: OPS.attention_fwd(rand(1, 1, 4, 8), rand(1, 1, 4, 8), rand(1, 1, 5, 8), True, 1.0, 0.0,
+                               torch.zeros(1, dtype=torch.long)), "v must have q's shape"),
+    (lambda: OPS.attention_fwd(rand(1, 1, 4, 8), rand(1, 1, 4, 8), rand(1, 1, 4, 8), True, 1.0, 0.0,
+                               torch.zeros(1)), "seed must be a one-element int64 tensor"),
+    (lambda: OPS.attention_fwd(rand(1, 1, 4, 8, dtype=torch.float16), rand(1, 1, 4, 8, dtype=torch.float16),
+                               rand(1, 1, 4, 8, dtype=torch.float16), True, 1.0, 0.0, torch.zeros(1, dtype=torch.long)),
+     "supports float32 and float64, got Half"),
+    (lambda: OPS.layer_norm_fwd(rand(2, 8), rand(4), rand(8), 1e-5), r"weight must have shape \(8,\)"),
+    (lambda: OPS.layer_norm_fwd(rand(2, 8), rand(8), rand(8), -1.0), "eps must be positive"),
+    (lambda: OPS.layer_norm_bwd(rand(2, 8), rand(2, 8), rand(8), rand(2, dtype=torch.float32), rand(2)),
+     "mean must have dtype Double"),
+    (lambda: OPS.gelu_fwd(torch.arange(4)), "x must be a floating-point tensor"),
+    (lambda: OPS.gelu_bwd(rand(3), rand(4)), "dy must have x's shape"),
+])
+def test_bad_inputs_raise_naming_the_argument(call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+# ----------------------------------------------------------------------------- the model
+def small_model(backend, drop_rate=0.0, seed=0):
+    from gptfast.model import GPTConfig, GPTModel
+
+    torch.manual_seed(seed)
+    return GPTModel(GPTConfig(vocab_size=101, context_length=48, emb_dim=64, n_heads=4, n_layers=2,
+                              drop_rate=drop_rate, backend=backend))
+
+
+def test_twenty_training_steps_match_reference_with_dropout(verdict_text, gpt2_tokenizer):
+    ids = torch.tensor(gpt2_tokenizer.encode(verdict_text)[:4000]) % 101
+
+    def losses(backend):
+        model = small_model(backend, drop_rate=0.1)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        torch.manual_seed(1)                         # same dropout draws in both runs
+        out = []
+        for step in range(20):
+            x = ids[step * 40: step * 40 + 4 * 40].view(4, 40)
+            y = ids[step * 40 + 1: step * 40 + 4 * 40 + 1].view(4, 40)
+            loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append(loss.item())
+        return torch.tensor(out)
+
+    ref, ext = losses("reference"), losses("extension")
+    assert (ref - ext).abs().max() < 1e-4, (ref, ext)
+    assert ref[-5:].mean() < ref[:5].mean()          # it is actually training
+
+
+def test_torch_compile_fullgraph_extension():
+    model = small_model("extension").eval()
+    idx = torch.randint(0, 101, (2, 30))
+    eager = model(idx)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(idx)
+    assert rel_error(out, eager) < 1e-5
+    loss = torch.nn.functional.cross_entropy(out.flatten(0, 1), idx.flatten())
+    loss.backward()
+    assert model.trf_blocks[0].att.W_query.weight.grad is not None
+    train_model = small_model("extension", drop_rate=0.1).train()      # dropout seeds inside the graph
+    train_out = torch.compile(train_model, fullgraph=True)(idx)
+    assert torch.isfinite(train_out).all()
+
+
+# ----------------------------------------------------------------------------- build & tokenizer
+def test_build_info_and_available_backends():
+    info = _C.build_info()
+    assert "cpu" in info["compiled_backends"] and info["cpu_isa"]
+    assert info["torch_version"] == torch.__version__.split("+")[0]
+    assert ops.available_backends()["extension"].startswith("available")
+
+
+def test_stale_or_missing_extension_is_reported_not_fatal():
+    code = ("import gptfast._build_meta as m; m.source_hash = lambda root=None: 'f' * 16\n"
+            "import gptfast, gptfast.ops as o; print(o.available_backends()['extension'])")
+    env = {**os.environ, "GPTFAST_JIT": "0", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "unavailable" in result.stdout and "stale" in result.stdout and "pip install -e ." in result.stdout
+
+
+def test_native_bpe_trainer_gives_identical_merges(shakespeare_text):
+    import regex
+    from collections import Counter
+
+    from gptfast.tokenizer import GPT2_SPLIT_PATTERN, learn_merges
+
+    counts = Counter(tuple(c.encode()) for c in regex.findall(GPT2_SPLIT_PATTERN, shakespeare_text[:300_000]))
+    assert learn_merges(counts, 500, native=True) == learn_merges(counts, 500, native=False)
