@@ -50,6 +50,8 @@ struct AttnArgs {
 // Number of key columns row `row` may see, counting from column 0.
 inline int64_t visible_cols(bool causal, int64_t row, int64_t T) { return causal ? row + 1 : T; }
 
+using at::vec::Vectorized;
+
 // kt (D x kBK) <- transpose of rows [k0, k0 + nk) of x (T x D); unused columns zeroed.
 template <typename T>
 void load_transposed(const T* __restrict__ x, int64_t k0, int64_t nk, int64_t D, T* __restrict__ kt) {
@@ -60,28 +62,91 @@ void load_transposed(const T* __restrict__ x, int64_t k0, int64_t nk, int64_t D,
   }
 }
 
-// s[0..kBK) = alpha * (row . columns of kt): a broadcast-FMA sweep the compiler vectorizes over j.
+// Micro-kernel 1: S[r, 0..kBK) = alpha * sum_d A[r, d] * Bt[d, 0..kBK)   for r < n_rows.
+// A is (n_rows x D) row-major, Bt a transposed tile (D x kBK). Four rows at a time share every
+// load of Bt; the 4 x 2 vector accumulators stay in registers across the d loop.
 template <typename T>
-void row_times_tile(const T* __restrict__ row, const T* __restrict__ kt, int64_t D, T alpha,
-                    T* __restrict__ s) {
-  for (int64_t j = 0; j < kBK; ++j) s[j] = T(0);
-  for (int64_t d = 0; d < D; ++d) {
-    const T a = row[d] * alpha;
-    const T* __restrict__ src = kt + d * kBK;
-    for (int64_t j = 0; j < kBK; ++j) s[j] += a * src[j];
+void tile_dot(const T* __restrict__ A, int64_t n_rows, int64_t D, const T* __restrict__ Bt, T alpha,
+              T* __restrict__ S) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  static_assert(kBK % (2 * V) == 0, "tile width must be a multiple of two vectors");
+  const Vec valpha(alpha);
+  int64_t r = 0;
+  for (; r + 4 <= n_rows; r += 4) {
+    const T* a0 = A + r * D;
+    for (int64_t c = 0; c < kBK; c += 2 * V) {
+      Vec acc[4][2] = {{Vec(0), Vec(0)}, {Vec(0), Vec(0)}, {Vec(0), Vec(0)}, {Vec(0), Vec(0)}};
+      for (int64_t d = 0; d < D; ++d) {
+        const Vec b0 = Vec::loadu(Bt + d * kBK + c), b1 = Vec::loadu(Bt + d * kBK + c + V);
+        for (int rr = 0; rr < 4; ++rr) {
+          const Vec a(a0[rr * D + d]);
+          acc[rr][0] = at::vec::fmadd(a, b0, acc[rr][0]);
+          acc[rr][1] = at::vec::fmadd(a, b1, acc[rr][1]);
+        }
+      }
+      for (int rr = 0; rr < 4; ++rr) {
+        (acc[rr][0] * valpha).store(S + (r + rr) * kBK + c);
+        (acc[rr][1] * valpha).store(S + (r + rr) * kBK + c + V);
+      }
+    }
+  }
+  for (; r < n_rows; ++r) {
+    for (int64_t c = 0; c < kBK; c += 2 * V) {
+      Vec acc0(0), acc1(0);
+      for (int64_t d = 0; d < D; ++d) {
+        const Vec a(A[r * D + d]);
+        acc0 = at::vec::fmadd(a, Vec::loadu(Bt + d * kBK + c), acc0);
+        acc1 = at::vec::fmadd(a, Vec::loadu(Bt + d * kBK + c + V), acc1);
+      }
+      (acc0 * valpha).store(S + r * kBK + c);
+      (acc1 * valpha).store(S + r * kBK + c + V);
+    }
   }
 }
 
-// acc[0..D) += a * x[0..D)
+// Micro-kernel 2: out[r, 0..D) += sum_{c < n_cols} W[r * rs + c * cs] * M[c, 0..D)   for r < n_rows.
+// M is (n_cols x D) row-major; the strides let W be read transposed (rs = 1, cs = kBK) for
+// products like P^T dO. Each output chunk of up to four vectors is held in registers over c.
 template <typename T>
-inline void axpy(T a, const T* __restrict__ x, T* __restrict__ acc, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) acc[d] += a * x[d];
+void tile_accumulate(const T* __restrict__ W, int64_t rs, int64_t cs, int64_t n_rows, int64_t n_cols,
+                     const T* __restrict__ M, int64_t D, T* __restrict__ out) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const T* w = W + r * rs;
+    T* o = out + r * D;
+    int64_t d0 = 0;
+    for (; d0 + 4 * V <= D; d0 += 4 * V) {
+      Vec acc0 = Vec::loadu(o + d0), acc1 = Vec::loadu(o + d0 + V), acc2 = Vec::loadu(o + d0 + 2 * V),
+          acc3 = Vec::loadu(o + d0 + 3 * V);
+      for (int64_t c = 0; c < n_cols; ++c) {
+        const Vec wc(w[c * cs]);
+        const T* m = M + c * D + d0;
+        acc0 = at::vec::fmadd(wc, Vec::loadu(m), acc0);
+        acc1 = at::vec::fmadd(wc, Vec::loadu(m + V), acc1);
+        acc2 = at::vec::fmadd(wc, Vec::loadu(m + 2 * V), acc2);
+        acc3 = at::vec::fmadd(wc, Vec::loadu(m + 3 * V), acc3);
+      }
+      acc0.store(o + d0), acc1.store(o + d0 + V), acc2.store(o + d0 + 2 * V), acc3.store(o + d0 + 3 * V);
+    }
+    for (; d0 + V <= D; d0 += V) {
+      Vec acc = Vec::loadu(o + d0);
+      for (int64_t c = 0; c < n_cols; ++c) acc = at::vec::fmadd(Vec(w[c * cs]), Vec::loadu(M + c * D + d0), acc);
+      acc.store(o + d0);
+    }
+    for (; d0 < D; ++d0) {
+      T acc = o[d0];
+      for (int64_t c = 0; c < n_cols; ++c) acc += w[c * cs] * M[c * D + d0];
+      o[d0] = acc;
+    }
+  }
 }
 
 // s[j] <- exp(s[j] - shift) for j < n, vectorized.
 template <typename T>
 void exp_shifted(T* s, int64_t n, T shift) {
-  using Vec = at::vec::Vectorized<T>;
+  using Vec = Vectorized<T>;
   const Vec vshift(shift);
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(s + j) - vshift).exp().store(s + j);
@@ -92,7 +157,7 @@ template <typename T>
 void attention_fwd_kernel(const AttnArgs<T>& a, int64_t BH, T* o, T* lse) {
   const int64_t T_ = a.T_, D = a.D, n_qt = (T_ + kBQ - 1) / kBQ;
   at::parallel_for(0, BH * n_qt, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> kt(D * kBK), vbuf, s(kBK), acc(kBQ * D);
+    std::vector<T> kt(D * kBK), s(kBQ * kBK), acc(kBQ * D);
     T m[kBQ], l[kBQ];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / n_qt, q0 = (task % n_qt) * kBQ, nq = std::min(kBQ, T_ - q0);
@@ -105,29 +170,35 @@ void attention_fwd_kernel(const AttnArgs<T>& a, int64_t BH, T* o, T* lse) {
       for (int64_t k0 = 0; k0 < kv_end; k0 += kBK) {
         const int64_t nk = std::min(kBK, kv_end - k0);
         load_transposed(k, k0, nk, D, kt.data());
+        tile_dot(q + q0 * D, nq, D, kt.data(), a.scale, s.data());        // S = scale Q K^T
         for (int64_t i = 0; i < nq; ++i) {
           const int64_t row = q0 + i;
-          const int64_t ncols = std::min(nk, visible_cols(a.causal, row, T_) - k0);  // may be <= 0
-          if (ncols <= 0) continue;
-          row_times_tile(q + row * D, kt.data(), D, a.scale, s.data());
+          const int64_t ncols = std::min(nk, visible_cols(a.causal, row, T_) - k0);
+          T* srow = s.data() + i * kBK;
+          if (ncols <= 0) {                                               // fully masked (causal)
+            std::fill(srow, srow + kBK, T(0));
+            continue;
+          }
           T m_new = m[i];
-          for (int64_t j = 0; j < ncols; ++j) m_new = std::max(m_new, s[j]);
+          for (int64_t j = 0; j < ncols; ++j) m_new = std::max(m_new, srow[j]);
           const T alpha = std::exp(m[i] - m_new);  // rescales what was accumulated so far
-          exp_shifted(s.data(), ncols, m_new);
+          exp_shifted(srow, ncols, m_new);
+          std::fill(srow + ncols, srow + kBK, T(0));
           T row_sum = 0;
-          for (int64_t j = 0; j < ncols; ++j) row_sum += s[j];
+          for (int64_t j = 0; j < ncols; ++j) row_sum += srow[j];
           l[i] = l[i] * alpha + row_sum;
           m[i] = m_new;
-          T* acc_row = acc.data() + i * D;
-          if (alpha != T(1))
+          if (alpha != T(1)) {
+            T* acc_row = acc.data() + i * D;
             for (int64_t d = 0; d < D; ++d) acc_row[d] *= alpha;
-          const uint32_t row_key = dropout_row_key(head_key, static_cast<uint32_t>(row));
-          for (int64_t j = 0; j < ncols; ++j) {
-            T w = s[j];
-            if (a.threshold) w = dropout_keep(row_key, static_cast<uint32_t>(k0 + j), a.threshold) ? w * a.keep_scale : T(0);
-            if (w != T(0)) axpy(w, v + (k0 + j) * D, acc_row, D);
+          }
+          if (a.threshold) {                                              // dropout after softmax
+            const uint32_t row_key = dropout_row_key(head_key, static_cast<uint32_t>(row));
+            for (int64_t j = 0; j < ncols; ++j)
+              srow[j] = dropout_keep(row_key, static_cast<uint32_t>(k0 + j), a.threshold) ? srow[j] * a.keep_scale : T(0);
           }
         }
+        tile_accumulate(s.data(), kBK, 1, nq, nk, v + k0 * D, D, acc.data());  // O += P V
       }
       for (int64_t i = 0; i < nq; ++i) {
         const T inv_l = T(1) / l[i];
@@ -143,30 +214,42 @@ template <typename T>
 void attention_bwd_kernel(const AttnArgs<T>& a, int64_t BH, const T* dout, const T* lse, const T* delta,
                           T* dq, T* dk, T* dv) {
   const int64_t T_ = a.T_, D = a.D;
-  // Recompute P and dP for row `row` against key tile [k0, k0 + nk); kt/vt are transposed tiles.
-  auto row_probs = [&](int64_t bh, int64_t row, int64_t k0, int64_t ncols, const T* kt, const T* vt,
-                       uint32_t head_key, T* p, T* ds) {
-    const T* q = a.q + (bh * T_ + row) * D;
-    const T* go = dout + (bh * T_ + row) * D;
-    row_times_tile(q, kt, D, a.scale, p);
-    exp_shifted(p, ncols, lse[bh * T_ + row]);                 // P = exp(S - lse)
-    row_times_tile(go, vt, D, T(1), ds);                       // dZ = dO . V_j
-    const uint32_t row_key = dropout_row_key(head_key, static_cast<uint32_t>(row));
-    const T dlt = delta[bh * T_ + row];
-    for (int64_t j = 0; j < ncols; ++j) {
-      T dp = ds[j];
-      if (a.threshold) dp = dropout_keep(row_key, static_cast<uint32_t>(k0 + j), a.threshold) ? dp * a.keep_scale : T(0);
-      ds[j] = p[j] * (dp - dlt);                               // dS, before the scale
+  // For the tile pair (query rows [q0, q0 + nq), keys [k0, k0 + nk)) of head bh: recompute
+  // P = exp(S - lse) into z (then Z = dropout(P)) and dS * scale into ds, both (kBQ x kBK),
+  // zero outside the valid (causal, in-range) entries. kt/vt: transposed K and V tiles.
+  auto tile_grads = [&](int64_t bh, int64_t q0, int64_t nq, int64_t k0, int64_t nk, const T* kt, const T* vt,
+                        uint32_t head_key, T* z, T* ds) {
+    const T* q = a.q + (bh * T_ + q0) * D;
+    const T* go = dout + (bh * T_ + q0) * D;
+    tile_dot(q, nq, D, kt, a.scale, z);            // S
+    tile_dot(go, nq, D, vt, T(1), ds);             // dZ = dO V^T
+    for (int64_t i = 0; i < nq; ++i) {
+      const int64_t row = q0 + i;
+      const int64_t ncols = std::max<int64_t>(0, std::min(nk, visible_cols(a.causal, row, T_) - k0));
+      T* zrow = z + i * kBK;
+      T* dsrow = ds + i * kBK;
+      exp_shifted(zrow, ncols, lse[bh * T_ + row]);  // P
+      const T dlt = delta[bh * T_ + row];
+      if (a.threshold) {
+        const uint32_t row_key = dropout_row_key(head_key, static_cast<uint32_t>(row));
+        for (int64_t j = 0; j < ncols; ++j) {
+          const bool keep = dropout_keep(row_key, static_cast<uint32_t>(k0 + j), a.threshold);
+          const T dp = keep ? dsrow[j] * a.keep_scale : T(0);
+          dsrow[j] = zrow[j] * (dp - dlt) * a.scale;
+          zrow[j] = keep ? zrow[j] * a.keep_scale : T(0);
+        }
+      } else {
+        for (int64_t j = 0; j < ncols; ++j) dsrow[j] = zrow[j] * (dsrow[j] - dlt) * a.scale;
+      }
+      std::fill(zrow + ncols, zrow + kBK, T(0));
+      std::fill(dsrow + ncols, dsrow + kBK, T(0));
     }
-    if (a.threshold)                                            // Z = P * M / (1 - p), for dV
-      for (int64_t j = 0; j < ncols; ++j)
-        p[j] = dropout_keep(row_key, static_cast<uint32_t>(k0 + j), a.threshold) ? p[j] * a.keep_scale : T(0);
   };
 
-  // Pass 1: dK, dV, one task per (bh, key tile); query rows from the diagonal down.
+  // Pass 1: dK, dV, one task per (bh, key tile); query tiles from the diagonal down.
   const int64_t n_kt = (T_ + kBK - 1) / kBK;
   at::parallel_for(0, BH * n_kt, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> kt(D * kBK), vt(D * kBK), p(kBK), ds(kBK), dk_acc(kBK * D), dv_acc(kBK * D);
+    std::vector<T> kt(D * kBK), vt(D * kBK), z(kBQ * kBK), ds(kBQ * kBK), dk_acc(kBK * D), dv_acc(kBK * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / n_kt, k0 = (task % n_kt) * kBK, nk = std::min(kBK, T_ - k0);
       const uint32_t head_key = dropout_head_key(a.seed, static_cast<uint32_t>(bh));
@@ -174,15 +257,11 @@ void attention_bwd_kernel(const AttnArgs<T>& a, int64_t BH, const T* dout, const
       load_transposed(a.v + bh * T_ * D, k0, nk, D, vt.data());
       std::fill(dk_acc.begin(), dk_acc.end(), T(0));
       std::fill(dv_acc.begin(), dv_acc.end(), T(0));
-      for (int64_t row = a.causal ? k0 : 0; row < T_; ++row) {
-        const int64_t ncols = std::min(nk, visible_cols(a.causal, row, T_) - k0);
-        row_probs(bh, row, k0, ncols, kt.data(), vt.data(), head_key, p.data(), ds.data());
-        const T* q = a.q + (bh * T_ + row) * D;
-        const T* go = dout + (bh * T_ + row) * D;
-        for (int64_t j = 0; j < ncols; ++j) {
-          if (p[j] != T(0)) axpy(p[j], go, dv_acc.data() + j * D, D);
-          if (ds[j] != T(0)) axpy(ds[j] * a.scale, q, dk_acc.data() + j * D, D);
-        }
+      for (int64_t q0 = a.causal ? (k0 / kBQ) * kBQ : 0; q0 < T_; q0 += kBQ) {
+        const int64_t nq = std::min(kBQ, T_ - q0);
+        tile_grads(bh, q0, nq, k0, nk, kt.data(), vt.data(), head_key, z.data(), ds.data());
+        tile_accumulate(z.data(), 1, kBK, nk, nq, dout + (bh * T_ + q0) * D, D, dv_acc.data());  // dV += Z^T dO
+        tile_accumulate(ds.data(), 1, kBK, nk, nq, a.q + (bh * T_ + q0) * D, D, dk_acc.data());  // dK += dS^T Q
       }
       std::copy(dk_acc.begin(), dk_acc.begin() + nk * D, dk + (bh * T_ + k0) * D);
       std::copy(dv_acc.begin(), dv_acc.begin() + nk * D, dv + (bh * T_ + k0) * D);
@@ -192,26 +271,19 @@ void attention_bwd_kernel(const AttnArgs<T>& a, int64_t BH, const T* dout, const
   // Pass 2: dQ, one task per (bh, query tile); key tiles up to the diagonal.
   const int64_t n_qt = (T_ + kBQ - 1) / kBQ;
   at::parallel_for(0, BH * n_qt, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> kt(D * kBK), vt(D * kBK), p(kBK), ds(kBK);
+    std::vector<T> kt(D * kBK), vt(D * kBK), z(kBQ * kBK), ds(kBQ * kBK);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / n_qt, q0 = (task % n_qt) * kBQ, nq = std::min(kBQ, T_ - q0);
       const uint32_t head_key = dropout_head_key(a.seed, static_cast<uint32_t>(bh));
-      const T* k = a.k + bh * T_ * D;
       T* dq_tile = dq + (bh * T_ + q0) * D;
       std::fill(dq_tile, dq_tile + nq * D, T(0));
       const int64_t kv_end = a.causal ? q0 + nq : T_;
       for (int64_t k0 = 0; k0 < kv_end; k0 += kBK) {
         const int64_t nk = std::min(kBK, kv_end - k0);
-        load_transposed(k, k0, nk, D, kt.data());
+        load_transposed(a.k + bh * T_ * D, k0, nk, D, kt.data());
         load_transposed(a.v + bh * T_ * D, k0, nk, D, vt.data());
-        for (int64_t i = 0; i < nq; ++i) {
-          const int64_t row = q0 + i;
-          const int64_t ncols = std::min(nk, visible_cols(a.causal, row, T_) - k0);
-          if (ncols <= 0) continue;
-          row_probs(bh, row, k0, ncols, kt.data(), vt.data(), head_key, p.data(), ds.data());
-          for (int64_t j = 0; j < ncols; ++j)
-            if (ds[j] != T(0)) axpy(ds[j] * a.scale, k + (k0 + j) * D, dq_tile + i * D, D);
-        }
+        tile_grads(bh, q0, nq, k0, nk, kt.data(), vt.data(), head_key, z.data(), ds.data());
+        tile_accumulate(ds.data(), kBK, 1, nq, nk, a.k + (bh * T_ + k0) * D, D, dq_tile);     // dQ += dS K
       }
     }
   });

@@ -41,14 +41,22 @@ void layer_norm_fwd_row(const T* x, const T* w, const T* b, T* y, T* mean_out, T
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
   const T shift = x[0];
-  Vec vs(0), vss(0), vshift(shift);
+  // two independent accumulator chains per sum, so the adds are not bound by FMA latency
+  Vec vs0(0), vss0(0), vs1(0), vss1(0), vshift(shift);
   int64_t i = 0;
+  for (; i + 2 * V <= C; i += 2 * V) {
+    Vec d0 = Vec::loadu(x + i) - vshift, d1 = Vec::loadu(x + i + V) - vshift;
+    vs0 = vs0 + d0;
+    vs1 = vs1 + d1;
+    vss0 = at::vec::fmadd(d0, d0, vss0);
+    vss1 = at::vec::fmadd(d1, d1, vss1);
+  }
   for (; i + V <= C; i += V) {
     Vec d = Vec::loadu(x + i) - vshift;
-    vs = vs + d;
-    vss = at::vec::fmadd(d, d, vss);
+    vs0 = vs0 + d;
+    vss0 = at::vec::fmadd(d, d, vss0);
   }
-  T s = sum_lanes(vs), ss = sum_lanes(vss);
+  T s = sum_lanes(vs0 + vs1), ss = sum_lanes(vss0 + vss1);
   for (; i < C; ++i) {
     T d = x[i] - shift;
     s += d;
