@@ -144,6 +144,19 @@ print(status("VmHWM") - base)
     return float(result.stdout.strip()) if result.returncode == 0 else float("nan")
 
 
+def measure_ceilings(device, dtype) -> dict:
+    """Attainable rates on this machine, measured now: a large copy (bytes read + written per
+    second) and a large matmul (FLOP/s) - the yardsticks for memory- and compute-bound ops."""
+    n = 1 << 26                                                  # 64 Mi elements: far beyond caches
+    src = torch.randn(n, dtype=dtype, device=device)
+    dst = torch.empty_like(src)
+    copy_s = timed_interleaved({"copy": lambda: dst.copy_(src)}, device, 10)["copy"]
+    m = 2048
+    a, b = torch.randn(m, m, dtype=dtype, device=device), torch.randn(m, m, dtype=dtype, device=device)
+    mm_s = timed_interleaved({"mm": lambda: a @ b}, device, 5)["mm"]
+    return {"copy_GBps": 2 * n * src.element_size() / copy_s / 1e9, "matmul_GFLOPps": 2 * m ** 3 / mm_s / 1e9}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -161,10 +174,14 @@ def main(argv=None):
            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
            "dtype": str(dtype), "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "backends": ops.available_backends(), "repeats": repeats}
+    env["ceilings"] = ceilings = measure_ceilings(device, dtype)
     print(f"device {env['device']} | torch {env['torch']} | threads {env['cpu_threads']} | {dtype} | "
           f"median of {repeats} after warm-up")
+    print(f"ceilings measured now: copy {ceilings['copy_GBps']:.1f} GB/s, {dtype} matmul "
+          f"{ceilings['matmul_GFLOPps']:.0f} GFLOP/s (2048^3)")
     results = []
-    header = f"{'op':<11}{'mode':<9}{'shape':<20}{'backend':<11}{'median ms':>11}{'throughput':>18}{'vs ref':>8}{'rel err':>10}"
+    header = (f"{'op':<11}{'mode':<9}{'shape':<20}{'backend':<11}{'median ms':>11}{'throughput':>18}"
+              f"{'% ceil':>8}{'vs ref':>8}{'rel err':>10}")
     print(header)
     print("-" * len(header))
     cases = [("layer_norm", s) for s in rows_shapes] + [("gelu", s) for s in rows_shapes] + \
@@ -173,8 +190,11 @@ def main(argv=None):
         for mode in ("fwd", "fwd+bwd"):
             rows = run_case(op, shape, mode, device, dtype, repeats if op != "attention" else max(3, repeats // 3))
             for r in rows:
+                ceiling = ceilings["matmul_GFLOPps"] if op == "attention" else ceilings["copy_GBps"]
+                r["percent_of_ceiling"] = 100 * r["throughput"] / ceiling
                 print(f"{op:<11}{mode:<9}{'x'.join(map(str, shape)):<20}{r['backend']:<11}{r['median_ms']:>11.3f}"
-                      f"{r['throughput']:>11.2f} {r['unit']:<7}{r['speedup_vs_reference']:>7.2f}x{r['max_rel_error']:>10.1e}")
+                      f"{r['throughput']:>11.2f} {r['unit']:<7}{r['percent_of_ceiling']:>7.1f}%"
+                      f"{r['speedup_vs_reference']:>7.2f}x{r['max_rel_error']:>10.1e}")
             results += rows
     if device.type == "cpu":
         print("\npeak memory of one attention forward+backward (RSS growth, fresh process):")
