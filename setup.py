@@ -8,7 +8,8 @@ built ahead of time when torch is importable here, i.e. with
 `extension` backend (cached under TORCH_EXTENSIONS_DIR).
 
 Switches: GPTFAST_SKIP_EXTENSION=1 skips the C++ build; GPTFAST_CPU_ISA=generic drops the
-x86-64 AVX2/FMA flags.
+x86-64 AVX2/FMA flags; the CUDA sources (csrc/cuda/) are added when torch is a CUDA build and
+CUDA_HOME is found, or never with GPTFAST_SKIP_CUDA=1, or always with GPTFAST_FORCE_CUDA=1.
 """
 import importlib.util
 import os
@@ -31,20 +32,24 @@ def extension_modules():
         return [], {}
     try:
         import torch
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         print("gptfast: torch is not importable at build time; gptfast._C will be compiled on first use "
               "(or now: pip install -e . --no-build-isolation)")
         return [], {}
     src_hash = meta.source_hash(ROOT)
     meta.write_build_info(torch.__version__, src_hash)
-    ext = CppExtension(
-        name="gptfast._C",
-        sources=meta.cpu_sources(ROOT),
-        extra_compile_args={"cxx": meta.cxx_flags(torch.__version__, src_hash)},
-        extra_link_args=["-fopenmp"],
-    )
-    return [ext], {"build_ext": BuildExtension}
+    kwargs = dict(name="gptfast._C", sources=meta.cpu_sources(ROOT),
+                  extra_compile_args={"cxx": meta.cxx_flags(src_hash)},
+                  extra_link_args=["-fopenmp"])
+    cuda, why = meta.want_cuda(torch.version.cuda, CUDA_HOME, len(meta.cuda_sources(ROOT)))
+    print(f"gptfast: building gptfast._C for CPU{' and CUDA' if cuda else ''} ({why})")
+    if cuda:
+        kwargs["sources"] += meta.cuda_sources(ROOT)
+        kwargs["extra_compile_args"]["cxx"] += ["-DGPTFAST_WITH_CUDA"]
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo", "-DGPTFAST_WITH_CUDA"]
+        return [CUDAExtension(**kwargs)], {"build_ext": BuildExtension}
+    return [CppExtension(**kwargs)], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = extension_modules()

@@ -37,7 +37,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     std::vector<std::string> backends{"cpu"};
 #ifdef GPTFAST_WITH_CUDA
     backends.push_back("cuda");
-    info["cuda_archs"] = std::string(GPTFAST_CUDA_ARCHS);
+    info["cuda_archs"] = std::string("see TORCH_CUDA_ARCH_LIST of the build");
 #else
     info["cuda_archs"] = std::string("none");
 #endif

@@ -24,6 +24,32 @@ def cpu_sources(root: str = ROOT) -> list[str]:
     return sorted(os.path.relpath(p, root) for p in found)
 
 
+def cuda_sources(root: str = ROOT) -> list[str]:
+    """CUDA kernels (csrc/cuda/*.cu) and their torch glue (csrc/cuda/*.cpp), relative to `root`."""
+    found = glob.glob(os.path.join(root, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(root, "csrc", "cuda", "*.cpp"))
+    return sorted(os.path.relpath(p, root) for p in found)
+
+
+def want_cuda(torch_cuda: str | None, cuda_home: str | None, n_cuda_sources: int,
+              env=os.environ) -> tuple[bool, str]:
+    """Whether to add the CUDA sources to the build, and why.
+
+    Default: when torch is a CUDA build and a CUDA toolkit (CUDA_HOME) is found. GPTFAST_SKIP_CUDA=1
+    never builds them; GPTFAST_FORCE_CUDA=1 insists (and fails loudly when it cannot).
+    """
+    if env.get("GPTFAST_SKIP_CUDA") == "1":
+        return False, "GPTFAST_SKIP_CUDA=1"
+    force = env.get("GPTFAST_FORCE_CUDA") == "1"
+    missing = [why for why, bad in (("no csrc/cuda sources", n_cuda_sources == 0),
+                                    ("torch is a CPU-only build", torch_cuda is None),
+                                    ("no CUDA toolkit (set CUDA_HOME)", cuda_home is None)) if bad]
+    if missing and force:
+        raise RuntimeError("GPTFAST_FORCE_CUDA=1 but " + "; ".join(missing))
+    if missing:
+        return False, "; ".join(missing)
+    return True, f"CUDA {torch_cuda} at {cuda_home}"
+
+
 def all_source_files(root: str = ROOT) -> list[str]:
     patterns = ("*.cpp", "*.h", "*.cu", "*.cuh")
     files = []
@@ -56,7 +82,7 @@ def cpu_isa() -> str:
     return "avx2" if platform.machine().lower() in ("x86_64", "amd64") else "generic"
 
 
-def cxx_flags(torch_version: str, src_hash: str | None) -> list[str]:
+def cxx_flags(src_hash: str | None) -> list[str]:
     flags = ["-O3", "-g0", "-fopenmp", "-Wno-unknown-pragmas"]
     isa = cpu_isa()
     if isa == "avx2":

@@ -45,7 +45,7 @@ def _jit_build(problem: str) -> ModuleType:
           file=sys.stderr)
     src_hash = meta.source_hash()
     return load(name="gptfast_C", sources=[os.path.join(meta.ROOT, s) for s in meta.cpu_sources()],
-                extra_cflags=meta.cxx_flags(torch.__version__, src_hash), extra_ldflags=["-fopenmp"],
+                extra_cflags=meta.cxx_flags(src_hash), extra_ldflags=["-fopenmp"],
                 is_python_module=True, verbose=False)
 
 

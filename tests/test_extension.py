@@ -147,6 +147,20 @@ def test_dropout_drops_exactly_the_reference_weights(T, causal):
             [q, k, v], torch.float64, 1e-10)
 
 
+def test_kernel_drops_bit_for_bit_the_same_weights():
+    # q = k = 0 makes every visible weight 1/(t+1); v = identity makes output row t *be* the
+    # weight row, so the kernel's dropped weights are exactly its zeros.
+    T = 40
+    q = torch.zeros(1, 2, T, T, dtype=torch.float64)
+    v = torch.eye(T, dtype=torch.float64).expand(1, 2, T, T).contiguous()
+    seed = torch.tensor([2024], dtype=torch.int64)
+    out, _ = OPS.attention_fwd(q, q, v, True, 1.0, 0.4, seed)
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    expected_keep = dropout_keep_mask(seed, 2, T, T, 0.4).view(1, 2, T, T) & causal
+    assert torch.equal(out != 0, expected_keep)
+    assert 0 < expected_keep.sum() < causal.sum() * 2          # some kept, some dropped
+
+
 def test_dropout_seed_matters_and_keep_rate():
     q, k, v = qkv(1, 2, 64, 16, seed=60)
     a = ops.causal_attention(q, k, v, 0.2, seed=1, backend="extension")

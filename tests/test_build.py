@@ -1,0 +1,47 @@
+"""Build decisions (setup.py and the just-in-time fallback share gptfast/_build_meta.py)."""
+import pytest
+
+from gptfast import _build_meta as meta
+
+
+def test_cpu_sources_cover_schemas_kernels_and_bindings():
+    sources = meta.cpu_sources()
+    assert "csrc/ops.cpp" in sources and "csrc/bindings.cpp" in sources
+    assert {"csrc/cpu/attention.cpp", "csrc/cpu/layer_norm.cpp", "csrc/cpu/gelu.cpp"} <= set(sources)
+
+
+def test_source_hash_tracks_every_csrc_file(tmp_path):
+    (tmp_path / "csrc" / "cpu").mkdir(parents=True)
+    assert meta.source_hash(str(tmp_path)) is None
+    f = tmp_path / "csrc" / "cpu" / "k.cpp"
+    f.write_text("int a;")
+    first = meta.source_hash(str(tmp_path))
+    f.write_text("int b;")
+    assert meta.source_hash(str(tmp_path)) != first
+    (tmp_path / "csrc" / "x.h").write_text("")
+    assert len(meta.source_hash(str(tmp_path))) == 16
+
+
+@pytest.mark.parametrize("torch_cuda,home,n,env,expected", [
+    ("13.0", "/cuda", 2, {}, True),
+    (None, "/cuda", 2, {}, False),                       # CPU torch
+    ("13.0", None, 2, {}, False),                        # no toolkit
+    ("13.0", "/cuda", 0, {}, False),                     # no .cu sources yet
+    ("13.0", "/cuda", 2, {"GPTFAST_SKIP_CUDA": "1"}, False),
+])
+def test_want_cuda(torch_cuda, home, n, env, expected):
+    assert meta.want_cuda(torch_cuda, home, n, env)[0] is expected
+
+
+def test_force_cuda_fails_loudly_when_impossible():
+    with pytest.raises(RuntimeError, match="GPTFAST_FORCE_CUDA=1 but torch is a CPU-only build"):
+        meta.want_cuda(None, "/cuda", 2, {"GPTFAST_FORCE_CUDA": "1"})
+
+
+def test_isa_flags_only_on_x86(monkeypatch):
+    monkeypatch.setattr(meta.platform, "machine", lambda: "aarch64")
+    assert not any(f.startswith("-mavx") for f in meta.cxx_flags(None))
+    monkeypatch.setattr(meta.platform, "machine", lambda: "x86_64")
+    assert "-mavx2" in meta.cxx_flags(None)
+    monkeypatch.setenv("GPTFAST_CPU_ISA", "generic")
+    assert "-mavx2" not in meta.cxx_flags(None)
