@@ -294,6 +294,13 @@ def test_torch_compile_fullgraph_extension():
 
 
 # ----------------------------------------------------------------------------- build & tokenizer
+def test_meta_tensors_use_the_fake_kernels():
+    q = torch.empty(2, 3, 17, 16, device="meta")
+    assert ops.causal_attention(q, q, q, backend="extension").shape == q.shape
+    assert ops.layer_norm(torch.empty(4, 8, device="meta"), torch.empty(8, device="meta"),
+                          torch.empty(8, device="meta"), backend="extension").device.type == "meta"
+
+
 def test_build_info_and_available_backends():
     info = _C.build_info()
     assert "cpu" in info["compiled_backends"] and info["cpu_isa"]

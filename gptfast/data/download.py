@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import tempfile
 import urllib.error
 import urllib.request
 
 from tqdm.auto import tqdm
+
+from ..files import atomic_write
 
 VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
                "ch02/01_main-chapter-code/the-verdict.txt")
@@ -41,38 +42,22 @@ def cache_path_for(url: str, cache_dir: str | None = None) -> str:
     return os.path.join(cache_dir or default_cache_dir(), f"{digest}-{name}")
 
 
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download(url: str, dest: str, sha256: str | None = None, timeout: float = 30.0,
              progress: bool = True) -> str:
     """Download `url` to `dest` atomically; verify `sha256` when given. Returns `dest`."""
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".part-", dir=os.path.dirname(os.path.abspath(dest)))
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {os.path.basename(dest)}",
-                      disable=not progress, leave=False) as bar:
-                for block in iter(lambda: resp.read(1 << 16), b""):
-                    out.write(block)
-                    bar.update(len(block))
-            if total is not None and out.tell() != total:
-                raise DownloadError(f"download of {url} was cut short: got {out.tell()} of {total} bytes")
-        if sha256 is not None:
-            got = sha256_of(tmp)
-            if got != sha256.lower():
-                raise DownloadError(f"sha256 mismatch for {url}: expected {sha256}, got {got}")
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    digest = hashlib.sha256()
+    with atomic_write(dest) as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+        total = int(resp.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {os.path.basename(dest)}",
+                  disable=not progress, leave=False) as bar:
+            for block in iter(lambda: resp.read(1 << 16), b""):
+                out.write(block)
+                digest.update(block)
+                bar.update(len(block))
+        if total is not None and out.tell() != total:
+            raise DownloadError(f"download of {url} was cut short: got {out.tell()} of {total} bytes")
+        if sha256 is not None and digest.hexdigest() != sha256.lower():
+            raise DownloadError(f"sha256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}")
     return dest
 
 

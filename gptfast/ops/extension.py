@@ -102,15 +102,29 @@ torch.library.register_autograd("gptfast::attention_fwd", _attention_backward, s
 
 
 # ----------------------------------------------------------------------------- backend functions
+_COMPILED_FOR = set(_C.build_info()["compiled_backends"])   # {"cpu"} or {"cpu", "cuda"}
+_SHAPE_ONLY = {"meta"}                                         # served by the fake kernels
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if t.device.type not in _COMPILED_FOR | _SHAPE_ONLY:
+        raise RuntimeError(f"the extension backend has no {t.device.type} kernels in this build "
+                           f"(compiled for: {', '.join(sorted(_COMPILED_FOR))}); use another backend "
+                           "or rebuild gptfast with a CUDA toolkit")
+
+
 def layer_norm(x, weight, bias, eps=1e-5):
+    _check_device(x)
     return OPS.layer_norm_fwd(x, weight, bias, eps)[0]
 
 
 def gelu(x):
+    _check_device(x)
     return OPS.gelu_fwd(x)
 
 
 def causal_attention(q, k, v, dropout_p=0.0, scale=None, seed=None):
+    _check_device(q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if seed is None:                               # the interface draws one when dropout_p > 0
         seed = torch.zeros(1, dtype=torch.int64)

@@ -21,6 +21,8 @@ from collections import Counter, defaultdict
 
 import regex
 
+from ..files import atomic_write
+
 # GPT-2's pre-tokenizer: contractions, letters, numbers, other symbols (each optionally with one
 # leading space), and whitespace runs (a run before a word gives its last space to that word).
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -284,10 +286,8 @@ class ByteLevelBPE:
                    state["pattern"], name=state.get("name", "bpe"))
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_write(path, "w", encoding="utf-8") as f:
             json.dump(self.state(), f)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str) -> "ByteLevelBPE":

@@ -6,17 +6,17 @@ Everything in the file is tensors and plain Python types, so it loads with
 from __future__ import annotations
 
 import os
-import tempfile
 
 import torch
 
+from ..files import atomic_write
 from ..model import GPTConfig, GPTModel
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def save_checkpoint(path: str, model: GPTModel, optimizer=None, tokenizer=None, **progress) -> str:
-    """Write to a temporary file next to `path`, then rename: never a half-written checkpoint."""
+    """Written to a temporary file next to `path`, then renamed: never a half-written checkpoint."""
     state = {
         "format": "gptfast-checkpoint",
         "version": 1,
@@ -26,17 +26,8 @@ def save_checkpoint(path: str, model: GPTModel, optimizer=None, tokenizer=None, 
         "tokenizer": tokenizer.spec() if tokenizer is not None else None,
         **progress,  # e.g. step, epoch, tokens_seen
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as f:
+        torch.save(state, f)
     return path
 
 
