@@ -100,3 +100,140 @@ def test_bfloat16_on_gpu():
     check(triton_ops.layer_norm, torch_ln, reference.layer_norm, [x, w, b], torch.bfloat16)
     torch_gelu = lambda x: torch.nn.functional.gelu(x, approximate="tanh")  # noqa: E731
     check(triton_ops.gelu, torch_gelu, reference.gelu, [rand(64, 3072, seed=33)], torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- attention
+from gptfast import ops  # noqa: E402
+from gptfast.ops.dropout_rng import dropout_keep_mask  # noqa: E402
+
+
+def qkv(B, H, T, D, seed=0):
+    return [rand(B, H, T, D, seed=seed + i) for i in range(3)]
+
+
+def sdpa(causal, scale):
+    return lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("B,H,T,D", [(1, 1, 1, 16), (2, 2, 7, 64), (1, 2, 129, 80), (1, 1, 65, 32)])
+def test_causal_attention_matches_reference(dtype, B, H, T, D):
+    check(lambda *a: ops.causal_attention(*a, backend="triton"), sdpa(True, None), reference.causal_attention,
+          qkv(B, H, T, D), dtype)
+
+
+@pytest.mark.parametrize("T", [7, 70])
+def test_full_attention_matches_reference(T):
+    fn = lambda q, k, v: triton_ops.attention_fwd(q, k, v, False, 0.3, 0.0, torch.zeros(1, dtype=torch.long))[0]  # noqa: E731
+    check(fn, sdpa(False, 0.3), lambda q, k, v: reference.attention(q, k, v, causal=False, scale=0.3),
+          qkv(2, 1, T, 16, seed=5), torch.float32)
+
+
+def test_attention_noncontiguous_inputs():
+    q, k, v = [rand(2, 37, 3, 16, seed=40 + i).transpose(1, 2).float() for i in range(3)]
+    out = ops.causal_attention(q, k, v, backend="triton")
+    assert rel_error(out, reference.causal_attention(q.double(), k.double(), v.double())) < 1e-5
+
+
+@pytest.mark.parametrize("T,causal", [(45, True), (33, False)])
+def test_dropout_matches_reference_and_extension(T, causal):
+    q, k, v = qkv(2, 3, T, 16, seed=50)
+    seed = torch.tensor([987654321987], dtype=torch.int64)
+    fn = lambda *a: triton_ops.attention_fwd(*a, causal, 0.25, 0.3, seed)[0]  # noqa: E731
+    ref = lambda *a: reference.attention(*a, causal=causal, scale=0.25, dropout_p=0.3, seed=seed)  # noqa: E731
+    assert max(errors(fn, ref, [q, k, v], torch.float32)) < 1e-5
+
+
+def test_kernel_drops_bit_for_bit_the_same_weights():
+    T = 40   # q = k = 0 and v = identity: output row t is the (dropped) weight row t
+    q = torch.zeros(1, 2, T, T, device=DEVICE)
+    v = torch.eye(T, device=DEVICE).expand(1, 2, T, T).contiguous()
+    seed = torch.tensor([2024], dtype=torch.int64)
+    out, _ = triton_ops.attention_fwd(q, q, v, True, 1.0, 0.4, seed)
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=DEVICE))
+    keep = dropout_keep_mask(seed, 2, T, T, 0.4, device=DEVICE).view(1, 2, T, T) & causal
+    assert torch.equal(out != 0, keep)
+
+
+def test_attention_opcheck():
+    q, k, v = [rand(1, 2, 19, 16, seed=120 + i).float() for i in range(3)]
+    seed = torch.tensor([42], dtype=torch.int64)
+    o, lse = triton_ops.attention_fwd(q, k, v, True, 0.25, 0.1, seed)
+    g = lambda t: t.clone().requires_grad_()  # noqa: E731
+    torch.library.opcheck(triton_ops.attention_fwd, (g(q), g(k), g(v), True, 0.25, 0.1, seed))
+    torch.library.opcheck(triton_ops.attention_bwd, (rand(1, 2, 19, 16, seed=125).float(), q, k, v, o, lse,
+                                                     True, 0.25, 0.1, seed))
+
+
+def test_attention_bad_inputs():
+    q = rand(1, 1, 4, 16).float()
+    with pytest.raises(ValueError, match="head dim D=8 is unsupported"):
+        triton_ops.attention_fwd(q[..., :8], q[..., :8], q[..., :8], True, 1.0, 0.0, torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="q must have rank 4"):
+        triton_ops.attention_fwd(q[0], q[0], q[0], True, 1.0, 0.0, torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="v must match q's shape"):
+        triton_ops.attention_fwd(q, q, q[:, :, :3], True, 1.0, 0.0, torch.zeros(1, dtype=torch.long))
+    with pytest.raises(TypeError, match="float64"):
+        triton_ops.attention_fwd(q.double(), q.double(), q.double(), True, 1.0, 0.0, torch.zeros(1, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- the model
+def test_short_training_run_matches_reference(verdict_text, gpt2_tokenizer):
+    from gptfast.model import GPTConfig, GPTModel
+
+    ids = torch.tensor(gpt2_tokenizer.encode(verdict_text)[:2000]) % 101
+
+    def losses(backend):
+        torch.manual_seed(0)
+        model = GPTModel(GPTConfig(vocab_size=101, context_length=32, emb_dim=64, n_heads=4, n_layers=2,
+                                   drop_rate=0.1, backend=backend))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        torch.manual_seed(1)
+        out = []
+        for step in range(8):
+            x = ids[step * 30: step * 30 + 2 * 30].view(2, 30)
+            y = ids[step * 30 + 1: step * 30 + 2 * 30 + 1].view(2, 30)
+            loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append(loss.item())
+        return torch.tensor(out)
+
+    ref, tri = losses("reference"), losses("triton")
+    assert (ref - tri).abs().max() < 1e-4, (ref, tri)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPT-2-shape half-precision attention needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_gpt2_shapes_on_gpu(dtype):
+    check(lambda *a: ops.causal_attention(*a, backend="triton"), sdpa(True, None), reference.causal_attention,
+          qkv(2, 12, 1024, 64, seed=60), dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitwise repeatability is a GPU property to check")
+def test_backward_kernels_are_bitwise_repeatable_on_gpu():
+    q, k, v = [t.to(torch.bfloat16) for t in qkv(2, 12, 1024, 64, seed=70)]
+    seed = torch.tensor([5], dtype=torch.int64)
+    o, lse = triton_ops.attention_fwd(q, k, v, True, 0.125, 0.1, seed)
+    do = torch.randn_like(o)
+    first = triton_ops.attention_bwd(do, q, k, v, o, lse, True, 0.125, 0.1, seed)
+    second = triton_ops.attention_bwd(do, q, k, v, o, lse, True, 0.125, 0.1, seed)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    x, w = rand(4096, 768, seed=71).to(torch.bfloat16), rand(768, seed=72).to(torch.bfloat16)
+    _, mean, rstd = triton_ops.layer_norm_fwd(x, w, w, 1e-5)
+    dy = torch.randn_like(x)
+    a, b = triton_ops.layer_norm_bwd(dy, x, w, mean, rstd), triton_ops.layer_norm_bwd(dy, x, w, mean, rstd)
+    assert all(torch.equal(s, t) for s, t in zip(a, b))
+
+
+def test_torch_compile_fullgraph():
+    from gptfast.model import GPTConfig, GPTModel
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=101, context_length=64, emb_dim=64, n_heads=4, n_layers=1,
+                               drop_rate=0.0, backend="triton")).to(DEVICE).eval()
+    idx = torch.randint(0, 101, (2, 40), device=DEVICE)
+    eager = model(idx)
+    out = torch.compile(model, fullgraph=True)(idx)
+    assert rel_error(out, eager) < (3e-4 if DEVICE == "cuda" else 1e-5)   # tf32 dots on GPU

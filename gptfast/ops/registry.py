@@ -17,6 +17,7 @@ _BACKENDS: dict[str, tuple[str, str]] = {
     "reference": ("gptfast.ops.reference", "explicit PyTorch math (the textbook; the truth in tests)"),
     "torch": ("gptfast.ops.native", "PyTorch built-ins: F.layer_norm, F.gelu, SDPA"),
     "extension": ("gptfast.ops.extension", "our compiled C++ kernels (csrc/) as torch custom ops"),
+    "triton": ("gptfast.ops.triton", "our Triton kernels as torch custom ops"),
 }
 _loaded: dict[str, ModuleType] = {}
 _errors: dict[str, str] = {}

@@ -6,8 +6,7 @@ On a machine without a CUDA GPU the kernels run in Triton's interpreter on CPU t
 (TRITON_INTERPRET=1, set here before any kernel is defined): slow, float32/float16 only, but the
 same kernel code. Importing this package needs Triton; `import gptfast` does not.
 
-Status: LayerNorm and GELU are here; attention and cross-entropy are not yet, so this package is
-not registered as an op backend yet.
+This package is the `triton` op backend: it provides `layer_norm`, `gelu`, `causal_attention`.
 """
 import os
 
@@ -18,7 +17,16 @@ if not torch.cuda.is_available():
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+from .attention import attention_bwd, attention_fwd, causal_attention  # noqa: E402
 from .gelu import gelu, gelu_bwd, gelu_fwd  # noqa: E402
 from .layer_norm import layer_norm, layer_norm_bwd, layer_norm_fwd  # noqa: E402
 
-__all__ = ["layer_norm", "layer_norm_fwd", "layer_norm_bwd", "gelu", "gelu_fwd", "gelu_bwd", "INTERPRET"]
+
+def build_info() -> dict:
+    import triton
+
+    return {"triton": triton.__version__, "mode": "interpreter (CPU tensors)" if INTERPRET else "GPU"}
+
+
+__all__ = ["layer_norm", "layer_norm_fwd", "layer_norm_bwd", "gelu", "gelu_fwd", "gelu_bwd",
+           "causal_attention", "attention_fwd", "attention_bwd", "INTERPRET", "build_info"]

@@ -1,0 +1,276 @@
+"""Causal (or full) attention in Triton, FlashAttention-2 style.
+
+Forward: one program per (query block, batch*head); key blocks stream through SRAM with an
+online softmax in base 2 (exp2 of log2(e)-prescaled scores), causal blocks above the diagonal
+skipped, fp32 logsumexp saved (natural log). Backward: delta = rowsum(dO * O) first, then two
+kernels that recompute P from q, k and lse - one per key block for dK, dV, one per query block for
+dQ - so no two programs add into the same output (deterministic, no atomics).
+
+Dropout uses the shared counter-based hash (csrc/dropout_hash.h, gptfast/ops/dropout_rng.py),
+computed in int64 with explicit 32-bit masks; the mask equals the reference's bit for bit.
+q, k, v: (B, H, T, D), D in 16..128 (padded to a power of two and masked).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 128
+
+if INTERPRET:   # the interpreter cannot benchmark: one config, large blocks (few programs)
+    _CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4)]
+else:           # H100 / A100 at GPT-2 shapes (T=1024, D=64)
+    _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2),
+                                     (64, 32, 4, 4), (128, 32, 4, 4)]]
+_BWD_CONFIGS = [c for c in _CONFIGS if c.kwargs["BLOCK_M"] <= 64 or INTERPRET] or _CONFIGS
+
+
+@triton.jit
+def _mix32(x):
+    # lowbias32 on values in [0, 2^32) held in int64; masks keep every step 32-bit
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _head_key(seed_ptr, bh):
+    seed = tl.load(seed_ptr)
+    lo = seed & 0xFFFFFFFF
+    hi = (seed >> 32) & 0xFFFFFFFF
+    return _mix32((bh + _mix32((lo + _mix32(hi)) & 0xFFFFFFFF)) & 0xFFFFFFFF)
+
+
+@triton.jit
+def _keep(head_key, rows, cols, threshold):
+    row_key = _mix32((rows.to(tl.int64) + head_key) & 0xFFFFFFFF)
+    h = _mix32((cols.to(tl.int64)[None, :] + row_key[:, None]) & 0xFFFFFFFF)
+    return (h >> 8) >= threshold
+
+
+@triton.autotune(configs=_CONFIGS, key=["T", "BLOCK_D", "CAUSAL"])
+@triton.jit
+def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seed_ptr, T, D, qk_scale, threshold, keep_scale,
+                     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    base = bh.to(tl.int64) * T * D
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < T
+    dim_ok = dims < D
+    q = tl.load(q_ptr + base + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    head_key = _head_key(seed_ptr, bh) if DROPOUT else 0
+    hi = tl.minimum((start_m + 1) * BLOCK_M, T) if CAUSAL else T
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < T
+        kv_mask = col_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_ptr + base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale                       # (BLOCK_M, BLOCK_N), log2 units
+        valid = col_ok[None, :]
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= rows[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_keep(head_key, rows, cols, threshold), p * keep_scale, 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    o = acc / l_i[:, None]
+    tl.store(o_ptr + base + rows[:, None] * D + dims[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(lse_ptr + bh.to(tl.int64) * T + rows, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=row_ok)
+
+
+@triton.jit
+def _recompute(q, k, v, do, lse2, delta, rows, cols, T, qk_scale, sm_scale, head_key, threshold, keep_scale,
+               CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
+    """For a (BLOCK_M, BLOCK_N) tile: Z = dropout(P) and dS * sm_scale, zero where masked."""
+    valid = (cols[None, :] < T) & (rows[:, None] < T)
+    if CAUSAL:
+        valid = valid & (cols[None, :] <= rows[:, None])
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)                 # P = exp(S - lse)
+    dz = tl.dot(do, tl.trans(v))                                         # dZ = dO V^T
+    if DROPOUT:
+        keep = _keep(head_key, rows, cols, threshold)
+        z = tl.where(keep, p * keep_scale, 0.0)
+        dp = tl.where(keep, dz * keep_scale, 0.0)
+    else:
+        z = p
+        dp = dz
+    ds = p * (dp - delta[:, None]) * sm_scale
+    return z, ds
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["T", "BLOCK_D", "CAUSAL"])
+@triton.jit
+def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, seed_ptr, T, D,
+                          qk_scale, sm_scale, threshold, keep_scale, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    base = bh.to(tl.int64) * T * D
+    cols = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    kv_mask = (cols[:, None] < T) & (dims[None, :] < D)
+    k = tl.load(k_ptr + base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    head_key = _head_key(seed_ptr, bh) if DROPOUT else 0
+    lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0      # rows above the diagonal see nothing
+    for start_m in range(lo, T, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        row_ok = rows < T
+        qm = row_ok[:, None] & (dims[None, :] < D)
+        q = tl.load(q_ptr + base + rows[:, None] * D + dims[None, :], mask=qm, other=0.0)
+        do = tl.load(do_ptr + base + rows[:, None] * D + dims[None, :], mask=qm, other=0.0)
+        lse2 = tl.load(lse_ptr + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_ptr + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
+        z, ds = _recompute(q, k, v, do, lse2, delta, rows, cols, T, qk_scale, sm_scale, head_key, threshold,
+                           keep_scale, CAUSAL, DROPOUT)
+        dv += tl.dot(tl.trans(z.to(do.dtype)), do)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    tl.store(dk_ptr + base + cols[:, None] * D + dims[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + base + cols[:, None] * D + dims[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["T", "BLOCK_D", "CAUSAL"])
+@triton.jit
+def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr, T, D,
+                        qk_scale, sm_scale, threshold, keep_scale, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    base = bh.to(tl.int64) * T * D
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < T
+    qm = row_ok[:, None] & (dims[None, :] < D)
+    q = tl.load(q_ptr + base + rows[:, None] * D + dims[None, :], mask=qm, other=0.0)
+    do = tl.load(do_ptr + base + rows[:, None] * D + dims[None, :], mask=qm, other=0.0)
+    lse2 = tl.load(lse_ptr + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    head_key = _head_key(seed_ptr, bh) if DROPOUT else 0
+    hi = tl.minimum((start_m + 1) * BLOCK_M, T) if CAUSAL else T
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (cols[:, None] < T) & (dims[None, :] < D)
+        k = tl.load(k_ptr + base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
+        _z, ds = _recompute(q, k, v, do, lse2, delta, rows, cols, T, qk_scale, sm_scale, head_key, threshold,
+                            keep_scale, CAUSAL, DROPOUT)
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(dq_ptr + base + rows[:, None] * D + dims[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qm)
+
+
+def _threshold(p: float) -> int:
+    return int(p * 16777216.0)
+
+
+def _check(q, k, v, dropout_p, seed):
+    if not q.is_floating_point() or q.dtype == torch.float64:
+        raise TypeError(f"q: the Triton attention supports float32, float16 and bfloat16, got {q.dtype}")
+    if q.dim() != 4:
+        raise ValueError(f"q must have rank 4 (B, H, T, D), got shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} must match q's shape {tuple(q.shape)}, dtype {q.dtype} and device "
+                             f"{q.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+    if not 16 <= q.shape[-1] <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D={q.shape[-1]} is unsupported by the Triton attention (16 to {MAX_HEAD_DIM})")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if seed.numel() != 1 or seed.dtype != torch.int64:
+        raise ValueError(f"seed must be a one-element int64 tensor, got {seed.dtype} with {seed.numel()} elements")
+
+
+def _grid_m(T, BH):
+    return lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), BH)
+
+
+@torch.library.custom_op("gptfast_triton::attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                  dropout_p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(q, k, v, dropout_p, seed)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, H, T, D = q.shape
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    _attn_fwd_kernel[_grid_m(T, B * H)](q, k, v, o, lse, seed.to(q.device), T, D, scale * LOG2E,
+                                        _threshold(dropout_p), 1.0 / (1.0 - dropout_p), CAUSAL=causal,
+                                        DROPOUT=dropout_p > 0, BLOCK_D=max(16, triton.next_power_of_2(D)))
+    return o, lse
+
+
+@torch.library.custom_op("gptfast_triton::attention_bwd", mutates_args=())
+def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                  lse: torch.Tensor, causal: bool, scale: float, dropout_p: float,
+                  seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check(q, k, v, dropout_p, seed)
+    q, k, v, dout, o = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous(), o.contiguous()
+    B, H, T, D = q.shape
+    delta = (dout.float() * o.float()).sum(-1).contiguous()          # (B, H, T): rowsum(dO * O)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    seed = seed.to(q.device)
+    args = (T, D, scale * LOG2E, scale, _threshold(dropout_p), 1.0 / (1.0 - dropout_p))
+    meta = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, BLOCK_D=max(16, triton.next_power_of_2(D)))
+    _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(T, m["BLOCK_N"]), B * H)](
+        q, k, v, dout, lse.contiguous(), delta, dk, dv, seed, *args, **meta)
+    _attn_bwd_dq_kernel[_grid_m(T, B * H)](q, k, v, dout, lse.contiguous(), delta, dq, seed, *args, **meta)
+    return dq, dk, dv
+
+
+@attention_fwd.register_fake
+def _(q, k, v, causal, scale, dropout_p, seed):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(q.shape[:3], dtype=torch.float32, device=q.device))
+
+
+@attention_bwd.register_fake
+def _(dout, q, k, v, o, lse, causal, scale, dropout_p, seed):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, causal, scale, dropout_p, seed = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, seed)
+    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, o, lse, seed = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(dout, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.dropout_p, seed)
+    return dq, dk, dv, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def causal_attention(q, k, v, dropout_p=0.0, scale=None, seed=None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if seed is None:                               # the interface draws one when dropout_p > 0
+        seed = torch.zeros(1, dtype=torch.int64)
+    return attention_fwd(q, k, v, True, scale, dropout_p, seed)[0]
