@@ -30,5 +30,10 @@ TORCH_LIBRARY(gptfast, m) {
   // seed: a one-element int64 tensor (a tensor, not an int, so drawing it stays inside a
   // torch.compile graph); it keys the counter-based dropout RNG of csrc/dropout_hash.h.
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, float dropout_p, Tensor seed) -> (Tensor o, Tensor lse)");
+  // Cross-entropy of each row of logits (N, V) against targets (N,): per-row loss and lse (float32,
+  // float64 for float64 logits); with compute_grad, also dlogits = softmax - onehot (0 for rows
+  // whose target is ignore_index), which the backward only scales by each row's upstream gradient.
+  m.def("cross_entropy_fwd(Tensor logits, Tensor targets, int ignore_index, bool compute_grad) -> (Tensor loss, Tensor lse, Tensor dlogits)");
+  m.def("cross_entropy_bwd(Tensor dlogits, Tensor grad_loss) -> Tensor");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, float scale, float dropout_p, Tensor seed) -> (Tensor dq, Tensor dk, Tensor dv)");
 }

@@ -1,4 +1,4 @@
-"""The op interface the model calls: `layer_norm`, `gelu`, `causal_attention`.
+"""The op interface the model calls: `layer_norm`, `gelu`, `causal_attention`, `cross_entropy`.
 
 Each op is computed by a selectable backend (`reference`, `torch`, later `extension`, `triton`),
 chosen per call by `backend=`, which the model takes from its config, `--backend` or
@@ -76,5 +76,25 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     return get_backend(backend).causal_attention(q, k, v, dropout_p, scale, seed)
 
 
-__all__ = ["layer_norm", "gelu", "causal_attention", "available_backends", "resolve_backend_name",
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                  backend: str | None = None) -> torch.Tensor:
+    """Mean next-token loss: logits (..., V) against integer targets (...); targets equal to
+    `ignore_index` are left out of the mean."""
+    _check_floating("logits", logits)
+    if logits.ndim < 2:
+        raise ValueError(f"logits must have shape (..., V) with at least 2 dims, got {tuple(logits.shape)}")
+    if targets.dtype != torch.int64:
+        raise TypeError(f"targets must be an int64 tensor, got {targets.dtype}")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets must have shape {tuple(logits.shape[:-1])} to match logits, got {tuple(targets.shape)}")
+    if targets.device != logits.device:
+        raise ValueError(f"targets is on {targets.device} but logits is on {logits.device}")
+    V = logits.shape[-1]
+    bad = ((targets < 0) & (targets != ignore_index)) | (targets >= V)
+    if bool(bad.any()):   # one device sync; a wrong id would otherwise read out of bounds
+        raise ValueError(f"targets hold ids outside [0, {V}) that are not ignore_index ({ignore_index})")
+    return get_backend(backend).cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index)
+
+
+__all__ = ["layer_norm", "cross_entropy", "gelu", "causal_attention", "available_backends", "resolve_backend_name",
            "register_backend", "get_backend", "known_backends", "BackendError", "DEFAULT_BACKEND"]

@@ -58,6 +58,19 @@ def _(dout, q, k, v, o, lse, causal, scale, dropout_p, seed):
     return _empty(q.shape, q), _empty(k.shape, k), _empty(v.shape, v)
 
 
+@torch.library.register_fake("gptfast::cross_entropy_fwd")
+def _(logits, targets, ignore_index, compute_grad):
+    N = logits.shape[0]
+    stat = _stat_dtype(logits.dtype)
+    return (_empty((N,), logits, stat), _empty((N,), logits, stat),
+            _empty(logits.shape if compute_grad else (0,), logits))
+
+
+@torch.library.register_fake("gptfast::cross_entropy_bwd")
+def _(dlogits, grad_loss):
+    return _empty(dlogits.shape, dlogits)
+
+
 # ----------------------------------------------------------------------------- autograd
 def _layer_norm_setup(ctx, inputs, output):
     x, weight, _bias, _eps = inputs
@@ -96,6 +109,22 @@ def _attention_backward(ctx, dout, _dlse):
     return dq, dk, dv, None, None, None, None
 
 
+def _cross_entropy_setup(ctx, inputs, output):
+    ctx.compute_grad = inputs[3]
+    _loss, lse, dlogits = output
+    ctx.save_for_backward(dlogits)
+    ctx.mark_non_differentiable(lse, dlogits)
+
+
+def _cross_entropy_backward(ctx, grad_loss, _glse, _gdl):
+    if not ctx.compute_grad:
+        raise RuntimeError("cross_entropy_fwd was called with compute_grad=False; its gradient is unavailable")
+    (dlogits,) = ctx.saved_tensors
+    return OPS.cross_entropy_bwd(dlogits, grad_loss), None, None, None
+
+
+torch.library.register_autograd("gptfast::cross_entropy_fwd", _cross_entropy_backward,
+                                setup_context=_cross_entropy_setup)
 torch.library.register_autograd("gptfast::layer_norm_fwd", _layer_norm_backward, setup_context=_layer_norm_setup)
 torch.library.register_autograd("gptfast::gelu_fwd", _gelu_backward, setup_context=_gelu_setup)
 torch.library.register_autograd("gptfast::attention_fwd", _attention_backward, setup_context=_attention_setup)
@@ -129,6 +158,13 @@ def causal_attention(q, k, v, dropout_p=0.0, scale=None, seed=None):
     if seed is None:                               # the interface draws one when dropout_p > 0
         seed = torch.zeros(1, dtype=torch.int64)
     return OPS.attention_fwd(q, k, v, True, scale, dropout_p, seed)[0]
+
+
+def cross_entropy(logits, targets, ignore_index=-100):
+    _check_device(logits)
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss_rows = OPS.cross_entropy_fwd(logits, targets, ignore_index, compute_grad)[0]
+    return loss_rows.sum() / (targets != ignore_index).sum()
 
 
 def build_info() -> dict:

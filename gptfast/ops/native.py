@@ -18,6 +18,10 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    return F.cross_entropy(logits, targets, ignore_index=ignore_index)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
                      scale: float | None = None, seed=None) -> torch.Tensor:
     # `seed` is not used: SDPA draws its dropout mask from torch's own RNG

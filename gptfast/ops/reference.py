@@ -48,5 +48,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     return weights @ v                                           # (B, nh, T, hs)
 
 
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean over rows of -log softmax(logits)[target]; rows whose target is ignore_index don't count.
+
+    logits (N, V), targets (N,). -log softmax(x)[t] = logsumexp(x) - x[t], with
+    logsumexp(x) = m + log(sum(exp(x - m))), m = max(x) (shifting by m keeps exp from overflowing).
+    """
+    m = logits.max(dim=-1, keepdim=True).values                                   # (N, 1)
+    lse = m.squeeze(-1) + torch.log(torch.exp(logits - m).sum(dim=-1))             # (N,)
+    valid = targets != ignore_index
+    picked = logits.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    losses = torch.where(valid, lse - picked, torch.zeros_like(lse))
+    return losses.sum() / valid.sum()
+
+
 def causal_attention(q, k, v, dropout_p: float = 0.0, scale: float | None = None, seed=None):
     return attention(q, k, v, causal=True, scale=scale, dropout_p=dropout_p, seed=seed)

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from .. import ops
 
 
 def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model, device) -> torch.Tensor:
-    """Mean cross-entropy of the model's next-token predictions over every position of the batch."""
+    """Mean cross-entropy of the model's next-token predictions over every position of the batch,
+    computed by the model's op backend (the triton one fuses softmax and gradient)."""
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)   # (B, T)
     logits = model(input_batch)                                                    # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())           # (B*T, V) vs (B*T,)
+    return ops.cross_entropy(logits.flatten(0, 1), target_batch.flatten(), backend=model.backend)
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ On a machine without a CUDA GPU the kernels run in Triton's interpreter on CPU t
 (TRITON_INTERPRET=1, set here before any kernel is defined): slow, float32/float16 only, but the
 same kernel code. Importing this package needs Triton; `import gptfast` does not.
 
-This package is the `triton` op backend: it provides `layer_norm`, `gelu`, `causal_attention`.
+This package is the `triton` op backend: `layer_norm`, `gelu`, `causal_attention`, `cross_entropy`.
 """
 import os
 
@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 from .attention import attention_bwd, attention_fwd, causal_attention  # noqa: E402
+from .cross_entropy import cross_entropy, cross_entropy_bwd, cross_entropy_fwd  # noqa: E402
 from .gelu import gelu, gelu_bwd, gelu_fwd  # noqa: E402
 from .layer_norm import layer_norm, layer_norm_bwd, layer_norm_fwd  # noqa: E402
 
@@ -29,4 +30,5 @@ def build_info() -> dict:
 
 
 __all__ = ["layer_norm", "layer_norm_fwd", "layer_norm_bwd", "gelu", "gelu_fwd", "gelu_bwd",
-           "causal_attention", "attention_fwd", "attention_bwd", "INTERPRET", "build_info"]
+           "causal_attention", "attention_fwd", "attention_bwd", "cross_entropy", "cross_entropy_fwd",
+           "cross_entropy_bwd", "INTERPRET", "build_info"]

@@ -1,0 +1,127 @@
+"""Fused cross-entropy for the LM loss in Triton: one program per row of logits.
+
+Forward: a sweep over the vocabulary in BLOCK_V chunks keeps a running max and sum of exponentials
+per lane (online softmax), giving lse and the row's loss lse - logit[target]; when gradients are
+wanted, a second sweep in the same program writes dlogits = softmax - onehot(target), so nothing
+but that gradient (no probabilities, no log-softmax) outlives the forward. The backward only
+scales it by the upstream gradient of each row's loss. Rows whose target is `ignore_index` have
+loss 0 and gradient 0.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+
+@triton.jit
+def _ce_fwd_kernel(logits_ptr, targets_ptr, loss_ptr, lse_ptr, dlogits_ptr, V, ignore_index,
+                   COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * V
+    target = tl.load(targets_ptr + row)
+    m_vec = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    d_vec = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(logits_ptr + base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m_vec, x)
+        # lanes that have seen no logit yet keep m = -inf; shift them by 0 instead (no inf - inf)
+        shift = tl.where(m_new > float("-inf"), m_new, 0.0)
+        d_vec = d_vec * tl.exp(m_vec - shift) + tl.exp(x - shift)
+        m_vec = m_new
+    m = tl.max(m_vec, 0)
+    lse = m + tl.log(tl.sum(d_vec * tl.exp(m_vec - m), 0))
+    ignored = target == ignore_index
+    safe_target = tl.where(ignored, 0, target)
+    x_t = tl.load(logits_ptr + base + safe_target).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(ignored, 0.0, lse - x_t))
+    tl.store(lse_ptr + row, lse)
+    if COMPUTE_GRAD:
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            x = tl.load(logits_ptr + base + cols, mask=cols < V, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
+            g = tl.where(ignored, 0.0, g)
+            tl.store(dlogits_ptr + base + cols, g.to(dlogits_ptr.dtype.element_ty), mask=cols < V)
+
+
+@triton.jit
+def _scale_rows_kernel(dlogits_ptr, grad_ptr, out_ptr, V, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.load(grad_ptr + row).to(tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        d = tl.load(dlogits_ptr + row * V + cols, mask=cols < V, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * V + cols, (d * g).to(out_ptr.dtype.element_ty), mask=cols < V)
+
+
+def _block_v(V: int) -> int:
+    return min(65536 if INTERPRET else 4096, triton.next_power_of_2(V))
+
+
+@torch.library.custom_op("gptfast_triton::cross_entropy_fwd", mutates_args=())
+def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                      compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row losses (N,), lse (N,) in fp32, and dlogits (N, V) if compute_grad (else empty)."""
+    if logits.dim() != 2 or logits.dtype == torch.float64 or not logits.is_floating_point():
+        raise TypeError(f"logits must be a 2-D float32/float16/bfloat16 tensor, got {logits.dtype} "
+                        f"of shape {tuple(logits.shape)}")
+    logits, targets = logits.contiguous(), targets.contiguous()
+    N, V = logits.shape
+    loss = torch.empty(N, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(N, dtype=torch.float32, device=logits.device)
+    dlogits = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    if N:
+        _ce_fwd_kernel[(N,)](logits, targets, loss, lse, dlogits, V, ignore_index, COMPUTE_GRAD=compute_grad,
+                             BLOCK_V=_block_v(V))
+    return loss, lse, dlogits
+
+
+@torch.library.custom_op("gptfast_triton::cross_entropy_bwd", mutates_args=())
+def cross_entropy_bwd(dlogits: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """dlogits scaled row by row by the upstream gradient of each row's loss."""
+    dlogits, grad_loss = dlogits.contiguous(), grad_loss.contiguous()
+    out = torch.empty_like(dlogits)
+    N, V = dlogits.shape
+    if N:
+        _scale_rows_kernel[(N,)](dlogits, grad_loss, out, V, BLOCK_V=_block_v(V))
+    return out
+
+
+@cross_entropy_fwd.register_fake
+def _(logits, targets, ignore_index, compute_grad):
+    N = logits.shape[0]
+    dl = torch.empty(logits.shape if compute_grad else (0,), dtype=logits.dtype, device=logits.device)
+    return (torch.empty(N, dtype=torch.float32, device=logits.device),
+            torch.empty(N, dtype=torch.float32, device=logits.device), dl)
+
+
+@cross_entropy_bwd.register_fake
+def _(dlogits, grad_loss):
+    return torch.empty(dlogits.shape, dtype=dlogits.dtype, device=dlogits.device)
+
+
+def _setup(ctx, inputs, output):
+    logits, _targets, _ignore, compute_grad = inputs
+    _loss, lse, dlogits = output
+    ctx.compute_grad = compute_grad
+    ctx.save_for_backward(dlogits)
+    ctx.mark_non_differentiable(lse, dlogits)
+
+
+def _backward(ctx, grad_loss, _glse, _gdl):
+    (dlogits,) = ctx.saved_tensors
+    if not ctx.compute_grad:
+        raise RuntimeError("cross_entropy_fwd was called with compute_grad=False; its gradient is unavailable")
+    return cross_entropy_bwd(dlogits, grad_loss), None, None, None
+
+
+cross_entropy_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    loss_rows, _lse, _dl = cross_entropy_fwd(logits, targets, ignore_index, torch.is_grad_enabled() and logits.requires_grad)
+    return loss_rows.sum() / (targets != ignore_index).sum()
