@@ -3,7 +3,7 @@
     python benchmarks/bench_ops.py --device cpu            # GPT-2 shapes (a few minutes on 2 cores)
     python benchmarks/bench_ops.py --device cpu --quick    # small shapes, well under a minute
 
-For every op (LayerNorm, GELU, causal attention), mode (forward, forward+backward), shape and
+For every op (LayerNorm, GELU, causal attention, cross-entropy), mode (forward, forward+backward), shape and
 backend: the median time over repeated runs after warm-up, the throughput (GB/s for the memory-bound
 LayerNorm/GELU counting each input read once and each output written once; GFLOP/s for attention
 counting 4*B*H*T^2*D * 0.5 causal, x3.5 with the backward), the speed-up against `reference`, the
@@ -27,7 +27,10 @@ import torch
 
 from gptfast import ops
 
-BACKENDS = ["reference", "torch", "extension"]
+# triton on CPU runs in the interpreter (correct, ~1000x slower); torch.compile takes ~15 s per case on CPU
+DEFAULT_BACKENDS = {"cpu": ["reference", "torch", "extension"],
+                    "cuda": ["reference", "torch", "compiled", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
+                             "extension", "triton"]}
 
 
 def rel_error(out, ref):
@@ -58,48 +61,93 @@ def timed_interleaved(steps: dict, device, repeats, warmup=2) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def make_case(op, shape, device, dtype, seed=0):
-    """Inputs (float64 masters on `device`) and the op call for one benchmark case."""
+OP_FUNCS = {"attention": ops.causal_attention, "layer_norm": ops.layer_norm, "gelu": ops.gelu,
+            "cross_entropy": ops.cross_entropy}
+SDPA_PINNED = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION"}
+_compiled = {}
+
+
+def backend_call(op, backend):
+    """fn(*inputs) computing `op` the way `backend` names: one of gptfast's op backends,
+    "compiled" (torch.compile of the reference math), or "sdpa-<kernel>" (attention only:
+    PyTorch's SDPA pinned to one of its kernels)."""
+    if backend == "compiled":
+        if op not in _compiled:
+            _compiled[op] = torch.compile(lambda *a: OP_FUNCS[op](*a, backend="reference"))
+        return _compiled[op]
+    if backend in SDPA_PINNED:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def pinned(q, k, v):
+            with sdpa_kernel(getattr(SDPBackend, SDPA_PINNED[backend])):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return pinned
+    return lambda *a: OP_FUNCS[op](*a, backend=backend)
+
+
+def make_case(op, shape, device, seed=0):
+    """float64 master inputs on `device`, plus fixed extra arguments (cross-entropy's targets)."""
     g = torch.Generator().manual_seed(seed)
+    extra = ()
     if op == "attention":
-        B, H, T, D = shape
-        inputs = [torch.randn(B, H, T, D, generator=g, dtype=torch.float64) for _ in range(3)]
-        call = lambda backend, *a: ops.causal_attention(*a, backend=backend)  # noqa: E731
-        work = 4 * B * H * T * T * D * 0.5                      # causal forward FLOPs
+        inputs = [torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(3)]
+    elif op == "cross_entropy":
+        N, V = shape
+        inputs = [torch.randn(N, V, generator=g, dtype=torch.float64) * 2]
+        extra = (torch.randint(0, V, (N,), generator=g).to(device),)
     elif op == "layer_norm":
         N, C = shape
         inputs = [torch.randn(N, C, generator=g, dtype=torch.float64) * 2 + 1,
                   torch.randn(C, generator=g, dtype=torch.float64), torch.randn(C, generator=g, dtype=torch.float64)]
-        call = lambda backend, *a: ops.layer_norm(*a, backend=backend)  # noqa: E731
-        work = 2 * N * C * torch.tensor([], dtype=dtype).element_size()  # bytes: read x, write y
     else:
-        N, C = shape
-        inputs = [torch.randn(N, C, generator=g, dtype=torch.float64) * 2]
-        call = lambda backend, *a: ops.gelu(*a, backend=backend)  # noqa: E731
-        work = 2 * N * C * torch.tensor([], dtype=dtype).element_size()
-    return [t.to(device) for t in inputs], call, work
+        inputs = [torch.randn(*shape, generator=g, dtype=torch.float64) * 2]
+    return [t.to(device) for t in inputs], extra
 
 
-def run_case(op, shape, mode, device, dtype, repeats):
-    inputs64, call, work = make_case(op, shape, device, dtype)
+def forward_work(op, shape, dtype, mode) -> float:
+    """Bytes (each input read once, each output written once) or FLOPs (attention) of one call."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    if op == "attention":
+        B, H, T, D = shape
+        work = 4 * B * H * T * T * D * 0.5                       # QK^T and PV, causal half
+    elif op == "cross_entropy":
+        work = shape[0] * shape[1] * size                        # read the logits
+    else:
+        work = 2 * shape[0] * shape[1] * size                    # read x, write y
     if mode == "fwd+bwd":
-        work *= 3.5 if op == "attention" else 2.0               # bwd: 2.5x FLOPs / reads dy, x; writes dx
+        # attention: the backward is 2.5x the forward's FLOPs; LayerNorm/GELU: it reads dy (and x)
+        # and writes dx; cross-entropy: it writes dlogits
+        work *= 3.5 if op == "attention" else 2.0
+    return work
+
+
+def run_case(op, shape, mode, device, dtype, repeats, backends):
+    inputs64, extra = make_case(op, shape, device)
+    work = forward_work(op, shape, dtype, mode)
     ref_in = [t.clone().requires_grad_(mode == "fwd+bwd") for t in inputs64]
-    ref_out = call("reference", *ref_in)
+    ref_out = backend_call(op, "reference")(*ref_in, *extra)
     dout = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+    if ref_out.dim() == 0:                                       # a loss: the upstream gradient is 1
+        dout = torch.ones((), dtype=torch.float64, device=device)
     ref_grads = torch.autograd.grad(ref_out, ref_in, dout) if mode == "fwd+bwd" else []
     steps, rows = {}, []
-    for backend in BACKENDS:
+    for backend in backends:
+        if backend in SDPA_PINNED and op != "attention":
+            continue
         ins = [t.detach().to(dtype).requires_grad_(mode == "fwd+bwd") for t in inputs64]
 
-        def step(backend=backend, ins=ins, d=dout.to(dtype)):
-            out = call(backend, *ins)
+        def step(fn=backend_call(op, backend), ins=ins, d=dout.to(dtype)):
+            out = fn(*ins, *extra)
             if mode == "fwd+bwd":
                 return out, torch.autograd.grad(out, ins, d)
             return out, []
 
-        with torch.set_grad_enabled(mode == "fwd+bwd"):
-            out, grads = step()
+        try:
+            with torch.set_grad_enabled(mode == "fwd+bwd"):
+                out, grads = step()
+        except Exception as err:  # e.g. an SDPA kernel this GPU or dtype lacks: say so, go on
+            print(f"  {op} {mode} {backend}: skipped ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
+            continue
         err = max([rel_error(out, ref_out)] + [rel_error(a, b) for a, b in zip(grads, ref_grads)])
         steps[backend] = step
         rows.append({"op": op, "mode": mode, "shape": list(shape), "backend": backend, "dtype": str(dtype),
@@ -162,14 +210,21 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--backends", default=None, help="comma-separated (default: reference,torch,extension on "
+                   "CPU; those and triton on CUDA)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_ops_<device>.json)")
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), torch.float32
+    backends = args.backends.split(",") if args.backends else DEFAULT_BACKENDS[device.type]
+    if backends[0] != "reference":
+        backends = ["reference"] + [b for b in backends if b != "reference"]   # speed-ups are vs reference
     if args.quick:
         rows_shapes, attn_shapes, repeats = [(8 * 64, 768)], [(2, 4, 128, 64)], args.repeats or 5
+        ce_shapes = [(64, 50257)]
     else:
         rows_shapes, attn_shapes, repeats = [(8 * 256, 768), (8 * 1024, 768)], \
             [(8, 12, 256, 64), (8, 12, 1024, 64)], args.repeats or 10
+        ce_shapes = [(8 * 128, 50257)]
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
            "dtype": str(dtype), "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -180,26 +235,27 @@ def main(argv=None):
     print(f"ceilings measured now: copy {ceilings['copy_GBps']:.1f} GB/s, {dtype} matmul "
           f"{ceilings['matmul_GFLOPps']:.0f} GFLOP/s (2048^3)")
     results = []
-    header = (f"{'op':<11}{'mode':<9}{'shape':<20}{'backend':<11}{'median ms':>11}{'throughput':>18}"
+    header = (f"{'op':<14}{'mode':<9}{'shape':<20}{'backend':<11}{'median ms':>11}{'throughput':>18}"
               f"{'% ceil':>8}{'vs ref':>8}{'rel err':>10}")
     print(header)
     print("-" * len(header))
     cases = [("layer_norm", s) for s in rows_shapes] + [("gelu", s) for s in rows_shapes] + \
-            [("attention", s) for s in attn_shapes]
+            [("attention", s) for s in attn_shapes] + [("cross_entropy", s) for s in ce_shapes]
     for op, shape in cases:
         for mode in ("fwd", "fwd+bwd"):
-            rows = run_case(op, shape, mode, device, dtype, repeats if op != "attention" else max(3, repeats // 3))
+            rows = run_case(op, shape, mode, device, dtype, repeats if op != "attention" else max(3, repeats // 3),
+                            backends)
             for r in rows:
                 ceiling = ceilings["matmul_GFLOPps"] if op == "attention" else ceilings["copy_GBps"]
                 r["percent_of_ceiling"] = 100 * r["throughput"] / ceiling
-                print(f"{op:<11}{mode:<9}{'x'.join(map(str, shape)):<20}{r['backend']:<11}{r['median_ms']:>11.3f}"
+                print(f"{op:<14}{mode:<9}{'x'.join(map(str, shape)):<20}{r['backend']:<11}{r['median_ms']:>11.3f}"
                       f"{r['throughput']:>11.2f} {r['unit']:<7}{r['percent_of_ceiling']:>7.1f}%"
                       f"{r['speedup_vs_reference']:>7.2f}x{r['max_rel_error']:>10.1e}")
             results += rows
     if device.type == "cpu":
         print("\npeak memory of one attention forward+backward (RSS growth, fresh process):")
         for shape in attn_shapes:
-            for backend in BACKENDS:
+            for backend in [b for b in backends if b in ops.known_backends()]:
                 mb = peak_memory_mb(backend, shape, "torch.float32")
                 results.append({"op": "attention", "mode": "peak_memory", "shape": list(shape), "backend": backend,
                                 "peak_mb": mb})

@@ -1,0 +1,42 @@
+"""The benchmark's code paths at tiny sizes, so they cannot rot, and its work counts by hand."""
+import json
+import pathlib
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_ops  # noqa: E402
+
+
+def test_work_counts_by_hand():
+    f32 = torch.float32
+    assert bench_ops.forward_work("layer_norm", (8, 768), f32, "fwd") == 2 * 8 * 768 * 4
+    assert bench_ops.forward_work("gelu", (8, 768), f32, "fwd+bwd") == 2 * 2 * 8 * 768 * 4
+    assert bench_ops.forward_work("cross_entropy", (4, 50257), f32, "fwd") == 4 * 50257 * 4
+    # B=8, H=12, T=1024, D=64: 4 * 96 * 1024^2 * 64 / 2 = 12.88 GFLOP forward, x3.5 with the backward
+    assert bench_ops.forward_work("attention", (8, 12, 1024, 64), f32, "fwd") == 12_884_901_888
+    assert bench_ops.forward_work("attention", (8, 12, 1024, 64), f32, "fwd+bwd") == 12_884_901_888 * 3.5
+
+
+@pytest.mark.parametrize("op,shape", [("layer_norm", (4, 32)), ("gelu", (3, 40)), ("attention", (1, 2, 20, 16)),
+                                      ("cross_entropy", (3, 50))])
+def test_run_case_rows(op, shape):
+    rows = bench_ops.run_case(op, shape, "fwd+bwd", torch.device("cpu"), torch.float32, 1,
+                              ["reference", "torch", "extension", "triton"])
+    assert [r["backend"] for r in rows] == ["reference", "torch", "extension", "triton"]
+    for r in rows:
+        assert r["median_ms"] > 0 and r["throughput"] > 0 and r["max_rel_error"] < 1e-5
+        assert set(r) >= {"op", "mode", "shape", "dtype", "unit", "speedup_vs_reference"}
+
+
+def test_quick_run_writes_json(tmp_path, monkeypatch):
+    out = tmp_path / "b.json"
+    monkeypatch.setattr(bench_ops, "peak_memory_mb", lambda *a: 1.0)      # no subprocesses here
+    monkeypatch.setattr(bench_ops, "measure_ceilings", lambda *a: {"copy_GBps": 10.0, "matmul_GFLOPps": 100.0})
+    bench_ops.main(["--quick", "--repeats", "1", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert {"device", "torch", "date", "ceilings", "backends"} <= set(data["environment"])
+    ops_seen = {r["op"] for r in data["results"]}
+    assert ops_seen == {"layer_norm", "gelu", "attention", "cross_entropy"}
