@@ -1,0 +1,227 @@
+// Torch glue for the CUDA kernels: check the tensors, pick the dtype, launch on PyTorch's current
+// stream of the tensors' device, turn a launch error into an exception. Registered for the same
+// schemas as the CPU kernels (csrc/ops.cpp). Uses only device-generic c10 APIs and kernels.h (no
+// CUDA headers), so it also syntax-checks against a CPU-only torch.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "../common.h"
+#include "kernels.h"
+
+namespace gptfast {
+namespace {
+
+namespace kc = gptfast::cuda;
+
+kc::DType dtype_code(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kc::kF32;
+    case at::kHalf: return kc::kF16;
+    case at::kBFloat16: return kc::kBF16;
+    default:
+      TORCH_CHECK(false, name, ": the CUDA kernels support float32, float16 and bfloat16, got ", t.scalar_type());
+  }
+}
+
+void* current_stream(const at::Tensor& t) {
+  c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
+  return impl.getStream(t.device()).native_handle();
+}
+
+void check_launch(int err, const char* what) {
+  TORCH_CHECK(err == 0, what, ": CUDA error ", err, " (", kc::error_string(err), ")");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                                                   const at::Tensor& bias_in, double eps) {
+  check_float(x_in, "x");
+  const auto dt = dtype_code(x_in, "x");
+  check_same(weight_in, "weight", x_in, "x");
+  check_same(bias_in, "bias", x_in, "x");
+  const int64_t C = x_in.size(-1);
+  TORCH_CHECK(weight_in.dim() == 1 && weight_in.size(0) == C, "weight must have shape (", C, ",), got ", weight_in.sizes());
+  TORCH_CHECK(bias_in.dim() == 1 && bias_in.size(0) == C, "bias must have shape (", C, ",), got ", bias_in.sizes());
+  TORCH_CHECK(eps > 0, "eps must be positive, got ", eps);
+  c10::DeviceGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), w = weight_in.contiguous(), b = bias_in.contiguous();
+  auto stat_sizes = x.sizes().vec();
+  stat_sizes.pop_back();
+  at::Tensor y = at::empty_like(x), mean = at::empty(stat_sizes, x.options().dtype(at::kFloat)),
+             rstd = at::empty(stat_sizes, x.options().dtype(at::kFloat));
+  maybe_poison(y), maybe_poison(mean), maybe_poison(rstd);
+  check_launch(kc::layer_norm_fwd(dt, x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), mean.data_ptr<float>(),
+                                  rstd.data_ptr<float>(), x.numel() / C, C, static_cast<float>(eps), current_stream(x)),
+               "layer_norm_fwd");
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Tensor& dy_in, const at::Tensor& x_in,
+                                                                   const at::Tensor& weight_in, const at::Tensor& mean_in,
+                                                                   const at::Tensor& rstd_in) {
+  const auto dt = dtype_code(x_in, "x");
+  check_same(dy_in, "dy", x_in, "x");
+  check_same(weight_in, "weight", x_in, "x");
+  TORCH_CHECK(dy_in.sizes() == x_in.sizes(), "dy must have x's shape ", x_in.sizes(), ", got ", dy_in.sizes());
+  const int64_t C = x_in.size(-1), rows = x_in.numel() / C;
+  for (auto [t, name] : {std::pair{&mean_in, "mean"}, std::pair{&rstd_in, "rstd"}}) {
+    check_stat(*t, name, x_in, at::kFloat);
+    TORCH_CHECK(t->numel() == rows, name, " must hold one value per row of x (", rows, "), got ", t->numel());
+  }
+  c10::DeviceGuard guard(x_in.device());
+  const at::Tensor dy = dy_in.contiguous(), x = x_in.contiguous(), w = weight_in.contiguous(),
+                   mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  at::Tensor dx = at::empty_like(x), dw = at::empty_like(w), db = at::empty_like(w);
+  at::Tensor scratch = at::empty({2 * std::max<int64_t>(kc::layer_norm_bwd_scratch_floats(rows, C), 1)},
+                                 x.options().dtype(at::kFloat));
+  maybe_poison(dx), maybe_poison(dw), maybe_poison(db);
+  check_launch(kc::layer_norm_bwd(dt, dy.data_ptr(), x.data_ptr(), w.data_ptr(), mean.data_ptr<float>(),
+                                  rstd.data_ptr<float>(), dx.data_ptr(), dw.data_ptr(), db.data_ptr(),
+                                  scratch.data_ptr<float>(), rows, C, current_stream(x)),
+               "layer_norm_bwd");
+  return {dx, dw, db};
+}
+
+at::Tensor gelu_fwd_cuda(const at::Tensor& x_in) {
+  check_float(x_in, "x");
+  const auto dt = dtype_code(x_in, "x");
+  c10::DeviceGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty_like(x);
+  maybe_poison(y);
+  check_launch(kc::gelu_fwd(dt, x.data_ptr(), y.data_ptr(), x.numel(), current_stream(x)), "gelu_fwd");
+  return y;
+}
+
+at::Tensor gelu_bwd_cuda(const at::Tensor& dy_in, const at::Tensor& x_in) {
+  const auto dt = dtype_code(x_in, "x");
+  check_same(dy_in, "dy", x_in, "x");
+  TORCH_CHECK(dy_in.sizes() == x_in.sizes(), "dy must have x's shape ", x_in.sizes(), ", got ", dy_in.sizes());
+  c10::DeviceGuard guard(x_in.device());
+  const at::Tensor dy = dy_in.contiguous(), x = x_in.contiguous();
+  at::Tensor dx = at::empty_like(x);
+  maybe_poison(dx);
+  check_launch(kc::gelu_bwd(dt, dy.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel(), current_stream(x)), "gelu_bwd");
+  return dx;
+}
+
+void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p,
+                     const at::Tensor& seed) {
+  check_float(q, "q");
+  TORCH_CHECK(q.dim() == 4, "q must have rank 4 (B, H, T, D), got shape ", q.sizes());
+  check_same(k, "k", q, "q");
+  check_same(v, "v", q, "q");
+  TORCH_CHECK(k.sizes() == q.sizes(), "k must have q's shape ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.sizes() == q.sizes(), "v must have q's shape ", q.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= kc::kMaxHeadDim, "head dim D=", q.size(3),
+              " is unsupported by the CUDA attention (1 to ", kc::kMaxHeadDim, ")");
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong, "seed must be a one-element int64 tensor, got ",
+              seed.scalar_type(), " with ", seed.numel(), " elements");
+}
+
+uint64_t seed_value(const at::Tensor& seed) {
+  return static_cast<uint64_t>(seed.to(at::kCPU).item<int64_t>());
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                      const at::Tensor& v_in, bool causal, double scale,
+                                                      double dropout_p, const at::Tensor& seed) {
+  check_attention(q_in, k_in, v_in, dropout_p, seed);
+  const auto dt = dtype_code(q_in, "q");
+  c10::DeviceGuard guard(q_in.device());
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  at::Tensor o = at::empty_like(q), lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
+  maybe_poison(o), maybe_poison(lse);
+  check_launch(kc::attention_fwd(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr<float>(),
+                                 B * H, T, D, causal, static_cast<float>(scale), static_cast<float>(dropout_p),
+                                 seed_value(seed), current_stream(q)),
+               "attention_fwd");
+  return {o, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& o_in, const at::Tensor& lse_in, bool causal, double scale, double dropout_p,
+    const at::Tensor& seed) {
+  check_attention(q_in, k_in, v_in, dropout_p, seed);
+  const auto dt = dtype_code(q_in, "q");
+  check_same(dout_in, "dout", q_in, "q");
+  check_same(o_in, "o", q_in, "q");
+  TORCH_CHECK(dout_in.sizes() == q_in.sizes(), "dout must have q's shape ", q_in.sizes(), ", got ", dout_in.sizes());
+  TORCH_CHECK(o_in.sizes() == q_in.sizes(), "o must have q's shape ", q_in.sizes(), ", got ", o_in.sizes());
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.numel() == q_in.numel() / q_in.size(3),
+              "lse must be float32 of shape (B, H, T)");
+  c10::DeviceGuard guard(q_in.device());
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), dout = dout_in.contiguous(),
+                   o = o_in.contiguous(), lse = lse_in.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor delta = at::empty({B, H, T}, q.options().dtype(at::kFloat));
+  maybe_poison(dq), maybe_poison(dk), maybe_poison(dv);
+  check_launch(kc::attention_bwd(dt, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
+                                 lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr(), dk.data_ptr(),
+                                 dv.data_ptr(), B * H, T, D, causal, static_cast<float>(scale),
+                                 static_cast<float>(dropout_p), seed_value(seed), current_stream(q)),
+               "attention_bwd");
+  return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(const at::Tensor& logits_in,
+                                                                      const at::Tensor& targets_in,
+                                                                      int64_t ignore_index, bool compute_grad) {
+  check_float(logits_in, "logits");
+  const auto dt = dtype_code(logits_in, "logits");
+  TORCH_CHECK(logits_in.dim() == 2, "logits must have shape (N, V), got ", logits_in.sizes());
+  TORCH_CHECK(targets_in.scalar_type() == at::kLong && targets_in.dim() == 1 && targets_in.size(0) == logits_in.size(0),
+              "targets must be int64 of shape (", logits_in.size(0), ",)");
+  TORCH_CHECK(targets_in.device() == logits_in.device(), "targets is on ", targets_in.device(), " but logits is on ",
+              logits_in.device());
+  c10::DeviceGuard guard(logits_in.device());
+  const at::Tensor logits = logits_in.contiguous(), targets = targets_in.contiguous();
+  const int64_t N = logits.size(0), V = logits.size(1);
+  at::Tensor loss = at::empty({N}, logits.options().dtype(at::kFloat)), lse = at::empty_like(loss);
+  at::Tensor dlogits = compute_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
+  maybe_poison(loss), maybe_poison(lse), maybe_poison(dlogits);
+  check_launch(kc::cross_entropy_fwd(dt, logits.data_ptr(), targets.data_ptr<int64_t>(), loss.data_ptr<float>(),
+                                     lse.data_ptr<float>(), compute_grad ? dlogits.data_ptr() : nullptr, N, V,
+                                     ignore_index, compute_grad, current_stream(logits)),
+               "cross_entropy_fwd");
+  return {loss, lse, dlogits};
+}
+
+at::Tensor cross_entropy_bwd_cuda(const at::Tensor& dlogits_in, const at::Tensor& grad_in) {
+  const auto dt = dtype_code(dlogits_in, "dlogits");
+  TORCH_CHECK(dlogits_in.dim() == 2, "dlogits must have shape (N, V), got ", dlogits_in.sizes());
+  TORCH_CHECK(grad_in.dim() == 1 && grad_in.size(0) == dlogits_in.size(0), "grad_loss must have shape (",
+              dlogits_in.size(0), ",), got ", grad_in.sizes());
+  c10::DeviceGuard guard(dlogits_in.device());
+  const at::Tensor dl = dlogits_in.contiguous(), grad = grad_in.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty_like(dl);
+  maybe_poison(out);
+  check_launch(kc::cross_entropy_bwd(dt, dl.data_ptr(), grad.data_ptr<float>(), out.data_ptr(), dl.size(0), dl.size(1),
+                                     current_stream(dl)),
+               "cross_entropy_bwd");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gptfast, CUDA, m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd_cuda);
+  m.impl("layer_norm_bwd", &layer_norm_bwd_cuda);
+  m.impl("gelu_fwd", &gelu_fwd_cuda);
+  m.impl("gelu_bwd", &gelu_bwd_cuda);
+  m.impl("attention_fwd", &attention_fwd_cuda);
+  m.impl("attention_bwd", &attention_bwd_cuda);
+  m.impl("cross_entropy_fwd", &cross_entropy_fwd_cuda);
+  m.impl("cross_entropy_bwd", &cross_entropy_bwd_cuda);
+}
+
+}  // namespace gptfast

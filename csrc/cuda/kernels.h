@@ -1,0 +1,47 @@
+// gptfast CUDA kernels: raw pointers, sizes and a stream; no torch headers, so each .cu compiles
+// fast with plain nvcc and can be tested standalone (test_kernels.cu). Every launcher returns the
+// cudaError_t of its launches as an int (0 = success), which the torch glue (bind_cuda.cpp) turns
+// into an exception; `stream` is a cudaStream_t passed as void* so the glue needs no CUDA headers.
+//
+// dtype codes: 0 = float32, 1 = float16, 2 = bfloat16. Statistics (mean, rstd, lse) are float32.
+#pragma once
+#include <cstdint>
+
+namespace gptfast {
+namespace cuda {
+
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+const char* error_string(int err);
+
+// LayerNorm over rows of C: y = (x - mean) * rstd * w + b.
+int layer_norm_fwd(DType dt, const void* x, const void* w, const void* b, void* y, float* mean, float* rstd,
+                   int64_t rows, int64_t C, float eps, void* stream);
+// dx per row; dweight/dbias summed over rows in a fixed order (deterministic). `scratch` holds
+// 2 * layer_norm_bwd_scratch_floats(rows, C) floats.
+int64_t layer_norm_bwd_scratch_floats(int64_t rows, int64_t C);
+int layer_norm_bwd(DType dt, const void* dy, const void* x, const void* w, const float* mean, const float* rstd,
+                   void* dx, void* dw, void* db, float* scratch, int64_t rows, int64_t C, void* stream);
+
+// GELU, tanh approximation, elementwise over n values.
+int gelu_fwd(DType dt, const void* x, void* y, int64_t n, void* stream);
+int gelu_bwd(DType dt, const void* dy, const void* x, void* dx, int64_t n, void* stream);
+
+// Attention on contiguous (BH, T, D) tensors, D <= 128; lse (BH, T) float32. Dropout (p > 0) uses
+// the counter-based hash of dropout_hash.h keyed by `seed`.
+constexpr int kMaxHeadDim = 128;
+int attention_fwd(DType dt, const void* q, const void* k, const void* v, void* o, float* lse, int64_t BH, int64_t T,
+                  int64_t D, bool causal, float scale, float dropout_p, uint64_t seed, void* stream);
+// `delta` (BH, T) float32 scratch; dq, dk, dv like q.
+int attention_bwd(DType dt, const void* dout, const void* q, const void* k, const void* v, const void* o,
+                  const float* lse, float* delta, void* dq, void* dk, void* dv, int64_t BH, int64_t T, int64_t D,
+                  bool causal, float scale, float dropout_p, uint64_t seed, void* stream);
+
+// Cross-entropy per row of logits (N, V) against int64 targets: loss and lse float32; with
+// compute_grad, dlogits = softmax - onehot (0 for ignored rows). Backward: dlogits * grad[row].
+int cross_entropy_fwd(DType dt, const void* logits, const int64_t* targets, float* loss, float* lse, void* dlogits,
+                      int64_t N, int64_t V, int64_t ignore_index, bool compute_grad, void* stream);
+int cross_entropy_bwd(DType dt, const void* dlogits, const float* grad, void* out, int64_t N, int64_t V, void* stream);
+
+}  // namespace cuda
+}  // namespace gptfast
