@@ -45,9 +45,12 @@ def extension_modules():
     cuda, why = meta.want_cuda(torch.version.cuda, CUDA_HOME, len(meta.cuda_sources(ROOT)))
     print(f"gptfast: building gptfast._C for CPU{' and CUDA' if cuda else ''} ({why})")
     if cuda:
+        arch = meta.default_cuda_arch_list(torch.cuda.is_available())
+        if arch:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch
         kwargs["sources"] += meta.cuda_sources(ROOT)
         kwargs["extra_compile_args"]["cxx"] += ["-DGPTFAST_WITH_CUDA"]
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo", "-DGPTFAST_WITH_CUDA"]
+        kwargs["extra_compile_args"]["nvcc"] = meta.nvcc_flags()
         return [CUDAExtension(**kwargs)], {"build_ext": BuildExtension}
     return [CppExtension(**kwargs)], {"build_ext": BuildExtension}
 

@@ -25,9 +25,22 @@ def cpu_sources(root: str = ROOT) -> list[str]:
 
 
 def cuda_sources(root: str = ROOT) -> list[str]:
-    """CUDA kernels (csrc/cuda/*.cu) and their torch glue (csrc/cuda/*.cpp), relative to `root`."""
+    """CUDA kernels (csrc/cuda/*.cu) and their torch glue (csrc/cuda/*.cpp), relative to `root`;
+    not the standalone check program (test_*.cu, built by CMake)."""
     found = glob.glob(os.path.join(root, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(root, "csrc", "cuda", "*.cpp"))
-    return sorted(os.path.relpath(p, root) for p in found)
+    return sorted(os.path.relpath(p, root) for p in found if not os.path.basename(p).startswith("test_"))
+
+
+def nvcc_flags() -> list[str]:
+    return ["-O3", "-lineinfo", "-DGPTFAST_WITH_CUDA"]
+
+
+def default_cuda_arch_list(gpu_visible: bool, env=os.environ) -> str | None:
+    """TORCH_CUDA_ARCH_LIST to use: the user's; else none (torch targets the visible GPU); else,
+    building without a GPU, A100 and H100 (torch would otherwise fail to pick any)."""
+    if env.get("TORCH_CUDA_ARCH_LIST"):
+        return env["TORCH_CUDA_ARCH_LIST"]
+    return None if gpu_visible else "8.0;9.0"
 
 
 def want_cuda(torch_cuda: str | None, cuda_home: str | None, n_cuda_sources: int,

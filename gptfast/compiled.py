@@ -41,12 +41,18 @@ def _jit_build(problem: str) -> ModuleType:
     import torch
     from torch.utils.cpp_extension import load
 
-    print(f"gptfast: {problem}; compiling the C++ extension now (once, then cached; about a minute)...",
-          file=sys.stderr)
+    from torch.utils.cpp_extension import CUDA_HOME
+
     src_hash = meta.source_hash()
-    return load(name="gptfast_C", sources=[os.path.join(meta.ROOT, s) for s in meta.cpu_sources()],
-                extra_cflags=meta.cxx_flags(src_hash), extra_ldflags=["-fopenmp"],
-                is_python_module=True, verbose=False)
+    sources, cflags, cuda_flags = meta.cpu_sources(), meta.cxx_flags(src_hash), None
+    cuda, _why = meta.want_cuda(torch.version.cuda, CUDA_HOME, len(meta.cuda_sources()))
+    if cuda:
+        sources += meta.cuda_sources()
+        cflags, cuda_flags = cflags + ["-DGPTFAST_WITH_CUDA"], meta.nvcc_flags()
+    print(f"gptfast: {problem}; compiling the C++{'/CUDA' if cuda else ''} extension now (once, then cached; "
+          "a minute or more)...", file=sys.stderr)
+    return load(name="gptfast_C", sources=[os.path.join(meta.ROOT, s) for s in sources], extra_cflags=cflags,
+                extra_cuda_cflags=cuda_flags, extra_ldflags=["-fopenmp"], is_python_module=True, verbose=False)
 
 
 def load_extension(allow_jit: bool = True) -> ModuleType:

@@ -47,3 +47,27 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     diff = torch.linalg.vector_norm(out - ref).item()
     scale = torch.linalg.vector_norm(ref).item()
     return diff / scale if scale > 0 else diff
+
+
+def precision_errors(fn, ref_fn, inputs64, dtype, seed=1):
+    """Relative errors of fn at `dtype` vs ref_fn in float64: [output, *grads]."""
+    ref_in = [t.clone().requires_grad_() for t in inputs64]
+    ref = ref_fn(*ref_in)
+    g = torch.Generator().manual_seed(seed)
+    dout = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(ref.device)
+    ref_grads = torch.autograd.grad(ref, ref_in, dout)
+    ins = [t.detach().to(dtype).requires_grad_() for t in inputs64]
+    out = fn(*ins)
+    assert out.dtype == dtype and out.shape == ref.shape
+    grads = torch.autograd.grad(out, ins, dout.to(dtype))
+    return [rel_error(out, ref)] + [rel_error(g, rg) for g, rg in zip(grads, ref_grads)]
+
+
+def check_precision(fn, torch_fn, ref_fn, inputs64, dtype, fp32_tol=1e-5):
+    errs = precision_errors(fn, ref_fn, inputs64, dtype)
+    if dtype == torch.float32:
+        assert max(errs) < fp32_tol, errs
+    else:  # half precision: absolute bar, and no worse than 2x PyTorch's own at this precision
+        baseline = precision_errors(torch_fn, ref_fn, inputs64, dtype)
+        assert max(errs) < 1e-2, errs
+        assert all(e <= 2 * b + 1e-6 for e, b in zip(errs, baseline)), (errs, baseline)

@@ -45,3 +45,15 @@ def test_isa_flags_only_on_x86(monkeypatch):
     assert "-mavx2" in meta.cxx_flags(None)
     monkeypatch.setenv("GPTFAST_CPU_ISA", "generic")
     assert "-mavx2" not in meta.cxx_flags(None)
+
+
+def test_cuda_sources_exclude_the_standalone_test_program():
+    sources = meta.cuda_sources()
+    assert "csrc/cuda/bind_cuda.cpp" in sources and "csrc/cuda/attention.cu" in sources
+    assert not any("test_" in s for s in sources)
+
+
+def test_default_cuda_arch_list():
+    assert meta.default_cuda_arch_list(False, {}) == "8.0;9.0"
+    assert meta.default_cuda_arch_list(True, {}) is None
+    assert meta.default_cuda_arch_list(False, {"TORCH_CUDA_ARCH_LIST": "9.0a"}) == "9.0a"

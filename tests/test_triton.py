@@ -8,6 +8,8 @@ import torch
 triton_ops = pytest.importorskip("gptfast.ops.triton", reason="Triton is not installed",
                                  exc_type=ImportError)
 
+from conftest import check_precision as check  # noqa: E402
+from conftest import precision_errors as errors  # noqa: E402
 from conftest import rel_error  # noqa: E402
 from gptfast.ops import reference  # noqa: E402
 
@@ -18,29 +20,6 @@ CPU_DTYPES = [torch.float32, torch.float16]      # the interpreter computes bf16
 def rand(*shape, seed=0, scale=1.0, shift=0.0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(DEVICE)
-
-
-def errors(fn, ref_fn, inputs64, dtype, seed=1):
-    """Relative errors of fn at `dtype` vs ref_fn in float64: [output, *grads]."""
-    ref_in = [t.clone().requires_grad_() for t in inputs64]
-    ref = ref_fn(*ref_in)
-    dout = rand(*ref.shape, seed=seed)
-    ref_grads = torch.autograd.grad(ref, ref_in, dout)
-    ins = [t.detach().to(dtype).requires_grad_() for t in inputs64]
-    out = fn(*ins)
-    assert out.dtype == dtype and out.shape == ref.shape
-    grads = torch.autograd.grad(out, ins, dout.to(dtype))
-    return [rel_error(out, ref)] + [rel_error(g, rg) for g, rg in zip(grads, ref_grads)]
-
-
-def check(fn, torch_fn, ref_fn, inputs64, dtype, fp32_tol=1e-5):
-    errs = errors(fn, ref_fn, inputs64, dtype)
-    if dtype == torch.float32:
-        assert max(errs) < fp32_tol, errs
-    else:  # half precision: absolute bar, and no worse than 2x PyTorch's own at this precision
-        baseline = errors(torch_fn, ref_fn, inputs64, dtype)
-        assert max(errs) < 1e-2, errs
-        assert all(e <= 2 * b + 1e-6 for e, b in zip(errs, baseline)), (errs, baseline)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)

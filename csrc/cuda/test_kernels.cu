@@ -1,0 +1,246 @@
+// Standalone check of the CUDA kernels against CPU references (float32 inputs, double math on the
+// CPU), printing relative errors and median times side by side, in the spirit of llm.c's dev/cuda.
+// Exit status: 0 all within tolerance, 1 a mismatch or CUDA error, 77 no usable CUDA device (ctest
+// reports that as skipped). Built by CMakeLists.txt as `gptfast_cuda_test`.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <random>
+#include <vector>
+
+#include "kernels.h"
+#include <cuda_runtime.h>
+
+using namespace gptfast::cuda;
+
+namespace {
+
+bool g_ok = true;
+
+#define CUDA_OK(call)                                                                    \
+  do {                                                                                   \
+    cudaError_t e_ = (call);                                                             \
+    if (e_ != cudaSuccess) {                                                             \
+      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
+      std::exit(1);                                                                      \
+    }                                                                                    \
+  } while (0)
+
+std::vector<float> randn(size_t n, unsigned seed, float scale = 1.f, float shift = 0.f) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> dist(0.f, 1.f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = dist(gen) * scale + shift;
+  return v;
+}
+
+struct DeviceBuffer {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  explicit DeviceBuffer(size_t n_bytes) : bytes(n_bytes) { CUDA_OK(cudaMalloc(&ptr, std::max<size_t>(bytes, 4))); }
+  explicit DeviceBuffer(const std::vector<float>& host) : DeviceBuffer(host.size() * sizeof(float)) {
+    CUDA_OK(cudaMemcpy(ptr, host.data(), bytes, cudaMemcpyHostToDevice));
+  }
+  ~DeviceBuffer() { cudaFree(ptr); }
+  float* f() { return static_cast<float*>(ptr); }
+  std::vector<float> get() const {
+    std::vector<float> h(bytes / sizeof(float));
+    CUDA_OK(cudaMemcpy(h.data(), ptr, bytes, cudaMemcpyDeviceToHost));
+    return h;
+  }
+};
+
+double rel_error(const std::vector<float>& out, const std::vector<double>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    num += (out[i] - ref[i]) * (out[i] - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+double median_ms(const std::function<int()>& launch, int reps = 20) {
+  cudaEvent_t a, b;
+  CUDA_OK(cudaEventCreate(&a));
+  CUDA_OK(cudaEventCreate(&b));
+  std::vector<float> times;
+  for (int r = 0; r < reps + 3; ++r) {
+    CUDA_OK(cudaEventRecord(a));
+    if (launch() != 0) g_ok = false;
+    CUDA_OK(cudaEventRecord(b));
+    CUDA_OK(cudaEventSynchronize(b));
+    float ms;
+    CUDA_OK(cudaEventElapsedTime(&ms, a, b));
+    if (r >= 3) times.push_back(ms);
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+void report(const char* name, double err, double tol, double ms, double bytes_or_flops, const char* unit) {
+  const bool pass = err < tol;
+  g_ok = g_ok && pass;
+  std::printf("%-34s rel err %.2e (tol %.0e) %s | %8.4f ms | %8.1f %s\n", name, err, tol, pass ? "ok  " : "FAIL", ms,
+              bytes_or_flops / ms / 1e6, unit);
+}
+
+void test_layer_norm(int64_t rows, int64_t C) {
+  auto x = randn(rows * C, 1, 2.f, 3.f), w = randn(C, 2), b = randn(C, 3), dy = randn(rows * C, 4);
+  std::vector<double> y(rows * C), dx(rows * C), dw(C, 0.0), db(C, 0.0), mean(rows), rstd(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    double m = 0, v = 0;
+    for (int64_t c = 0; c < C; ++c) m += x[r * C + c];
+    m /= C;
+    for (int64_t c = 0; c < C; ++c) v += (x[r * C + c] - m) * (x[r * C + c] - m);
+    const double rs = 1.0 / std::sqrt(v / C + 1e-5);
+    mean[r] = m, rstd[r] = rs;
+    double sg = 0, sgx = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const double xh = (x[r * C + c] - m) * rs, g = dy[r * C + c] * w[c];
+      y[r * C + c] = xh * w[c] + b[c];
+      sg += g, sgx += g * xh;
+      dw[c] += dy[r * C + c] * xh, db[c] += dy[r * C + c];
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const double xh = (x[r * C + c] - m) * rs;
+      dx[r * C + c] = rs * (dy[r * C + c] * w[c] - sg / C - xh * sgx / C);
+    }
+  }
+  DeviceBuffer dx_(x), dw_(w), db_(b), ddy(dy), dy_out(rows * C * 4), dmean(rows * 4), drstd(rows * 4),
+      ddx(rows * C * 4), ddw(C * 4), ddb(C * 4), scratch(2 * layer_norm_bwd_scratch_floats(rows, C) * 4);
+  char name[64];
+  std::snprintf(name, sizeof name, "layer_norm_fwd %lldx%lld", (long long)rows, (long long)C);
+  const double ms = median_ms([&] {
+    return layer_norm_fwd(kF32, dx_.ptr, dw_.ptr, db_.ptr, dy_out.ptr, dmean.f(), drstd.f(), rows, C, 1e-5f, nullptr);
+  });
+  report(name, rel_error(dy_out.get(), y), 1e-5, ms, 2.0 * rows * C * 4, "GB/s");
+  std::snprintf(name, sizeof name, "layer_norm_bwd %lldx%lld", (long long)rows, (long long)C);
+  const double ms_b = median_ms([&] {
+    return layer_norm_bwd(kF32, ddy.ptr, dx_.ptr, dw_.ptr, dmean.f(), drstd.f(), ddx.ptr, ddw.ptr, ddb.ptr, scratch.f(),
+                          rows, C, nullptr);
+  });
+  const double err = std::max({rel_error(ddx.get(), dx), rel_error(ddw.get(), dw), rel_error(ddb.get(), db)});
+  report(name, err, 1e-5, ms_b, 3.0 * rows * C * 4, "GB/s");
+}
+
+void test_gelu(int64_t n) {
+  auto x = randn(n, 5, 3.f), dy = randn(n, 6);
+  std::vector<double> y(n), dx(n);
+  const double k0 = std::sqrt(2.0 / M_PI), k1 = 0.044715;
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = x[i], t = std::tanh(k0 * (v + k1 * v * v * v));
+    y[i] = 0.5 * v * (1 + t);
+    dx[i] = dy[i] * (0.5 * (1 + t) + 0.5 * v * (1 - t * t) * k0 * (1 + 3 * k1 * v * v));
+  }
+  DeviceBuffer dxin(x), ddy(dy), dout(n * 4), ddx(n * 4);
+  char name[64];
+  std::snprintf(name, sizeof name, "gelu_fwd n=%lld", (long long)n);
+  report(name, rel_error(dout.get(), y), 1e-5,
+         median_ms([&] { return gelu_fwd(kF32, dxin.ptr, dout.ptr, n, nullptr); }), 2.0 * n * 4, "GB/s");
+  const double ms = median_ms([&] { return gelu_bwd(kF32, ddy.ptr, dxin.ptr, ddx.ptr, n, nullptr); });
+  std::snprintf(name, sizeof name, "gelu_bwd n=%lld", (long long)n);
+  report(name, rel_error(ddx.get(), dx), 1e-5, ms, 3.0 * n * 4, "GB/s");
+}
+
+void test_attention(int64_t BH, int64_t T, int64_t D) {
+  auto q = randn(BH * T * D, 7), k = randn(BH * T * D, 8), v = randn(BH * T * D, 9), go = randn(BH * T * D, 10);
+  const double scale = 1.0 / std::sqrt(double(D));
+  std::vector<double> o(BH * T * D, 0), dq(BH * T * D, 0), dk(BH * T * D, 0), dv(BH * T * D, 0);
+  std::vector<double> P(T * T), dP(T * T);
+  for (int64_t h = 0; h < BH; ++h) {
+    const float *Q = &q[h * T * D], *K = &k[h * T * D], *V = &v[h * T * D], *G = &go[h * T * D];
+    for (int64_t i = 0; i < T; ++i) {
+      double m = -1e300, s = 0;
+      for (int64_t j = 0; j <= i; ++j) {
+        double dot = 0;
+        for (int64_t d = 0; d < D; ++d) dot += double(Q[i * D + d]) * K[j * D + d];
+        P[i * T + j] = dot * scale;
+        m = std::max(m, P[i * T + j]);
+      }
+      for (int64_t j = 0; j <= i; ++j) s += (P[i * T + j] = std::exp(P[i * T + j] - m));
+      double rowsum = 0;
+      for (int64_t j = 0; j <= i; ++j) {
+        P[i * T + j] /= s;
+        double dz = 0;
+        for (int64_t d = 0; d < D; ++d) dz += double(G[i * D + d]) * V[j * D + d];
+        dP[i * T + j] = dz;
+        rowsum += dz * P[i * T + j];
+        for (int64_t d = 0; d < D; ++d) o[(h * T + i) * D + d] += P[i * T + j] * V[j * D + d];
+      }
+      for (int64_t j = 0; j <= i; ++j) {
+        const double ds = P[i * T + j] * (dP[i * T + j] - rowsum) * scale;
+        for (int64_t d = 0; d < D; ++d) {
+          dq[(h * T + i) * D + d] += ds * K[j * D + d];
+          dk[(h * T + j) * D + d] += ds * Q[i * D + d];
+          dv[(h * T + j) * D + d] += P[i * T + j] * G[i * D + d];
+        }
+      }
+    }
+  }
+  DeviceBuffer dq_(q), dk_(k), dv_(v), dgo(go), dout(BH * T * D * 4), dlse(BH * T * 4), ddelta(BH * T * 4),
+      gq(BH * T * D * 4), gk(BH * T * D * 4), gv(BH * T * D * 4);
+  const double flops = 4.0 * BH * T * T * D * 0.5;
+  char name[64];
+  std::snprintf(name, sizeof name, "attention_fwd BH=%lld T=%lld D=%lld", (long long)BH, (long long)T, (long long)D);
+  const double ms = median_ms([&] {
+    return attention_fwd(kF32, dq_.ptr, dk_.ptr, dv_.ptr, dout.ptr, dlse.f(), BH, T, D, true, float(scale), 0.f, 0,
+                         nullptr);
+  });
+  report(name, rel_error(dout.get(), o), 1e-4, ms, flops / 1e3, "GFLOP/s");
+  std::snprintf(name, sizeof name, "attention_bwd BH=%lld T=%lld D=%lld", (long long)BH, (long long)T, (long long)D);
+  const double ms_b = median_ms([&] {
+    return attention_bwd(kF32, dgo.ptr, dq_.ptr, dk_.ptr, dv_.ptr, dout.ptr, dlse.f(), ddelta.f(), gq.ptr, gk.ptr,
+                         gv.ptr, BH, T, D, true, float(scale), 0.f, 0, nullptr);
+  });
+  const double err = std::max({rel_error(gq.get(), dq), rel_error(gk.get(), dk), rel_error(gv.get(), dv)});
+  report(name, err, 1e-4, ms_b, 2.5 * flops / 1e3, "GFLOP/s");
+}
+
+void test_cross_entropy(int64_t N, int64_t V) {
+  auto x = randn(N * V, 11, 2.f);
+  std::vector<int64_t> t(N);
+  for (int64_t r = 0; r < N; ++r) t[r] = (r * 7919) % V;
+  std::vector<double> loss(N), grad(N * V);
+  for (int64_t r = 0; r < N; ++r) {
+    double m = -1e300, s = 0;
+    for (int64_t i = 0; i < V; ++i) m = std::max(m, double(x[r * V + i]));
+    for (int64_t i = 0; i < V; ++i) s += std::exp(x[r * V + i] - m);
+    const double lse = m + std::log(s);
+    loss[r] = lse - x[r * V + t[r]];
+    for (int64_t i = 0; i < V; ++i) grad[r * V + i] = std::exp(x[r * V + i] - lse) - (i == t[r] ? 1 : 0);
+  }
+  DeviceBuffer dx(x), dt(N * 8), dloss(N * 4), dlse(N * 4), dgrad(N * V * 4);
+  CUDA_OK(cudaMemcpy(dt.ptr, t.data(), N * 8, cudaMemcpyHostToDevice));
+  char name[64];
+  std::snprintf(name, sizeof name, "cross_entropy_fwd N=%lld V=%lld", (long long)N, (long long)V);
+  const double ms = median_ms([&] {
+    return cross_entropy_fwd(kF32, dx.ptr, static_cast<int64_t*>(dt.ptr), dloss.f(), dlse.f(), dgrad.ptr, N, V, -100,
+                             true, nullptr);
+  });
+  report(name, std::max(rel_error(dloss.get(), loss), rel_error(dgrad.get(), grad)), 1e-5, ms, 2.0 * N * V * 4, "GB/s");
+}
+
+}  // namespace
+
+int main() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    std::printf("no usable CUDA device: skipping the kernel checks\n");
+    return 77;
+  }
+  cudaDeviceProp prop;
+  CUDA_OK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
+  test_layer_norm(8 * 1024, 768);
+  test_layer_norm(37, 1023);      // generic (unaligned) path
+  test_layer_norm(16, 1600);
+  test_gelu(8 * 1024 * 3072);
+  test_gelu(1001);
+  test_attention(4, 257, 64);
+  test_attention(2, 129, 80);
+  test_attention(1, 1, 16);
+  test_cross_entropy(64, 50257);
+  std::printf("%s\n", g_ok ? "all kernels within tolerance" : "SOME KERNELS FAILED");
+  return g_ok ? 0 : 1;
+}
