@@ -172,7 +172,7 @@ def test_reference_gelu_values():
 def test_backend_selection_and_errors(monkeypatch):
     status = ops.available_backends()
     assert status["reference"].startswith("available") and status["torch"].startswith("available")
-    with pytest.raises(ops.BackendError, match=r"unknown op backend 'cuda-magic'; available: reference, torch"):
+    with pytest.raises(ops.BackendError, match=r"unknown op backend 'cuda-magic'; known backends: reference, torch"):
         ops.resolve_backend_name("cuda-magic")
     monkeypatch.setenv("GPTFAST_BACKEND", "reference")
     assert ops.resolve_backend_name(None) == "reference"

@@ -70,8 +70,9 @@ def known_backends() -> list[str]:
 def resolve_backend_name(name: str | None = None) -> str:
     """`name`, else $GPTFAST_BACKEND, else the default; checked to exist and to be loadable."""
     name = name or os.environ.get(ENV_VAR) or DEFAULT_BACKEND
-    if name not in _BACKENDS:
-        raise BackendError(f"unknown op backend {name!r}; available: {', '.join(_usable())}")
+    if name not in _BACKENDS:  # listing names loads nothing (loading may mean compiling)
+        raise BackendError(f"unknown op backend {name!r}; known backends: {', '.join(_BACKENDS)} "
+                           "(gptfast.ops.available_backends() says which can run here)")
     if _load(name) is None:
         raise BackendError(f"op backend {name!r} is unavailable here ({_errors[name]}); "
                            f"available: {', '.join(_usable())}")
