@@ -227,3 +227,18 @@ def test_torch_compile_fullgraph():
     eager = model(idx)
     out = torch.compile(model, fullgraph=True)(idx)
     assert rel_error(out, eager) < (3e-4 if DEVICE == "cuda" else 1e-5)   # tf32 dots on GPU
+
+
+def test_gptfast_imports_and_reports_when_triton_is_missing():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys; sys.modules['triton'] = None\n"          # as if Triton were not installed
+            "import gptfast, gptfast.model, gptfast.ops as o\n"
+            "print(o.available_backends()['triton'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("unavailable:") and "triton" in result.stdout
