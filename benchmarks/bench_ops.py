@@ -205,6 +205,37 @@ def measure_ceilings(device, dtype) -> dict:
     return {"copy_GBps": 2 * n * src.element_size() / copy_s / 1e9, "matmul_GFLOPps": 2 * m ** 3 / mm_s / 1e9}
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def markdown_table(env: dict, results: list) -> str:
+    """The timing rows as a Markdown table, with the run's environment on top."""
+    lines = [f"Device: {env['device']} | torch {env['torch']} | {env['dtype']} | threads {env['cpu_threads']} | "
+             f"{env['date']} | ceilings: copy {env['ceilings']['copy_GBps']:.1f} GB/s, matmul "
+             f"{env['ceilings']['matmul_GFLOPps']:.0f} GFLOP/s", "",
+             "| op | mode | shape | backend | median ms | throughput | % ceiling | vs reference | rel. error |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "median_ms" not in r:
+            continue
+        lines.append(f"| {r['op']} | {r['mode']} | {'×'.join(map(str, r['shape']))} | {r['backend']} | "
+                     f"{r['median_ms']:.3f} | {r['throughput']:.2f} {r['unit']} | {r['percent_of_ceiling']:.1f}% | "
+                     f"{r['speedup_vs_reference']:.2f}× | {r['max_rel_error']:.1e} |")
+    memory = [r for r in results if r.get("mode") == "peak_memory"]
+    if memory:
+        lines += ["", "| attention fwd+bwd peak memory | backend | MB |", "|---|---|---|"]
+        lines += [f"| {'×'.join(map(str, r['shape']))} | {r['backend']} | {r['peak_mb']:.0f} |" for r in memory]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -225,7 +256,7 @@ def main(argv=None):
         rows_shapes, attn_shapes, repeats = [(8 * 256, 768), (8 * 1024, 768)], \
             [(8, 12, 256, 64), (8, 12, 1024, 64)], args.repeats or 10
         ce_shapes = [(8 * 128, 50257)]
-    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
            "dtype": str(dtype), "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "backends": ops.available_backends(), "repeats": repeats}
@@ -265,7 +296,9 @@ def main(argv=None):
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"environment": env, "results": results}, f, indent=1)
-    print(f"\nwrote {out}")
+    with open(out.removesuffix(".json") + ".md", "w") as f:
+        f.write(markdown_table(env, results))
+    print(f"\nwrote {out} and its .md table")
 
 
 if __name__ == "__main__":

@@ -40,3 +40,5 @@ def test_quick_run_writes_json(tmp_path, monkeypatch):
     assert {"device", "torch", "date", "ceilings", "backends"} <= set(data["environment"])
     ops_seen = {r["op"] for r in data["results"]}
     assert ops_seen == {"layer_norm", "gelu", "attention", "cross_entropy"}
+    table = (tmp_path / "b.md").read_text()
+    assert table.count("\n| ") >= 4 * 2 * 3 and "| attention | fwd+bwd |" in table
