@@ -2,20 +2,23 @@
 
     python benchmarks/bench_ops.py --device cpu            # GPT-2 shapes (a few minutes on 2 cores)
     python benchmarks/bench_ops.py --device cpu --quick    # small shapes, well under a minute
+    python benchmarks/bench_ops.py --device cuda --sweep   # plus C up to 4096 and T from 128 to 4096
 
 For every op (LayerNorm, GELU, causal attention, cross-entropy), mode (forward, forward+backward), shape and
 backend: the median time over repeated runs after warm-up, the throughput (GB/s for the memory-bound
 LayerNorm/GELU counting each input read once and each output written once; GFLOP/s for attention
 counting 4*B*H*T^2*D * 0.5 causal, x3.5 with the backward), the speed-up against `reference`, the
 max relative error ||out - ref|| / ||ref|| over outputs and gradients against float64, and for
-attention the peak memory of one forward+backward (resident-set growth, measured in a fresh
-process). Results go to the terminal and to benchmarks/results/bench_ops_<device>.json.
+attention the peak memory of one forward+backward. Times are medians with 20th/80th percentiles;
+on GPU, CUDA events with the L2 cache flushed before every timed call. Results go to the terminal,
+to benchmarks/results/bench_ops_<device>.json (+ .md table, + .png plots of throughput vs size).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -33,14 +36,41 @@ DEFAULT_BACKENDS = {"cpu": ["reference", "torch", "extension"],
                              "extension", "triton"]}
 
 
+PYTORCH_BASELINES = ("torch", "compiled", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn")
+
+
+def optional_backends() -> list[str]:
+    """Rows for packages that happen to be installed: flash-attn (attention), Liger-Kernel."""
+    import importlib.util
+
+    found = []
+    if importlib.util.find_spec("flash_attn") is not None:
+        found.append("flash-attn")
+    if importlib.util.find_spec("liger_kernel") is not None:
+        found.append("liger")
+    return found
+
+
 def rel_error(out, ref):
     out, ref = out.double(), ref.double()
     return (torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref)).item()
 
 
+_L2_FLUSH = {}
+
+
+def flush_l2(device) -> None:
+    """Overwrite a buffer larger than any L2 (256 MiB), so timed reads come from HBM."""
+    if device.type != "cuda":
+        return
+    if device not in _L2_FLUSH:
+        _L2_FLUSH[device] = torch.empty(64 << 20, dtype=torch.int32, device=device)
+    _L2_FLUSH[device].zero_()
+
+
 def timed_interleaved(steps: dict, device, repeats, warmup=2) -> dict:
-    """Median seconds per step; the backends take turns within each repeat, so slow drift
-    (allocator state, clock, other load) hits them all alike."""
+    """Seconds per step as {name: (median, p20, p80)}; the backends take turns within each
+    repeat, so slow drift (allocator state, clocks, other load) hits them all alike."""
     for _ in range(warmup):
         for fn in steps.values():
             fn()
@@ -48,6 +78,7 @@ def timed_interleaved(steps: dict, device, repeats, warmup=2) -> dict:
     for _ in range(repeats):
         for name, fn in steps.items():
             if device.type == "cuda":
+                flush_l2(device)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 fn()
@@ -58,7 +89,13 @@ def timed_interleaved(steps: dict, device, repeats, warmup=2) -> dict:
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: percentiles(t) for name, t in times.items()}
+
+
+def percentiles(values) -> tuple[float, float, float]:
+    v = sorted(values)
+    at = lambda q: v[min(len(v) - 1, int(round(q * (len(v) - 1))))]  # noqa: E731
+    return statistics.median(v), at(0.2), at(0.8)
 
 
 OP_FUNCS = {"attention": ops.causal_attention, "layer_norm": ops.layer_norm, "gelu": ops.gelu,
@@ -75,6 +112,23 @@ def backend_call(op, backend):
         if op not in _compiled:
             _compiled[op] = torch.compile(lambda *a: OP_FUNCS[op](*a, backend="reference"))
         return _compiled[op]
+    if backend == "flash-attn":
+        if op != "attention":
+            return None
+        from flash_attn import flash_attn_func   # (B, T, H, D) layout
+
+        return lambda q, k, v: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               causal=True).transpose(1, 2)
+    if backend == "liger":
+        if op == "cross_entropy":
+            from liger_kernel.transformers import LigerCrossEntropyLoss
+
+            return LigerCrossEntropyLoss()
+        if op == "layer_norm":
+            from liger_kernel.transformers.functional import liger_layer_norm
+
+            return lambda x, w, b: liger_layer_norm(x, w, b, 1e-5)
+        return None
     if backend in SDPA_PINNED:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -135,8 +189,15 @@ def run_case(op, shape, mode, device, dtype, repeats, backends):
         if backend in SDPA_PINNED and op != "attention":
             continue
         ins = [t.detach().to(dtype).requires_grad_(mode == "fwd+bwd") for t in inputs64]
+        try:
+            fn = backend_call(op, backend)
+        except Exception as err:  # an optional package whose API differs from what we expect
+            print(f"  {op} {backend}: skipped ({type(err).__name__}: {err})")
+            continue
+        if fn is None:                                           # the backend has no such op
+            continue
 
-        def step(fn=backend_call(op, backend), ins=ins, d=dout.to(dtype)):
+        def step(fn=fn, ins=ins, d=dout.to(dtype)):
             out = fn(*ins, *extra)
             if mode == "fwd+bwd":
                 return out, torch.autograd.grad(out, ins, d)
@@ -158,20 +219,32 @@ def run_case(op, shape, mode, device, dtype, repeats, backends):
         seconds = timed_interleaved({"reference": steps.pop("reference")}, device, repeats)
         seconds.update(timed_interleaved(steps, device, repeats))
     for r in rows:
-        r["median_ms"] = seconds[r["backend"]] * 1e3
-        r["throughput"] = work / seconds[r["backend"]] / 1e9
+        median, p20, p80 = seconds[r["backend"]]
+        r.update(median_ms=median * 1e3, p20_ms=p20 * 1e3, p80_ms=p80 * 1e3, throughput=work / median / 1e9)
     ref_ms = rows[0]["median_ms"]
+    best_torch = min((r["median_ms"] for r in rows if r["backend"] in PYTORCH_BASELINES), default=None)
     for r in rows:
         r["speedup_vs_reference"] = ref_ms / r["median_ms"]
+        r["speedup_vs_best_pytorch"] = best_torch / r["median_ms"] if best_torch else None
     return rows
 
 
-def peak_memory_mb(backend, shape, dtype):
-    """Peak resident-set growth of one attention forward+backward, in a fresh process.
+def peak_memory_mb(backend, shape, dtype, device) -> float:
+    """Peak memory growth of one attention forward+backward.
 
-    Reads the kernel's high-water mark (VmHWM, reset through /proc/self/clear_refs) rather than
-    ru_maxrss, which a child inherits from its parent across fork + exec.
+    GPU: torch.cuda.max_memory_allocated around the call. CPU: in a fresh process, the kernel's
+    high-water mark (VmHWM, reset through /proc/self/clear_refs) - not ru_maxrss, which a child
+    inherits from its parent across fork + exec.
     """
+    if device.type == "cuda":
+        q, k, v = (torch.randn(*shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = ops.causal_attention(q, k, v, backend=backend)
+        out.backward(torch.ones_like(out))
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     code = f"""
 import torch
 from gptfast import ops
@@ -194,15 +267,72 @@ print(status("VmHWM") - base)
 
 def measure_ceilings(device, dtype) -> dict:
     """Attainable rates on this machine, measured now: a large copy (bytes read + written per
-    second) and a large matmul (FLOP/s) - the yardsticks for memory- and compute-bound ops."""
+    second) and a large matmul (FLOP/s; bf16 on GPU) - yardsticks for memory- and compute-bound ops."""
     n = 1 << 26                                                  # 64 Mi elements: far beyond caches
     src = torch.randn(n, dtype=dtype, device=device)
     dst = torch.empty_like(src)
-    copy_s = timed_interleaved({"copy": lambda: dst.copy_(src)}, device, 10)["copy"]
-    m = 2048
-    a, b = torch.randn(m, m, dtype=dtype, device=device), torch.randn(m, m, dtype=dtype, device=device)
-    mm_s = timed_interleaved({"mm": lambda: a @ b}, device, 5)["mm"]
-    return {"copy_GBps": 2 * n * src.element_size() / copy_s / 1e9, "matmul_GFLOPps": 2 * m ** 3 / mm_s / 1e9}
+    copy_s = timed_interleaved({"copy": lambda: dst.copy_(src)}, device, 10)["copy"][0]
+    m = 8192 if device.type == "cuda" else 2048
+    mm_dtype = torch.bfloat16 if device.type == "cuda" else dtype
+    a, b = (torch.randn(m, m, device=device).to(mm_dtype) for _ in range(2))
+    mm_s = timed_interleaved({"mm": lambda: a @ b}, device, 5)["mm"][0]
+    return {"copy_GBps": 2 * n * src.element_size() / copy_s / 1e9, "matmul_GFLOPps": 2 * m ** 3 / mm_s / 1e9,
+            "matmul": f"{m}^3 {mm_dtype}".replace("torch.", "")}
+
+
+def environment(device, dtype, repeats) -> dict:
+    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+           "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "python": platform.python_version(), "dtype": str(dtype).replace("torch.", ""),
+           "date": datetime.datetime.now().isoformat(timespec="seconds"), "repeats": repeats,
+           "backends": ops.available_backends()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
+
+
+def shapes(quick: bool, sweep: bool, device) -> dict:
+    if quick:
+        return {"layer_norm": [(8 * 64, 768)], "gelu": [(8 * 64, 768)], "attention": [(2, 4, 128, 64)],
+                "cross_entropy": [(64, 50257)]}
+    rows = [(8 * 256, 768), (8 * 1024, 768)]
+    table = {"layer_norm": list(rows), "gelu": list(rows), "attention": [(8, 12, 256, 64), (8, 12, 1024, 64)],
+             "cross_entropy": [(8 * 128, 50257)] if device.type == "cpu" else [(8 * 1024, 50304)]}
+    if sweep:   # throughput against size: C up to 4096 at 8K rows; T from 128 to 4096 at B*H = 12
+        for C in (1024, 1600, 2048, 4096):
+            table["layer_norm"].append((8 * 1024, C))
+            table["gelu"].append((8 * 1024, C))
+        table["attention"] += [(1, 12, T, 64) for T in (128, 256, 512, 1024, 2048, 4096)]
+    return table
+
+
+def plot(results: list, path_prefix: str) -> list[str]:
+    """One PNG per (op, mode): throughput against problem size, a line per backend."""
+    from matplotlib.figure import Figure
+
+    written = []
+    keys = sorted({(r["op"], r["mode"]) for r in results if "throughput" in r})
+    for op, mode in keys:
+        rows = [r for r in results if r["op"] == op and r["mode"] == mode and "throughput" in r]
+        fig = Figure(figsize=(6, 3.5), layout="constrained")
+        ax = fig.add_subplot()
+        for backend in dict.fromkeys(r["backend"] for r in rows):
+            pts = sorted((math.prod(r["shape"]), r["throughput"]) for r in rows if r["backend"] == backend)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend)
+        ax.set_xscale("log")
+        ax.set_xlabel("problem size (elements)")
+        ax.set_ylabel(rows[0]["unit"])
+        ax.set_title(f"{op} {mode}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        path = f"{path_prefix}_{op}_{mode.replace('+', '_')}.png"
+        fig.savefig(path, dpi=110)
+        written.append(path)
+    return written
 
 
 def cpu_name() -> str:
@@ -218,17 +348,20 @@ def cpu_name() -> str:
 
 def markdown_table(env: dict, results: list) -> str:
     """The timing rows as a Markdown table, with the run's environment on top."""
-    lines = [f"Device: {env['device']} | torch {env['torch']} | {env['dtype']} | threads {env['cpu_threads']} | "
-             f"{env['date']} | ceilings: copy {env['ceilings']['copy_GBps']:.1f} GB/s, matmul "
-             f"{env['ceilings']['matmul_GFLOPps']:.0f} GFLOP/s", "",
-             "| op | mode | shape | backend | median ms | throughput | % ceiling | vs reference | rel. error |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"Device: {env['device']} | torch {env['torch']} | triton {env.get('triton')} | {env['dtype']} | "
+             f"threads {env['cpu_threads']} | {env['date']} | ceilings: copy {env['ceilings']['copy_GBps']:.1f} GB/s, "
+             f"matmul {env['ceilings']['matmul_GFLOPps']:.0f} GFLOP/s", "",
+             "| op | mode | shape | backend | median ms (p20–p80) | throughput | % ceiling | vs reference | "
+             "vs best PyTorch | rel. error |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "median_ms" not in r:
             continue
+        vs_torch = f"{r['speedup_vs_best_pytorch']:.2f}×" if r.get("speedup_vs_best_pytorch") else "–"
         lines.append(f"| {r['op']} | {r['mode']} | {'×'.join(map(str, r['shape']))} | {r['backend']} | "
-                     f"{r['median_ms']:.3f} | {r['throughput']:.2f} {r['unit']} | {r['percent_of_ceiling']:.1f}% | "
-                     f"{r['speedup_vs_reference']:.2f}× | {r['max_rel_error']:.1e} |")
+                     f"{r['median_ms']:.3f} ({r['p20_ms']:.3f}–{r['p80_ms']:.3f}) | {r['throughput']:.2f} {r['unit']} | "
+                     f"{r['percent_of_ceiling']:.1f}% | {r['speedup_vs_reference']:.2f}× | {vs_torch} | "
+                     f"{r['max_rel_error']:.1e} |")
     memory = [r for r in results if r.get("mode") == "peak_memory"]
     if memory:
         lines += ["", "| attention fwd+bwd peak memory | backend | MB |", "|---|---|---|"]
@@ -239,66 +372,64 @@ def markdown_table(env: dict, results: list) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
+    p.add_argument("--sweep", action="store_true", help="also C up to 4096 and T from 128 to 4096")
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--backends", default=None, help="comma-separated (default: reference,torch,extension on "
-                   "CPU; those and triton on CUDA)")
+    p.add_argument("--backends", default=None, help="comma-separated; default: reference,torch,extension on CPU; "
+                   "on CUDA also torch.compile (compiled), sdpa-flash/efficient/cudnn and triton; flash-attn and "
+                   "liger rows are added when those packages are installed")
+    p.add_argument("--no-plots", action="store_true")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_ops_<device>.json)")
     args = p.parse_args(argv)
-    device, dtype = torch.device(args.device), torch.float32
-    backends = args.backends.split(",") if args.backends else DEFAULT_BACKENDS[device.type]
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    backends = args.backends.split(",") if args.backends else DEFAULT_BACKENDS[device.type] + optional_backends()
     if backends[0] != "reference":
         backends = ["reference"] + [b for b in backends if b != "reference"]   # speed-ups are vs reference
-    if args.quick:
-        rows_shapes, attn_shapes, repeats = [(8 * 64, 768)], [(2, 4, 128, 64)], args.repeats or 5
-        ce_shapes = [(64, 50257)]
-    else:
-        rows_shapes, attn_shapes, repeats = [(8 * 256, 768), (8 * 1024, 768)], \
-            [(8, 12, 256, 64), (8, 12, 1024, 64)], args.repeats or 10
-        ce_shapes = [(8 * 128, 50257)]
-    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
-           "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-           "dtype": str(dtype), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "backends": ops.available_backends(), "repeats": repeats}
+    repeats = args.repeats or (5 if args.quick else 10 if device.type == "cpu" else 50)
+    env = environment(device, dtype, repeats)
     env["ceilings"] = ceilings = measure_ceilings(device, dtype)
-    print(f"device {env['device']} | torch {env['torch']} | threads {env['cpu_threads']} | {dtype} | "
-          f"median of {repeats} after warm-up")
-    print(f"ceilings measured now: copy {ceilings['copy_GBps']:.1f} GB/s, {dtype} matmul "
-          f"{ceilings['matmul_GFLOPps']:.0f} GFLOP/s (2048^3)")
-    results = []
-    header = (f"{'op':<14}{'mode':<9}{'shape':<20}{'backend':<11}{'median ms':>11}{'throughput':>18}"
-              f"{'% ceil':>8}{'vs ref':>8}{'rel err':>10}")
+    print(f"device {env['device']} | torch {env['torch']} | triton {env['triton']} | threads {env['cpu_threads']} | "
+          f"{env['dtype']} | median of {repeats} after warm-up")
+    print(f"ceilings measured now: copy {ceilings['copy_GBps']:.1f} GB/s, matmul {ceilings['matmul_GFLOPps']:.0f} "
+          f"GFLOP/s ({ceilings['matmul']})")
+    header = (f"{'op':<14}{'mode':<9}{'shape':<20}{'backend':<15}{'median ms':>11}{'p20-p80 ms':>18}{'throughput':>18}"
+              f"{'% ceil':>8}{'vs ref':>8}{'vs torch':>9}{'rel err':>10}")
     print(header)
     print("-" * len(header))
-    cases = [("layer_norm", s) for s in rows_shapes] + [("gelu", s) for s in rows_shapes] + \
-            [("attention", s) for s in attn_shapes] + [("cross_entropy", s) for s in ce_shapes]
-    for op, shape in cases:
-        for mode in ("fwd", "fwd+bwd"):
-            rows = run_case(op, shape, mode, device, dtype, repeats if op != "attention" else max(3, repeats // 3),
-                            backends)
-            for r in rows:
-                ceiling = ceilings["matmul_GFLOPps"] if op == "attention" else ceilings["copy_GBps"]
-                r["percent_of_ceiling"] = 100 * r["throughput"] / ceiling
-                print(f"{op:<14}{mode:<9}{'x'.join(map(str, shape)):<20}{r['backend']:<11}{r['median_ms']:>11.3f}"
-                      f"{r['throughput']:>11.2f} {r['unit']:<7}{r['percent_of_ceiling']:>7.1f}%"
-                      f"{r['speedup_vs_reference']:>7.2f}x{r['max_rel_error']:>10.1e}")
-            results += rows
-    if device.type == "cpu":
-        print("\npeak memory of one attention forward+backward (RSS growth, fresh process):")
-        for shape in attn_shapes:
-            for backend in [b for b in backends if b in ops.known_backends()]:
-                mb = peak_memory_mb(backend, shape, "torch.float32")
-                results.append({"op": "attention", "mode": "peak_memory", "shape": list(shape), "backend": backend,
-                                "peak_mb": mb})
-                print(f"  {'x'.join(map(str, shape)):<16}{backend:<11}{mb:>9.0f} MB")
+    results = []
+    for op, op_shapes in shapes(args.quick, args.sweep, device).items():
+        for shape in op_shapes:
+            for mode in ("fwd", "fwd+bwd"):
+                reps = repeats if op != "attention" or device.type == "cuda" else max(3, repeats // 3)
+                rows = run_case(op, shape, mode, device, dtype, reps, backends)
+                for r in rows:
+                    ceiling = ceilings["matmul_GFLOPps"] if op == "attention" else ceilings["copy_GBps"]
+                    r["percent_of_ceiling"] = 100 * r["throughput"] / ceiling
+                    vs_torch = f"{r['speedup_vs_best_pytorch']:.2f}x" if r["speedup_vs_best_pytorch"] else "-"
+                    print(f"{op:<14}{mode:<9}{'x'.join(map(str, shape)):<20}{r['backend']:<15}{r['median_ms']:>11.3f}"
+                          f"{r['p20_ms']:>9.3f}-{r['p80_ms']:<8.3f}{r['throughput']:>11.2f} {r['unit']:<7}"
+                          f"{r['percent_of_ceiling']:>7.1f}%{r['speedup_vs_reference']:>7.2f}x{vs_torch:>9}"
+                          f"{r['max_rel_error']:>10.1e}")
+                results += rows
+    print("\npeak memory of one attention forward+backward:")
+    for shape in shapes(args.quick, False, device)["attention"]:
+        for backend in [b for b in backends if b in ops.known_backends()]:
+            mb = peak_memory_mb(backend, shape, dtype, device)
+            results.append({"op": "attention", "mode": "peak_memory", "shape": list(shape), "backend": backend,
+                            "peak_mb": mb})
+            print(f"  {'x'.join(map(str, shape)):<16}{backend:<11}{mb:>9.0f} MB")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"bench_ops_{device.type}{'_quick' if args.quick else ''}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"environment": env, "results": results}, f, indent=1)
     with open(out.removesuffix(".json") + ".md", "w") as f:
         f.write(markdown_table(env, results))
-    print(f"\nwrote {out} and its .md table")
+    pngs = [] if args.no_plots else plot(results, out.removesuffix(".json"))
+    print(f"\nwrote {out}, its .md table and {len(pngs)} plots")
 
 
 if __name__ == "__main__":

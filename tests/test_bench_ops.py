@@ -31,10 +31,15 @@ def test_run_case_rows(op, shape):
         assert set(r) >= {"op", "mode", "shape", "dtype", "unit", "speedup_vs_reference"}
 
 
+def test_percentiles():
+    assert bench_ops.percentiles([5, 1, 4, 2, 3]) == (3, 2, 4)
+
+
 def test_quick_run_writes_json(tmp_path, monkeypatch):
     out = tmp_path / "b.json"
     monkeypatch.setattr(bench_ops, "peak_memory_mb", lambda *a: 1.0)      # no subprocesses here
-    monkeypatch.setattr(bench_ops, "measure_ceilings", lambda *a: {"copy_GBps": 10.0, "matmul_GFLOPps": 100.0})
+    monkeypatch.setattr(bench_ops, "measure_ceilings",
+                        lambda *a: {"copy_GBps": 10.0, "matmul_GFLOPps": 100.0, "matmul": "2048^3 float32"})
     bench_ops.main(["--quick", "--repeats", "1", "--out", str(out)])
     data = json.loads(out.read_text())
     assert {"device", "torch", "date", "ceilings", "backends"} <= set(data["environment"])
@@ -42,3 +47,8 @@ def test_quick_run_writes_json(tmp_path, monkeypatch):
     assert ops_seen == {"layer_norm", "gelu", "attention", "cross_entropy"}
     table = (tmp_path / "b.md").read_text()
     assert table.count("\n| ") >= 4 * 2 * 3 and "| attention | fwd+bwd |" in table
+    assert sorted(p.name for p in tmp_path.glob("b_*.png")) == sorted(
+        f"b_{op}_{mode}.png" for op in ("attention", "cross_entropy", "gelu", "layer_norm") for mode in ("fwd", "fwd_bwd"))
+    for r in data["results"]:
+        if r["mode"] != "peak_memory":
+            assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]

@@ -90,9 +90,10 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     if targets.device != logits.device:
         raise ValueError(f"targets is on {targets.device} but logits is on {logits.device}")
     V = logits.shape[-1]
-    bad = ((targets < 0) & (targets != ignore_index)) | (targets >= V)
-    if bool(bad.any()):   # one device sync; a wrong id would otherwise read out of bounds
-        raise ValueError(f"targets hold ids outside [0, {V}) that are not ignore_index ({ignore_index})")
+    if not torch.compiler.is_compiling():   # eager only: a data-dependent check would break the graph
+        bad = ((targets < 0) & (targets != ignore_index)) | (targets >= V)
+        if bool(bad.any()):   # one device sync; a wrong id would otherwise read out of bounds
+            raise ValueError(f"targets hold ids outside [0, {V}) that are not ignore_index ({ignore_index})")
     return get_backend(backend).cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index)
 
 
