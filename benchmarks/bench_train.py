@@ -1,0 +1,190 @@
+"""End-to-end training throughput: tokens/s, peak memory and MFU of real training steps.
+
+    python benchmarks/bench_train.py --device cpu                       # cpu-small, torch + extension
+    python benchmarks/bench_train.py --device cuda --preset gpt2-124m   # bf16 autocast, eager and compiled
+
+Each configuration (op backend x torch.compile on/off) trains the same freshly seeded model on
+random token batches: warm-up steps first (compilation, autotuning), then the median step time
+over the timed steps, with the device synchronized around every step. Tokens/s = B*T / step time.
+MFU = tokens/s * FLOPs per token / the device's peak, FLOPs per token = 6N + 12*L*C*T (N: parameters
+without the position embeddings; the second term is attention's QK^T and PV); the peak comes from a
+table of vendor dense bf16/tf32 figures looked up by the device's name - no peak is assumed for a
+device not in the table (MFU is then left out). Results: terminal, benchmarks/results/bench_train_<device>.json
+and .md. The baseline to beat on GPU is the `torch` backend (SDPA) under torch.compile, in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from gptfast import ops
+from gptfast.model import GPTConfig, GPTModel
+
+# Vendor dense peaks in TFLOP/s (no sparsity): (name substring, bf16/fp16, tf32). First match wins.
+PEAKS = [("H100 PCIe", 756.0, 378.0), ("H100", 989.4, 494.7), ("H200", 989.4, 494.7), ("GH200", 989.4, 494.7),
+         ("A100", 312.0, 156.0), ("L40S", 362.0, 183.0), ("L4", 121.0, 60.0), ("A10G", 70.0, 35.0),
+         ("A10", 125.0, 62.5), ("RTX 4090", 165.2, 82.6), ("V100", 125.0, None)]
+
+
+def peak_tflops(device_name: str, dtype: torch.dtype) -> float | None:
+    for key, half, tf32 in PEAKS:
+        if key in device_name:
+            return half if dtype in (torch.bfloat16, torch.float16) else tf32
+    return None
+
+
+def flops_per_token(model: GPTModel, T: int) -> float:
+    cfg = model.cfg
+    n = model.num_parameters() - model.pos_emb.weight.numel()
+    return 6 * n + 12 * cfg.n_layers * cfg.emb_dim * T
+
+
+def cpu_peak_rss_reset() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def cpu_status_mb(key: str) -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def run_config(preset: str, backend: str, compile_model: bool, device: torch.device, dtype: torch.dtype,
+               batch_size: int, context_length: int | None, steps: int, warmup: int, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    cfg = GPTConfig.from_preset(preset, backend=backend)
+    T = context_length or cfg.context_length
+    model = GPTModel(cfg).to(device).train()
+    fused = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **fused)
+    step_model = torch.compile(model) if compile_model else model
+    gen = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, cfg.vocab_size, (batch_size, T + 1), generator=gen).to(device) for _ in range(4)]
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step(i: int) -> float:
+        batch = batches[i % len(batches)]
+        with autocast:
+            logits = step_model(batch[:, :-1])
+            loss = ops.cross_entropy(logits, batch[:, 1:], backend=backend)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        step(i)
+    sync()
+    warmup_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        base_mb = cpu_status_mb("VmRSS")
+        cpu_peak_rss_reset()
+    times = []
+    for i in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        loss = step(i)
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+               else cpu_status_mb("VmHWM") - base_mb)
+    step_s = statistics.median(times)
+    tokens_per_s = batch_size * T / step_s
+    fpt = flops_per_token(model, T)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    peak = peak_tflops(name, dtype) if device.type == "cuda" else None
+    return {"preset": preset, "backend": backend, "compile": compile_model, "dtype": str(dtype).replace("torch.", ""),
+            "batch_size": batch_size, "context_length": T, "parameters": model.num_parameters(),
+            "step_ms": step_s * 1e3, "tokens_per_s": tokens_per_s, "peak_memory_mb": peak_mb,
+            "warmup_s": warmup_s, "flops_per_token": fpt, "achieved_tflops": tokens_per_s * fpt / 1e12,
+            "mfu": tokens_per_s * fpt / (peak * 1e12) if peak else None, "final_loss": float(loss.detach())}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--preset", default=None, help="default: gpt2-124m on CUDA, cpu-small on CPU")
+    p.add_argument("--backends", default=None, help="comma-separated; default: torch,extension (+triton on CUDA)")
+    p.add_argument("--compile", default="both", choices=["off", "on", "both"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="autocast dtype (default bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--context-length", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    preset = args.preset or ("gpt2-124m" if cuda else "cpu-small")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    backends = args.backends.split(",") if args.backends else (["torch", "extension", "triton"] if cuda
+                                                                else ["torch", "extension"])
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    batch_size = args.batch_size or (16 if cuda else 4)
+    steps = args.steps or (20 if cuda else 5)
+    env = {"device": torch.cuda.get_device_name(device) if cuda else (platform.processor() or "cpu"),
+           "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+           "cpu_threads": torch.get_num_threads(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    print(f"device {env['device']} | torch {env['torch']} | preset {preset} | {dtype} | batch {batch_size} | "
+          f"median of {steps} steps after {args.warmup} warm-up")
+    header = f"{'backend':<11}{'compile':<9}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'peak MB':>10}{'warm-up s':>11}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for backend in backends:
+        for compile_model in modes:
+            try:
+                r = run_config(preset, backend, compile_model, device, dtype, batch_size, args.context_length, steps,
+                               args.warmup)
+            except Exception as err:   # an unavailable backend, out of memory, ...: report, go on
+                print(f"{backend:<11}{str(compile_model):<9} skipped: {type(err).__name__}: {str(err).splitlines()[0][:100]}")
+                continue
+            rows.append(r)
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+            print(f"{backend:<11}{str(compile_model):<9}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12,.0f}"
+                  f"{r['achieved_tflops']:>9.2f}{mfu:>7}{r['peak_memory_mb']:>10.0f}{r['warmup_s']:>11.1f}")
+    baseline = next((r for r in rows if r["backend"] == "torch" and r["compile"]), None) or \
+        next((r for r in rows if r["backend"] == "torch"), None)
+    for r in rows:
+        r["speedup_vs_torch_baseline"] = r["tokens_per_s"] / baseline["tokens_per_s"] if baseline else None
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"bench_train_{device.type}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"environment": env, "results": rows}, f, indent=1)
+    with open(out.removesuffix(".json") + ".md", "w") as f:
+        f.write(f"Device: {env['device']} | torch {env['torch']} | {env['date']} | preset {preset} | {dtype} | "
+                f"batch {batch_size}\n\n| backend | compile | step ms | tokens/s | TFLOP/s | MFU | peak MB | "
+                "vs torch baseline |\n|---|---|---|---|---|---|---|---|\n")
+        for r in rows:
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+            vs = f"{r['speedup_vs_torch_baseline']:.2f}×" if r["speedup_vs_torch_baseline"] else "–"
+            f.write(f"| {r['backend']} | {r['compile']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+                    f"{r['achieved_tflops']:.2f} | {mfu} | {r['peak_memory_mb']:.0f} | {vs} |\n")
+    print(f"\nwrote {out} and its .md table")
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
