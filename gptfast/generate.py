@@ -1,65 +1,126 @@
-"""Autoregressive generation: feed the model its own predictions, one token at a time."""
+"""Autoregressive generation: feed the model its own predictions, one token at a time.
+
+With a KV cache (the default where the op backend supports it) the prompt is run once (prefill)
+and every further step feeds only the newest token, attending to the cached keys and values.
+Once the sequence outgrows the context window the positions shift by one each step, which
+invalidates the cache (positions are baked into the cached keys): from then on the cache is rebuilt
+from the cropped window every step - the same work as the textbook path, and the same tokens.
+"""
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
+from . import ops
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick the next token id per row from `logits` (B, V) -> (B, 1).
 
-    Temperature 0 is greedy (argmax). Otherwise keep only the `top_k` largest logits (if given),
-    divide by the temperature (<1 sharper, >1 flatter) and sample from the softmax.
-    """
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token id per row from `logits` (B, V) -> (B, 1).
+
+    Temperature 0 is greedy (argmax). Otherwise keep the `top_k` largest logits (if given), divide
+    by the temperature (<1 sharper, >1 flatter), keep the smallest set of most likely tokens whose
+    probability reaches `top_p` (nucleus, if given), and sample from what is left.
+    """
+    check_sampling(temperature, top_k, top_p)
     if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
     probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(dim=-1) - sorted_p >= top_p          # the mass before it already reaches p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
 @torch.no_grad()
-def generate(model, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
-             temperature: float = 0.0, top_k: int | None = None, eos_id: int | None = None,
-             seed: int | None = None) -> torch.Tensor:
-    """Extend `idx` (B, T) by up to `max_new_tokens` tokens; returns (B, T + n).
-
-    Only the last `context_size` tokens are fed to the model (the window it was trained on).
-    Generation stops early once every row has produced `eos_id`; a row that finished keeps
-    receiving `eos_id` while the others go on. `seed` makes sampling reproducible.
-    The model runs in eval mode (no dropout) and is put back in its previous mode afterwards.
-    """
+def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
+                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                    eos_id: int | None = None, seed: int | None = None,
+                    use_cache: bool | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token ids (B, 1) one step at a time (see `generate`)."""
+    check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if idx.ndim != 2:
         raise ValueError(f"idx must have shape (batch, tokens), got {tuple(idx.shape)}")
-    context_size = context_size or model.cfg.context_length
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=idx.device).manual_seed(seed)
+    context_size = min(context_size or model.cfg.context_length, model.cfg.context_length)
+    if use_cache is None:
+        use_cache = ops.supports_kv_cache(model.backend, idx.device)
+    generator = torch.Generator(device=idx.device).manual_seed(seed) if seed is not None else None
     was_training = model.training
     model.eval()
     finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
+    cache = model.new_kv_cache(idx.shape[0]) if use_cache else None
     try:
-        for _ in range(max_new_tokens):
-            idx_cond = idx[:, -context_size:]                    # crop to the context window
-            logits = model(idx_cond)[:, -1, :]                   # (B, V): the last position only
-            idx_next = sample_next(logits, temperature, top_k, generator)  # (B, 1)
+        window = idx[:, -context_size:]                          # crop to the context window
+        logits = model(window, cache, 0)[:, -1, :]               # prefill; (B, V) at the last position
+        pos = window.shape[1]                                    # positions held in the cache
+        for step in range(max_new_tokens):
+            idx_next = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             if eos_id is not None:
                 idx_next = idx_next.masked_fill(finished, eos_id)
                 finished |= idx_next == eos_id
-            idx = torch.cat((idx, idx_next), dim=1)              # (B, T + 1)
-            if eos_id is not None and bool(finished.all()):
+            idx = torch.cat((idx, idx_next), dim=1)
+            yield idx_next
+            if step + 1 == max_new_tokens or (eos_id is not None and bool(finished.all())):
                 break
+            if cache is not None and pos < context_size:         # room left: feed just the new token
+                logits = model(idx_next, cache, pos)[:, -1, :]
+                pos += 1
+            else:                                                # textbook path, or a full window
+                logits = model(idx[:, -context_size:], cache, 0)[:, -1, :]
     finally:
         model.train(was_training)
-    return idx
+
+
+def generate(model, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             eos_id: int | None = None, seed: int | None = None, use_cache: bool | None = None) -> torch.Tensor:
+    """Extend `idx` (B, T) by up to `max_new_tokens` tokens; returns (B, T + n).
+
+    Only the last `context_size` tokens (default: the model's context length) are seen by the
+    model. Generation stops early once every row has produced `eos_id`; a row that finished keeps
+    receiving `eos_id` while the others go on. `seed` makes sampling reproducible. `use_cache`:
+    KV cache on/off; None = on where the op backend supports it (identical tokens either way).
+    The model runs in eval mode (no dropout) and is put back in its previous mode afterwards.
+    """
+    new = list(generate_tokens(model, idx, max_new_tokens, context_size, temperature, top_k, top_p, eos_id,
+                               seed, use_cache))
+    return torch.cat([idx, *new], dim=1) if new else idx
+
+
+def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, **kwargs) -> Iterator[str]:
+    """Yield the continuation of `prompt` as text pieces, as the tokens are produced.
+
+    A piece is held back while the tokens so far end inside a multi-byte character.
+    """
+    device = model.tok_emb.weight.device
+    idx = text_to_token_ids(prompt, tokenizer).to(device)
+    ids, emitted = [], ""
+    for tok in generate_tokens(model, idx, max_new_tokens, **kwargs):
+        ids.append(int(tok[0, 0]))
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd") and len(text) > len(emitted):
+            yield text[len(emitted):]
+            emitted = text
+    text = tokenizer.decode(ids)
+    if len(text) > len(emitted):
+        yield text[len(emitted):]
 
 
 def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:

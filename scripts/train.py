@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vocabulary of the BPE trained with --tokenizer bpe")
     p.add_argument("--start-context", default=d.start_context, help="prompt of the per-epoch sample")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader workers")
+    p.add_argument("--init-from", help="fine-tune from a GPT-2 folder (Hugging Face format) or a gptfast checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
         stride=args.stride, lr=args.lr, weight_decay=args.weight_decay, eval_freq=args.eval_freq,
         eval_iter=args.eval_iter, seed=args.seed, out=args.out, tokenizer=args.tokenizer,
         bpe_vocab_size=args.bpe_vocab_size, start_context=args.start_context,
-        num_workers=args.num_workers, progress=not args.no_progress)
+        num_workers=args.num_workers, progress=not args.no_progress, init_from=args.init_from)
     try:
         run_training(settings)
     except USER_ERRORS as err:

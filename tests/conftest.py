@@ -10,6 +10,11 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("GPTFAST_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
+# Without a GPU, Triton kernels run in its interpreter; the switch must be set before anything
+# (transformers, say) imports triton.language, or its own @triton.jit helpers are not interpreted.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # tiktoken reads its GPT-2 files from here instead of the network.
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken-cache"))
 torch.set_num_threads(min(2, os.cpu_count() or 1))

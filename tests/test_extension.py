@@ -228,7 +228,7 @@ def test_opcheck(name):
     (lambda: OPS.attention_fwd(rand(1, 1, 4, 300), rand(1, 1, 4, 300), rand(1, 1, 4, 300), True, 1.0, 0.0,
                                torch.zeros(1, dtype=torch.long)), "head dim D=300 is unsupported"),
     (lambda: OPS.attention_fwd(rand(1, 1, 4, 8), rand(1, 1, 4, 8), rand(1, 1, 5, 8), True, 1.0, 0.0,
-                               torch.zeros(1, dtype=torch.long)), "v must have q's shape"),
+                               torch.zeros(1, dtype=torch.long)), "v must have k's shape"),
     (lambda: OPS.attention_fwd(rand(1, 1, 4, 8), rand(1, 1, 4, 8), rand(1, 1, 4, 8), True, 1.0, 0.0,
                                torch.zeros(1)), "seed must be a one-element int64 tensor"),
     (lambda: OPS.attention_fwd(rand(1, 1, 4, 8, dtype=torch.float16), rand(1, 1, 4, 8, dtype=torch.float16),
@@ -325,3 +325,12 @@ def test_native_bpe_trainer_gives_identical_merges(shakespeare_text):
 
     counts = Counter(tuple(c.encode()) for c in regex.findall(GPT2_SPLIT_PATTERN, shakespeare_text[:300_000]))
     assert learn_merges(counts, 500, native=True) == learn_merges(counts, 500, native=False)
+
+
+@pytest.mark.parametrize("Tq,Tk,p", [(1, 70, 0.0), (5, 9, 0.0), (65, 130, 0.0), (33, 100, 0.3)])
+def test_fewer_queries_than_keys_with_gradients_and_dropout(Tq, Tk, p):
+    q = rand(2, 3, Tq, 16, seed=90)
+    k, v = rand(2, 3, Tk, 16, seed=91), rand(2, 3, Tk, 16, seed=92)
+    seed = torch.tensor([77], dtype=torch.int64)
+    compare(lambda *a: ops.causal_attention(*a, dropout_p=p, seed=seed, backend="extension"),
+            lambda *a: reference.causal_attention(*a, dropout_p=p, seed=seed), [q, k, v], torch.float64, 1e-10)

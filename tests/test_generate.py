@@ -84,3 +84,55 @@ def test_text_helpers_round_trip(gpt2_tokenizer):
     ids = text_to_token_ids("Every effort moves you", gpt2_tokenizer)
     assert ids.shape == (1, 4)
     assert token_ids_to_text(ids, gpt2_tokenizer) == "Every effort moves you"
+
+
+# ----------------------------------------------------------------------------- KV cache, top-p, streaming
+@pytest.mark.parametrize("backend", ["reference", "torch", "extension", "triton"])
+def test_kv_cache_gives_identical_tokens_past_the_window(backend):
+    from gptfast import ops
+
+    torch.manual_seed(0)
+    m = GPTModel(GPTConfig(vocab_size=50, context_length=8, emb_dim=32, n_heads=2, n_layers=2, backend=backend))
+    idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    plain = generate(m, idx, 14, use_cache=False)                  # 3 + 14 > 8: the window slides
+    assert plain.shape == (2, 17)
+    assert torch.equal(generate(m, idx, 14), plain)                 # default: cache where supported
+    if ops.supports_kv_cache(backend, "cpu"):
+        assert torch.equal(generate(m, idx, 14, use_cache=True), plain)
+        sampled = [generate(m, idx, 10, temperature=1.0, top_p=0.9, seed=4, use_cache=c) for c in (True, False)]
+        assert torch.equal(*sampled)
+
+
+def test_cached_forward_equals_full_forward(model):
+    model.eval()
+    idx = torch.randint(0, 50, (2, 8))
+    full = model(idx)
+    cache = model.new_kv_cache(2)
+    first = model(idx[:, :5], cache, 0)
+    rest = [model(idx[:, t:t + 1], cache, t) for t in range(5, 8)]
+    assert torch.allclose(torch.cat([first, *rest], 1), full, atol=1e-5)
+    with pytest.raises(ValueError, match="start_pos > 0 needs the cache"):
+        model(idx[:, :1], None, 3)
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    picks = {sample_next(logits, temperature=1.0, top_p=0.7, generator=g).item() for _ in range(300)}
+    assert picks == {0, 1}                                          # 0.5 + 0.3 reaches 0.7
+    assert {sample_next(logits, temperature=1.0, top_p=0.4, generator=g).item() for _ in range(50)} == {0}
+    with pytest.raises(ValueError, match="top_p"):
+        sample_next(logits, temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(GPTModel(GPTConfig(vocab_size=4, context_length=4, emb_dim=8, n_heads=2, n_layers=1)),
+                 torch.tensor([[1]]), 2, top_p=1.5)
+
+
+def test_stream_text_yields_the_same_text_as_generate(gpt2_tokenizer):
+    from gptfast.generate import stream_text
+
+    torch.manual_seed(0)
+    m = GPTModel(GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_heads=2, n_layers=1))
+    pieces = list(stream_text(m, gpt2_tokenizer, "Hello", 12))
+    whole = token_ids_to_text(generate(m, text_to_token_ids("Hello", gpt2_tokenizer), 12), gpt2_tokenizer)
+    assert len(pieces) > 1 and "Hello" + "".join(pieces) == whole

@@ -197,7 +197,7 @@ def test_bad_inputs_name_the_argument():
         ops.causal_attention(q[0], k[0], v[0])
     with pytest.raises(TypeError, match="k has dtype torch.float64 but q has torch.float32"):
         ops.causal_attention(q, k.double(), v)
-    with pytest.raises(ValueError, match="v must have the same shape as q"):
+    with pytest.raises(ValueError, match="v must have k's shape"):
         ops.causal_attention(q, k, v[:, :, :3])
     with pytest.raises(ValueError, match="k is on meta but q is on cpu"):
         ops.causal_attention(q, k.to("meta"), v)
@@ -212,3 +212,17 @@ def test_bad_inputs_name_the_argument():
         ops.layer_norm(x, w, b.double())
     with pytest.raises(TypeError, match="x must be a floating-point tensor"):
         ops.gelu(torch.arange(3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("Tq,Tk", [(1, 1), (1, 9), (3, 70), (65, 130)])
+def test_attention_with_fewer_queries_than_keys(backend, Tq, Tk):
+    # the queries are the last Tq positions: same as full causal attention over Tk, last Tq rows
+    q = attention_inputs(2, 3, Tk, 16, torch.float64)[0][:, :, Tk - Tq:]
+    _, k, v = attention_inputs(2, 3, Tk, 16, torch.float64)
+    q_full = torch.cat([torch.zeros_like(k[:, :, :Tk - Tq]), q], dim=2)
+    expected = ops.causal_attention(q_full, k, v, backend="reference")[:, :, Tk - Tq:]
+    assert rel_error(ops.causal_attention(q, k, v, backend=backend), expected) < 1e-12
+    if Tq < Tk:
+        with pytest.raises(ValueError, match="fewer than q's"):
+            ops.causal_attention(k, q, q, backend=backend)             # keys must cover the queries

@@ -38,7 +38,7 @@ constexpr int64_t kMaxHeadDim = 256;
 template <typename T>
 struct AttnArgs {
   const T *q, *k, *v;
-  int64_t T_, D;
+  int64_t Tq, Tk, D;      // query rows, key rows (Tk >= Tq: queries are the last Tq positions)
   bool causal;
   T scale;
   double p;               // dropout probability
@@ -47,8 +47,10 @@ struct AttnArgs {
   uint64_t seed;
 };
 
-// Number of key columns row `row` may see, counting from column 0.
-inline int64_t visible_cols(bool causal, int64_t row, int64_t T) { return causal ? row + 1 : T; }
+// Number of key columns query row `row` may see, counting from column 0: with a cache of
+// Tk - Tq earlier keys, query row r sits at absolute position r + Tk - Tq.
+template <typename A>
+inline int64_t visible_cols(const A& a, int64_t row) { return a.causal ? row + a.Tk - a.Tq + 1 : a.Tk; }
 
 using at::vec::Vectorized;
 
@@ -155,25 +157,25 @@ void exp_shifted(T* s, int64_t n, T shift) {
 
 template <typename T>
 void attention_fwd_kernel(const AttnArgs<T>& a, int64_t BH, T* o, T* lse) {
-  const int64_t T_ = a.T_, D = a.D, n_qt = (T_ + kBQ - 1) / kBQ;
+  const int64_t Tq = a.Tq, Tk = a.Tk, off = a.Tk - a.Tq, D = a.D, n_qt = (Tq + kBQ - 1) / kBQ;
   at::parallel_for(0, BH * n_qt, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> kt(D * kBK), s(kBQ * kBK), acc(kBQ * D);
     T m[kBQ], l[kBQ];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / n_qt, q0 = (task % n_qt) * kBQ, nq = std::min(kBQ, T_ - q0);
-      const T *q = a.q + bh * T_ * D, *k = a.k + bh * T_ * D, *v = a.v + bh * T_ * D;
+      const int64_t bh = task / n_qt, q0 = (task % n_qt) * kBQ, nq = std::min(kBQ, Tq - q0);
+      const T *q = a.q + bh * Tq * D, *k = a.k + bh * Tk * D, *v = a.v + bh * Tk * D;
       const uint32_t head_key = dropout_head_key(a.seed, static_cast<uint32_t>(bh));
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(m, m + kBQ, -std::numeric_limits<T>::infinity());
       std::fill(l, l + kBQ, T(0));
-      const int64_t kv_end = a.causal ? q0 + nq : T_;
+      const int64_t kv_end = a.causal ? std::min(Tk, q0 + nq + off) : Tk;
       for (int64_t k0 = 0; k0 < kv_end; k0 += kBK) {
         const int64_t nk = std::min(kBK, kv_end - k0);
         load_transposed(k, k0, nk, D, kt.data());
         tile_dot(q + q0 * D, nq, D, kt.data(), a.scale, s.data());        // S = scale Q K^T
         for (int64_t i = 0; i < nq; ++i) {
           const int64_t row = q0 + i;
-          const int64_t ncols = std::min(nk, visible_cols(a.causal, row, T_) - k0);
+          const int64_t ncols = std::min(nk, visible_cols(a, row) - k0);
           T* srow = s.data() + i * kBK;
           if (ncols <= 0) {                                               // fully masked (causal)
             std::fill(srow, srow + kBK, T(0));
@@ -193,7 +195,7 @@ void attention_fwd_kernel(const AttnArgs<T>& a, int64_t BH, T* o, T* lse) {
             for (int64_t d = 0; d < D; ++d) acc_row[d] *= alpha;
           }
           if (a.threshold) {                                              // dropout after softmax
-            const uint32_t row_key = dropout_row_key(head_key, static_cast<uint32_t>(row));
+            const uint32_t row_key = dropout_row_key(head_key, static_cast<uint32_t>(row + off));
             for (int64_t j = 0; j < ncols; ++j)
               srow[j] = dropout_keep(row_key, static_cast<uint32_t>(k0 + j), a.threshold) ? srow[j] * a.keep_scale : T(0);
           }
@@ -202,9 +204,9 @@ void attention_fwd_kernel(const AttnArgs<T>& a, int64_t BH, T* o, T* lse) {
       }
       for (int64_t i = 0; i < nq; ++i) {
         const T inv_l = T(1) / l[i];
-        T* out = o + (bh * T_ + q0 + i) * D;
+        T* out = o + (bh * Tq + q0 + i) * D;
         for (int64_t d = 0; d < D; ++d) out[d] = acc[i * D + d] * inv_l;
-        lse[bh * T_ + q0 + i] = m[i] + std::log(l[i]);
+        lse[bh * Tq + q0 + i] = m[i] + std::log(l[i]);
       }
     }
   });
@@ -213,25 +215,25 @@ void attention_fwd_kernel(const AttnArgs<T>& a, int64_t BH, T* o, T* lse) {
 template <typename T>
 void attention_bwd_kernel(const AttnArgs<T>& a, int64_t BH, const T* dout, const T* lse, const T* delta,
                           T* dq, T* dk, T* dv) {
-  const int64_t T_ = a.T_, D = a.D;
+  const int64_t Tq = a.Tq, Tk = a.Tk, off = a.Tk - a.Tq, D = a.D;
   // For the tile pair (query rows [q0, q0 + nq), keys [k0, k0 + nk)) of head bh: recompute
   // P = exp(S - lse) into z (then Z = dropout(P)) and dS * scale into ds, both (kBQ x kBK),
   // zero outside the valid (causal, in-range) entries. kt/vt: transposed K and V tiles.
   auto tile_grads = [&](int64_t bh, int64_t q0, int64_t nq, int64_t k0, int64_t nk, const T* kt, const T* vt,
                         uint32_t head_key, T* z, T* ds) {
-    const T* q = a.q + (bh * T_ + q0) * D;
-    const T* go = dout + (bh * T_ + q0) * D;
+    const T* q = a.q + (bh * Tq + q0) * D;
+    const T* go = dout + (bh * Tq + q0) * D;
     tile_dot(q, nq, D, kt, a.scale, z);            // S
     tile_dot(go, nq, D, vt, T(1), ds);             // dZ = dO V^T
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t row = q0 + i;
-      const int64_t ncols = std::max<int64_t>(0, std::min(nk, visible_cols(a.causal, row, T_) - k0));
+      const int64_t ncols = std::max<int64_t>(0, std::min(nk, visible_cols(a, row) - k0));
       T* zrow = z + i * kBK;
       T* dsrow = ds + i * kBK;
-      exp_shifted(zrow, ncols, lse[bh * T_ + row]);  // P
-      const T dlt = delta[bh * T_ + row];
+      exp_shifted(zrow, ncols, lse[bh * Tq + row]);  // P
+      const T dlt = delta[bh * Tq + row];
       if (a.threshold) {
-        const uint32_t row_key = dropout_row_key(head_key, static_cast<uint32_t>(row));
+        const uint32_t row_key = dropout_row_key(head_key, static_cast<uint32_t>(row + off));
         for (int64_t j = 0; j < ncols; ++j) {
           const bool keep = dropout_keep(row_key, static_cast<uint32_t>(k0 + j), a.threshold);
           const T dp = keep ? dsrow[j] * a.keep_scale : T(0);
@@ -247,43 +249,45 @@ void attention_bwd_kernel(const AttnArgs<T>& a, int64_t BH, const T* dout, const
   };
 
   // Pass 1: dK, dV, one task per (bh, key tile); query tiles from the diagonal down.
-  const int64_t n_kt = (T_ + kBK - 1) / kBK;
+  const int64_t n_kt = (Tk + kBK - 1) / kBK;
   at::parallel_for(0, BH * n_kt, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> kt(D * kBK), vt(D * kBK), z(kBQ * kBK), ds(kBQ * kBK), dk_acc(kBK * D), dv_acc(kBK * D);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / n_kt, k0 = (task % n_kt) * kBK, nk = std::min(kBK, T_ - k0);
+      const int64_t bh = task / n_kt, k0 = (task % n_kt) * kBK, nk = std::min(kBK, Tk - k0);
       const uint32_t head_key = dropout_head_key(a.seed, static_cast<uint32_t>(bh));
-      load_transposed(a.k + bh * T_ * D, k0, nk, D, kt.data());
-      load_transposed(a.v + bh * T_ * D, k0, nk, D, vt.data());
+      load_transposed(a.k + bh * Tk * D, k0, nk, D, kt.data());
+      load_transposed(a.v + bh * Tk * D, k0, nk, D, vt.data());
       std::fill(dk_acc.begin(), dk_acc.end(), T(0));
       std::fill(dv_acc.begin(), dv_acc.end(), T(0));
-      for (int64_t q0 = a.causal ? (k0 / kBQ) * kBQ : 0; q0 < T_; q0 += kBQ) {
-        const int64_t nq = std::min(kBQ, T_ - q0);
+      // causal: query rows before k0 - off see none of these keys
+      const int64_t first_row = a.causal ? std::max<int64_t>(0, k0 - off) : 0;
+      for (int64_t q0 = (first_row / kBQ) * kBQ; q0 < Tq; q0 += kBQ) {
+        const int64_t nq = std::min(kBQ, Tq - q0);
         tile_grads(bh, q0, nq, k0, nk, kt.data(), vt.data(), head_key, z.data(), ds.data());
-        tile_accumulate(z.data(), 1, kBK, nk, nq, dout + (bh * T_ + q0) * D, D, dv_acc.data());  // dV += Z^T dO
-        tile_accumulate(ds.data(), 1, kBK, nk, nq, a.q + (bh * T_ + q0) * D, D, dk_acc.data());  // dK += dS^T Q
+        tile_accumulate(z.data(), 1, kBK, nk, nq, dout + (bh * Tq + q0) * D, D, dv_acc.data());  // dV += Z^T dO
+        tile_accumulate(ds.data(), 1, kBK, nk, nq, a.q + (bh * Tq + q0) * D, D, dk_acc.data());  // dK += dS^T Q
       }
-      std::copy(dk_acc.begin(), dk_acc.begin() + nk * D, dk + (bh * T_ + k0) * D);
-      std::copy(dv_acc.begin(), dv_acc.begin() + nk * D, dv + (bh * T_ + k0) * D);
+      std::copy(dk_acc.begin(), dk_acc.begin() + nk * D, dk + (bh * Tk + k0) * D);
+      std::copy(dv_acc.begin(), dv_acc.begin() + nk * D, dv + (bh * Tk + k0) * D);
     }
   });
 
   // Pass 2: dQ, one task per (bh, query tile); key tiles up to the diagonal.
-  const int64_t n_qt = (T_ + kBQ - 1) / kBQ;
+  const int64_t n_qt = (Tq + kBQ - 1) / kBQ;
   at::parallel_for(0, BH * n_qt, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> kt(D * kBK), vt(D * kBK), z(kBQ * kBK), ds(kBQ * kBK);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / n_qt, q0 = (task % n_qt) * kBQ, nq = std::min(kBQ, T_ - q0);
+      const int64_t bh = task / n_qt, q0 = (task % n_qt) * kBQ, nq = std::min(kBQ, Tq - q0);
       const uint32_t head_key = dropout_head_key(a.seed, static_cast<uint32_t>(bh));
-      T* dq_tile = dq + (bh * T_ + q0) * D;
+      T* dq_tile = dq + (bh * Tq + q0) * D;
       std::fill(dq_tile, dq_tile + nq * D, T(0));
-      const int64_t kv_end = a.causal ? q0 + nq : T_;
+      const int64_t kv_end = a.causal ? std::min(Tk, q0 + nq + off) : Tk;
       for (int64_t k0 = 0; k0 < kv_end; k0 += kBK) {
         const int64_t nk = std::min(kBK, kv_end - k0);
-        load_transposed(a.k + bh * T_ * D, k0, nk, D, kt.data());
-        load_transposed(a.v + bh * T_ * D, k0, nk, D, vt.data());
+        load_transposed(a.k + bh * Tk * D, k0, nk, D, kt.data());
+        load_transposed(a.v + bh * Tk * D, k0, nk, D, vt.data());
         tile_grads(bh, q0, nq, k0, nk, kt.data(), vt.data(), head_key, z.data(), ds.data());
-        tile_accumulate(ds.data(), kBK, 1, nq, nk, a.k + (bh * T_ + k0) * D, D, dq_tile);     // dQ += dS K
+        tile_accumulate(ds.data(), kBK, 1, nq, nk, a.k + (bh * Tk + k0) * D, D, dq_tile);     // dQ += dS K
       }
     }
   });
@@ -297,8 +301,11 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, do
               "q: the CPU attention supports float32 and float64, got ", q.scalar_type());
   check_same(k, "k", q, "q");
   check_same(v, "v", q, "q");
-  TORCH_CHECK(k.sizes() == q.sizes(), "k must have q's shape ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(v.sizes() == q.sizes(), "v must have q's shape ", q.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
+              "k must have shape (B, H, Tk, D) matching q's B, H, D ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(k.size(2) >= q.size(2), "k must hold at least as many positions as q (the queries are the last ",
+              q.size(2), " of ", k.size(2), " positions)");
   TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, "head dim D=", q.size(3),
               " is unsupported by the CPU attention (1 to ", kMaxHeadDim, ")");
   TORCH_CHECK(q.size(2) >= 1, "q must have at least one position, got T=", q.size(2));
@@ -311,7 +318,7 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, do
 template <typename T>
 AttnArgs<T> make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                       double scale, double dropout_p, const at::Tensor& seed) {
-  return AttnArgs<T>{q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), q.size(2), q.size(3), causal,
+  return AttnArgs<T>{q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), q.size(2), k.size(2), q.size(3), causal,
                      static_cast<T>(scale), dropout_p, static_cast<T>(1.0 / (1.0 - dropout_p)),
                      dropout_p > 0 ? dropout_threshold(dropout_p) : 0u,
                      static_cast<uint64_t>(seed.item<int64_t>())};

@@ -116,7 +116,8 @@ void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   TORCH_CHECK(q.dim() == 4, "q must have rank 4 (B, H, T, D), got shape ", q.sizes());
   check_same(k, "k", q, "q");
   check_same(v, "v", q, "q");
-  TORCH_CHECK(k.sizes() == q.sizes(), "k must have q's shape ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(k.sizes() == q.sizes(), "k must have q's shape ", q.sizes(), ", got ", k.sizes(),
+              " (the CUDA attention takes as many queries as keys: no KV-cache decoding yet)");
   TORCH_CHECK(v.sizes() == q.sizes(), "v must have q's shape ", q.sizes(), ", got ", v.sizes());
   TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= kc::kMaxHeadDim, "head dim D=", q.size(3),
               " is unsupported by the CUDA attention (1 to ", kc::kMaxHeadDim, ")");

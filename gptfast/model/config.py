@@ -13,6 +13,7 @@ class GPTConfig:
     n_layers: int = 12           # transformer blocks
     drop_rate: float = 0.1       # dropout on embeddings, attention weights and residual branches
     qkv_bias: bool = False       # biases in the Q/K/V projections (GPT-2's own weights have them)
+    tie_embeddings: bool = False # LM head shares the token embedding matrix (GPT-2 does; the book doesn't)
     backend: str | None = None   # op backend; None -> $GPTFAST_BACKEND -> "torch"
 
     def __post_init__(self):

@@ -14,6 +14,8 @@ import torch.nn as nn
 from .. import ops
 from .config import GPTConfig
 
+__all__ = ["GPTModel", "KVCache", "TransformerBlock", "CausalSelfAttention", "FeedForward", "LayerNorm", "GELU"]
+
 
 class LayerNorm(nn.Module):
     """Learned scale (`weight`) and shift (`bias`) around a zero-mean, unit-variance row."""
@@ -51,6 +53,25 @@ class FeedForward(nn.Module):
         return self.proj(self.act(self.fc(x)))                   # (B, T, 4C) inside
 
 
+class LayerKV:
+    """One layer's preallocated key/value cache: (B, nh, context_length, hs) each."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+
+class KVCache:
+    """Keys and values of every layer for positions already seen, so decoding one more token costs
+    one position's work instead of the whole window's. Static shapes: allocated once for the full
+    context length; `GPTModel.forward(idx, cache, start_pos)` writes positions start_pos onwards."""
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, device=None, dtype=torch.float32):
+        shape = (batch_size, cfg.n_heads, cfg.context_length, cfg.head_dim)
+        self.layers = [LayerKV(torch.zeros(shape, device=device, dtype=dtype),
+                               torch.zeros(shape, device=device, dtype=dtype)) for _ in range(cfg.n_layers)]
+        self.batch_size = batch_size
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where each token sees only itself and earlier tokens."""
 
@@ -68,11 +89,15 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x):                                        # (B, T, C)
+    def forward(self, x, kv: LayerKV | None = None, start_pos: int = 0):  # (B, T, C)
         B, T, C = x.shape
         q = self.split_heads(self.W_query(x))                    # (B, nh, T, hs)
         k = self.split_heads(self.W_key(x))
         v = self.split_heads(self.W_value(x))
+        if kv is not None:                                       # decoding: remember, then attend to all so far
+            kv.k[:, :, start_pos:start_pos + T] = k
+            kv.v[:, :, start_pos:start_pos + T] = v
+            k, v = kv.k[:, :, :start_pos + T], kv.v[:, :, :start_pos + T]   # (B, nh, start_pos + T, hs)
         dropout_p = self.drop_rate if self.training else 0.0
         y = ops.causal_attention(q, k, v, dropout_p=dropout_p, backend=self.backend)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)                   # heads side by side again
@@ -90,9 +115,9 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x):                                        # (B, T, C)
+    def forward(self, x, kv: LayerKV | None = None, start_pos: int = 0):  # (B, T, C)
         shortcut = x
-        x = self.drop_shortcut(self.att(self.norm1(x)))
+        x = self.drop_shortcut(self.att(self.norm1(x), kv, start_pos))
         x = x + shortcut                                         # add the input back: residual
         shortcut = x
         x = self.drop_shortcut(self.ff(self.norm2(x)))
@@ -109,7 +134,9 @@ class GPTModel(nn.Module):
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = LayerNorm(cfg.emb_dim, backend=cfg.backend)
-        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)  # untied, as in the book
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)  # untied, as in the book...
+        if cfg.tie_embeddings:                                   # ...or shared with the embedding (GPT-2)
+            self.out_head.weight = self.tok_emb.weight
 
     @property
     def backend(self) -> str:
@@ -127,15 +154,26 @@ class GPTModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:       # (B, T) token ids
+    def new_kv_cache(self, batch_size: int) -> KVCache:
+        w = self.tok_emb.weight
+        return KVCache(self.cfg, batch_size, device=w.device, dtype=w.dtype)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        """Logits (B, T, V) for token ids idx (B, T) at positions start_pos .. start_pos + T - 1.
+
+        With a `cache`, keys and values of these positions are stored in it and attention also sees
+        the cached positions before start_pos.
+        """
         B, T = idx.shape
-        if T > self.cfg.context_length:
-            raise ValueError(f"sequence length {T} exceeds the model's context_length "
+        if start_pos + T > self.cfg.context_length:
+            raise ValueError(f"sequence length {start_pos + T} exceeds the model's context_length "
                              f"{self.cfg.context_length}")
-        pos = torch.arange(T, device=idx.device)                 # (T,)
+        if start_pos and cache is None:
+            raise ValueError("start_pos > 0 needs the cache holding the earlier positions")
+        pos = torch.arange(start_pos, start_pos + T, device=idx.device)   # (T,)
         x = self.tok_emb(idx) + self.pos_emb(pos)                # (B, T, C), pos broadcast over B
         x = self.drop_emb(x)
-        for block in self.trf_blocks:
-            x = block(x)
+        for i, block in enumerate(self.trf_blocks):
+            x = block(x, cache.layers[i] if cache is not None else None, start_pos)
         x = self.final_norm(x)
         return self.out_head(x)                                  # (B, T, V) logits

@@ -52,8 +52,10 @@ def gelu(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
                      scale: float | None = None, seed: torch.Tensor | int | None = None,
                      backend: str | None = None) -> torch.Tensor:
-    """Causal scaled dot-product attention. q, k, v: (B, nh, T, hs) -> (B, nh, T, hs).
+    """Causal scaled dot-product attention. q (B, nh, Tq, hs), k and v (B, nh, Tk, hs) -> (B, nh, Tq, hs).
 
+    Usually Tq == Tk. With a KV cache, Tk > Tq: the queries are the *last* Tq of the Tk positions
+    (query row r sits at position r + Tk - Tq and sees keys 0 .. r + Tk - Tq).
     `scale` defaults to 1/sqrt(hs); `dropout_p` drops attention weights (pass 0.0 in eval mode).
     `seed` keys the shared counter-based dropout RNG (see dropout_rng.py): the same seed drops the
     same weights in `reference`, `extension` and `triton`. When None it is drawn from torch's RNG
@@ -64,8 +66,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
         raise ValueError(f"q must have rank 4 (B, nh, T, hs), got shape {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v)):
         _check_like(name, t, "q", q)
-        if t.shape != q.shape:
-            raise ValueError(f"{name} must have the same shape as q {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.ndim != 4 or t.shape[:2] != q.shape[:2] or t.shape[3] != q.shape[3]:
+            raise ValueError(f"{name} must have shape (B, nh, Tk, hs) matching q's B, nh, hs {tuple(q.shape)}, "
+                             f"got {tuple(t.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[2] < q.shape[2]:
+        raise ValueError(f"k holds {k.shape[2]} positions, fewer than q's {q.shape[2]}: the queries must be the "
+                         "last positions of the keys")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0.0:
@@ -74,6 +82,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
         elif not isinstance(seed, torch.Tensor):
             seed = torch.tensor([seed], dtype=torch.int64)
     return get_backend(backend).causal_attention(q, k, v, dropout_p, scale, seed)
+
+
+def supports_kv_cache(backend: str | None, device) -> bool:
+    """Whether `backend` can attend fewer queries than keys (KV-cache decoding) on `device`."""
+    module = get_backend(backend)
+    check = getattr(module, "supports_kv_cache", None)
+    return bool(check(torch.device(device))) if check else True
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -98,4 +113,4 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 
 
 __all__ = ["layer_norm", "cross_entropy", "gelu", "causal_attention", "available_backends", "resolve_backend_name",
-           "register_backend", "get_backend", "known_backends", "BackendError", "DEFAULT_BACKEND"]
+           "register_backend", "get_backend", "known_backends", "supports_kv_cache", "BackendError", "DEFAULT_BACKEND"]

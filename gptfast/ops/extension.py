@@ -152,8 +152,15 @@ def gelu(x):
     return OPS.gelu_fwd(x)
 
 
+def supports_kv_cache(device: torch.device) -> bool:
+    return device.type == "cpu"          # the CUDA kernels take Tq == Tk only (so far)
+
+
 def causal_attention(q, k, v, dropout_p=0.0, scale=None, seed=None):
     _check_device(q)
+    if q.shape[2] != k.shape[2] and not supports_kv_cache(q.device):
+        raise RuntimeError(f"the extension backend's {q.device.type} attention needs as many queries as keys; "
+                           "generate with use_cache=False or another backend")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if seed is None:                               # the interface draws one when dropout_p > 0
         seed = torch.zeros(1, dtype=torch.int64)

@@ -25,4 +25,10 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
                      scale: float | None = None, seed=None) -> torch.Tensor:
     # `seed` is not used: SDPA draws its dropout mask from torch's own RNG
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+    Tq, Tk = q.shape[2], k.shape[2]
+    if Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+    # fewer queries than keys (KV cache): SDPA's is_causal aligns the top-left corner, we need the
+    # bottom-right one - query r sees keys 0 .. r + Tk - Tq - so pass the mask explicitly
+    allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale)

@@ -29,23 +29,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
               scale: float | None = None, dropout_p: float = 0.0, seed=None) -> torch.Tensor:
     """softmax(q k^T * scale [+ causal mask]) v, with dropout on the attention weights.
 
-    q, k, v: (B, nh, T, hs). With `causal`, position t may attend to positions <= t only.
-    Dropout keeps weight (b*nh + h, t, s) iff the shared counter-based hash of (seed, b*nh + h, t, s)
-    says so, and scales kept weights by 1 / (1 - dropout_p).
+    q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs) with Tk >= Tq - the queries are the last Tq
+    positions (with a KV cache, the earlier keys come from the cache). With `causal`, the query at
+    position t attends to positions <= t only. Dropout keeps weight (b*nh + h, t, s) iff the shared
+    counter-based hash of (seed, b*nh + h, t, s) says so (t the query's position), and scales kept
+    weights by 1 / (1 - dropout_p).
     """
-    B, nh, T, hs = q.shape
+    B, nh, Tq, hs = q.shape
+    Tk = k.shape[2]
+    offset = Tk - Tq                                             # cached positions before the queries
     scale = 1.0 / math.sqrt(hs) if scale is None else scale
-    scores = (q @ k.transpose(-2, -1)) * scale                   # (B, nh, T, T)
+    scores = (q @ k.transpose(-2, -1)) * scale                   # (B, nh, Tq, Tk)
     if causal:
-        future = torch.triu(torch.ones(T, T, dtype=torch.bool, device=q.device), diagonal=1)
+        future = torch.triu(torch.ones(Tq, Tk, dtype=torch.bool, device=q.device), diagonal=1 + offset)
         scores = scores.masked_fill(future, float("-inf"))       # no peeking at later tokens
-    weights = torch.softmax(scores, dim=-1)                      # (B, nh, T, T), rows sum to 1
+    weights = torch.softmax(scores, dim=-1)                      # (B, nh, Tq, Tk), rows sum to 1
     if dropout_p > 0.0:
         if seed is None:
             seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
-        keep = dropout_keep_mask(seed, B * nh, T, T, dropout_p, device=q.device).view(B, nh, T, T)
-        weights = weights * keep / (1.0 - dropout_p)
-    return weights @ v                                           # (B, nh, T, hs)
+        keep = dropout_keep_mask(seed, B * nh, Tk, Tk, dropout_p, device=q.device)[:, offset:]
+        weights = weights * keep.view(B, nh, Tq, Tk) / (1.0 - dropout_p)
+    return weights @ v                                           # (B, nh, Tq, hs)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

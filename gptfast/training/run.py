@@ -16,7 +16,7 @@ from .. import ops
 from ..data import DEFAULT_CORPUS, DownloadError, create_dataloaders, load_text
 from ..model import PRESETS, GPTConfig, GPTModel
 from ..tokenizer import TOKENIZERS, TokenizerUnavailableError, get_tokenizer
-from .checkpoint import CHECKPOINT_NAME, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .loop import History, train_model
 from .metrics import MetricsLog, plot_losses
 
@@ -51,6 +51,7 @@ class TrainSettings:
     num_workers: int = 0
     train_ratio: float = 0.9
     progress: bool = True
+    init_from: str | None = None         # a GPT-2 folder (Hugging Face format) or a gptfast checkpoint
 
 
 def resolve_device(name: str) -> torch.device:
@@ -74,6 +75,26 @@ def build_config(s: TrainSettings, device: torch.device, vocab_size: int) -> GPT
         raise ConfigError(f"--context-length {s.context_length} exceeds the {preset} model's context "
                           f"length {cfg.context_length}")
     return cfg
+
+
+def initial_model(s: TrainSettings, cfg: GPTConfig, backend: str, tokenizer, echo) -> GPTModel:
+    """A fresh model for `cfg`, or the weights named by --init-from (to fine-tune)."""
+    if not s.init_from:
+        return GPTModel(cfg)
+    if not os.path.exists(s.init_from):
+        raise ConfigError(f"--init-from {s.init_from}: no such file or folder")
+    if os.path.isfile(os.path.join(s.init_from, "config.json")):
+        from ..model import load_gpt2
+
+        model = load_gpt2(s.init_from, backend=backend)
+        echo(f"initialized from GPT-2 weights in {s.init_from}")
+    else:
+        model, _ = load_checkpoint(s.init_from, backend=backend)
+        echo(f"initialized from gptfast checkpoint {s.init_from}")
+    if model.cfg.vocab_size < tokenizer.n_vocab:
+        raise ConfigError(f"--init-from model has {model.cfg.vocab_size} tokens but the tokenizer has "
+                          f"{tokenizer.n_vocab}")
+    return model
 
 
 def run_training(s: TrainSettings, echo=print) -> dict:
@@ -106,7 +127,11 @@ def run_training(s: TrainSettings, echo=print) -> dict:
         raise ConfigError(str(err)) from None
 
     torch.manual_seed(s.seed)  # the same initial weights whatever the tokenizer did before
-    model = GPTModel(cfg).to(device)
+    model = initial_model(s, cfg, backend, tokenizer, echo).to(device)
+    cfg = model.cfg
+    if context_length > cfg.context_length:
+        raise ConfigError(f"--context-length {context_length} exceeds the initial model's context length "
+                          f"{cfg.context_length}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
 
     n_params = model.num_parameters()

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-from .attention import attention_bwd, attention_fwd, causal_attention  # noqa: E402
+from .attention import attention_bwd, attention_fwd, causal_attention, supports_kv_cache  # noqa: E402
 from .cross_entropy import cross_entropy, cross_entropy_bwd, cross_entropy_fwd  # noqa: E402
 from .gelu import gelu, gelu_bwd, gelu_fwd  # noqa: E402
 from .layer_norm import layer_norm, layer_norm_bwd, layer_norm_fwd  # noqa: E402
@@ -30,5 +30,5 @@ def build_info() -> dict:
 
 
 __all__ = ["layer_norm", "layer_norm_fwd", "layer_norm_bwd", "gelu", "gelu_fwd", "gelu_bwd",
-           "causal_attention", "attention_fwd", "attention_bwd", "cross_entropy", "cross_entropy_fwd",
+           "causal_attention", "attention_fwd", "attention_bwd", "supports_kv_cache", "cross_entropy", "cross_entropy_fwd",
            "cross_entropy_bwd", "INTERPRET", "build_info"]

@@ -193,6 +193,9 @@ def _check(q, k, v, dropout_p, seed):
         raise TypeError(f"q: the Triton attention supports float32, float16 and bfloat16, got {q.dtype}")
     if q.dim() != 4:
         raise ValueError(f"q must have rank 4 (B, H, T, D), got shape {tuple(q.shape)}")
+    if k.dim() == 4 and k.shape[2] != q.shape[2]:
+        raise ValueError(f"the Triton attention needs as many queries as keys (got {q.shape[2]} and {k.shape[2]}); "
+                         "generate with use_cache=False or another backend")
     for name, t in (("k", k), ("v", v)):
         if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
             raise ValueError(f"{name} must match q's shape {tuple(q.shape)}, dtype {q.dtype} and device "
@@ -267,6 +270,10 @@ def _backward(ctx, dout, _dlse):
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def supports_kv_cache(device) -> bool:
+    return False                         # the kernels take Tq == Tk only (so far)
 
 
 def causal_attention(q, k, v, dropout_p=0.0, scale=None, seed=None):
