@@ -110,3 +110,16 @@ def test_run_training_user_errors(tmp_path, verdict_text):
     with pytest.raises(ConfigError, match="text too short"):
         run_training(run_settings(tmp_path, text_path, context_length=64, batch_size=1,
                                   train_ratio=0.999), echo=lambda _: None)
+
+
+def test_init_from_a_gptfast_checkpoint(tmp_path, verdict_text):
+    text_path = tmp_path / "v.txt"
+    text_path.write_text(verdict_text)
+    first = run_training(run_settings(tmp_path, text_path, out=str(tmp_path / "a")), echo=lambda _: None)
+    lines = []
+    second = run_training(run_settings(tmp_path, text_path, out=str(tmp_path / "b"), init_from=first["checkpoint"]),
+                          echo=lines.append)
+    assert any(line.startswith("initialized from gptfast checkpoint") for line in lines)
+    assert second["final_train_loss"] < first["final_train_loss"]         # it continued, not restarted
+    with pytest.raises(ConfigError, match="no such file or folder"):
+        run_training(run_settings(tmp_path, text_path, init_from=str(tmp_path / "nope")), echo=lambda _: None)
