@@ -40,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vocabulary of the BPE trained with --tokenizer bpe")
     p.add_argument("--start-context", default=d.start_context, help="prompt of the per-epoch sample")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader workers")
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"],
+                   help="autocast precision of the forward pass (float16: CUDA only, with loss scaling)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument("--grad-accum", type=positive_int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--grad-clip", type=nonnegative_float, default=d.grad_clip, help="max gradient norm (0: off)")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warm-up")
+    p.add_argument("--min-lr", type=nonnegative_float, default=None, help="cosine-decay the rate to this")
+    p.add_argument("--tie-embeddings", action="store_true", help="share the LM head with the token embedding")
     p.add_argument("--init-from", help="fine-tune from a GPT-2 folder (Hugging Face format) or a gptfast checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -47,13 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.warmup_steps < 0:
+        print("train.py: error: argument --warmup-steps: must be >= 0", file=sys.stderr)
+        return 2
     settings = TrainSettings(
         data=args.data, preset=args.preset, backend=args.backend, device=args.device,
         epochs=args.epochs, batch_size=args.batch_size, context_length=args.context_length,
         stride=args.stride, lr=args.lr, weight_decay=args.weight_decay, eval_freq=args.eval_freq,
         eval_iter=args.eval_iter, seed=args.seed, out=args.out, tokenizer=args.tokenizer,
         bpe_vocab_size=args.bpe_vocab_size, start_context=args.start_context,
-        num_workers=args.num_workers, progress=not args.no_progress, init_from=args.init_from)
+        num_workers=args.num_workers, progress=not args.no_progress, init_from=args.init_from,
+        dtype=args.dtype, compile=args.compile, grad_accum=args.grad_accum, grad_clip=args.grad_clip,
+        warmup_steps=args.warmup_steps, min_lr=args.min_lr, tie_embeddings=args.tie_embeddings)
     try:
         run_training(settings)
     except USER_ERRORS as err:

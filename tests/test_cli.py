@@ -29,6 +29,9 @@ def verdict():
     (["--weight-decay", "-0.1"], "argument --weight-decay: must be a number >= 0"),
     (["--eval-freq", "abc"], "argument --eval-freq: must be a positive integer"),
     (["--backend", "warp-drive"], "unknown op backend 'warp-drive'"),
+    (["--grad-accum", "0"], "argument --grad-accum: must be a positive integer"),
+    (["--dtype", "float16", "--device", "cpu", "--preset", "tiny"], "float16 needs a CUDA device"),
+    (["--warmup-steps", "-3"], "argument --warmup-steps: must be >= 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(flags, message, verdict):
     args = ["--data", verdict, *flags] if "--data" not in flags else flags

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 from ..generate import generate, text_to_token_ids, token_ids_to_text
 from .evaluate import calc_loss_batch, evaluate_model
 from .metrics import MetricsLog
+from .optim import autocast, grad_scaler, set_lr
 
 
 @dataclass
@@ -31,25 +32,55 @@ def generate_sample(model, tokenizer, device, start_context: str, max_new_tokens
 
 def train_model(model, train_loader, val_loader, optimizer, device, num_epochs: int, eval_freq: int,
                 eval_iter: int, start_context: str, tokenizer, log: MetricsLog | None = None,
-                progress: bool = True, sample_tokens: int = 50) -> History:
-    """Train for `num_epochs`; evaluate every `eval_freq` steps (from step 0) on `eval_iter` batches."""
+                progress: bool = True, sample_tokens: int = 50, grad_accum: int = 1, grad_clip: float = 0.0,
+                lr_schedule=None, dtype: str = "float32", train_model_fn=None) -> History:
+    """Train for `num_epochs`; evaluate every `eval_freq` optimizer steps (from step 0) on `eval_iter`
+    batches.
+
+    One optimizer step = `grad_accum` micro-batches (gradients summed, each loss divided by
+    grad_accum; an epoch's last, shorter group is rescaled to a mean too). `grad_clip` > 0 clips the
+    global gradient norm. `lr_schedule(step) -> lr` sets the rate before each step. `dtype`:
+    autocast precision of the forward pass. `train_model_fn`: what runs the training forward
+    (e.g. a torch.compile'd model); evaluation and samples use `model` itself.
+    """
     log = log or MetricsLog(None)
     hist = History()
+    forward = model if train_model_fn is None else train_model_fn
+    scaler = grad_scaler(dtype, device)
+    params = [p for p in model.parameters() if p.requires_grad]
     # Where we start from: an untrained model predicts close to uniformly, loss ~ ln(vocab_size).
     train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
     tqdm.write(f"Before training: Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
     log.write("initial_eval", step=0, tokens_seen=0, train_loss=train_loss, val_loss=val_loss)
     for epoch in range(1, num_epochs + 1):
         model.train()
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{num_epochs}", unit="batch",
+        n_micro = len(train_loader)
+        bar = tqdm(total=-(-n_micro // grad_accum), desc=f"epoch {epoch}/{num_epochs}", unit="step",
                    disable=not progress, dynamic_ncols=True)
-        for inputs, targets in bar:
-            optimizer.zero_grad(set_to_none=True)
-            loss = calc_loss_batch(inputs, targets, model, device)
-            loss.backward()
-            optimizer.step()
+        micro_losses = []
+        for i, (inputs, targets) in enumerate(train_loader):
+            with autocast(dtype, device):
+                loss = calc_loss_batch(inputs, targets, forward, device)
+            scaler.scale(loss / grad_accum).backward()
+            micro_losses.append(loss.detach())
             hist.tokens += inputs.numel()
-            loss_value = loss.item()
+            if len(micro_losses) < grad_accum and i + 1 < n_micro:
+                continue
+            if len(micro_losses) < grad_accum:                   # short last group: make it a mean
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(grad_accum / len(micro_losses))
+            if lr_schedule is not None:
+                set_lr(optimizer, lr_schedule(hist.step))
+            if grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = torch.stack(micro_losses).mean().item()
+            micro_losses = []
+            bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}")
             if hist.step % eval_freq == 0:
                 train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
@@ -60,7 +91,8 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs: 
                 tqdm.write(f"Ep {epoch} (Step {hist.step:06d}): "
                            f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
                 log.write("eval", epoch=epoch, step=hist.step, tokens_seen=hist.tokens,
-                          train_loss=train_loss, val_loss=val_loss, batch_loss=loss_value)
+                          train_loss=train_loss, val_loss=val_loss, batch_loss=loss_value,
+                          lr=optimizer.param_groups[0]["lr"])
             hist.step += 1
         bar.close()
         sample = generate_sample(model, tokenizer, device, start_context, sample_tokens)

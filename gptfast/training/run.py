@@ -19,6 +19,7 @@ from ..tokenizer import TOKENIZERS, TokenizerUnavailableError, get_tokenizer
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .loop import History, train_model
 from .metrics import MetricsLog, plot_losses
+from .optim import check_precision, lr_at, make_optimizer
 
 
 class ConfigError(ValueError):
@@ -52,6 +53,13 @@ class TrainSettings:
     train_ratio: float = 0.9
     progress: bool = True
     init_from: str | None = None         # a GPT-2 folder (Hugging Face format) or a gptfast checkpoint
+    dtype: str = "float32"               # autocast precision: float32, bfloat16, float16 (CUDA)
+    compile: bool = False                # torch.compile the training forward
+    grad_accum: int = 1                  # micro-batches per optimizer step
+    grad_clip: float = 0.0               # max global gradient norm; 0 = no clipping
+    warmup_steps: int = 0                # linear learning-rate warm-up
+    min_lr: float | None = None          # cosine decay to this rate at the last step; None = constant lr
+    tie_embeddings: bool = False         # LM head shares the token embedding (fresh models only)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -105,6 +113,12 @@ def run_training(s: TrainSettings, echo=print) -> dict:
         raise ConfigError(f"unknown preset {s.preset!r}; choose one of: {', '.join(PRESETS)}")
     device = resolve_device(s.device)
     backend = ops.resolve_backend_name(s.backend)
+    try:
+        check_precision(s.dtype, device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if s.grad_accum < 1:
+        raise ConfigError(f"grad_accum must be >= 1, got {s.grad_accum}")
     torch.manual_seed(s.seed)
 
     text = load_text(s.data)
@@ -117,6 +131,7 @@ def run_training(s: TrainSettings, echo=print) -> dict:
 
     cfg = build_config(s, device, tokenizer.n_vocab)
     cfg.backend = backend
+    cfg.tie_embeddings = s.tie_embeddings
     context_length = s.context_length or cfg.context_length
     try:
         train_loader, val_loader = create_dataloaders(
@@ -132,15 +147,24 @@ def run_training(s: TrainSettings, echo=print) -> dict:
     if context_length > cfg.context_length:
         raise ConfigError(f"--context-length {context_length} exceeds the initial model's context length "
                           f"{cfg.context_length}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    optimizer = make_optimizer(model, s.lr, s.weight_decay, device)
+    total_steps = s.epochs * -(-len(train_loader) // s.grad_accum)
+    schedule = None
+    if s.warmup_steps or s.min_lr is not None:
+        schedule = lambda step: lr_at(step, total_steps, s.lr, s.warmup_steps, s.min_lr)  # noqa: E731
+    train_forward = torch.compile(model) if s.compile else None
 
     n_params = model.num_parameters()
     echo(f"config: {json.dumps(cfg.to_dict())}")
     echo(f"parameters: {n_params:,} | device: {device} | backend: {backend} | tokenizer: "
          f"{s.tokenizer} ({tokenizer.n_vocab} tokens)")
     echo(f"data: {s.data} | {len(text):,} characters | train batches/epoch: {len(train_loader)} | "
-         f"val batches: {len(val_loader)} | tokens/step: {s.batch_size * context_length:,} "
-         f"({s.batch_size} x {context_length})")
+         f"val batches: {len(val_loader)} | tokens/step: {s.batch_size * context_length * s.grad_accum:,} "
+         f"({s.batch_size} x {context_length}{f' x {s.grad_accum} accumulated' if s.grad_accum > 1 else ''})")
+    echo(f"precision: {s.dtype} | compile: {s.compile} | steps: {total_steps} | lr {s.lr:g}"
+         f"{f' warm-up {s.warmup_steps}' if s.warmup_steps else ''}"
+         f"{f' cosine to {s.min_lr:g}' if s.min_lr is not None else ''}"
+         f"{f' | grad clip {s.grad_clip:g}' if s.grad_clip else ''}")
 
     os.makedirs(s.out, exist_ok=True)
     log = MetricsLog(os.path.join(s.out, "metrics.jsonl"))
@@ -148,7 +172,8 @@ def run_training(s: TrainSettings, echo=print) -> dict:
               device=str(device), torch=torch.__version__)
     hist: History = train_model(model, train_loader, val_loader, optimizer, device, s.epochs,
                                 s.eval_freq, s.eval_iter, s.start_context, tokenizer, log=log,
-                                progress=s.progress)
+                                progress=s.progress, grad_accum=s.grad_accum, grad_clip=s.grad_clip,
+                                lr_schedule=schedule, dtype=s.dtype, train_model_fn=train_forward)
 
     ckpt = save_checkpoint(os.path.join(s.out, CHECKPOINT_NAME), model, optimizer, tokenizer,
                            step=hist.step, epoch=s.epochs, tokens_seen=hist.tokens)

@@ -1,0 +1,56 @@
+"""Optimizer, learning-rate schedule and precision for a training run."""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+
+def make_optimizer(model, lr: float, weight_decay: float, device) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices (and embeddings) only: biases and LayerNorm
+    parameters (1-D) are not decayed. Fused kernels on CUDA, multi-tensor (foreach) elsewhere."""
+    params = [p for p in model.parameters() if p.requires_grad]   # tied weights appear once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    impl = {"fused": True} if torch.device(device).type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=lr, **impl)
+
+
+def lr_at(step: int, total_steps: int, lr: float, warmup_steps: int = 0, min_lr: float | None = None) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay from `lr` to `min_lr` at the last step.
+    With no warm-up and min_lr = lr (the defaults) the rate is constant."""
+    min_lr = lr if min_lr is None else min_lr
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps - 1)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_precision(dtype: str, device) -> None:
+    if dtype not in PRECISIONS:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(PRECISIONS)}")
+    if dtype == "float16" and torch.device(device).type != "cuda":
+        raise ValueError("--dtype float16 needs a CUDA device (use bfloat16 on CPU)")
+
+
+def autocast(dtype: str, device):
+    """Mixed precision for the forward pass: matmuls in `dtype`, master weights stay float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=PRECISIONS[dtype])
+
+
+def grad_scaler(dtype: str, device):
+    """float16 needs loss scaling against gradient underflow; bfloat16 and float32 do not."""
+    enabled = dtype == "float16"
+    return torch.amp.GradScaler(torch.device(device).type, enabled=enabled)
