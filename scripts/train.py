@@ -13,7 +13,7 @@ from gptfast.cli import OneLineParser, nonnegative_float, positive_float, positi
 from gptfast.model import PRESETS
 from gptfast.ops import known_backends
 from gptfast.tokenizer import TOKENIZERS
-from gptfast.training import USER_ERRORS, TrainSettings, run_training
+from gptfast.training import USER_ERRORS, NonFiniteLoss, TrainSettings, run_training
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warm-up")
     p.add_argument("--min-lr", type=nonnegative_float, default=None, help="cosine-decay the rate to this")
     p.add_argument("--tie-embeddings", action="store_true", help="share the LM head with the token embedding")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (ckpt-step*.pt)")
+    p.add_argument("--keep-checkpoints", type=positive_int, default=3, help="periodic checkpoints kept")
+    p.add_argument("--resume", help="continue from a checkpoint file, or 'auto' for the latest in --out")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps in total")
     p.add_argument("--init-from", help="fine-tune from a GPT-2 folder (Hugging Face format) or a gptfast checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -55,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.checkpoint_every < 0:
+        print("train.py: error: argument --checkpoint-every: must be >= 0", file=sys.stderr)
+        return 2
     if args.warmup_steps < 0:
         print("train.py: error: argument --warmup-steps: must be >= 0", file=sys.stderr)
         return 2
@@ -66,12 +73,17 @@ def main(argv=None) -> int:
         bpe_vocab_size=args.bpe_vocab_size, start_context=args.start_context,
         num_workers=args.num_workers, progress=not args.no_progress, init_from=args.init_from,
         dtype=args.dtype, compile=args.compile, grad_accum=args.grad_accum, grad_clip=args.grad_clip,
-        warmup_steps=args.warmup_steps, min_lr=args.min_lr, tie_embeddings=args.tie_embeddings)
+        warmup_steps=args.warmup_steps, min_lr=args.min_lr, tie_embeddings=args.tie_embeddings,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
+        max_steps=args.max_steps)
     try:
         run_training(settings)
     except USER_ERRORS as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as err:
+        print(f"train.py: stopped: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("train.py: interrupted", file=sys.stderr)
         return 130

@@ -31,6 +31,40 @@ def save_checkpoint(path: str, model: GPTModel, optimizer=None, tokenizer=None, 
     return path
 
 
+def rng_states() -> dict:
+    """Every random stream a training step draws from: Python's, torch's CPU and CUDA generators."""
+    import random
+
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict) -> None:
+    import random
+
+    py = states["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))   # the saved tuple comes back with a list inside
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def read_checkpoint(path: str, map_location="cpu") -> dict:
+    """The checkpoint's contents; a clear error for a missing, truncated, corrupt or foreign file.
+    Only tensors and plain types are accepted (weights_only=True): no pickled code ever runs."""
+    path = resolve_checkpoint_path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:   # truncated zip, bad pickle opcodes, disallowed globals, ...
+        raise ValueError(f"{path} is not a readable gptfast checkpoint (truncated, corrupt, or not "
+                         f"written by gptfast): {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+    if not isinstance(state, dict) or state.get("format") != "gptfast-checkpoint":
+        raise ValueError(f"{path} is not a gptfast checkpoint")
+    if state.get("version") != 1:
+        raise ValueError(f"{path} has checkpoint version {state.get('version')}; this gptfast reads version 1")
+    return state
+
+
 def resolve_checkpoint_path(path: str) -> str:
     """Accept a checkpoint file or a run folder holding `checkpoint.pt`."""
     if os.path.isdir(path):
@@ -42,9 +76,7 @@ def resolve_checkpoint_path(path: str) -> str:
 
 def load_checkpoint(path: str, map_location="cpu", backend: str | None = None) -> tuple[GPTModel, dict]:
     """Rebuild the model from a checkpoint; returns (model, the raw checkpoint dict)."""
-    state = torch.load(resolve_checkpoint_path(path), map_location=map_location, weights_only=True)
-    if state.get("format") != "gptfast-checkpoint":
-        raise ValueError(f"{path} is not a gptfast checkpoint")
+    state = read_checkpoint(path, map_location)
     cfg = GPTConfig.from_dict(state["config"])
     cfg.backend = backend  # a runtime choice, not a property of the weights: None -> env/default
     model = GPTModel(cfg)

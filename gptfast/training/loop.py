@@ -1,6 +1,7 @@
 """The training loop: forward, loss, backward, AdamW step; periodic evaluation; a sample per epoch."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -19,8 +20,13 @@ class History:
     train_losses: list = field(default_factory=list)
     val_losses: list = field(default_factory=list)
     samples: list = field(default_factory=list)
+    batch_losses: list = field(default_factory=list)   # (step, mean micro-batch loss) of every step
     step: int = 0            # optimizer steps taken
     tokens: int = 0          # training tokens consumed
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became inf or NaN; the step that produced it was not applied."""
 
 
 def generate_sample(model, tokenizer, device, start_context: str, max_new_tokens: int = 50) -> str:
@@ -33,7 +39,9 @@ def generate_sample(model, tokenizer, device, start_context: str, max_new_tokens
 def train_model(model, train_loader, val_loader, optimizer, device, num_epochs: int, eval_freq: int,
                 eval_iter: int, start_context: str, tokenizer, log: MetricsLog | None = None,
                 progress: bool = True, sample_tokens: int = 50, grad_accum: int = 1, grad_clip: float = 0.0,
-                lr_schedule=None, dtype: str = "float32", train_model_fn=None) -> History:
+                lr_schedule=None, dtype: str = "float32", train_model_fn=None, scaler=None,
+                checkpoint_every: int = 0, on_checkpoint=None, max_steps: int | None = None,
+                resume: dict | None = None) -> History:
     """Train for `num_epochs`; evaluate every `eval_freq` optimizer steps (from step 0) on `eval_iter`
     batches.
 
@@ -42,23 +50,44 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs: 
     global gradient norm. `lr_schedule(step) -> lr` sets the rate before each step. `dtype`:
     autocast precision of the forward pass. `train_model_fn`: what runs the training forward
     (e.g. a torch.compile'd model); evaluation and samples use `model` itself.
+
+    Fault tolerance: every `checkpoint_every` steps `on_checkpoint(hist, position)` is called with
+    everything needed to continue exactly (epoch, micro-batches consumed in it, the train loader's
+    generator states); `resume` (such a position plus `hist`) continues a run as if never stopped.
+    `max_steps` stops after that many steps in total. A non-finite loss raises NonFiniteLoss before
+    the step is applied.
     """
     log = log or MetricsLog(None)
-    hist = History()
     forward = model if train_model_fn is None else train_model_fn
-    scaler = grad_scaler(dtype, device)
+    scaler = scaler or grad_scaler(dtype, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    # Where we start from: an untrained model predicts close to uniformly, loss ~ ln(vocab_size).
-    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
-    tqdm.write(f"Before training: Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-    log.write("initial_eval", step=0, tokens_seen=0, train_loss=train_loss, val_loss=val_loss)
-    for epoch in range(1, num_epochs + 1):
+    gen = getattr(train_loader, "generator", None)
+    if resume is None:
+        hist, start_epoch, skip = History(), 1, 0
+        # Where we start from: an untrained model predicts close to uniformly, loss ~ ln(vocab_size).
+        train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+        tqdm.write(f"Before training: Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+        log.write("initial_eval", step=0, tokens_seen=0, train_loss=train_loss, val_loss=val_loss)
+    else:
+        hist, start_epoch, skip = resume["hist"], resume["epoch"], resume["micro_in_epoch"]
+        tqdm.write(f"Resuming at epoch {start_epoch}, step {hist.step} ({hist.tokens:,} tokens seen)")
+    for epoch in range(start_epoch, num_epochs + 1):
+        if max_steps is not None and hist.step >= max_steps:
+            break
         model.train()
+        resumed_epoch = resume is not None and epoch == start_epoch
+        if resumed_epoch and gen is not None:
+            gen.set_state(resume["epoch_gen_state"])             # replay this epoch's shuffle
+        epoch_gen_state = gen.get_state() if gen is not None else None
         n_micro = len(train_loader)
-        bar = tqdm(total=-(-n_micro // grad_accum), desc=f"epoch {epoch}/{num_epochs}", unit="step",
-                   disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=-(-n_micro // grad_accum), initial=(skip if resumed_epoch else 0) // grad_accum,
+                   desc=f"epoch {epoch}/{num_epochs}", unit="step", disable=not progress, dynamic_ncols=True)
         micro_losses = []
         for i, (inputs, targets) in enumerate(train_loader):
+            if resumed_epoch and i < skip:                       # consumed before the stop
+                if i + 1 == skip and gen is not None:
+                    gen.set_state(resume["gen_state"])
+                continue
             with autocast(dtype, device):
                 loss = calc_loss_batch(inputs, targets, forward, device)
             scaler.scale(loss / grad_accum).backward()
@@ -66,6 +95,10 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs: 
             hist.tokens += inputs.numel()
             if len(micro_losses) < grad_accum and i + 1 < n_micro:
                 continue
+            loss_value = torch.stack(micro_losses).float().mean().item()
+            if not math.isfinite(loss_value):
+                raise NonFiniteLoss(f"non-finite loss ({loss_value}) at step {hist.step} (epoch {epoch}); "
+                                    "the step was not applied")
             if len(micro_losses) < grad_accum:                   # short last group: make it a mean
                 for p in params:
                     if p.grad is not None:
@@ -78,8 +111,9 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs: 
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            loss_value = torch.stack(micro_losses).mean().item()
             micro_losses = []
+            hist.batch_losses.append((hist.step, loss_value))
+            log.write("step", epoch=epoch, step=hist.step, loss=loss_value, lr=optimizer.param_groups[0]["lr"])
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}")
             if hist.step % eval_freq == 0:
@@ -91,10 +125,16 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs: 
                 tqdm.write(f"Ep {epoch} (Step {hist.step:06d}): "
                            f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
                 log.write("eval", epoch=epoch, step=hist.step, tokens_seen=hist.tokens,
-                          train_loss=train_loss, val_loss=val_loss, batch_loss=loss_value,
-                          lr=optimizer.param_groups[0]["lr"])
+                          train_loss=train_loss, val_loss=val_loss, batch_loss=loss_value)
             hist.step += 1
+            if on_checkpoint is not None and checkpoint_every and hist.step % checkpoint_every == 0:
+                on_checkpoint(hist, {"epoch": epoch, "micro_in_epoch": i + 1, "epoch_gen_state": epoch_gen_state,
+                                     "gen_state": gen.get_state() if gen is not None else None})
+            if max_steps is not None and hist.step >= max_steps:
+                break
         bar.close()
+        if max_steps is not None and hist.step >= max_steps and i + 1 < n_micro:
+            break                                                # stopped mid-epoch: no sample
         sample = generate_sample(model, tokenizer, device, start_context, sample_tokens)
         hist.samples.append(sample)
         tqdm.write(f"Ep {epoch} sample: {sample}")

@@ -9,12 +9,13 @@ import time
 class MetricsLog:
     """Append-only JSON-lines file; every record gets the seconds since the log was opened."""
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, append: bool = False):
         self.path = path
         self.start = time.perf_counter()
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            open(path, "w").close()
+            if not append:
+                open(path, "w").close()
 
     def write(self, event: str, **fields) -> dict:
         record = {"event": event, "time_s": round(time.perf_counter() - self.start, 3), **fields}

@@ -16,10 +16,11 @@ from .. import ops
 from ..data import DEFAULT_CORPUS, DownloadError, create_dataloaders, load_text
 from ..model import PRESETS, GPTConfig, GPTModel
 from ..tokenizer import TOKENIZERS, TokenizerUnavailableError, get_tokenizer
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from .loop import History, train_model
+from .checkpoint import (CHECKPOINT_NAME, load_checkpoint, read_checkpoint, rng_states, save_checkpoint,
+                         set_rng_states)
+from .loop import History, NonFiniteLoss, train_model
 from .metrics import MetricsLog, plot_losses
-from .optim import check_precision, lr_at, make_optimizer
+from .optim import check_precision, grad_scaler, lr_at, make_optimizer
 
 
 class ConfigError(ValueError):
@@ -60,6 +61,11 @@ class TrainSettings:
     warmup_steps: int = 0                # linear learning-rate warm-up
     min_lr: float | None = None          # cosine decay to this rate at the last step; None = constant lr
     tie_embeddings: bool = False         # LM head shares the token embedding (fresh models only)
+    checkpoint_every: int = 0            # also checkpoint every N steps (0: only at the end)
+    keep_checkpoints: int = 3            # how many of those periodic checkpoints to keep
+    resume: str | None = None            # a checkpoint to continue from, or "auto": the latest in `out`
+    max_steps: int | None = None         # stop after this many optimizer steps in total
+    drop_rate: float | None = None       # override the preset's dropout
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,6 +89,22 @@ def build_config(s: TrainSettings, device: torch.device, vocab_size: int) -> GPT
         raise ConfigError(f"--context-length {s.context_length} exceeds the {preset} model's context "
                           f"length {cfg.context_length}")
     return cfg
+
+
+def periodic_checkpoints(out: str) -> list[str]:
+    """The run folder's ckpt-step*.pt files, oldest first."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(os.path.join(out, f) for f in os.listdir(out) if f.startswith("ckpt-step") and f.endswith(".pt"))
+
+
+def find_resume_checkpoint(resume: str, out: str) -> str:
+    if resume != "auto":
+        return resume
+    found = periodic_checkpoints(out)
+    if not found:
+        raise ConfigError(f"--resume auto: no ckpt-step*.pt in {out}")
+    return found[-1]
 
 
 def initial_model(s: TrainSettings, cfg: GPTConfig, backend: str, tokenizer, echo) -> GPTModel:
@@ -131,6 +153,8 @@ def run_training(s: TrainSettings, echo=print) -> dict:
 
     cfg = build_config(s, device, tokenizer.n_vocab)
     cfg.backend = backend
+    if s.drop_rate is not None:
+        cfg.drop_rate = s.drop_rate
     cfg.tie_embeddings = s.tie_embeddings
     context_length = s.context_length or cfg.context_length
     try:
@@ -142,7 +166,18 @@ def run_training(s: TrainSettings, echo=print) -> dict:
         raise ConfigError(str(err)) from None
 
     torch.manual_seed(s.seed)  # the same initial weights whatever the tokenizer did before
-    model = initial_model(s, cfg, backend, tokenizer, echo).to(device)
+    try:
+        resume_state = read_checkpoint(find_resume_checkpoint(s.resume, s.out), device) if s.resume else None
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"--resume: {err}") from None
+    if resume_state is not None:
+        cfg = GPTConfig.from_dict(resume_state["config"])
+        cfg.backend = backend
+        model = GPTModel(cfg)
+        model.load_state_dict(resume_state["model"])
+        model.to(device)
+    else:
+        model = initial_model(s, cfg, backend, tokenizer, echo).to(device)
     cfg = model.cfg
     if context_length > cfg.context_length:
         raise ConfigError(f"--context-length {context_length} exceeds the initial model's context length "
@@ -153,6 +188,14 @@ def run_training(s: TrainSettings, echo=print) -> dict:
     if s.warmup_steps or s.min_lr is not None:
         schedule = lambda step: lr_at(step, total_steps, s.lr, s.warmup_steps, s.min_lr)  # noqa: E731
     train_forward = torch.compile(model) if s.compile else None
+    scaler = grad_scaler(s.dtype, device)
+    resume = None
+    if resume_state is not None:
+        if "position" not in resume_state:
+            raise ConfigError("--resume: that checkpoint holds no training position (not written by a training run)")
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scaler.load_state_dict(resume_state["scaler"])
+        resume = {"hist": History(**resume_state["history"]), **resume_state["position"]}
 
     n_params = model.num_parameters()
     echo(f"config: {json.dumps(cfg.to_dict())}")
@@ -167,16 +210,35 @@ def run_training(s: TrainSettings, echo=print) -> dict:
          f"{f' | grad clip {s.grad_clip:g}' if s.grad_clip else ''}")
 
     os.makedirs(s.out, exist_ok=True)
-    log = MetricsLog(os.path.join(s.out, "metrics.jsonl"))
+    log = MetricsLog(os.path.join(s.out, "metrics.jsonl"), append=resume is not None)
     log.write("config", settings=asdict(s), model=cfg.to_dict(), parameters=n_params,
               device=str(device), torch=torch.__version__)
-    hist: History = train_model(model, train_loader, val_loader, optimizer, device, s.epochs,
-                                s.eval_freq, s.eval_iter, s.start_context, tokenizer, log=log,
-                                progress=s.progress, grad_accum=s.grad_accum, grad_clip=s.grad_clip,
-                                lr_schedule=schedule, dtype=s.dtype, train_model_fn=train_forward)
+    def checkpoint(path, hist, position):
+        return save_checkpoint(path, model, optimizer, tokenizer, step=hist.step, tokens_seen=hist.tokens,
+                               scaler=scaler.state_dict(), rng=rng_states(), position=position,
+                               history=asdict(hist), settings=asdict(s))
 
-    ckpt = save_checkpoint(os.path.join(s.out, CHECKPOINT_NAME), model, optimizer, tokenizer,
-                           step=hist.step, epoch=s.epochs, tokens_seen=hist.tokens)
+    def periodic_checkpoint(hist, position):
+        checkpoint(os.path.join(s.out, f"ckpt-step{hist.step:07d}.pt"), hist, position)
+        for old in periodic_checkpoints(s.out)[:-max(1, s.keep_checkpoints)]:
+            os.remove(old)
+
+    if resume_state is not None:
+        set_rng_states(resume_state["rng"])                     # exactly where the stopped run was
+    try:
+        hist: History = train_model(model, train_loader, val_loader, optimizer, device, s.epochs,
+                                    s.eval_freq, s.eval_iter, s.start_context, tokenizer, log=log,
+                                    progress=s.progress, grad_accum=s.grad_accum, grad_clip=s.grad_clip,
+                                    lr_schedule=schedule, dtype=s.dtype, train_model_fn=train_forward,
+                                    scaler=scaler, checkpoint_every=s.checkpoint_every,
+                                    on_checkpoint=periodic_checkpoint, max_steps=s.max_steps, resume=resume)
+    except NonFiniteLoss as err:
+        kept = periodic_checkpoints(s.out)
+        raise NonFiniteLoss(f"{err}; last good checkpoint: {kept[-1] if kept else 'none (use --checkpoint-every)'}") \
+            from None
+
+    end = {"epoch": s.epochs + 1, "micro_in_epoch": 0, "epoch_gen_state": None, "gen_state": None}
+    ckpt = checkpoint(os.path.join(s.out, CHECKPOINT_NAME), hist, end)
     plot = plot_losses(hist.steps, hist.tokens_seen, hist.train_losses, hist.val_losses,
                        os.path.join(s.out, "loss.png"))
     summary = {"steps": hist.step, "tokens_seen": hist.tokens, "parameters": n_params,

@@ -1,0 +1,98 @@
+"""Fault tolerance: exact resume, checkpoint rotation, non-finite losses, unreadable checkpoints."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+from gptfast.training import ConfigError, NonFiniteLoss, TrainSettings, load_checkpoint, run_training
+
+
+def settings(tmp_path, text, out, **kw):
+    data = tmp_path / "v.txt"
+    data.write_text(text)
+    base = dict(data=str(data), preset="tiny", epochs=2, batch_size=4, context_length=32, eval_freq=7, eval_iter=2,
+                out=str(out), progress=False, grad_accum=2)
+    return TrainSettings(**{**base, **kw})
+
+
+def step_losses(out):
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows if r["event"] == "step"}
+
+
+def test_stopped_and_resumed_run_matches_an_uninterrupted_one_bitwise(tmp_path, verdict_text):
+    quiet = lambda _: None  # noqa: E731
+    # dropout on: the resumed run must replay the same dropout draws and the same shuffles
+    full = run_training(settings(tmp_path, verdict_text, tmp_path / "full", drop_rate=0.1), echo=quiet)
+    cut = tmp_path / "cut"
+    run_training(settings(tmp_path, verdict_text, cut, drop_rate=0.1, checkpoint_every=4, max_steps=13,
+                          keep_checkpoints=2), echo=quiet)
+    assert sorted(os.listdir(cut)) == ["checkpoint.pt", "ckpt-step0000008.pt", "ckpt-step0000012.pt", "loss.png",
+                                       "metrics.jsonl"]                 # only the last 2 periodic ones kept
+    resumed = run_training(settings(tmp_path, verdict_text, cut, drop_rate=0.1, resume="auto"), echo=quiet)
+    a, b = step_losses(tmp_path / "full"), step_losses(cut)
+    assert resumed["steps"] == full["steps"]
+    assert all(a[k] == b[k] for k in a)                  # bitwise: steps 0-12 first run, 12.. resumed
+    assert resumed["final_val_loss"] == full["final_val_loss"]
+    model_a, _ = load_checkpoint(full["checkpoint"])
+    model_b, _ = load_checkpoint(resumed["checkpoint"])
+    assert all(torch.equal(x, y) for x, y in zip(model_a.state_dict().values(), model_b.state_dict().values()))
+
+
+def test_killed_process_resumes_from_its_last_checkpoint(tmp_path, verdict_text):
+    data = tmp_path / "v.txt"
+    data.write_text(verdict_text)
+    args = [sys.executable, "scripts/train.py", "--data", str(data), "--preset", "tiny", "--epochs", "3",
+            "--batch-size", "2", "--context-length", "32", "--eval-freq", "1000", "--no-progress",
+            "--checkpoint-every", "3", "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "run"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir.is_dir() and any(run_dir.glob("ckpt-step*.pt"))):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = sorted(f for f in os.listdir(tmp_path / "run") if f.startswith("ckpt-step"))
+    assert kept, "no checkpoint was written before the kill"
+    done = subprocess.run(args + ["--resume", "auto"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Resuming at epoch" in done.stdout and os.path.isfile(tmp_path / "run" / "checkpoint.pt")
+
+
+def test_non_finite_loss_stops_and_names_the_step(tmp_path, verdict_text, monkeypatch):
+    import gptfast.training.loop as loop
+
+    real = loop.calc_loss_batch
+    calls = {"n": 0}
+
+    def nan_on_the_fifth_step(*args, **kwargs):                 # 2 micro-batches per step
+        loss = real(*args, **kwargs)
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] > 8 else loss
+
+    monkeypatch.setattr(loop, "calc_loss_batch", nan_on_the_fifth_step)
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss \(nan\) at step 4 .*last good checkpoint: .*ckpt-step0000004"):
+        run_training(settings(tmp_path, verdict_text, tmp_path / "nan", checkpoint_every=2, eval_freq=1000),
+                     echo=lambda _: None)
+
+
+def test_corrupt_truncated_and_foreign_checkpoints(tmp_path, verdict_text):
+    good = run_training(settings(tmp_path, verdict_text, tmp_path / "ok", epochs=1), echo=lambda _: None)["checkpoint"]
+    blob = open(good, "rb").read()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(blob[: len(blob) // 2])
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all" * 10)
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "gptfast-checkpoint", "x": os.system}, evil)   # a pickled callable
+    for path in (truncated, corrupt, evil):
+        with pytest.raises(ValueError, match="not a readable gptfast checkpoint"):
+            load_checkpoint(str(path))
+    with pytest.raises(ConfigError, match="--resume: .*not a readable gptfast checkpoint"):
+        run_training(settings(tmp_path, verdict_text, tmp_path / "r", resume=str(truncated)), echo=lambda _: None)
