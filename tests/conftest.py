@@ -76,3 +76,26 @@ def check_precision(fn, torch_fn, ref_fn, inputs64, dtype, fp32_tol=1e-5):
         baseline = precision_errors(torch_fn, ref_fn, inputs64, dtype)
         assert max(errs) < 1e-2, errs
         assert all(e <= 2 * b + 1e-6 for e, b in zip(errs, baseline)), (errs, baseline)
+
+
+def training_losses(backend: str, ids: torch.Tensor, steps: int, batch: int, T: int, context_length: int,
+                    drop_rate: float = 0.1) -> torch.Tensor:
+    """Losses of `steps` AdamW steps of a small model on consecutive windows of `ids` (vocab 101):
+    the same seeds for every backend, so backends that compute the same function agree."""
+    from gptfast.model import GPTConfig, GPTModel
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=101, context_length=context_length, emb_dim=64, n_heads=4, n_layers=2,
+                               drop_rate=drop_rate, backend=backend))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    torch.manual_seed(1)                                 # the same dropout draws for every backend
+    out = []
+    for step in range(steps):
+        x = ids[step * T: step * T + batch * T].view(batch, T)
+        y = ids[step * T + 1: step * T + batch * T + 1].view(batch, T)
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        out.append(loss.item())
+    return torch.tensor(out)

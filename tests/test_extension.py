@@ -256,24 +256,11 @@ def small_model(backend, drop_rate=0.0, seed=0):
 
 
 def test_twenty_training_steps_match_reference_with_dropout(verdict_text, gpt2_tokenizer):
+    from conftest import training_losses
+
     ids = torch.tensor(gpt2_tokenizer.encode(verdict_text)[:4000]) % 101
-
-    def losses(backend):
-        model = small_model(backend, drop_rate=0.1)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        torch.manual_seed(1)                         # same dropout draws in both runs
-        out = []
-        for step in range(20):
-            x = ids[step * 40: step * 40 + 4 * 40].view(4, 40)
-            y = ids[step * 40 + 1: step * 40 + 4 * 40 + 1].view(4, 40)
-            loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            out.append(loss.item())
-        return torch.tensor(out)
-
-    ref, ext = losses("reference"), losses("extension")
+    ref = training_losses("reference", ids, steps=20, batch=4, T=40, context_length=48)
+    ext = training_losses("extension", ids, steps=20, batch=4, T=40, context_length=48)
     assert (ref - ext).abs().max() < 1e-4, (ref, ext)
     assert ref[-5:].mean() < ref[:5].mean()          # it is actually training
 

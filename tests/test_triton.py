@@ -158,28 +158,11 @@ def test_attention_bad_inputs():
 
 # ----------------------------------------------------------------------------- the model
 def test_short_training_run_matches_reference(verdict_text, gpt2_tokenizer):
-    from gptfast.model import GPTConfig, GPTModel
+    from conftest import training_losses
 
     ids = torch.tensor(gpt2_tokenizer.encode(verdict_text)[:2000]) % 101
-
-    def losses(backend):
-        torch.manual_seed(0)
-        model = GPTModel(GPTConfig(vocab_size=101, context_length=32, emb_dim=64, n_heads=4, n_layers=2,
-                                   drop_rate=0.1, backend=backend))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        torch.manual_seed(1)
-        out = []
-        for step in range(8):
-            x = ids[step * 30: step * 30 + 2 * 30].view(2, 30)
-            y = ids[step * 30 + 1: step * 30 + 2 * 30 + 1].view(2, 30)
-            loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            out.append(loss.item())
-        return torch.tensor(out)
-
-    ref, tri = losses("reference"), losses("triton")
+    ref = training_losses("reference", ids, steps=8, batch=2, T=30, context_length=32)
+    tri = training_losses("triton", ids, steps=8, batch=2, T=30, context_length=32)
     assert (ref - tri).abs().max() < 1e-4, (ref, tri)
 
 

@@ -12,6 +12,7 @@ import math
 import torch
 
 from ..compiled import load_extension
+from . import autograd_formulas as formulas
 
 _C = load_extension()   # ImportError with the reason when it cannot be built or loaded
 OPS = torch.ops.gptfast
@@ -72,62 +73,9 @@ def _(dlogits, grad_loss):
 
 
 # ----------------------------------------------------------------------------- autograd
-def _layer_norm_setup(ctx, inputs, output):
-    x, weight, _bias, _eps = inputs
-    _y, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _layer_norm_backward(ctx, dy, _dmean, _drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = OPS.layer_norm_bwd(dy, x, weight, mean, rstd)
-    return dx, dweight, dbias, None
-
-
-def _gelu_setup(ctx, inputs, output):
-    (x,) = inputs
-    ctx.save_for_backward(x)
-
-
-def _gelu_backward(ctx, dy):
-    (x,) = ctx.saved_tensors
-    return OPS.gelu_bwd(dy, x)
-
-
-def _attention_setup(ctx, inputs, output):
-    q, k, v, causal, scale, dropout_p, seed = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, seed)
-    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
-    ctx.mark_non_differentiable(lse)
-
-
-def _attention_backward(ctx, dout, _dlse):
-    q, k, v, o, lse, seed = ctx.saved_tensors
-    dq, dk, dv = OPS.attention_bwd(dout, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.dropout_p, seed)
-    return dq, dk, dv, None, None, None, None
-
-
-def _cross_entropy_setup(ctx, inputs, output):
-    ctx.compute_grad = inputs[3]
-    _loss, lse, dlogits = output
-    ctx.save_for_backward(dlogits)
-    ctx.mark_non_differentiable(lse, dlogits)
-
-
-def _cross_entropy_backward(ctx, grad_loss, _glse, _gdl):
-    if not ctx.compute_grad:
-        raise RuntimeError("cross_entropy_fwd was called with compute_grad=False; its gradient is unavailable")
-    (dlogits,) = ctx.saved_tensors
-    return OPS.cross_entropy_bwd(dlogits, grad_loss), None, None, None
-
-
-torch.library.register_autograd("gptfast::cross_entropy_fwd", _cross_entropy_backward,
-                                setup_context=_cross_entropy_setup)
-torch.library.register_autograd("gptfast::layer_norm_fwd", _layer_norm_backward, setup_context=_layer_norm_setup)
-torch.library.register_autograd("gptfast::gelu_fwd", _gelu_backward, setup_context=_gelu_setup)
-torch.library.register_autograd("gptfast::attention_fwd", _attention_backward, setup_context=_attention_setup)
+for _name, _formula in (("layer_norm", formulas.layer_norm), ("gelu", formulas.gelu),
+                        ("attention", formulas.attention), ("cross_entropy", formulas.cross_entropy)):
+    formulas.register(f"gptfast::{_name}_fwd", _formula, getattr(OPS, f"{_name}_bwd"))
 
 
 # ----------------------------------------------------------------------------- backend functions

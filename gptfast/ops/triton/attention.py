@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import autograd_formulas as formulas
+
 from . import INTERPRET
 
 LOG2E = 1.4426950408889634
@@ -255,21 +257,7 @@ def _(dout, q, k, v, o, lse, causal, scale, dropout_p, seed):
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
-def _setup(ctx, inputs, output):
-    q, k, v, causal, scale, dropout_p, seed = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, seed)
-    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, o, lse, seed = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(dout, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.dropout_p, seed)
-    return dq, dk, dv, None, None, None, None
-
-
-attention_fwd.register_autograd(_backward, setup_context=_setup)
+formulas.register(attention_fwd, formulas.attention, attention_bwd)
 
 
 def supports_kv_cache(device) -> bool:

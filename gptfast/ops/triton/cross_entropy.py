@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import autograd_formulas as formulas
+
 from . import INTERPRET
 
 
@@ -104,22 +106,7 @@ def _(dlogits, grad_loss):
     return torch.empty(dlogits.shape, dtype=dlogits.dtype, device=dlogits.device)
 
 
-def _setup(ctx, inputs, output):
-    logits, _targets, _ignore, compute_grad = inputs
-    _loss, lse, dlogits = output
-    ctx.compute_grad = compute_grad
-    ctx.save_for_backward(dlogits)
-    ctx.mark_non_differentiable(lse, dlogits)
-
-
-def _backward(ctx, grad_loss, _glse, _gdl):
-    (dlogits,) = ctx.saved_tensors
-    if not ctx.compute_grad:
-        raise RuntimeError("cross_entropy_fwd was called with compute_grad=False; its gradient is unavailable")
-    return cross_entropy_bwd(dlogits, grad_loss), None, None, None
-
-
-cross_entropy_fwd.register_autograd(_backward, setup_context=_setup)
+formulas.register(cross_entropy_fwd, formulas.cross_entropy, cross_entropy_bwd)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import autograd_formulas as formulas
+
 BLOCK = 65536 if os.environ.get("TRITON_INTERPRET") == "1" else 1024   # interpreter: few, big programs
 
 
@@ -80,16 +82,7 @@ def _(dy, x):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-
-
-def _backward(ctx, dy):
-    (x,) = ctx.saved_tensors
-    return gelu_bwd(dy, x)
-
-
-gelu_fwd.register_autograd(_backward, setup_context=_setup)
+formulas.register(gelu_fwd, formulas.gelu, gelu_bwd)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import autograd_formulas as formulas
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -134,20 +136,7 @@ def _(dy, x, weight, mean, rstd):
             torch.empty(weight.shape, dtype=weight.dtype, device=x.device))
 
 
-def _setup(ctx, inputs, output):
-    x, weight, _bias, _eps = inputs
-    _y, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _backward(ctx, dy, _dmean, _drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = layer_norm_bwd(dy, x, weight, mean, rstd)
-    return dx, dweight, dbias, None
-
-
-layer_norm_fwd.register_autograd(_backward, setup_context=_setup)
+formulas.register(layer_norm_fwd, formulas.layer_norm, layer_norm_bwd)
 
 
 def layer_norm(x, weight, bias, eps=1e-5):

@@ -1,0 +1,74 @@
+"""The autograd wiring of each forward op to its backward op, shared by every compiled backend.
+
+Each op contract (csrc/ops.cpp) is the same for the C++/CUDA ops and the Triton ops, so so is the
+way their gradients flow: `formulas(bwd)` returns (setup_context, backward) for
+`torch.library.register_autograd`, given that backend's backward op. Statistics outputs (mean,
+rstd, lse, dlogits) are marked non-differentiable.
+"""
+from __future__ import annotations
+
+
+def layer_norm(bwd):
+    def setup(ctx, inputs, output):
+        x, weight, _bias, _eps = inputs
+        _y, mean, rstd = output
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def backward(ctx, dy, _dmean, _drstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dweight, dbias = bwd(dy, x, weight, mean, rstd)
+        return dx, dweight, dbias, None
+
+    return setup, backward
+
+
+def gelu(bwd):
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return bwd(dy, x)
+
+    return setup, backward
+
+
+def attention(bwd):
+    def setup(ctx, inputs, output):
+        q, k, v, causal, scale, dropout_p, seed = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, o, lse, seed)
+        ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, dout, _dlse):
+        q, k, v, o, lse, seed = ctx.saved_tensors
+        dq, dk, dv = bwd(dout, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.dropout_p, seed)
+        return dq, dk, dv, None, None, None, None
+
+    return setup, backward
+
+
+def cross_entropy(bwd):
+    def setup(ctx, inputs, output):
+        ctx.compute_grad = inputs[3]
+        _loss, lse, dlogits = output
+        ctx.save_for_backward(dlogits)
+        ctx.mark_non_differentiable(lse, dlogits)
+
+    def backward(ctx, grad_loss, _glse, _gdl):
+        if not ctx.compute_grad:
+            raise RuntimeError("cross_entropy_fwd was called with compute_grad=False; its gradient is unavailable")
+        (dlogits,) = ctx.saved_tensors
+        return bwd(dlogits, grad_loss), None, None, None
+
+    return setup, backward
+
+
+def register(fwd, formula, bwd) -> None:
+    """Attach `formula(bwd)` to the forward op `fwd` (a "ns::name" string or a custom_op)."""
+    import torch
+
+    setup, backward = formula(bwd)
+    torch.library.register_autograd(fwd, backward, setup_context=setup)
