@@ -19,7 +19,9 @@ from gptfast.training import USER_ERRORS, NonFiniteLoss, TrainSettings, run_trai
 def build_parser() -> argparse.ArgumentParser:
     d = TrainSettings()
     p = OneLineParser(prog="train.py", description="Train a GPT model on a text corpus.")
-    p.add_argument("--data", default=d.data, help="text file or URL (default: the-verdict, cached)")
+    p.add_argument("--data", nargs="+", default=[d.data],
+                   help="text file or URL (default: the-verdict, cached); a folder or several files are "
+                        "tokenized once into a memory-mapped token file")
     p.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} "
                                     "(default: cpu-small on CPU, book-124m on CUDA)")
     p.add_argument("--backend", help="op backend: " + ", ".join(known_backends()) +
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
         print("train.py: error: argument --warmup-steps: must be >= 0", file=sys.stderr)
         return 2
     settings = TrainSettings(
-        data=args.data, preset=args.preset, backend=args.backend, device=args.device,
+        data=args.data[0] if len(args.data) == 1 else args.data, preset=args.preset, backend=args.backend, device=args.device,
         epochs=args.epochs, batch_size=args.batch_size, context_length=args.context_length,
         stride=args.stride, lr=args.lr, weight_decay=args.weight_decay, eval_freq=args.eval_freq,
         eval_iter=args.eval_iter, seed=args.seed, out=args.out, tokenizer=args.tokenizer,

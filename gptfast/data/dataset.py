@@ -1,6 +1,7 @@
 """Sliding-window next-token datasets and the train/val DataLoaders built from them."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -10,13 +11,14 @@ class GPTDataset(Dataset):
 
     Window starts are 0, stride, 2*stride, ... as long as a full window plus its one-token-ahead
     target fits: `len(token_ids) - context_length` must be positive. Windows are sliced on the fly
-    from one tensor, so memory stays at one copy of the token stream.
+    from one tensor, so memory stays at one copy of the token stream - or none, for a NumPy
+    (memory-mapped) array, which is kept as it is.
     """
 
     def __init__(self, token_ids, context_length: int, stride: int):
         if context_length < 1 or stride < 1:
             raise ValueError(f"context_length and stride must be positive, got {context_length} and {stride}")
-        self.tokens = torch.as_tensor(token_ids, dtype=torch.long)
+        self.tokens = token_ids if isinstance(token_ids, np.ndarray) else torch.as_tensor(token_ids, dtype=torch.long)
         if self.tokens.ndim != 1:
             raise ValueError(f"token_ids must be a 1-D sequence, got shape {tuple(self.tokens.shape)}")
         if len(self.tokens) <= context_length:
@@ -33,7 +35,40 @@ class GPTDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.starts[i]
         chunk = self.tokens[s: s + self.context_length + 1]  # (T+1,)
+        if isinstance(chunk, np.ndarray):                     # memmap: read just this window
+            chunk = torch.from_numpy(chunk.astype(np.int64))
         return chunk[:-1], chunk[1:]                          # (T,), (T,)
+
+
+def create_token_dataloaders(tokens, batch_size: int = 4, context_length: int = 256, stride: int | None = None,
+                             train_ratio: float = 0.9, num_workers: int = 0,
+                             seed: int = 123) -> tuple[DataLoader, DataLoader]:
+    """Like create_dataloaders, for an already tokenized (e.g. memory-mapped) corpus: the split is
+    by tokens, the first `train_ratio` of them for training."""
+    split = int(train_ratio * len(tokens))
+    parts = {"train": tokens[:split], "val": tokens[split:]}
+    return _loaders(parts, batch_size, context_length, stride or context_length, num_workers, seed,
+                    {name: f"{len(part)} tokens" for name, part in parts.items()})
+
+
+def _loaders(parts: dict, batch_size, context_length, stride, num_workers, seed, descriptions: dict):
+    datasets = {}
+    for name, ids in parts.items():
+        try:
+            datasets[name] = GPTDataset(ids, context_length, stride)
+        except ValueError as err:
+            raise ValueError(f"{name} split ({descriptions[name]}): {err}; use a longer text, a smaller context "
+                             "length or another train_ratio") from None
+    if len(datasets["train"]) < batch_size:
+        raise ValueError(f"the train split has {len(datasets['train'])} windows, fewer than batch_size "
+                         f"{batch_size}; with drop_last that is an empty epoch - lower the batch size, "
+                         "context length or stride")
+    generator = torch.Generator().manual_seed(seed)
+    train = DataLoader(datasets["train"], batch_size=batch_size, shuffle=True, drop_last=True,
+                       num_workers=num_workers, generator=generator)
+    val = DataLoader(datasets["val"], batch_size=batch_size, shuffle=False, drop_last=False,
+                     num_workers=num_workers)
+    return train, val
 
 
 def create_dataloaders(text: str, tokenizer, batch_size: int = 4, context_length: int = 256,
@@ -49,21 +84,6 @@ def create_dataloaders(text: str, tokenizer, batch_size: int = 4, context_length
     stride = stride or context_length
     split = int(train_ratio * len(text))
     parts = {"train": text[:split], "val": text[split:]}
-    datasets = {}
-    for name, part in parts.items():
-        ids = tokenizer.encode(part)
-        try:
-            datasets[name] = GPTDataset(ids, context_length, stride)
-        except ValueError as err:
-            raise ValueError(f"{name} split ({len(part)} characters): {err}; use a longer text, a "
-                             f"smaller context length or another train_ratio") from None
-    if len(datasets["train"]) < batch_size:
-        raise ValueError(f"the train split has {len(datasets['train'])} windows, fewer than batch_size "
-                         f"{batch_size}; with drop_last that is an empty epoch - lower the batch size, "
-                         "context length or stride")
-    generator = torch.Generator().manual_seed(seed)
-    train = DataLoader(datasets["train"], batch_size=batch_size, shuffle=True, drop_last=True,
-                       num_workers=num_workers, generator=generator)
-    val = DataLoader(datasets["val"], batch_size=batch_size, shuffle=False, drop_last=False,
-                     num_workers=num_workers)
-    return train, val
+    ids = {name: tokenizer.encode(part) for name, part in parts.items()}
+    return _loaders(ids, batch_size, context_length, stride, num_workers, seed,
+                    {name: f"{len(part)} characters" for name, part in parts.items()})

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from .. import ops
-from ..data import DEFAULT_CORPUS, DownloadError, create_dataloaders, load_text
+from ..data import (DEFAULT_CORPUS, DownloadError, corpus_files, create_dataloaders, create_token_dataloaders,
+                    load_corpus_tokens, load_text)
 from ..model import PRESETS, GPTConfig, GPTModel
 from ..tokenizer import TOKENIZERS, TokenizerUnavailableError, get_tokenizer
 from .checkpoint import (CHECKPOINT_NAME, load_checkpoint, read_checkpoint, rng_states, save_checkpoint,
@@ -33,7 +34,8 @@ USER_ERRORS = (ConfigError, FileNotFoundError, DownloadError, TokenizerUnavailab
 
 @dataclass
 class TrainSettings:
-    data: str = DEFAULT_CORPUS           # a text file or a URL (downloaded once, cached)
+    data: str | list = DEFAULT_CORPUS    # a text file or a URL (downloaded once, cached); a folder or
+                                         # several files: tokenized once into a memory-mapped token file
     preset: str | None = None            # None -> "cpu-small" on CPU, "book-124m" on CUDA
     backend: str | None = None           # None -> $GPTFAST_BACKEND -> "torch"
     device: str = "auto"                 # auto / cpu / cuda
@@ -91,6 +93,11 @@ def build_config(s: TrainSettings, device: torch.device, vocab_size: int) -> GPT
     return cfg
 
 
+def corpus_mode(data) -> bool:
+    """Several files, or a folder: tokenize once into a memory-mapped token file."""
+    return not isinstance(data, str) and len(data) > 1 or (isinstance(data, str) and os.path.isdir(data))
+
+
 def periodic_checkpoints(out: str) -> list[str]:
     """The run folder's ckpt-step*.pt files, oldest first."""
     if not os.path.isdir(out):
@@ -143,8 +150,17 @@ def run_training(s: TrainSettings, echo=print) -> dict:
         raise ConfigError(f"grad_accum must be >= 1, got {s.grad_accum}")
     torch.manual_seed(s.seed)
 
-    text = load_text(s.data)
-    split = int(s.train_ratio * len(text))
+    if isinstance(s.data, (list, tuple)) and len(s.data) == 1:
+        s = replace(s, data=s.data[0])
+    corpus = corpus_mode(s.data)                 # a folder or several files: token-file memmap path
+    if corpus:
+        files = corpus_files(s.data)
+        with open(files[0], encoding="utf-8") as f:
+            text = f.read(1 << 20)                   # what a BPE trains on: the first MiB
+        split = len(text)
+    else:
+        text = load_text(s.data)
+        split = int(s.train_ratio * len(text))
     if s.tokenizer == "bpe":
         echo(f"training a byte-level BPE tokenizer ({s.bpe_vocab_size} tokens) on the training split")
         tokenizer = get_tokenizer("bpe", text=text[:split], vocab_size=s.bpe_vocab_size)
@@ -158,10 +174,18 @@ def run_training(s: TrainSettings, echo=print) -> dict:
     cfg.tie_embeddings = s.tie_embeddings
     context_length = s.context_length or cfg.context_length
     try:
-        train_loader, val_loader = create_dataloaders(
-            text, tokenizer, batch_size=s.batch_size, context_length=context_length,
-            stride=s.stride or context_length, train_ratio=s.train_ratio,
-            num_workers=s.num_workers, seed=s.seed)
+        if corpus:
+            tokens = load_corpus_tokens(s.data, tokenizer, progress=s.progress)
+            size = f"{len(files)} files, {len(tokens):,} tokens (memory-mapped)"
+            train_loader, val_loader = create_token_dataloaders(
+                tokens, batch_size=s.batch_size, context_length=context_length, stride=s.stride or context_length,
+                train_ratio=s.train_ratio, num_workers=s.num_workers, seed=s.seed)
+        else:
+            size = f"{len(text):,} characters"
+            train_loader, val_loader = create_dataloaders(
+                text, tokenizer, batch_size=s.batch_size, context_length=context_length,
+                stride=s.stride or context_length, train_ratio=s.train_ratio,
+                num_workers=s.num_workers, seed=s.seed)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -201,7 +225,7 @@ def run_training(s: TrainSettings, echo=print) -> dict:
     echo(f"config: {json.dumps(cfg.to_dict())}")
     echo(f"parameters: {n_params:,} | device: {device} | backend: {backend} | tokenizer: "
          f"{s.tokenizer} ({tokenizer.n_vocab} tokens)")
-    echo(f"data: {s.data} | {len(text):,} characters | train batches/epoch: {len(train_loader)} | "
+    echo(f"data: {s.data} | {size} | train batches/epoch: {len(train_loader)} | "
          f"val batches: {len(val_loader)} | tokens/step: {s.batch_size * context_length * s.grad_accum:,} "
          f"({s.batch_size} x {context_length}{f' x {s.grad_accum} accumulated' if s.grad_accum > 1 else ''})")
     echo(f"precision: {s.dtype} | compile: {s.compile} | steps: {total_steps} | lr {s.lr:g}"
