@@ -123,6 +123,18 @@ def _recompute(q, k, v, do, lse2, delta, rows, cols, T, qk_scale, sm_scale, head
     return z, ds
 
 
+@triton.jit
+def _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, rows, dims, T, D):
+    """q and dO rows (masked), lse in log2 units and delta for a block of query rows."""
+    row_ok = rows < T
+    qm = row_ok[:, None] & (dims[None, :] < D)
+    q = tl.load(q_ptr + base + rows[:, None] * D + dims[None, :], mask=qm, other=0.0)
+    do = tl.load(do_ptr + base + rows[:, None] * D + dims[None, :], mask=qm, other=0.0)
+    lse2 = tl.load(lse_ptr + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
+    return q, do, lse2, delta
+
+
 @triton.autotune(configs=_BWD_CONFIGS, key=["T", "BLOCK_D", "CAUSAL"])
 @triton.jit
 def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, seed_ptr, T, D,
@@ -142,12 +154,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
     lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0      # rows above the diagonal see nothing
     for start_m in range(lo, T, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        row_ok = rows < T
-        qm = row_ok[:, None] & (dims[None, :] < D)
-        q = tl.load(q_ptr + base + rows[:, None] * D + dims[None, :], mask=qm, other=0.0)
-        do = tl.load(do_ptr + base + rows[:, None] * D + dims[None, :], mask=qm, other=0.0)
-        lse2 = tl.load(lse_ptr + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(delta_ptr + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
+        q, do, lse2, delta = _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, rows, dims, T, D)
         z, ds = _recompute(q, k, v, do, lse2, delta, rows, cols, T, qk_scale, sm_scale, head_key, threshold,
                            keep_scale, CAUSAL, DROPOUT)
         dv += tl.dot(tl.trans(z.to(do.dtype)), do)
@@ -166,12 +173,7 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     base = bh.to(tl.int64) * T * D
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < T
-    qm = row_ok[:, None] & (dims[None, :] < D)
-    q = tl.load(q_ptr + base + rows[:, None] * D + dims[None, :], mask=qm, other=0.0)
-    do = tl.load(do_ptr + base + rows[:, None] * D + dims[None, :], mask=qm, other=0.0)
-    lse2 = tl.load(lse_ptr + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(delta_ptr + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
+    q, do, lse2, delta = _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, rows, dims, T, D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     head_key = _head_key(seed_ptr, bh) if DROPOUT else 0
     hi = tl.minimum((start_m + 1) * BLOCK_M, T) if CAUSAL else T
@@ -183,6 +185,7 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
         _z, ds = _recompute(q, k, v, do, lse2, delta, rows, cols, T, qk_scale, sm_scale, head_key, threshold,
                             keep_scale, CAUSAL, DROPOUT)
         dq += tl.dot(ds.to(k.dtype), k)
+    qm = (rows[:, None] < T) & (dims[None, :] < D)
     tl.store(dq_ptr + base + rows[:, None] * D + dims[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qm)
 
 
