@@ -66,9 +66,10 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, context_size:
     model.eval()
     finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
     cache = model.new_kv_cache(idx.shape[0]) if use_cache else None
+    V = model.cfg.vocab_size                                     # padded logit columns are never sampled
     try:
         window = idx[:, -context_size:]                          # crop to the context window
-        logits = model(window, cache, 0)[:, -1, :]               # prefill; (B, V) at the last position
+        logits = model(window, cache, 0)[:, -1, :V]              # prefill; (B, V) at the last position
         pos = window.shape[1]                                    # positions held in the cache
         for step in range(max_new_tokens):
             idx_next = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
@@ -80,10 +81,10 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, context_size:
             if step + 1 == max_new_tokens or (eos_id is not None and bool(finished.all())):
                 break
             if cache is not None and pos < context_size:         # room left: feed just the new token
-                logits = model(idx_next, cache, pos)[:, -1, :]
+                logits = model(idx_next, cache, pos)[:, -1, :V]
                 pos += 1
             else:                                                # textbook path, or a full window
-                logits = model(idx[:, -context_size:], cache, 0)[:, -1, :]
+                logits = model(idx[:, -context_size:], cache, 0)[:, -1, :V]
     finally:
         model.train(was_training)
 

@@ -3,10 +3,12 @@
     python scripts/train.py                       # cpu-small on the-verdict (downloaded once)
     python scripts/train.py --preset book-124m --epochs 10 --batch-size 2 --lr 4e-4 \
         --weight-decay 0.1 --eval-freq 5 --eval-iter 5 --seed 123 --data ../shared/data/the-verdict.txt
+    torchrun --standalone --nproc_per_node=2 scripts/train.py --grad-accum 2 ...   # data-parallel
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from gptfast.cli import OneLineParser, nonnegative_float, positive_float, positive_int
@@ -50,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warm-up")
     p.add_argument("--min-lr", type=nonnegative_float, default=None, help="cosine-decay the rate to this")
     p.add_argument("--tie-embeddings", action="store_true", help="share the LM head with the token embedding")
+    p.add_argument("--pad-vocab", action="store_true",
+                   help="pad embedding and LM-head rows to a multiple of 64 (50257 -> 50304: faster matmuls)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (ckpt-step*.pt)")
     p.add_argument("--keep-checkpoints", type=positive_int, default=3, help="periodic checkpoints kept")
     p.add_argument("--resume", help="continue from a checkpoint file, or 'auto' for the latest in --out")
@@ -75,19 +79,20 @@ def main(argv=None) -> int:
         bpe_vocab_size=args.bpe_vocab_size, start_context=args.start_context,
         num_workers=args.num_workers, progress=not args.no_progress, init_from=args.init_from,
         dtype=args.dtype, compile=args.compile, grad_accum=args.grad_accum, grad_clip=args.grad_clip,
-        warmup_steps=args.warmup_steps, min_lr=args.min_lr, tie_embeddings=args.tie_embeddings,
+        warmup_steps=args.warmup_steps, min_lr=args.min_lr, tie_embeddings=args.tie_embeddings, pad_vocab=args.pad_vocab,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
         max_steps=args.max_steps)
+    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)  # torchrun: rank 0 speaks
     try:
         run_training(settings)
     except USER_ERRORS as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
+        say(f"train.py: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLoss as err:
-        print(f"train.py: stopped: {err}", file=sys.stderr)
+        say(f"train.py: stopped: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("train.py: interrupted", file=sys.stderr)
+        say("train.py: interrupted", file=sys.stderr)
         return 130
     return 0
 

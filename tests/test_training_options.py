@@ -77,3 +77,41 @@ def test_compiled_training_matches_eager(tmp_path, verdict_text):
     compiled = run_training(settings(tmp_path, verdict_text, compile=True, out=str(tmp_path / "c")),
                             echo=lambda _: None)
     assert compiled["final_train_loss"] == pytest.approx(eager["final_train_loss"], rel=1e-3)
+
+
+def test_padded_vocabulary_shapes_and_config():
+    cfg = GPTConfig(vocab_multiple=64)
+    assert (cfg.vocab_size, cfg.padded_vocab_size) == (50257, 50304)
+    assert GPTConfig(vocab_size=128, vocab_multiple=64).padded_vocab_size == 128   # already a multiple
+    model = tiny(vocab_size=1000, vocab_multiple=64)
+    assert model.tok_emb.weight.shape[0] == model.out_head.weight.shape[0] == 1024
+    assert model(torch.randint(0, 1000, (2, 5))).shape == (2, 5, 1024)
+    with pytest.raises(ValueError, match="vocab_multiple must be positive"):
+        GPTConfig(vocab_multiple=0)
+
+
+def test_generation_never_picks_a_padded_id():
+    from gptfast.generate import generate
+
+    model = tiny(vocab_size=1000, vocab_multiple=64)
+    with torch.no_grad():
+        best = model(torch.tensor([[1, 2, 3]]))[0, -1, :1000].argmax()
+        model.out_head.weight[1000:] = 5.0 * model.out_head.weight[best]     # padded logits: 5x the best one
+        logits = model(torch.tensor([[1, 2, 3]]))[0, -1]
+    assert logits.argmax() >= 1000                                   # unmasked, greedy would pick padding
+    for kw in ({}, {"temperature": 1.0, "seed": 0}, {"temperature": 2.0, "top_k": 50, "seed": 1}):
+        out = generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=20, **kw)
+        assert out.max() < 1000, kw
+
+
+def test_training_with_a_padded_vocabulary(tmp_path, verdict_text):
+    from gptfast.training import load_checkpoint
+
+    import json
+
+    summary = run_training(settings(tmp_path, verdict_text, pad_vocab=True), echo=lambda _: None)
+    losses = [r["loss"] for r in map(json.loads, open(summary["metrics"])) if r["event"] == "step"]
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0] - 0.5
+    model, _ = load_checkpoint(summary["checkpoint"])
+    assert model.cfg.vocab_multiple == 64 and model.out_head.weight.shape[0] == 50304
+    assert summary["parameters"] == tiny().num_parameters() + 2 * 47 * 64               # 50304 - 50257 rows

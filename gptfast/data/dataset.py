@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 
 class GPTDataset(Dataset):
@@ -40,18 +40,42 @@ class GPTDataset(Dataset):
         return chunk[:-1], chunk[1:]                          # (T,), (T,)
 
 
+class RankStridedBatches(Sampler):
+    """Every `world_size`-th batch of `batches`, starting at `rank`.
+
+    All processes draw the same (seeded) order, so together they cover each epoch exactly once.
+    The epoch's last len % world_size batches are dropped: every process must take the same number
+    of steps, or the one with an extra backward would wait forever for the others' gradients.
+    """
+
+    def __init__(self, batches, rank: int, world_size: int):
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __len__(self) -> int:
+        return len(self.batches) // self.world_size
+
+    def __iter__(self):
+        n = len(self) * self.world_size
+        for i, batch in enumerate(self.batches):
+            if i >= n:
+                break
+            if i % self.world_size == self.rank:
+                yield batch
+
+
 def create_token_dataloaders(tokens, batch_size: int = 4, context_length: int = 256, stride: int | None = None,
-                             train_ratio: float = 0.9, num_workers: int = 0,
-                             seed: int = 123) -> tuple[DataLoader, DataLoader]:
+                             train_ratio: float = 0.9, num_workers: int = 0, seed: int = 123,
+                             shard: tuple[int, int] = (0, 1)) -> tuple[DataLoader, DataLoader]:
     """Like create_dataloaders, for an already tokenized (e.g. memory-mapped) corpus: the split is
     by tokens, the first `train_ratio` of them for training."""
     split = int(train_ratio * len(tokens))
     parts = {"train": tokens[:split], "val": tokens[split:]}
     return _loaders(parts, batch_size, context_length, stride or context_length, num_workers, seed,
-                    {name: f"{len(part)} tokens" for name, part in parts.items()})
+                    {name: f"{len(part)} tokens" for name, part in parts.items()}, shard)
 
 
-def _loaders(parts: dict, batch_size, context_length, stride, num_workers, seed, descriptions: dict):
+def _loaders(parts: dict, batch_size, context_length, stride, num_workers, seed, descriptions: dict,
+             shard: tuple[int, int] = (0, 1)):
     datasets = {}
     for name, ids in parts.items():
         try:
@@ -64,8 +88,16 @@ def _loaders(parts: dict, batch_size, context_length, stride, num_workers, seed,
                          f"{batch_size}; with drop_last that is an empty epoch - lower the batch size, "
                          "context length or stride")
     generator = torch.Generator().manual_seed(seed)
-    train = DataLoader(datasets["train"], batch_size=batch_size, shuffle=True, drop_last=True,
-                       num_workers=num_workers, generator=generator)
+    rank, world_size = shard
+    if world_size == 1:
+        train = DataLoader(datasets["train"], batch_size=batch_size, shuffle=True, drop_last=True,
+                           num_workers=num_workers, generator=generator)
+    else:   # the same shuffled batches as above, every world_size-th of them for this rank
+        batches = BatchSampler(RandomSampler(datasets["train"], generator=generator), batch_size, drop_last=True)
+        if len(batches) < world_size:
+            raise ValueError(f"the train split has {len(batches)} batches, fewer than the {world_size} processes")
+        train = DataLoader(datasets["train"], batch_sampler=RankStridedBatches(batches, rank, world_size),
+                           num_workers=num_workers, generator=generator)
     val = DataLoader(datasets["val"], batch_size=batch_size, shuffle=False, drop_last=False,
                      num_workers=num_workers)
     return train, val
@@ -73,11 +105,13 @@ def _loaders(parts: dict, batch_size, context_length, stride, num_workers, seed,
 
 def create_dataloaders(text: str, tokenizer, batch_size: int = 4, context_length: int = 256,
                        stride: int | None = None, train_ratio: float = 0.9, num_workers: int = 0,
-                       seed: int = 123) -> tuple[DataLoader, DataLoader]:
+                       seed: int = 123, shard: tuple[int, int] = (0, 1)) -> tuple[DataLoader, DataLoader]:
     """Split `text` by characters into train/val, tokenize each, and wrap them in DataLoaders.
 
     Train: shuffled (seeded) and drop_last; validation: neither. `stride` defaults to
-    `context_length` (no overlap, so no window is seen twice per epoch).
+    `context_length` (no overlap, so no window is seen twice per epoch). `shard` = (rank,
+    world_size): with several training processes each one's train loader yields its share of the
+    same shuffled batches (see RankStridedBatches).
     """
     if not 0.0 < train_ratio < 1.0:
         raise ValueError(f"train_ratio must be in (0, 1), got {train_ratio}")
@@ -86,4 +120,4 @@ def create_dataloaders(text: str, tokenizer, batch_size: int = 4, context_length
     parts = {"train": text[:split], "val": text[split:]}
     ids = {name: tokenizer.encode(part) for name, part in parts.items()}
     return _loaders(ids, batch_size, context_length, stride, num_workers, seed,
-                    {name: f"{len(part)} characters" for name, part in parts.items()})
+                    {name: f"{len(part)} characters" for name, part in parts.items()}, shard)

@@ -14,10 +14,12 @@ class GPTConfig:
     drop_rate: float = 0.1       # dropout on embeddings, attention weights and residual branches
     qkv_bias: bool = False       # biases in the Q/K/V projections (GPT-2's own weights have them)
     tie_embeddings: bool = False # LM head shares the token embedding matrix (GPT-2 does; the book doesn't)
+    vocab_multiple: int = 1      # embedding / LM-head rows padded up to a multiple of this (64: 50257 -> 50304,
+                                 # friendlier matmul shapes); padded ids are never targets nor generated
     backend: str | None = None   # op backend; None -> $GPTFAST_BACKEND -> "torch"
 
     def __post_init__(self):
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "vocab_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
         if self.emb_dim % self.n_heads:
@@ -28,6 +30,11 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and LM head: vocab_size rounded up to a multiple of vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     def to_dict(self) -> dict:
         return asdict(self)

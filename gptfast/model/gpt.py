@@ -129,12 +129,12 @@ class GPTModel(nn.Module):
         super().__init__()
         cfg = replace(cfg, backend=ops.resolve_backend_name(cfg.backend))  # fail early; own copy
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.emb_dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = LayerNorm(cfg.emb_dim, backend=cfg.backend)
-        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)  # untied, as in the book...
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.padded_vocab_size, bias=False)  # untied, as in the book...
         if cfg.tie_embeddings:                                   # ...or shared with the embedding (GPT-2)
             self.out_head.weight = self.tok_emb.weight
 
@@ -160,6 +160,9 @@ class GPTModel(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
         """Logits (B, T, V) for token ids idx (B, T) at positions start_pos .. start_pos + T - 1.
+
+        V is cfg.padded_vocab_size: with vocab_multiple > 1 the last columns belong to ids no text
+        contains; training pushes them down, and generation never samples them.
 
         With a `cache`, keys and values of these positions are stored in it and attention also sees
         the cached positions before start_pos.

@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..generate import generate, text_to_token_ids, token_ids_to_text
+from .distributed import SINGLE, DistInfo, maybe_no_sync, mean_over_ranks
 from .evaluate import calc_loss_batch, evaluate_model
 from .metrics import MetricsLog
 from .optim import autocast, grad_scaler, set_lr
@@ -41,7 +42,7 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs: 
                 progress: bool = True, sample_tokens: int = 50, grad_accum: int = 1, grad_clip: float = 0.0,
                 lr_schedule=None, dtype: str = "float32", train_model_fn=None, scaler=None,
                 checkpoint_every: int = 0, on_checkpoint=None, max_steps: int | None = None,
-                resume: dict | None = None) -> History:
+                resume: dict | None = None, dist_info: DistInfo = SINGLE) -> History:
     """Train for `num_epochs`; evaluate every `eval_freq` optimizer steps (from step 0) on `eval_iter`
     batches.
 
@@ -56,8 +57,17 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs: 
     generator states); `resume` (such a position plus `hist`) continues a run as if never stopped.
     `max_steps` stops after that many steps in total. A non-finite loss raises NonFiniteLoss before
     the step is applied.
+
+    Several processes (`dist_info`, see distributed.py): `train_loader` yields this process's share
+    of the batches, `grad_accum` is this process's share of the micro-batches, `train_model_fn` is
+    the DDP-wrapped model; losses and token counts are global (evaluation splits its batches across
+    the processes); only rank 0 prints, logs, samples and checkpoints. Positions count micro-batches of all processes, so a run can resume on another
+    number of processes that divides --grad-accum.
     """
-    log = log or MetricsLog(None)
+    world, main = dist_info.world_size, dist_info.is_main
+    say = tqdm.write if main else (lambda *args, **kwargs: None)
+    log = (log if main else None) or MetricsLog(None)
+    progress = progress and main
     forward = model if train_model_fn is None else train_model_fn
     scaler = scaler or grad_scaler(dtype, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -65,12 +75,12 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs: 
     if resume is None:
         hist, start_epoch, skip = History(), 1, 0
         # Where we start from: an untrained model predicts close to uniformly, loss ~ ln(vocab_size).
-        train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
-        tqdm.write(f"Before training: Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+        train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter, dist_info)
+        say(f"Before training: Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
         log.write("initial_eval", step=0, tokens_seen=0, train_loss=train_loss, val_loss=val_loss)
     else:
-        hist, start_epoch, skip = resume["hist"], resume["epoch"], resume["micro_in_epoch"]
-        tqdm.write(f"Resuming at epoch {start_epoch}, step {hist.step} ({hist.tokens:,} tokens seen)")
+        hist, start_epoch, skip = resume["hist"], resume["epoch"], resume["micro_in_epoch"] // world
+        say(f"Resuming at epoch {start_epoch}, step {hist.step} ({hist.tokens:,} tokens seen)")
     for epoch in range(start_epoch, num_epochs + 1):
         if max_steps is not None and hist.step >= max_steps:
             break
@@ -88,14 +98,16 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs: 
                 if i + 1 == skip and gen is not None:
                     gen.set_state(resume["gen_state"])
                 continue
-            with autocast(dtype, device):
-                loss = calc_loss_batch(inputs, targets, forward, device)
-            scaler.scale(loss / grad_accum).backward()
+            last_micro = len(micro_losses) + 1 == grad_accum or i + 1 == n_micro
+            with maybe_no_sync(forward, sync=last_micro):    # DDP: all-reduce once per step
+                with autocast(dtype, device):
+                    loss = calc_loss_batch(inputs, targets, forward, device, backend=model.backend)
+                scaler.scale(loss / grad_accum).backward()
             micro_losses.append(loss.detach())
-            hist.tokens += inputs.numel()
+            hist.tokens += inputs.numel() * world
             if len(micro_losses) < grad_accum and i + 1 < n_micro:
                 continue
-            loss_value = torch.stack(micro_losses).float().mean().item()
+            loss_value = mean_over_ranks(torch.stack(micro_losses).float().mean(), dist_info).item()
             if not math.isfinite(loss_value):
                 raise NonFiniteLoss(f"non-finite loss ({loss_value}) at step {hist.step} (epoch {epoch}); "
                                     "the step was not applied")
@@ -117,26 +129,27 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs: 
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}")
             if hist.step % eval_freq == 0:
-                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter, dist_info)
                 hist.steps.append(hist.step)
                 hist.tokens_seen.append(hist.tokens)
                 hist.train_losses.append(train_loss)
                 hist.val_losses.append(val_loss)
-                tqdm.write(f"Ep {epoch} (Step {hist.step:06d}): "
+                say(f"Ep {epoch} (Step {hist.step:06d}): "
                            f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
                 log.write("eval", epoch=epoch, step=hist.step, tokens_seen=hist.tokens,
                           train_loss=train_loss, val_loss=val_loss, batch_loss=loss_value)
             hist.step += 1
-            if on_checkpoint is not None and checkpoint_every and hist.step % checkpoint_every == 0:
-                on_checkpoint(hist, {"epoch": epoch, "micro_in_epoch": i + 1, "epoch_gen_state": epoch_gen_state,
+            if main and on_checkpoint is not None and checkpoint_every and hist.step % checkpoint_every == 0:
+                on_checkpoint(hist, {"epoch": epoch, "micro_in_epoch": (i + 1) * world, "epoch_gen_state": epoch_gen_state,
                                      "gen_state": gen.get_state() if gen is not None else None})
             if max_steps is not None and hist.step >= max_steps:
                 break
         bar.close()
         if max_steps is not None and hist.step >= max_steps and i + 1 < n_micro:
             break                                                # stopped mid-epoch: no sample
-        sample = generate_sample(model, tokenizer, device, start_context, sample_tokens)
-        hist.samples.append(sample)
-        tqdm.write(f"Ep {epoch} sample: {sample}")
-        log.write("sample", epoch=epoch, step=hist.step, text=sample)
+        if main:
+            sample = generate_sample(model, tokenizer, device, start_context, sample_tokens)
+            hist.samples.append(sample)
+            say(f"Ep {epoch} sample: {sample}")
+            log.write("sample", epoch=epoch, step=hist.step, text=sample)
     return hist

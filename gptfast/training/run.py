@@ -17,6 +17,8 @@ from ..data import (DEFAULT_CORPUS, DownloadError, corpus_files, create_dataload
                     load_corpus_tokens, load_text)
 from ..model import PRESETS, GPTConfig, GPTModel
 from ..tokenizer import TOKENIZERS, TokenizerUnavailableError, get_tokenizer
+from .distributed import (DistInfo, barrier, init_distributed, main_first, per_rank_accum, shutdown_distributed,
+                          wrap_ddp)
 from .checkpoint import (CHECKPOINT_NAME, load_checkpoint, read_checkpoint, rng_states, save_checkpoint,
                          set_rng_states)
 from .loop import History, NonFiniteLoss, train_model
@@ -63,6 +65,7 @@ class TrainSettings:
     warmup_steps: int = 0                # linear learning-rate warm-up
     min_lr: float | None = None          # cosine decay to this rate at the last step; None = constant lr
     tie_embeddings: bool = False         # LM head shares the token embedding (fresh models only)
+    pad_vocab: bool = False              # embedding / LM-head rows padded to a multiple of 64 (fresh models only)
     checkpoint_every: int = 0            # also checkpoint every N steps (0: only at the end)
     keep_checkpoints: int = 3            # how many of those periodic checkpoints to keep
     resume: str | None = None            # a checkpoint to continue from, or "auto": the latest in `out`
@@ -135,12 +138,25 @@ def initial_model(s: TrainSettings, cfg: GPTConfig, backend: str, tokenizer, ech
 
 
 def run_training(s: TrainSettings, echo=print) -> dict:
-    """Train as `s` says; writes checkpoint, metrics and plot into `s.out`; returns a summary."""
+    """Train as `s` says; writes checkpoint, metrics and plot into `s.out`; returns a summary.
+
+    Launched by torchrun with several processes, each runs this same function as one rank of a
+    data-parallel run (see distributed.py); rank 0 alone prints and writes files."""
+    device = resolve_device(s.device)
+    info = init_distributed(device.type)
+    try:
+        return _run_training(s, echo if info.is_main else (lambda *args, **kwargs: None), device, info)
+    finally:
+        shutdown_distributed(info)
+
+
+def _run_training(s: TrainSettings, echo, device: torch.device, info: DistInfo) -> dict:
     if s.tokenizer not in TOKENIZERS:
         raise ConfigError(f"unknown tokenizer {s.tokenizer!r}; choose one of: {', '.join(TOKENIZERS)}")
     if s.preset is not None and s.preset not in PRESETS:  # before any slow work
         raise ConfigError(f"unknown preset {s.preset!r}; choose one of: {', '.join(PRESETS)}")
-    device = resolve_device(s.device)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
     backend = ops.resolve_backend_name(s.backend)
     try:
         check_precision(s.dtype, device)
@@ -148,6 +164,10 @@ def run_training(s: TrainSettings, echo=print) -> dict:
         raise ConfigError(str(err)) from None
     if s.grad_accum < 1:
         raise ConfigError(f"grad_accum must be >= 1, got {s.grad_accum}")
+    try:
+        grad_accum = per_rank_accum(s.grad_accum, info)       # this process's micro-batches per step
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     torch.manual_seed(s.seed)
 
     if isinstance(s.data, (list, tuple)) and len(s.data) == 1:
@@ -159,7 +179,8 @@ def run_training(s: TrainSettings, echo=print) -> dict:
             text = f.read(1 << 20)                   # what a BPE trains on: the first MiB
         split = len(text)
     else:
-        text = load_text(s.data)
+        with main_first(info):                       # rank 0 downloads; the others read its cache
+            text = load_text(s.data)
         split = int(s.train_ratio * len(text))
     if s.tokenizer == "bpe":
         echo(f"training a byte-level BPE tokenizer ({s.bpe_vocab_size} tokens) on the training split")
@@ -172,20 +193,23 @@ def run_training(s: TrainSettings, echo=print) -> dict:
     if s.drop_rate is not None:
         cfg.drop_rate = s.drop_rate
     cfg.tie_embeddings = s.tie_embeddings
+    cfg.vocab_multiple = 64 if s.pad_vocab else 1
     context_length = s.context_length or cfg.context_length
+    shard = (info.rank, info.world_size)
     try:
         if corpus:
-            tokens = load_corpus_tokens(s.data, tokenizer, progress=s.progress)
+            with main_first(info):                   # rank 0 writes the token file; the others map it
+                tokens = load_corpus_tokens(s.data, tokenizer, progress=s.progress and info.is_main)
             size = f"{len(files)} files, {len(tokens):,} tokens (memory-mapped)"
             train_loader, val_loader = create_token_dataloaders(
                 tokens, batch_size=s.batch_size, context_length=context_length, stride=s.stride or context_length,
-                train_ratio=s.train_ratio, num_workers=s.num_workers, seed=s.seed)
+                train_ratio=s.train_ratio, num_workers=s.num_workers, seed=s.seed, shard=shard)
         else:
             size = f"{len(text):,} characters"
             train_loader, val_loader = create_dataloaders(
                 text, tokenizer, batch_size=s.batch_size, context_length=context_length,
                 stride=s.stride or context_length, train_ratio=s.train_ratio,
-                num_workers=s.num_workers, seed=s.seed)
+                num_workers=s.num_workers, seed=s.seed, shard=shard)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -207,11 +231,13 @@ def run_training(s: TrainSettings, echo=print) -> dict:
         raise ConfigError(f"--context-length {context_length} exceeds the initial model's context length "
                           f"{cfg.context_length}")
     optimizer = make_optimizer(model, s.lr, s.weight_decay, device)
-    total_steps = s.epochs * -(-len(train_loader) // s.grad_accum)
+    total_steps = s.epochs * -(-len(train_loader) // grad_accum)
     schedule = None
     if s.warmup_steps or s.min_lr is not None:
         schedule = lambda step: lr_at(step, total_steps, s.lr, s.warmup_steps, s.min_lr)  # noqa: E731
-    train_forward = torch.compile(model) if s.compile else None
+    train_forward = wrap_ddp(model, info, device)             # DDP: averages gradients across processes
+    if s.compile:
+        train_forward = torch.compile(train_forward)
     scaler = grad_scaler(s.dtype, device)
     resume = None
     if resume_state is not None:
@@ -220,12 +246,18 @@ def run_training(s: TrainSettings, echo=print) -> dict:
         optimizer.load_state_dict(resume_state["optimizer"])
         scaler.load_state_dict(resume_state["scaler"])
         resume = {"hist": History(**resume_state["history"]), **resume_state["position"]}
+        if resume["micro_in_epoch"] % info.world_size:
+            raise ConfigError(f"--resume: the checkpoint stopped after {resume['micro_in_epoch']} micro-batches of "
+                              f"its epoch, which {info.world_size} processes cannot split evenly")
 
     n_params = model.num_parameters()
     echo(f"config: {json.dumps(cfg.to_dict())}")
     echo(f"parameters: {n_params:,} | device: {device} | backend: {backend} | tokenizer: "
-         f"{s.tokenizer} ({tokenizer.n_vocab} tokens)")
-    echo(f"data: {s.data} | {size} | train batches/epoch: {len(train_loader)} | "
+         f"{s.tokenizer} ({tokenizer.n_vocab} tokens{f', padded to {cfg.padded_vocab_size}' if cfg.vocab_multiple > 1 else ''})")
+    if info.enabled:
+        echo(f"distributed: {info.world_size} processes ({'NCCL' if device.type == 'cuda' else 'Gloo'}), "
+             f"{grad_accum} micro-batch(es) of {s.batch_size} each per step, {len(train_loader)} per epoch each")
+    echo(f"data: {s.data} | {size} | train batches/epoch: {len(train_loader) * info.world_size} | "
          f"val batches: {len(val_loader)} | tokens/step: {s.batch_size * context_length * s.grad_accum:,} "
          f"({s.batch_size} x {context_length}{f' x {s.grad_accum} accumulated' if s.grad_accum > 1 else ''})")
     echo(f"precision: {s.dtype} | compile: {s.compile} | steps: {total_steps} | lr {s.lr:g}"
@@ -233,10 +265,11 @@ def run_training(s: TrainSettings, echo=print) -> dict:
          f"{f' cosine to {s.min_lr:g}' if s.min_lr is not None else ''}"
          f"{f' | grad clip {s.grad_clip:g}' if s.grad_clip else ''}")
 
-    os.makedirs(s.out, exist_ok=True)
-    log = MetricsLog(os.path.join(s.out, "metrics.jsonl"), append=resume is not None)
+    if info.is_main:
+        os.makedirs(s.out, exist_ok=True)
+    log = MetricsLog(os.path.join(s.out, "metrics.jsonl") if info.is_main else None, append=resume is not None)
     log.write("config", settings=asdict(s), model=cfg.to_dict(), parameters=n_params,
-              device=str(device), torch=torch.__version__)
+              device=str(device), torch=torch.__version__, world_size=info.world_size)
     def checkpoint(path, hist, position):
         return save_checkpoint(path, model, optimizer, tokenizer, step=hist.step, tokens_seen=hist.tokens,
                                scaler=scaler.state_dict(), rng=rng_states(), position=position,
@@ -249,22 +282,28 @@ def run_training(s: TrainSettings, echo=print) -> dict:
 
     if resume_state is not None:
         set_rng_states(resume_state["rng"])                     # exactly where the stopped run was
+    if info.enabled:   # different dropout masks per process (same data order: the loader has its own generator)
+        torch.manual_seed(s.seed + 1_000_003 * info.rank + (resume["hist"].step if resume else 0))
     try:
         hist: History = train_model(model, train_loader, val_loader, optimizer, device, s.epochs,
                                     s.eval_freq, s.eval_iter, s.start_context, tokenizer, log=log,
-                                    progress=s.progress, grad_accum=s.grad_accum, grad_clip=s.grad_clip,
+                                    progress=s.progress, grad_accum=grad_accum, grad_clip=s.grad_clip,
                                     lr_schedule=schedule, dtype=s.dtype, train_model_fn=train_forward,
                                     scaler=scaler, checkpoint_every=s.checkpoint_every,
-                                    on_checkpoint=periodic_checkpoint, max_steps=s.max_steps, resume=resume)
+                                    on_checkpoint=periodic_checkpoint, max_steps=s.max_steps, resume=resume,
+                                    dist_info=info)
     except NonFiniteLoss as err:
         kept = periodic_checkpoints(s.out)
         raise NonFiniteLoss(f"{err}; last good checkpoint: {kept[-1] if kept else 'none (use --checkpoint-every)'}") \
             from None
 
-    end = {"epoch": s.epochs + 1, "micro_in_epoch": 0, "epoch_gen_state": None, "gen_state": None}
-    ckpt = checkpoint(os.path.join(s.out, CHECKPOINT_NAME), hist, end)
-    plot = plot_losses(hist.steps, hist.tokens_seen, hist.train_losses, hist.val_losses,
-                       os.path.join(s.out, "loss.png"))
+    ckpt = plot = None
+    if info.is_main:
+        end = {"epoch": s.epochs + 1, "micro_in_epoch": 0, "epoch_gen_state": None, "gen_state": None}
+        ckpt = checkpoint(os.path.join(s.out, CHECKPOINT_NAME), hist, end)
+        plot = plot_losses(hist.steps, hist.tokens_seen, hist.train_losses, hist.val_losses,
+                           os.path.join(s.out, "loss.png"))
+    barrier(info)                                # every process returns once the files exist
     summary = {"steps": hist.step, "tokens_seen": hist.tokens, "parameters": n_params,
                "final_train_loss": hist.train_losses[-1] if hist.train_losses else None,
                "final_val_loss": hist.val_losses[-1] if hist.val_losses else None,

@@ -1,0 +1,113 @@
+"""Data-parallel training: torchrun with 2 Gloo processes computes what 1 process computes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, shared_file
+from gptfast.data import RankStridedBatches
+from gptfast.training import TrainSettings, load_checkpoint, run_training
+from gptfast.training.distributed import SINGLE, DistInfo, per_rank_accum
+
+# 72 micro-batches of 2 x 32 tokens per epoch in the-verdict's train split: 18 steps of 4.
+RUN = ["--preset", "tiny", "--epochs", "2", "--batch-size", "2", "--context-length", "32", "--grad-accum", "4",
+       "--eval-freq", "4", "--eval-iter", "3", "--no-progress", "--checkpoint-every", "10", "--keep-checkpoints", "9"]
+
+
+def records(out, event):
+    return [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r["event"] == event]
+
+
+def one_process_settings(out, **kw):
+    return TrainSettings(data=str(shared_file("the-verdict.txt")), preset="tiny", epochs=2, batch_size=2,
+                         context_length=32, grad_accum=4, eval_freq=4, eval_iter=3, progress=False,
+                         checkpoint_every=10, keep_checkpoints=9, out=str(out), **kw)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same training run in one process and, through torchrun, in two Gloo processes."""
+    base = tmp_path_factory.mktemp("ddp")
+    single = run_training(one_process_settings(base / "one"), echo=lambda *_: None)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "scripts/train.py", "--data", str(shared_file("the-verdict.txt")), *RUN, "--out", str(base / "two")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"one": base / "one", "two": base / "two", "single": single, "stdout": done.stdout, "base": base}
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(runs):
+    one, two = runs["one"], runs["two"]
+    steps_1, steps_2 = records(one, "step"), records(two, "step")
+    assert [r["step"] for r in steps_1] == [r["step"] for r in steps_2] == list(range(36))  # logged once, by rank 0
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(steps_1, steps_2)) < 1e-5
+    evals_1, evals_2 = records(one, "eval"), records(two, "eval")
+    assert len(evals_1) == len(evals_2) == 9
+    for a, b in zip(evals_1, evals_2):
+        assert a["tokens_seen"] == b["tokens_seen"]                    # global tokens, not one rank's
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-5           # evaluation split across ranks...
+        assert abs(a["val_loss"] - b["val_loss"]) < 1e-5               # ...and summed back
+    assert steps_1[-1]["loss"] < steps_1[0]["loss"] - 0.5              # it did learn something
+    m1, _ = load_checkpoint(str(one))
+    m2, _ = load_checkpoint(str(two))
+    for (name, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.linalg.vector_norm(p1 - p2) <= 1e-5 * torch.linalg.vector_norm(p1), name
+    assert records(two, "config")[0]["world_size"] == 2
+    assert "distributed: 2 processes (Gloo)" in runs["stdout"]
+    assert runs["stdout"].count("Before training") == 1                 # rank 0 alone prints
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(runs):
+    ckpts = sorted(f for f in os.listdir(runs["two"]) if f.startswith("ckpt-step"))
+    assert ckpts == ["ckpt-step0000010.pt", "ckpt-step0000020.pt", "ckpt-step0000030.pt"]
+    out = runs["base"] / "resumed"
+    run_training(one_process_settings(out, resume=str(runs["two"] / "ckpt-step0000020.pt")), echo=lambda *_: None)
+    resumed = {r["step"]: r["loss"] for r in records(out, "step")}
+    uninterrupted = {r["step"]: r["loss"] for r in records(runs["one"], "step")}
+    assert sorted(resumed) == list(range(20, 36))
+    assert max(abs(resumed[s] - uninterrupted[s]) for s in resumed) < 1e-5
+
+
+def test_rank_strided_batches_cover_an_epoch_once_and_evenly():
+    batches = [[i] for i in range(11)]
+    shares = [list(RankStridedBatches(batches, r, 3)) for r in range(3)]
+    assert [len(s) for s in shares] == [3, 3, 3]                       # the last 11 % 3 batches dropped
+    assert sorted(b[0] for s in shares for b in s) == list(range(9))
+    assert shares[1] == [[1], [4], [7]]
+    assert len(RankStridedBatches(batches, 0, 3)) == 3
+
+
+def test_grad_accum_must_split_evenly_across_processes(tmp_path):
+    assert per_rank_accum(8, DistInfo(rank=1, world_size=4)) == 2
+    assert per_rank_accum(3, SINGLE) == 3
+    with pytest.raises(ValueError, match="--grad-accum 3 must be a multiple of the number of processes \\(2\\)"):
+        per_rank_accum(3, DistInfo(world_size=2))
+
+
+def test_torchrun_with_an_indivisible_grad_accum_says_so_once(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scripts/train.py",
+           "--data", str(shared_file("the-verdict.txt")), "--preset", "tiny", "--grad-accum", "3",
+           "--out", str(tmp_path / "x"), "--no-progress"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert done.stderr.count("train.py: error: --grad-accum 3 must be a multiple of the number of "
+                             "processes (2)") == 1                                  # said once, by rank 0
+    assert "gptfast/" not in done.stderr               # no traceback through our code (torchrun adds its own)
+
+
+def test_resume_needs_a_position_the_processes_can_split(runs, tmp_path):
+    ckpt = torch.load(runs["two"] / "ckpt-step0000010.pt", weights_only=True)
+    ckpt["position"]["micro_in_epoch"] = 41                  # odd: not a step boundary of 2 processes
+    torch.save(ckpt, tmp_path / "odd.pt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scripts/train.py",
+           "--data", str(shared_file("the-verdict.txt")), *RUN, "--out", str(tmp_path / "x"),
+           "--resume", str(tmp_path / "odd.pt")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "41 micro-batches of its epoch, which 2 processes cannot split evenly" in done.stderr
