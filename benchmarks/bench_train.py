@@ -67,9 +67,10 @@ def cpu_status_mb(key: str) -> float:
 
 
 def run_config(preset: str, backend: str, compile_model: bool, device: torch.device, dtype: torch.dtype,
-               batch_size: int, context_length: int | None, steps: int, warmup: int, seed: int = 0) -> dict:
+               batch_size: int, context_length: int | None, steps: int, warmup: int, seed: int = 0,
+               vocab_multiple: int = 1) -> dict:
     torch.manual_seed(seed)
-    cfg = GPTConfig.from_preset(preset, backend=backend)
+    cfg = GPTConfig.from_preset(preset, backend=backend, vocab_multiple=vocab_multiple)
     T = context_length or cfg.context_length
     model = GPTModel(cfg).to(device).train()
     fused = {"fused": True} if device.type == "cuda" else {}
@@ -116,6 +117,7 @@ def run_config(preset: str, backend: str, compile_model: bool, device: torch.dev
     peak = peak_tflops(name, dtype) if device.type == "cuda" else None
     return {"preset": preset, "backend": backend, "compile": compile_model, "dtype": str(dtype).replace("torch.", ""),
             "batch_size": batch_size, "context_length": T, "parameters": model.num_parameters(),
+            "vocab_rows": cfg.padded_vocab_size,
             "step_ms": step_s * 1e3, "tokens_per_s": tokens_per_s, "peak_memory_mb": peak_mb,
             "warmup_s": warmup_s, "flops_per_token": fpt, "achieved_tflops": tokens_per_s * fpt / 1e12,
             "mfu": tokens_per_s * fpt / (peak * 1e12) if peak else None, "final_loss": float(loss.detach())}
@@ -133,6 +135,7 @@ def main(argv=None):
     p.add_argument("--context-length", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--pad-vocab", action="store_true", help="pad the vocabulary to a multiple of 64 (50257 -> 50304)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -146,7 +149,8 @@ def main(argv=None):
     steps = args.steps or (20 if cuda else 5)
     env = {"device": torch.cuda.get_device_name(device) if cuda else (platform.processor() or "cpu"),
            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-           "cpu_threads": torch.get_num_threads(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+           "cpu_threads": torch.get_num_threads(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "pad_vocab": args.pad_vocab}
     print(f"device {env['device']} | torch {env['torch']} | preset {preset} | {dtype} | batch {batch_size} | "
           f"median of {steps} steps after {args.warmup} warm-up")
     header = f"{'backend':<11}{'compile':<9}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'peak MB':>10}{'warm-up s':>11}"
@@ -157,7 +161,7 @@ def main(argv=None):
         for compile_model in modes:
             try:
                 r = run_config(preset, backend, compile_model, device, dtype, batch_size, args.context_length, steps,
-                               args.warmup)
+                               args.warmup, vocab_multiple=64 if args.pad_vocab else 1)
             except Exception as err:   # an unavailable backend, out of memory, ...: report, go on
                 print(f"{backend:<11}{str(compile_model):<9} skipped: {type(err).__name__}: {str(err).splitlines()[0][:100]}")
                 continue

@@ -69,7 +69,7 @@ stage build 180 build
 stage cuda_kernels 60 cuda_kernels
 stage tests 150 tests
 stage bench_ops 120 python benchmarks/bench_ops.py --device cuda --repeats 20 --out "$out/bench_ops_cuda.json"
-stage bench_train 150 python benchmarks/bench_train.py --device cuda --steps 10 --out "$out/bench_train_cuda.json"
+stage bench_train 150 python benchmarks/bench_train.py --device cuda --steps 10 --pad-vocab --out "$out/bench_train_cuda.json"
 
 {
   echo

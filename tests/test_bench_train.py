@@ -36,3 +36,12 @@ def test_tiny_run_writes_json(tmp_path):
         assert r["tokens_per_s"] > 0 and r["mfu"] is None and r["speedup_vs_torch_baseline"] > 0
         assert abs(r["tokens_per_s"] * r["step_ms"] / 1e3 - 2 * 16) < 1e-6
     assert "| extension | False |" in (tmp_path / "t.md").read_text()
+
+
+def test_padded_vocabulary_row(tmp_path):
+    out = tmp_path / "p.json"
+    assert bench_train.main(["--device", "cpu", "--preset", "tiny", "--backends", "torch", "--compile", "off",
+                             "--batch-size", "1", "--context-length", "8", "--steps", "1", "--warmup", "1",
+                             "--pad-vocab", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["environment"]["pad_vocab"] is True and data["results"][0]["vocab_rows"] == 50304
