@@ -56,8 +56,8 @@ assert 'cuda' in info['compiled_backends'], 'built without CUDA kernels'"
 }
 cuda_kernels() {   # the standalone checks: kernels vs CPU references, errors and timings side by side
   arch=$(python -c "import torch; p = torch.cuda.get_device_capability(); print(f'{p[0]}{p[1]}')")
-  nvcc -std=c++17 -O3 -arch=sm_$arch csrc/cuda/layer_norm.cu csrc/cuda/gelu.cu csrc/cuda/attention.cu \
-    csrc/cuda/cross_entropy.cu csrc/cuda/test_kernels.cu -o "$out/gptfast_cuda_test" && "$out/gptfast_cuda_test"
+  nvcc -std=c++17 -O3 -arch=sm_$arch csrc/cuda/*.cu -o "$out/gptfast_cuda_test" && "$out/gptfast_cuda_test" \
+    && GPTFAST_CUDA_ATTENTION=simt "$out/gptfast_cuda_test"
 }
 tests() {
   python -m pytest -q -ra -p no:cacheprovider --junitxml="$out/tests.xml"

@@ -56,6 +56,29 @@ def test_causal_attention(dtype, B, H, T, D):
                     [rand(B, H, T, D, seed=5 + i) for i in range(3)], dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,T,D", [(2, 12, 256, 64), (1, 2, 129, 80), (1, 1, 7, 128)])
+def test_plain_and_tensor_core_attention_both_meet_the_bar(dtype, B, H, T, D, monkeypatch):
+    """fp16/bf16 with D % 16 == 0 run on the WMMA kernels (attention_tc.cu); the plain fp32-math
+    kernels (attention.cu) stay reachable with GPTFAST_CUDA_ATTENTION=simt: both pass the rule."""
+    sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    inputs = [rand(B, H, T, D, seed=20 + i) for i in range(3)]
+    ext = lambda *a: ops.causal_attention(*a, backend="extension")  # noqa: E731
+    check_precision(ext, sdpa, reference.causal_attention, inputs, dtype)
+    monkeypatch.setenv("GPTFAST_CUDA_ATTENTION", "simt")
+    check_precision(ext, sdpa, reference.causal_attention, inputs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_dropout_matches_the_reference(dtype):
+    """Same seed, same mask: outputs and gradients against the float64 reference with dropout."""
+    seed = torch.tensor([77], dtype=torch.int64)
+    fn = lambda backend: lambda q, k, v: ops.causal_attention(q, k, v, dropout_p=0.2, seed=seed,  # noqa: E731
+                                                                backend=backend)
+    check_precision(fn("extension"), fn("reference"), fn("reference"), [rand(2, 3, 100, 64, seed=30 + i)
+                                                                        for i in range(3)], dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cross_entropy_gpt2_vocab(dtype):
     g = torch.Generator().manual_seed(6)
@@ -65,10 +88,10 @@ def test_cross_entropy_gpt2_vocab(dtype):
     check_precision(ce("extension"), ce("torch"), ce("reference"), [rand(1024, 50304, seed=7, scale=2.0)], dtype)
 
 
-def test_dropout_mask_is_the_reference_mask():
-    T = 40
-    q = torch.zeros(1, 2, T, T, device="cuda")
-    v = torch.eye(T, device="cuda").expand(1, 2, T, T).contiguous()
+@pytest.mark.parametrize("dtype,T", [(torch.float32, 40), (torch.float16, 48), (torch.bfloat16, 64)])
+def test_dropout_mask_is_the_reference_mask(dtype, T):   # fp16/bf16 with T = D % 16 == 0: tensor-core kernel
+    q = torch.zeros(1, 2, T, T, device="cuda", dtype=dtype)
+    v = torch.eye(T, device="cuda", dtype=dtype).expand(1, 2, T, T).contiguous()
     seed = torch.tensor([2024], dtype=torch.int64)
     out, _ = OPS.attention_fwd(q, q, v, True, 1.0, 0.4, seed)
     causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device="cuda"))
@@ -121,10 +144,12 @@ def test_short_training_run_matches_reference():
 
 
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer is not on PATH")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])              # plain and tensor-core kernels
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
-def test_attention_kernels_are_sanitizer_clean(tool):
+def test_attention_kernels_are_sanitizer_clean(tool, dtype):
     code = ("import torch; from gptfast import ops\n"
-            "q, k, v = [torch.randn(1, 2, 70, 80, device='cuda', requires_grad=True) for _ in range(3)]\n"
+            f"q, k, v = [torch.randn(1, 2, 70, 80, device='cuda', dtype=torch.{dtype}, requires_grad=True) "
+            "for _ in range(3)]\n"
             "ops.causal_attention(q, k, v, dropout_p=0.1, backend='extension').sum().backward()\n"
             "torch.cuda.synchronize()\n")
     result = subprocess.run(["compute-sanitizer", f"--tool={tool}", "--error-exitcode=9", sys.executable, "-c", code],

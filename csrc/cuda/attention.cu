@@ -8,11 +8,11 @@
 // for dQ, both recomputing P = exp(S - lse) - no atomics, deterministic.
 // Dropout: the counter-based hash of ../dropout_hash.h, so masks equal the other backends'.
 //
-// Not yet tensor-core (mma.sync / WMMA) kernels: this is the correctness-first version.
+// This is the correctness-first version, used for float32 and for head dims that are not a multiple
+// of 16; fp16/bf16 with D % 16 == 0 go to the tensor-core kernels of attention_tc.cu.
 #include <cfloat>
 
-#include "../dropout_hash.h"
-#include "common.cuh"
+#include "attention_common.cuh"
 
 namespace gptfast {
 namespace cuda {
@@ -24,16 +24,6 @@ constexpr int kThreads = kRowsQ * kThreadsPerRow;   // 128
 constexpr int kTileK = 32;        // key rows per tile (forward)
 constexpr int kTileKB = 16;       // key rows per tile (backward; bounded by shared memory at D=128)
 constexpr int kDimsPerThread = kMaxHeadDim / kThreadsPerRow;   // 16
-
-struct Dropout {
-  bool on;
-  float keep_scale;
-  uint32_t threshold;
-  uint64_t seed;
-  __device__ __forceinline__ bool keep(uint32_t head_key, int64_t row, int64_t col) const {
-    return dropout_keep(dropout_row_key(head_key, static_cast<uint32_t>(row)), static_cast<uint32_t>(col), threshold);
-  }
-};
 
 // max / sum over the 8 threads of one row (consecutive lanes, 8-aligned)
 __device__ __forceinline__ float row_max(float v) {
@@ -292,17 +282,6 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(
   }
 }
 
-Dropout make_dropout(float p, uint64_t seed) {
-  return Dropout{p > 0.f, p > 0.f ? 1.f / (1.f - p) : 1.f, p > 0.f ? dropout_threshold(p) : 0u, seed};
-}
-
-template <typename Kernel>
-int set_smem(Kernel kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return 0;
-  return static_cast<int>(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(bytes)));
-}
-
 }  // namespace
 
 int attention_fwd(DType dt, const void* q, const void* k, const void* v, void* o, float* lse, int64_t BH, int64_t T,
@@ -310,6 +289,9 @@ int attention_fwd(DType dt, const void* q, const void* k, const void* v, void* o
   if (D < 1 || D > kMaxHeadDim) return static_cast<int>(cudaErrorInvalidValue);
   if (BH == 0 || T == 0) return 0;
   const int d = static_cast<int>(D);
+  if (attention_tensor_cores(dt, D))
+    return attention_fwd_tc(dt, q, k, v, o, lse, BH, T, d, causal, scale, make_dropout(dropout_p, seed),
+                            static_cast<cudaStream_t>(stream));
   const size_t smem = sizeof(float) * (kRowsQ * d + kTileK * (d + 1) + kTileK * d + kRowsQ * kTileK);
   return dispatch_dtype(dt, [&](auto tag) {
     using TT = decltype(tag);
@@ -337,6 +319,8 @@ int attention_bwd(DType dt, const void* dout, const void* q, const void* k, cons
     const int64_t rows = BH * T;
     attn_delta_kernel<TT><<<static_cast<unsigned>((rows + 3) / 4), 128, 0, s>>>(pdo, po, delta, rows, d);
     if (int err = launch_status()) return err;
+    if (attention_tensor_cores(dt, D))
+      return attention_bwd_tc(dt, dout, q, k, v, lse, delta, dq, dk, dv, BH, T, d, causal, scale, drop, s);
     const size_t smem_kv = sizeof(float) * (2 * kTileKB * (d + 1) + 2 * kRowsQ * d + 2 * kTileKB * kRowsQ);
     if (int err = set_smem(attn_bwd_dkdv_kernel<TT>, smem_kv)) return err;
     attn_bwd_dkdv_kernel<TT><<<dim3(static_cast<unsigned>((T + kTileKB - 1) / kTileKB), static_cast<unsigned>(BH)),

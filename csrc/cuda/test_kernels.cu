@@ -6,11 +6,16 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
+#include <memory>
 #include <random>
 #include <vector>
 
 #include "kernels.h"
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <cstring>
 
 using namespace gptfast::cuda;
 
@@ -42,6 +47,9 @@ struct DeviceBuffer {
   explicit DeviceBuffer(const std::vector<float>& host) : DeviceBuffer(host.size() * sizeof(float)) {
     CUDA_OK(cudaMemcpy(ptr, host.data(), bytes, cudaMemcpyHostToDevice));
   }
+  DeviceBuffer(const void* host, size_t n_bytes) : DeviceBuffer(n_bytes) {
+    CUDA_OK(cudaMemcpy(ptr, host, bytes, cudaMemcpyHostToDevice));
+  }
   ~DeviceBuffer() { cudaFree(ptr); }
   float* f() { return static_cast<float*>(ptr); }
   std::vector<float> get() const {
@@ -58,6 +66,39 @@ double rel_error(const std::vector<float>& out, const std::vector<double>& ref) 
     den += ref[i] * ref[i];
   }
   return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+// float32 values <-> the 16-bit storage of float16 / bfloat16 (round to nearest even).
+std::vector<uint16_t> to_bits16(const std::vector<float>& x, DType dt) {
+  std::vector<uint16_t> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    if (dt == kF16) {
+      const __half h = __float2half_rn(x[i]);
+      std::memcpy(&out[i], &h, 2);
+    } else {
+      const __nv_bfloat16 b = __float2bfloat16_rn(x[i]);
+      std::memcpy(&out[i], &b, 2);
+    }
+  }
+  return out;
+}
+
+std::vector<float> from_bits16(const DeviceBuffer& buf, DType dt) {
+  std::vector<uint16_t> bits(buf.bytes / 2);
+  CUDA_OK(cudaMemcpy(bits.data(), buf.ptr, buf.bytes, cudaMemcpyDeviceToHost));
+  std::vector<float> out(bits.size());
+  for (size_t i = 0; i < bits.size(); ++i) {
+    if (dt == kF16) {
+      __half h;
+      std::memcpy(&h, &bits[i], 2);
+      out[i] = __half2float(h);
+    } else {
+      __nv_bfloat16 b;
+      std::memcpy(&b, &bits[i], 2);
+      out[i] = __bfloat162float(b);
+    }
+  }
+  return out;
 }
 
 double median_ms(const std::function<int()>& launch, int reps = 20) {
@@ -81,7 +122,7 @@ double median_ms(const std::function<int()>& launch, int reps = 20) {
 void report(const char* name, double err, double tol, double ms, double bytes_or_flops, const char* unit) {
   const bool pass = err < tol;
   g_ok = g_ok && pass;
-  std::printf("%-34s rel err %.2e (tol %.0e) %s | %8.4f ms | %8.1f %s\n", name, err, tol, pass ? "ok  " : "FAIL", ms,
+  std::printf("%-44s rel err %.2e (tol %.0e) %s | %8.4f ms | %8.1f %s\n", name, err, tol, pass ? "ok  " : "FAIL", ms,
               bytes_or_flops / ms / 1e6, unit);
 }
 
@@ -178,23 +219,39 @@ void test_attention(int64_t BH, int64_t T, int64_t D) {
       }
     }
   }
-  DeviceBuffer dq_(q), dk_(k), dv_(v), dgo(go), dout(BH * T * D * 4), dlse(BH * T * 4), ddelta(BH * T * 4),
-      gq(BH * T * D * 4), gk(BH * T * D * 4), gv(BH * T * D * 4);
   const double flops = 4.0 * BH * T * T * D * 0.5;
-  char name[64];
-  std::snprintf(name, sizeof name, "attention_fwd BH=%lld T=%lld D=%lld", (long long)BH, (long long)T, (long long)D);
-  const double ms = median_ms([&] {
-    return attention_fwd(kF32, dq_.ptr, dk_.ptr, dv_.ptr, dout.ptr, dlse.f(), BH, T, D, true, float(scale), 0.f, 0,
-                         nullptr);
-  });
-  report(name, rel_error(dout.get(), o), 1e-4, ms, flops / 1e3, "GFLOP/s");
-  std::snprintf(name, sizeof name, "attention_bwd BH=%lld T=%lld D=%lld", (long long)BH, (long long)T, (long long)D);
-  const double ms_b = median_ms([&] {
-    return attention_bwd(kF32, dgo.ptr, dq_.ptr, dk_.ptr, dv_.ptr, dout.ptr, dlse.f(), ddelta.f(), gq.ptr, gk.ptr,
-                         gv.ptr, BH, T, D, true, float(scale), 0.f, 0, nullptr);
-  });
-  const double err = std::max({rel_error(gq.get(), dq), rel_error(gk.get(), dk), rel_error(gv.get(), dv)});
-  report(name, err, 1e-4, ms_b, 2.5 * flops / 1e3, "GFLOP/s");
+  const char* dtype_names[] = {"fp32", "fp16", "bf16"};
+  for (DType dt : {kF32, kF16, kBF16}) {
+    // fp16/bf16 with D % 16 == 0 run on the tensor-core kernels (attention_tc.cu) unless
+    // GPTFAST_CUDA_ATTENTION=simt; inputs are rounded, math is fp32: a looser bar than fp32's.
+    const double tol = dt == kF32 ? 1e-4 : dt == kF16 ? 5e-3 : 3e-2;
+    const size_t es = dt == kF32 ? 4 : 2, n = BH * T * D;
+    auto upload = [&](const std::vector<float>& x) {
+      if (dt == kF32) return std::make_unique<DeviceBuffer>(x);
+      const auto bits = to_bits16(x, dt);
+      return std::make_unique<DeviceBuffer>(bits.data(), n * 2);
+    };
+    auto download = [&](const DeviceBuffer& b) { return dt == kF32 ? b.get() : from_bits16(b, dt); };
+    auto dq_ = upload(q), dk_ = upload(k), dv_ = upload(v), dgo = upload(go);
+    DeviceBuffer dout(n * es), dlse(BH * T * 4), ddelta(BH * T * 4), gq(n * es), gk(n * es), gv(n * es);
+    char name[96];
+    std::snprintf(name, sizeof name, "attention_fwd %s BH=%lld T=%lld D=%lld", dtype_names[dt], (long long)BH,
+                  (long long)T, (long long)D);
+    const double ms = median_ms([&] {
+      return attention_fwd(dt, dq_->ptr, dk_->ptr, dv_->ptr, dout.ptr, dlse.f(), BH, T, D, true, float(scale), 0.f, 0,
+                           nullptr);
+    });
+    report(name, rel_error(download(dout), o), tol, ms, flops, "GFLOP/s");
+    std::snprintf(name, sizeof name, "attention_bwd %s BH=%lld T=%lld D=%lld", dtype_names[dt], (long long)BH,
+                  (long long)T, (long long)D);
+    const double ms_b = median_ms([&] {
+      return attention_bwd(dt, dgo->ptr, dq_->ptr, dk_->ptr, dv_->ptr, dout.ptr, dlse.f(), ddelta.f(), gq.ptr, gk.ptr,
+                           gv.ptr, BH, T, D, true, float(scale), 0.f, 0, nullptr);
+    });
+    const double err =
+        std::max({rel_error(download(gq), dq), rel_error(download(gk), dk), rel_error(download(gv), dv)});
+    report(name, err, tol, ms_b, 2.5 * flops, "GFLOP/s");
+  }
 }
 
 void test_cross_entropy(int64_t N, int64_t V) {
@@ -240,6 +297,8 @@ int main() {
   test_attention(4, 257, 64);
   test_attention(2, 129, 80);
   test_attention(1, 1, 16);
+  test_attention(2, 1000, 128);
+  test_attention(3, 7, 32);
   test_cross_entropy(64, 50257);
   std::printf("%s\n", g_ok ? "all kernels within tolerance" : "SOME KERNELS FAILED");
   return g_ok ? 0 : 1;
