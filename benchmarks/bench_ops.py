@@ -16,6 +16,7 @@ to benchmarks/results/bench_ops_<device>.json (+ .md table, + .png plots of thro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -33,7 +34,7 @@ from gptfast import ops
 # triton on CPU runs in the interpreter (correct, ~1000x slower); torch.compile takes ~15 s per case on CPU
 DEFAULT_BACKENDS = {"cpu": ["reference", "torch", "extension"],
                     "cuda": ["reference", "torch", "compiled", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
-                             "extension", "triton"]}
+                             "extension", "extension-simt", "triton"]}
 
 
 PYTORCH_BASELINES = ("torch", "compiled", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn")
@@ -104,6 +105,24 @@ SDPA_PINNED = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATT
 _compiled = {}
 
 
+@contextlib.contextmanager
+def backend_environment(backend):
+    """"extension-simt": our CUDA attention forced onto its plain kernels (v1, attention.cu) instead
+    of the tensor-core ones (v2, attention_tc.cu), forward and backward alike."""
+    if backend != "extension-simt":
+        yield
+        return
+    old = os.environ.get("GPTFAST_CUDA_ATTENTION")
+    os.environ["GPTFAST_CUDA_ATTENTION"] = "simt"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("GPTFAST_CUDA_ATTENTION")
+        else:
+            os.environ["GPTFAST_CUDA_ATTENTION"] = old
+
+
 def backend_call(op, backend):
     """fn(*inputs) computing `op` the way `backend` names: one of gptfast's op backends,
     "compiled" (torch.compile of the reference math), or "sdpa-<kernel>" (attention only:
@@ -129,6 +148,8 @@ def backend_call(op, backend):
 
             return lambda x, w, b: liger_layer_norm(x, w, b, 1e-5)
         return None
+    if backend == "extension-simt":
+        return (lambda *a: OP_FUNCS[op](*a, backend="extension")) if op == "attention" else None
     if backend in SDPA_PINNED:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -197,11 +218,12 @@ def run_case(op, shape, mode, device, dtype, repeats, backends):
         if fn is None:                                           # the backend has no such op
             continue
 
-        def step(fn=fn, ins=ins, d=dout.to(dtype)):
-            out = fn(*ins, *extra)
-            if mode == "fwd+bwd":
-                return out, torch.autograd.grad(out, ins, d)
-            return out, []
+        def step(fn=fn, ins=ins, d=dout.to(dtype), backend=backend):
+            with backend_environment(backend):
+                out = fn(*ins, *extra)
+                if mode == "fwd+bwd":
+                    return out, torch.autograd.grad(out, ins, d)
+                return out, []
 
         try:
             with torch.set_grad_enabled(mode == "fwd+bwd"):

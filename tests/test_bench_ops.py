@@ -1,5 +1,6 @@
 """The benchmark's code paths at tiny sizes, so they cannot rot, and its work counts by hand."""
 import json
+import os
 import pathlib
 import sys
 
@@ -52,3 +53,17 @@ def test_quick_run_writes_json(tmp_path, monkeypatch):
     for r in data["results"]:
         if r["mode"] != "peak_memory":
             assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+
+
+def test_simt_row_runs_the_extension_with_the_plain_kernels_switch(monkeypatch):
+    seen = []
+    real = bench_ops.OP_FUNCS["attention"]
+    monkeypatch.setitem(bench_ops.OP_FUNCS, "attention",
+                        lambda *a, **k: seen.append(os.environ.get("GPTFAST_CUDA_ATTENTION")) or real(*a, **k))
+    monkeypatch.delenv("GPTFAST_CUDA_ATTENTION", raising=False)
+    rows = bench_ops.run_case("attention", (1, 2, 9, 16), "fwd", torch.device("cpu"), torch.float32, 1,
+                              ["reference", "extension-simt"])
+    assert [r["backend"] for r in rows] == ["reference", "extension-simt"] and rows[1]["max_rel_error"] < 1e-5
+    assert "simt" in seen and seen[0] is None                        # only the simt row sets the switch...
+    assert "GPTFAST_CUDA_ATTENTION" not in os.environ   # ...and puts it back
+    assert bench_ops.backend_call("gelu", "extension-simt") is None  # an attention-only row
