@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=positive_int, default=3, help="periodic checkpoints kept")
     p.add_argument("--resume", help="continue from a checkpoint file, or 'auto' for the latest in --out")
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps in total")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and optimizer state across processes (FSDP) "
+                        "instead of replicating the model (DDP)")
     p.add_argument("--init-from", help="fine-tune from a GPT-2 folder (Hugging Face format) or a gptfast checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -81,7 +84,7 @@ def main(argv=None) -> int:
         dtype=args.dtype, compile=args.compile, grad_accum=args.grad_accum, grad_clip=args.grad_clip,
         warmup_steps=args.warmup_steps, min_lr=args.min_lr, tie_embeddings=args.tie_embeddings, pad_vocab=args.pad_vocab,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
-        max_steps=args.max_steps)
+        max_steps=args.max_steps, fsdp=args.fsdp)
     say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)  # torchrun: rank 0 speaks
     try:
         run_training(settings)

@@ -1,4 +1,4 @@
-"""Data-parallel training: torchrun with 2 Gloo processes computes what 1 process computes."""
+"""Data-parallel training: torchrun with 2 Gloo processes (DDP or FSDP) computes what 1 process computes."""
 import json
 import os
 import subprocess
@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT, shared_file
 from gptfast.data import RankStridedBatches
-from gptfast.training import TrainSettings, load_checkpoint, run_training
+from gptfast.training import ConfigError, TrainSettings, load_checkpoint, run_training
 from gptfast.training.distributed import SINGLE, DistInfo, per_rank_accum
 
 # 72 micro-batches of 2 x 32 tokens per epoch in the-verdict's train split: 18 steps of 4.
@@ -27,15 +27,30 @@ def one_process_settings(out, **kw):
                          checkpoint_every=10, keep_checkpoints=9, out=str(out), **kw)
 
 
+def torchrun(*args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scripts/train.py",
+           "--data", str(shared_file("the-verdict.txt")), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def step_losses(out):
+    return {r["step"]: r["loss"] for r in records(out, "step")}
+
+
+def assert_same_weights(run_a, run_b):
+    m1, _ = load_checkpoint(str(run_a))
+    m2, _ = load_checkpoint(str(run_b))
+    for (name, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.linalg.vector_norm(p1 - p2) <= 1e-5 * torch.linalg.vector_norm(p1), name
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same training run in one process and, through torchrun, in two Gloo processes."""
     base = tmp_path_factory.mktemp("ddp")
     single = run_training(one_process_settings(base / "one"), echo=lambda *_: None)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "scripts/train.py", "--data", str(shared_file("the-verdict.txt")), *RUN, "--out", str(base / "two")]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    done = torchrun(*RUN, "--out", str(base / "two"))
     assert done.returncode == 0, done.stderr[-3000:]
     return {"one": base / "one", "two": base / "two", "single": single, "stdout": done.stdout, "base": base}
 
@@ -52,12 +67,9 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(runs):
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-5           # evaluation split across ranks...
         assert abs(a["val_loss"] - b["val_loss"]) < 1e-5               # ...and summed back
     assert steps_1[-1]["loss"] < steps_1[0]["loss"] - 0.5              # it did learn something
-    m1, _ = load_checkpoint(str(one))
-    m2, _ = load_checkpoint(str(two))
-    for (name, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
-        assert torch.linalg.vector_norm(p1 - p2) <= 1e-5 * torch.linalg.vector_norm(p1), name
+    assert_same_weights(one, two)
     assert records(two, "config")[0]["world_size"] == 2
-    assert "distributed: 2 processes (Gloo)" in runs["stdout"]
+    assert "distributed: 2 processes (Gloo, DDP: model replicated)" in runs["stdout"]
     assert runs["stdout"].count("Before training") == 1                 # rank 0 alone prints
 
 
@@ -66,8 +78,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(runs):
     assert ckpts == ["ckpt-step0000010.pt", "ckpt-step0000020.pt", "ckpt-step0000030.pt"]
     out = runs["base"] / "resumed"
     run_training(one_process_settings(out, resume=str(runs["two"] / "ckpt-step0000020.pt")), echo=lambda *_: None)
-    resumed = {r["step"]: r["loss"] for r in records(out, "step")}
-    uninterrupted = {r["step"]: r["loss"] for r in records(runs["one"], "step")}
+    resumed, uninterrupted = step_losses(out), step_losses(runs["one"])
     assert sorted(resumed) == list(range(20, 36))
     assert max(abs(resumed[s] - uninterrupted[s]) for s in resumed) < 1e-5
 
@@ -111,3 +122,39 @@ def test_resume_needs_a_position_the_processes_can_split(runs, tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode != 0
     assert "41 micro-batches of its epoch, which 2 processes cannot split evenly" in done.stderr
+
+
+def test_fsdp_shards_and_matches_one_process(tmp_path):
+    """FSDP (tied embeddings: one parameter in two places) against the same run in one process;
+    its checkpoint (gathered, optimizer state by parameter name) resumes in one process."""
+    one = tmp_path / "one"
+    run_training(one_process_settings(one, tie_embeddings=True), echo=lambda *_: None)
+    done = torchrun(*RUN, "--tie-embeddings", "--fsdp", "--out", str(tmp_path / "fsdp"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "distributed: 2 processes (Gloo, FSDP: model sharded)" in done.stdout
+    sharded, single = step_losses(tmp_path / "fsdp"), step_losses(one)
+    assert sorted(sharded) == list(range(36)) and max(abs(sharded[k] - single[k]) for k in single) < 1e-5
+    for a, b in zip(records(one, "eval"), records(tmp_path / "fsdp", "eval")):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-5 and abs(a["val_loss"] - b["val_loss"]) < 1e-5
+    assert_same_weights(one, tmp_path / "fsdp")
+    ckpt = torch.load(tmp_path / "fsdp" / "ckpt-step0000020.pt", weights_only=True)
+    assert ckpt["optimizer_format"] == "fqn" and "trf_blocks.0.att.W_query.weight" in ckpt["optimizer"]["state"]
+    out = tmp_path / "resumed"
+    run_training(one_process_settings(out, tie_embeddings=True, resume=str(tmp_path / "fsdp" / "ckpt-step0000020.pt")),
+                 echo=lambda *_: None)
+    resumed = step_losses(out)
+    assert sorted(resumed) == list(range(20, 36)) and max(abs(resumed[k] - single[k]) for k in resumed) < 1e-5
+
+
+def test_fsdp_resumes_a_replicated_runs_checkpoint(runs, tmp_path):
+    """A DDP checkpoint (optimizer state numbered) continues as an FSDP run (state by name, sharded)."""
+    done = torchrun(*RUN, "--fsdp", "--out", str(tmp_path / "x"), "--resume", str(runs["two"] / "ckpt-step0000020.pt"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed, uninterrupted = step_losses(tmp_path / "x"), step_losses(runs["one"])
+    assert sorted(resumed) == list(range(20, 36))
+    assert max(abs(resumed[k] - uninterrupted[k]) for k in resumed) < 1e-5
+
+
+def test_fsdp_needs_several_processes(tmp_path):
+    with pytest.raises(ConfigError, match="--fsdp shards the model across processes: launch with torchrun"):
+        run_training(one_process_settings(tmp_path / "x", fsdp=True), echo=lambda *_: None)

@@ -138,3 +138,16 @@ def test_torch_compile_fullgraph(backend):
     loss.backward()
     assert torch.allclose(loss, eager, rtol=1e-5, atol=1e-6)
     assert rel_error(model.out_head.weight.grad, eager_grad) < 1e-4
+
+
+def test_tied_embeddings_start_near_uniform_predictions():
+    """The shared matrix gets GPT-2's N(0, 0.02): an untrained model's loss is close to ln V."""
+    import math
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("tiny", tie_embeddings=True)).eval()
+    assert model.out_head.weight is model.tok_emb.weight
+    assert abs(model.tok_emb.weight.std().item() - 0.02) < 0.002
+    idx = torch.randint(0, 50257, (2, 32))
+    loss = torch.nn.functional.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+    assert abs(loss.item() - math.log(50257)) < 0.5

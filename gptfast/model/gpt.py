@@ -136,6 +136,9 @@ class GPTModel(nn.Module):
         self.final_norm = LayerNorm(cfg.emb_dim, backend=cfg.backend)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.padded_vocab_size, bias=False)  # untied, as in the book...
         if cfg.tie_embeddings:                                   # ...or shared with the embedding (GPT-2)
+            # GPT-2's N(0, 0.02) for the shared matrix: nn.Embedding's N(0, 1) rows would make the
+            # untrained logits huge (initial loss ~40 instead of ln V ~ 10.8)
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=0.02)
             self.out_head.weight = self.tok_emb.weight
 
     @property

@@ -15,14 +15,19 @@ from ..model import GPTConfig, GPTModel
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-def save_checkpoint(path: str, model: GPTModel, optimizer=None, tokenizer=None, **progress) -> str:
-    """Written to a temporary file next to `path`, then renamed: never a half-written checkpoint."""
+def save_checkpoint(path: str, model: GPTModel, optimizer=None, tokenizer=None, model_state: dict | None = None,
+                    optimizer_state: dict | None = None, **progress) -> str:
+    """Written to a temporary file next to `path`, then renamed: never a half-written checkpoint.
+    `model_state` / `optimizer_state`: already gathered state dicts (a sharded run's) to store
+    instead of the model's and optimizer's own."""
+    if optimizer_state is None and optimizer is not None:
+        optimizer_state = optimizer.state_dict()
     state = {
         "format": "gptfast-checkpoint",
         "version": 1,
         "config": model.cfg.to_dict(),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "model": model_state if model_state is not None else model.state_dict(),
+        "optimizer": optimizer_state,
         "tokenizer": tokenizer.spec() if tokenizer is not None else None,
         **progress,  # e.g. step, epoch, tokens_seen
     }

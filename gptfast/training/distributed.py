@@ -17,6 +17,11 @@ How the work is split, so that N processes compute what one would:
 - the reported loss is the mean over all processes; evaluation batches are split across the
   processes and their losses summed, so the figures equal a 1-process run's; rank 0 alone
   samples, logs and writes checkpoints.
+
+With --fsdp the model is sharded instead of replicated (FSDP, `shard_fsdp`): each process keeps
+1/N of the weights, gradients and optimizer state. Every forward then needs all processes, so
+evaluation gives each the same number of batches and every process runs the epoch sample;
+checkpoints gather the full state on rank 0 (`training_state`).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ class DistInfo:
     rank: int = 0           # this process among all of them
     local_rank: int = 0     # this process on its machine: which GPU it drives
     world_size: int = 1     # processes in total
+    fsdp: bool = False      # parameters, gradients and optimizer state sharded (FSDP) instead of replicated
 
     @property
     def is_main(self) -> bool:
@@ -112,7 +118,11 @@ def main_first(info: DistInfo):
 
 
 def maybe_no_sync(model, sync: bool):
-    """Skip DDP's gradient all-reduce on micro-batches that are not the last of a step."""
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on micro-batches that are not
+    the last of a step."""
+    if hasattr(model, "set_requires_gradient_sync"):             # FSDP2: a switch, not a context
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
     if sync or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()
@@ -125,3 +135,47 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo, device: torch.device):
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[info.local_rank] if device.type == "cuda" else None)
+
+
+def shard_fsdp(model: torch.nn.Module) -> torch.nn.Module:
+    """Shard `model` in place with FSDP (fully_shard): each transformer block's parameters are
+    gathered just before it runs and freed after, so a process holds 1/N of the weights,
+    gradients and AdamW state plus one block at a time. The embeddings, final LayerNorm and LM
+    head form the root group."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.trf_blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+# Optimizer states in checkpoints: "index" = torch's own optimizer.state_dict() (parameters
+# numbered in optimizer order); "fqn" = torch.distributed.checkpoint's full state dict (parameters
+# named), which is what a sharded (FSDP) run can gather and load.
+def training_state(model, optimizer, info: DistInfo) -> tuple[dict, dict, str]:
+    """(model state, optimizer state, optimizer format) of the whole model, on rank 0. Under FSDP
+    this gathers the shards: every process must call it."""
+    if not info.fsdp:
+        return model.state_dict(), optimizer.state_dict(), "index"
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # only rank 0 receives it
+    return (get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options),
+            "fqn")
+
+
+def load_optimizer_state(model, optimizer, saved: dict, fmt: str, info: DistInfo) -> None:
+    """Restore a checkpoint's optimizer state into `optimizer`, whichever way each run kept it."""
+    if fmt == "index" and not info.fsdp:
+        optimizer.load_state_dict(saved)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if fmt == "index":                # written by a replicated run: name its numbered parameters
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        saved = {"state": {order[int(i)]: st for i, st in saved["state"].items()},
+                 "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=saved, options=StateDictOptions(full_state_dict=True))

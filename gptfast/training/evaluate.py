@@ -33,12 +33,17 @@ def calc_loss_loader(loader, model, device, num_batches: int | None = None, dist
     if n == 0:
         return float("nan")
     total = torch.zeros((), dtype=torch.float64, device=device)
+    done = 0
     for j, (inputs, targets) in enumerate(loader):   # always fetch one: keeps the shuffle generators in step
         i = j * world + rank if sharded else j       # the batch's index in a 1-process run
         if i >= n:
             break
         if sharded or i % world == rank:
             total += calc_loss_batch(inputs, targets, model, device).double()
+            done += 1
+    if dist_info.fsdp:   # a sharded model runs forward on all processes together: equal turns, extras ignored
+        for _ in range(-(-n // world) - done):
+            calc_loss_batch(inputs, targets, model, device)
     return sum_over_ranks(total, dist_info).item() / n
 
 

@@ -61,7 +61,8 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs: 
     Several processes (`dist_info`, see distributed.py): `train_loader` yields this process's share
     of the batches, `grad_accum` is this process's share of the micro-batches, `train_model_fn` is
     the DDP-wrapped model; losses and token counts are global (evaluation splits its batches across
-    the processes); only rank 0 prints, logs, samples and checkpoints. Positions count micro-batches of all processes, so a run can resume on another
+    the processes); only rank 0 prints, logs and samples. `on_checkpoint` is called on every
+    process (a sharded model gathers its state collectively) and writes on rank 0. Positions count micro-batches of all processes, so a run can resume on another
     number of processes that divides --grad-accum.
     """
     world, main = dist_info.world_size, dist_info.is_main
@@ -139,7 +140,7 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs: 
                 log.write("eval", epoch=epoch, step=hist.step, tokens_seen=hist.tokens,
                           train_loss=train_loss, val_loss=val_loss, batch_loss=loss_value)
             hist.step += 1
-            if main and on_checkpoint is not None and checkpoint_every and hist.step % checkpoint_every == 0:
+            if on_checkpoint is not None and checkpoint_every and hist.step % checkpoint_every == 0:
                 on_checkpoint(hist, {"epoch": epoch, "micro_in_epoch": (i + 1) * world, "epoch_gen_state": epoch_gen_state,
                                      "gen_state": gen.get_state() if gen is not None else None})
             if max_steps is not None and hist.step >= max_steps:
@@ -147,7 +148,7 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs: 
         bar.close()
         if max_steps is not None and hist.step >= max_steps and i + 1 < n_micro:
             break                                                # stopped mid-epoch: no sample
-        if main:
+        if main or dist_info.fsdp:          # a sharded model generates on every process together
             sample = generate_sample(model, tokenizer, device, start_context, sample_tokens)
             hist.samples.append(sample)
             say(f"Ep {epoch} sample: {sample}")

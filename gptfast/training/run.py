@@ -17,8 +17,8 @@ from ..data import (DEFAULT_CORPUS, DownloadError, corpus_files, create_dataload
                     load_corpus_tokens, load_text)
 from ..model import PRESETS, GPTConfig, GPTModel
 from ..tokenizer import TOKENIZERS, TokenizerUnavailableError, get_tokenizer
-from .distributed import (DistInfo, barrier, init_distributed, main_first, per_rank_accum, shutdown_distributed,
-                          wrap_ddp)
+from .distributed import (DistInfo, barrier, init_distributed, load_optimizer_state, main_first, per_rank_accum,
+                          shard_fsdp, shutdown_distributed, training_state, wrap_ddp)
 from .checkpoint import (CHECKPOINT_NAME, load_checkpoint, read_checkpoint, rng_states, save_checkpoint,
                          set_rng_states)
 from .loop import History, NonFiniteLoss, train_model
@@ -71,6 +71,7 @@ class TrainSettings:
     resume: str | None = None            # a checkpoint to continue from, or "auto": the latest in `out`
     max_steps: int | None = None         # stop after this many optimizer steps in total
     drop_rate: float | None = None       # override the preset's dropout
+    fsdp: bool = False                   # under torchrun: shard the model with FSDP instead of replicating it (DDP)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -144,6 +145,8 @@ def run_training(s: TrainSettings, echo=print) -> dict:
     data-parallel run (see distributed.py); rank 0 alone prints and writes files."""
     device = resolve_device(s.device)
     info = init_distributed(device.type)
+    if s.fsdp:
+        info = replace(info, fsdp=True)
     try:
         return _run_training(s, echo if info.is_main else (lambda *args, **kwargs: None), device, info)
     finally:
@@ -164,6 +167,10 @@ def _run_training(s: TrainSettings, echo, device: torch.device, info: DistInfo) 
         raise ConfigError(str(err)) from None
     if s.grad_accum < 1:
         raise ConfigError(f"grad_accum must be >= 1, got {s.grad_accum}")
+    if s.fsdp and not info.enabled:
+        raise ConfigError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node=N (N > 1)")
+    if s.fsdp and s.dtype == "float16":
+        raise ConfigError("--fsdp with --dtype float16 is not supported (no sharded loss scaling here): use bfloat16")
     try:
         grad_accum = per_rank_accum(s.grad_accum, info)       # this process's micro-batches per step
     except ValueError as err:
@@ -230,12 +237,16 @@ def _run_training(s: TrainSettings, echo, device: torch.device, info: DistInfo) 
     if context_length > cfg.context_length:
         raise ConfigError(f"--context-length {context_length} exceeds the initial model's context length "
                           f"{cfg.context_length}")
+    n_params = model.num_parameters()
+    if info.fsdp:
+        train_forward = shard_fsdp(model)                     # in place: the optimizer must see the shards
+    else:
+        train_forward = wrap_ddp(model, info, device)         # DDP: averages gradients across processes
     optimizer = make_optimizer(model, s.lr, s.weight_decay, device)
     total_steps = s.epochs * -(-len(train_loader) // grad_accum)
     schedule = None
     if s.warmup_steps or s.min_lr is not None:
         schedule = lambda step: lr_at(step, total_steps, s.lr, s.warmup_steps, s.min_lr)  # noqa: E731
-    train_forward = wrap_ddp(model, info, device)             # DDP: averages gradients across processes
     if s.compile:
         train_forward = torch.compile(train_forward)
     scaler = grad_scaler(s.dtype, device)
@@ -243,19 +254,20 @@ def _run_training(s: TrainSettings, echo, device: torch.device, info: DistInfo) 
     if resume_state is not None:
         if "position" not in resume_state:
             raise ConfigError("--resume: that checkpoint holds no training position (not written by a training run)")
-        optimizer.load_state_dict(resume_state["optimizer"])
+        load_optimizer_state(model, optimizer, resume_state["optimizer"], resume_state.get("optimizer_format", "index"),
+                             info)
         scaler.load_state_dict(resume_state["scaler"])
         resume = {"hist": History(**resume_state["history"]), **resume_state["position"]}
         if resume["micro_in_epoch"] % info.world_size:
             raise ConfigError(f"--resume: the checkpoint stopped after {resume['micro_in_epoch']} micro-batches of "
                               f"its epoch, which {info.world_size} processes cannot split evenly")
 
-    n_params = model.num_parameters()
     echo(f"config: {json.dumps(cfg.to_dict())}")
     echo(f"parameters: {n_params:,} | device: {device} | backend: {backend} | tokenizer: "
          f"{s.tokenizer} ({tokenizer.n_vocab} tokens{f', padded to {cfg.padded_vocab_size}' if cfg.vocab_multiple > 1 else ''})")
     if info.enabled:
-        echo(f"distributed: {info.world_size} processes ({'NCCL' if device.type == 'cuda' else 'Gloo'}), "
+        echo(f"distributed: {info.world_size} processes ({'NCCL' if device.type == 'cuda' else 'Gloo'}, "
+             f"{'FSDP: model sharded' if info.fsdp else 'DDP: model replicated'}), "
              f"{grad_accum} micro-batch(es) of {s.batch_size} each per step, {len(train_loader)} per epoch each")
     echo(f"data: {s.data} | {size} | train batches/epoch: {len(train_loader) * info.world_size} | "
          f"val batches: {len(val_loader)} | tokens/step: {s.batch_size * context_length * s.grad_accum:,} "
@@ -270,15 +282,20 @@ def _run_training(s: TrainSettings, echo, device: torch.device, info: DistInfo) 
     log = MetricsLog(os.path.join(s.out, "metrics.jsonl") if info.is_main else None, append=resume is not None)
     log.write("config", settings=asdict(s), model=cfg.to_dict(), parameters=n_params,
               device=str(device), torch=torch.__version__, world_size=info.world_size)
-    def checkpoint(path, hist, position):
-        return save_checkpoint(path, model, optimizer, tokenizer, step=hist.step, tokens_seen=hist.tokens,
-                               scaler=scaler.state_dict(), rng=rng_states(), position=position,
-                               history=asdict(hist), settings=asdict(s))
+    def checkpoint(path, hist, position):   # called on every process; rank 0 writes
+        model_state, optimizer_state, optimizer_format = training_state(model, optimizer, info)
+        if info.is_main:
+            save_checkpoint(path, model, tokenizer=tokenizer, model_state=model_state, optimizer_state=optimizer_state,
+                            optimizer_format=optimizer_format, step=hist.step, tokens_seen=hist.tokens,
+                            scaler=scaler.state_dict(), rng=rng_states(), position=position, history=asdict(hist),
+                            settings=asdict(s))
+        return path
 
     def periodic_checkpoint(hist, position):
         checkpoint(os.path.join(s.out, f"ckpt-step{hist.step:07d}.pt"), hist, position)
-        for old in periodic_checkpoints(s.out)[:-max(1, s.keep_checkpoints)]:
-            os.remove(old)
+        if info.is_main:
+            for old in periodic_checkpoints(s.out)[:-max(1, s.keep_checkpoints)]:
+                os.remove(old)
 
     if resume_state is not None:
         set_rng_states(resume_state["rng"])                     # exactly where the stopped run was
@@ -297,10 +314,10 @@ def _run_training(s: TrainSettings, echo, device: torch.device, info: DistInfo) 
         raise NonFiniteLoss(f"{err}; last good checkpoint: {kept[-1] if kept else 'none (use --checkpoint-every)'}") \
             from None
 
-    ckpt = plot = None
+    end = {"epoch": s.epochs + 1, "micro_in_epoch": 0, "epoch_gen_state": None, "gen_state": None}
+    ckpt = checkpoint(os.path.join(s.out, CHECKPOINT_NAME), hist, end)
+    plot = None
     if info.is_main:
-        end = {"epoch": s.epochs + 1, "micro_in_epoch": 0, "epoch_gen_state": None, "gen_state": None}
-        ckpt = checkpoint(os.path.join(s.out, CHECKPOINT_NAME), hist, end)
         plot = plot_losses(hist.steps, hist.tokens_seen, hist.train_losses, hist.val_losses,
                            os.path.join(s.out, "loss.png"))
     barrier(info)                                # every process returns once the files exist
