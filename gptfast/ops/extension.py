@@ -90,13 +90,23 @@ def _check_device(t: torch.Tensor) -> None:
                            "or rebuild gptfast with a CUDA toolkit")
 
 
+def _cpu_half(t: torch.Tensor) -> bool:
+    """A float16/bfloat16 CPU tensor (e.g. under bfloat16 autocast on CPU): the CPU kernels compute
+    in float32 and float64 only, so such inputs are widened to float32 and the result rounded back."""
+    return t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16)
+
+
 def layer_norm(x, weight, bias, eps=1e-5):
     _check_device(x)
+    if _cpu_half(x):
+        return layer_norm(x.float(), weight.float(), bias.float(), eps).to(x.dtype)
     return OPS.layer_norm_fwd(x, weight, bias, eps)[0]
 
 
 def gelu(x):
     _check_device(x)
+    if _cpu_half(x):
+        return gelu(x.float()).to(x.dtype)
     return OPS.gelu_fwd(x)
 
 
@@ -109,6 +119,8 @@ def causal_attention(q, k, v, dropout_p=0.0, scale=None, seed=None):
     if q.shape[2] != k.shape[2] and not supports_kv_cache(q.device):
         raise RuntimeError(f"the extension backend's {q.device.type} attention needs as many queries as keys; "
                            "generate with use_cache=False or another backend")
+    if _cpu_half(q):
+        return causal_attention(q.float(), k.float(), v.float(), dropout_p, scale, seed).to(q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if seed is None:                               # the interface draws one when dropout_p > 0
         seed = torch.zeros(1, dtype=torch.int64)
@@ -117,6 +129,8 @@ def causal_attention(q, k, v, dropout_p=0.0, scale=None, seed=None):
 
 def cross_entropy(logits, targets, ignore_index=-100):
     _check_device(logits)
+    if _cpu_half(logits):                          # the loss comes back in float32
+        return cross_entropy(logits.float(), targets, ignore_index)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     loss_rows = OPS.cross_entropy_fwd(logits, targets, ignore_index, compute_grad)[0]
     return loss_rows.sum() / (targets != ignore_index).sum()
