@@ -99,3 +99,29 @@ def training_losses(backend: str, ids: torch.Tensor, steps: int, batch: int, T: 
         opt.step()
         out.append(loss.item())
     return torch.tensor(out)
+
+
+def interface_case(op: str, backend: str):
+    """(fn, torch_fn, ref_fn, float64 inputs) for check_precision: `op` through the ops interface
+    with `backend`, PyTorch's own op, and the float64 reference, on small CPU inputs."""
+    from gptfast import ops
+    from gptfast.ops import reference
+
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape, scale=1.0: torch.randn(*shape, generator=g, dtype=torch.float64) * scale  # noqa: E731
+    targets = torch.randint(0, 50, (12,), generator=g)
+    F = torch.nn.functional
+    cases = {
+        "layer_norm": (lambda x, w, b: ops.layer_norm(x, w, b, backend=backend),
+                       lambda x, w, b: F.layer_norm(x, (64,), w, b), reference.layer_norm,
+                       [rand(5, 64, scale=2.0), rand(64), rand(64)]),
+        "gelu": (lambda x: ops.gelu(x, backend=backend), lambda x: F.gelu(x, approximate="tanh"), reference.gelu,
+                 [rand(7, 33)]),
+        "attention": (lambda q, k, v: ops.causal_attention(q, k, v, backend=backend),
+                      lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                      reference.causal_attention, [rand(1, 2, 9, 16) for _ in range(3)]),
+        "cross_entropy": (lambda x: ops.cross_entropy(x, targets, backend=backend).to(x.dtype),
+                          lambda x: F.cross_entropy(x, targets), lambda x: reference.cross_entropy(x, targets),
+                          [rand(12, 50, scale=2.0)]),
+    }
+    return cases[op]

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, check_precision, rel_error
+from conftest import ROOT, check_precision, interface_case, rel_error
 from gptfast import ops
 from gptfast.compiled import load_extension
 from gptfast.ops import reference
@@ -251,22 +251,7 @@ def test_bad_inputs_raise_naming_the_argument(call, message):
 def test_half_precision_cpu_tensors_are_computed_in_float32(op, dtype):
     """bfloat16 autocast on CPU hands the ops half-precision tensors: the interface widens them for
     the float32 kernels and rounds back - no worse than PyTorch's own CPU ops at that precision."""
-    targets = torch.randint(0, 50, (12,), generator=torch.Generator().manual_seed(3))
-    cases = {
-        "layer_norm": (lambda x, w, b: ops.layer_norm(x, w, b, backend="extension"),
-                       lambda x, w, b: torch.nn.functional.layer_norm(x, (64,), w, b),
-                       reference.layer_norm, [rand(5, 64, scale=2.0), rand(64, seed=1), rand(64, seed=2)]),
-        "gelu": (lambda x: ops.gelu(x, backend="extension"),
-                 lambda x: torch.nn.functional.gelu(x, approximate="tanh"), reference.gelu, [rand(7, 33)]),
-        "attention": (lambda q, k, v: ops.causal_attention(q, k, v, backend="extension"),
-                      lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
-                      reference.causal_attention, [rand(1, 2, 9, 16, seed=i) for i in range(3)]),
-        "cross_entropy": (lambda x: ops.cross_entropy(x, targets, backend="extension").to(x.dtype),
-                          lambda x: torch.nn.functional.cross_entropy(x, targets),
-                          lambda x: reference.cross_entropy(x, targets), [rand(12, 50, scale=2.0)]),
-    }
-    fn, torch_fn, ref_fn, inputs = cases[op]
-    check_precision(fn, torch_fn, ref_fn, inputs, dtype)
+    check_precision(*interface_case(op, "extension"), dtype)
 
 
 # ----------------------------------------------------------------------------- the model

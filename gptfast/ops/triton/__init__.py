@@ -17,10 +17,43 @@ if not torch.cuda.is_available():
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-from .attention import attention_bwd, attention_fwd, causal_attention, supports_kv_cache  # noqa: E402
-from .cross_entropy import cross_entropy, cross_entropy_bwd, cross_entropy_fwd  # noqa: E402
-from .gelu import gelu, gelu_bwd, gelu_fwd  # noqa: E402
-from .layer_norm import layer_norm, layer_norm_bwd, layer_norm_fwd  # noqa: E402
+from . import attention as _attention, cross_entropy as _cross_entropy, gelu as _gelu  # noqa: E402
+from . import layer_norm as _layer_norm  # noqa: E402
+from .attention import attention_bwd, attention_fwd, supports_kv_cache  # noqa: E402
+from .cross_entropy import cross_entropy_bwd, cross_entropy_fwd  # noqa: E402
+from .gelu import gelu_bwd, gelu_fwd  # noqa: E402
+from .layer_norm import layer_norm_bwd, layer_norm_fwd  # noqa: E402
+
+
+# The backend functions. The interpreter computes bfloat16 wrongly (a Triton limitation), so on
+# CPU tensors bfloat16 inputs - what bfloat16 autocast on CPU produces - run in float32 and the
+# result is rounded back; on a GPU every dtype goes to the kernels as it is.
+def _interpreted_bf16(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.bfloat16
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    if _interpreted_bf16(x):
+        return _layer_norm.layer_norm(x.float(), weight.float(), bias.float(), eps).to(x.dtype)
+    return _layer_norm.layer_norm(x, weight, bias, eps)
+
+
+def gelu(x):
+    if _interpreted_bf16(x):
+        return _gelu.gelu(x.float()).to(x.dtype)
+    return _gelu.gelu(x)
+
+
+def causal_attention(q, k, v, dropout_p=0.0, scale=None, seed=None):
+    if _interpreted_bf16(q):
+        return _attention.causal_attention(q.float(), k.float(), v.float(), dropout_p, scale, seed).to(q.dtype)
+    return _attention.causal_attention(q, k, v, dropout_p, scale, seed)
+
+
+def cross_entropy(logits, targets, ignore_index=-100):
+    if _interpreted_bf16(logits):
+        return _cross_entropy.cross_entropy(logits.float(), targets, ignore_index)
+    return _cross_entropy.cross_entropy(logits, targets, ignore_index)
 
 
 def build_info() -> dict:
