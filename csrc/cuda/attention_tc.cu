@@ -176,7 +176,6 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const T* __restri
     stage(kb, k0, kTile, T_, D, Ks, ld, vec);
     stage(vb, k0, kTile, T_, D, Vs, ld, vec);
     __syncthreads();
-    if (causal && k0 > wrow0 + 15) continue;                         // the whole tile is above this warp's rows
 
     warp_abt_tile(Qs + 16 * warp * ld, Ks, ld, D, Sw);              // S = Q K^T (unscaled)
     __syncwarp();
@@ -311,7 +310,6 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(
       Ds[i] = in ? delta[bh * T_ + q0 + i] : 0.f;
     }
     __syncthreads();
-    if (causal && q0 + kTile - 1 < wkey0) continue;                  // every query of the tile precedes these keys
 
     warp_abt_tile(Ks + 16 * warp * ld, Qs, ld, D, Sw);              // S^T = K Q^T
     warp_abt_tile(Vs + 16 * warp * ld, Gs, ld, D, Dw);              // dP^T = V dO^T
@@ -377,7 +375,6 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc_kernel(
     stage(k + bh * T_ * D, k0, kTile, T_, D, Ks, ld, vec);
     stage(v + bh * T_ * D, k0, kTile, T_, D, Vs, ld, vec);
     __syncthreads();
-    if (causal && k0 > wrow0 + 15) continue;
 
     warp_abt_tile(Qs + 16 * warp * ld, Ks, ld, D, Sw);              // S = Q K^T
     warp_abt_tile(Gs + 16 * warp * ld, Vs, ld, D, Dw);              // dP = dO V^T
@@ -398,6 +395,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc_kernel(
 #endif
 }
 
+#ifndef GPTFAST_CUDA_EMULATION   // tests/cuda_emulation runs the kernels above on CPU threads instead
 template <typename T, int ND>
 int launch_bwd(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta, T* dq, T* dk,
                T* dv, int64_t BH, int64_t T_, bool causal, float scale, Dropout drop, bool vec, cudaStream_t s) {
@@ -443,8 +441,10 @@ bool rows_aligned(std::initializer_list<const void*> ptrs, int D) {
   return true;
 }
 
+#endif  // GPTFAST_CUDA_EMULATION
 }  // namespace
 
+#ifndef GPTFAST_CUDA_EMULATION
 int attention_fwd_tc(DType dt, const void* q, const void* k, const void* v, void* o, float* lse, int64_t BH,
                      int64_t T, int D, bool causal, float scale, Dropout drop, cudaStream_t stream) {
   if (D % 16 || D < 16 || D > kMaxHeadDim) return static_cast<int>(cudaErrorInvalidValue);
@@ -476,6 +476,7 @@ int attention_bwd_tc(DType dt, const void* dout, const void* q, const void* k, c
     });
   });
 }
+#endif  // GPTFAST_CUDA_EMULATION
 
 }  // namespace cuda
 }  // namespace gptfast
