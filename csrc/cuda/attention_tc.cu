@@ -395,7 +395,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc_kernel(
 #endif
 }
 
-#ifndef GPTFAST_CUDA_EMULATION   // tests/cuda_emulation runs the kernels above on CPU threads instead
+#ifndef GPTFAST_KERNELS_ONLY   // tests/cuda_emulation/attention_tc_emulated.cpp launches the kernels itself
 template <typename T, int ND>
 int launch_bwd(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta, T* dq, T* dk,
                T* dv, int64_t BH, int64_t T_, bool causal, float scale, Dropout drop, bool vec, cudaStream_t s) {
@@ -441,10 +441,10 @@ bool rows_aligned(std::initializer_list<const void*> ptrs, int D) {
   return true;
 }
 
-#endif  // GPTFAST_CUDA_EMULATION
+#endif  // GPTFAST_KERNELS_ONLY
 }  // namespace
 
-#ifndef GPTFAST_CUDA_EMULATION
+#ifndef GPTFAST_KERNELS_ONLY
 int attention_fwd_tc(DType dt, const void* q, const void* k, const void* v, void* o, float* lse, int64_t BH,
                      int64_t T, int D, bool causal, float scale, Dropout drop, cudaStream_t stream) {
   if (D % 16 || D < 16 || D > kMaxHeadDim) return static_cast<int>(cudaErrorInvalidValue);
@@ -476,7 +476,7 @@ int attention_bwd_tc(DType dt, const void* dout, const void* q, const void* k, c
     });
   });
 }
-#endif  // GPTFAST_CUDA_EMULATION
+#endif  // GPTFAST_KERNELS_ONLY
 
 }  // namespace cuda
 }  // namespace gptfast

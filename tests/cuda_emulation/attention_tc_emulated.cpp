@@ -4,7 +4,7 @@
 // indexing, masking (causal, ragged T), online softmax, dropout masks, shared-memory layout
 // (canary past its end, size against the sm_80 / sm_90 limits), WMMA alignment rules.
 //
-//   g++ -std=c++20 -O1 -pthread -D__CUDA_ARCH__=800 -DGPTFAST_CUDA_EMULATION -Iinclude \
+//   g++ -std=c++20 -O1 -pthread -D__CUDA_ARCH__=800 -DGPTFAST_CUDA_EMULATION -DGPTFAST_KERNELS_ONLY -Iinclude \
 //       attention_tc_emulated.cpp -o emulated && ./emulated      (tests/test_cuda_emulation.py)
 #include <cstdio>
 #include <functional>
