@@ -10,6 +10,7 @@
 #include <random>
 #include <vector>
 
+#include "../dropout_hash.h"
 #include "kernels.h"
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -128,7 +129,7 @@ double median_ms(const std::function<int()>& launch, int reps = kReps) {
 void report(const char* name, double err, double tol, double ms, double bytes_or_flops, const char* unit) {
   const bool pass = err < tol;
   g_ok = g_ok && pass;
-  std::printf("%-44s rel err %.2e (tol %.0e) %s | %8.4f ms | %8.1f %s\n", name, err, tol, pass ? "ok  " : "FAIL", ms,
+  std::printf("%-52s rel err %.2e (tol %.0e) %s | %8.4f ms | %8.1f %s\n", name, err, tol, pass ? "ok  " : "FAIL", ms,
               bytes_or_flops / ms / 1e6, unit);
 }
 
@@ -190,42 +191,51 @@ void test_gelu(int64_t n) {
   report(name, rel_error(ddx.get(), dx), 1e-5, ms, 3.0 * n * 4, "GB/s");
 }
 
-void test_attention(int64_t BH, int64_t T, int64_t D) {
+// Causal or full attention with dropout p (the shared counter-based mask of dropout_hash.h).
+void test_attention(int64_t BH, int64_t T, int64_t D, bool causal = true, float p = 0.f) {
   auto q = randn(BH * T * D, 7), k = randn(BH * T * D, 8), v = randn(BH * T * D, 9), go = randn(BH * T * D, 10);
   const double scale = 1.0 / std::sqrt(double(D));
+  const uint64_t seed = 1234567;
+  const uint32_t threshold = gptfast::dropout_threshold(p);
+  const double keep_scale = p > 0 ? 1.0 / (1.0 - p) : 1.0;
   std::vector<double> o(BH * T * D, 0), dq(BH * T * D, 0), dk(BH * T * D, 0), dv(BH * T * D, 0);
-  std::vector<double> P(T * T), dP(T * T);
+  std::vector<double> P(T), Z(T), dZ(T);
   for (int64_t h = 0; h < BH; ++h) {
     const float *Q = &q[h * T * D], *K = &k[h * T * D], *V = &v[h * T * D], *G = &go[h * T * D];
+    const uint32_t head = gptfast::dropout_head_key(seed, static_cast<uint32_t>(h));
     for (int64_t i = 0; i < T; ++i) {
+      const int64_t end = causal ? i + 1 : T;
       double m = -1e300, s = 0;
-      for (int64_t j = 0; j <= i; ++j) {
+      for (int64_t j = 0; j < end; ++j) {
         double dot = 0;
         for (int64_t d = 0; d < D; ++d) dot += double(Q[i * D + d]) * K[j * D + d];
-        P[i * T + j] = dot * scale;
-        m = std::max(m, P[i * T + j]);
+        P[j] = dot * scale;
+        m = std::max(m, P[j]);
       }
-      for (int64_t j = 0; j <= i; ++j) s += (P[i * T + j] = std::exp(P[i * T + j] - m));
-      double rowsum = 0;
-      for (int64_t j = 0; j <= i; ++j) {
-        P[i * T + j] /= s;
+      for (int64_t j = 0; j < end; ++j) s += (P[j] = std::exp(P[j] - m));
+      double rowsum = 0;                         // sum_j dZ_ij Z_ij = rowsum(dO * O)
+      for (int64_t j = 0; j < end; ++j) {
+        P[j] /= s;
+        const bool keep = p == 0 || gptfast::dropout_keep(gptfast::dropout_row_key(head, static_cast<uint32_t>(i)),
+                                                          static_cast<uint32_t>(j), threshold);
+        Z[j] = keep ? P[j] * keep_scale : 0.0;
         double dz = 0;
         for (int64_t d = 0; d < D; ++d) dz += double(G[i * D + d]) * V[j * D + d];
-        dP[i * T + j] = dz;
-        rowsum += dz * P[i * T + j];
-        for (int64_t d = 0; d < D; ++d) o[(h * T + i) * D + d] += P[i * T + j] * V[j * D + d];
+        dZ[j] = keep ? dz * keep_scale : 0.0;    // the gradient reaching P through the dropout
+        rowsum += dz * Z[j];
+        for (int64_t d = 0; d < D; ++d) o[(h * T + i) * D + d] += Z[j] * V[j * D + d];
       }
-      for (int64_t j = 0; j <= i; ++j) {
-        const double ds = P[i * T + j] * (dP[i * T + j] - rowsum) * scale;
+      for (int64_t j = 0; j < end; ++j) {
+        const double ds = P[j] * (dZ[j] - rowsum) * scale;
         for (int64_t d = 0; d < D; ++d) {
           dq[(h * T + i) * D + d] += ds * K[j * D + d];
           dk[(h * T + j) * D + d] += ds * Q[i * D + d];
-          dv[(h * T + j) * D + d] += P[i * T + j] * G[i * D + d];
+          dv[(h * T + j) * D + d] += Z[j] * G[i * D + d];
         }
       }
     }
   }
-  const double flops = 4.0 * BH * T * T * D * 0.5;
+  const double flops = 4.0 * BH * T * T * D * (causal ? 0.5 : 1.0);
   const char* dtype_names[] = {"fp32", "fp16", "bf16"};
   for (DType dt : {kF32, kF16, kBF16}) {
     // fp16/bf16 with D % 16 == 0 run on the tensor-core kernels (attention_tc.cu) unless
@@ -240,19 +250,20 @@ void test_attention(int64_t BH, int64_t T, int64_t D) {
     auto download = [&](const DeviceBuffer& b) { return dt == kF32 ? b.get() : from_bits16(b, dt); };
     auto dq_ = upload(q), dk_ = upload(k), dv_ = upload(v), dgo = upload(go);
     DeviceBuffer dout(n * es), dlse(BH * T * 4), ddelta(BH * T * 4), gq(n * es), gk(n * es), gv(n * es);
-    char name[96];
-    std::snprintf(name, sizeof name, "attention_fwd %s BH=%lld T=%lld D=%lld", dtype_names[dt], (long long)BH,
-                  (long long)T, (long long)D);
+    char name[112];
+    const char* mask = causal ? (p > 0 ? " drop" : "") : (p > 0 ? " full drop" : " full");
+    std::snprintf(name, sizeof name, "attention_fwd %s BH=%lld T=%lld D=%lld%s", dtype_names[dt], (long long)BH,
+                  (long long)T, (long long)D, mask);
     const double ms = median_ms([&] {
-      return attention_fwd(dt, dq_->ptr, dk_->ptr, dv_->ptr, dout.ptr, dlse.f(), BH, T, D, true, float(scale), 0.f, 0,
-                           nullptr);
+      return attention_fwd(dt, dq_->ptr, dk_->ptr, dv_->ptr, dout.ptr, dlse.f(), BH, T, D, causal, float(scale), p,
+                           seed, nullptr);
     });
     report(name, rel_error(download(dout), o), tol, ms, flops, "GFLOP/s");
-    std::snprintf(name, sizeof name, "attention_bwd %s BH=%lld T=%lld D=%lld", dtype_names[dt], (long long)BH,
-                  (long long)T, (long long)D);
+    std::snprintf(name, sizeof name, "attention_bwd %s BH=%lld T=%lld D=%lld%s", dtype_names[dt], (long long)BH,
+                  (long long)T, (long long)D, mask);
     const double ms_b = median_ms([&] {
       return attention_bwd(dt, dgo->ptr, dq_->ptr, dk_->ptr, dv_->ptr, dout.ptr, dlse.f(), ddelta.f(), gq.ptr, gk.ptr,
-                           gv.ptr, BH, T, D, true, float(scale), 0.f, 0, nullptr);
+                           gv.ptr, BH, T, D, causal, float(scale), p, seed, nullptr);
     });
     const double err =
         std::max({rel_error(download(gq), dq), rel_error(download(gk), dk), rel_error(download(gv), dv)});
@@ -305,6 +316,9 @@ int main() {
   test_attention(1, 70, 80);
   test_attention(1, 1, 16);
   test_attention(1, 7, 32);
+  test_attention(1, 100, 64, true, 0.2f);
+  test_attention(1, 65, 32, false, 0.f);
+  test_attention(1, 40, 128, false, 0.1f);
   test_cross_entropy(6, 50257);
 #else
   test_layer_norm(8 * 1024, 768);
@@ -317,6 +331,8 @@ int main() {
   test_attention(1, 1, 16);
   test_attention(2, 1000, 128);
   test_attention(3, 7, 32);
+  test_attention(2, 300, 64, true, 0.1f);
+  test_attention(2, 200, 80, false, 0.f);
   test_cross_entropy(64, 50257);
 #endif
   std::printf("%s\n", g_ok ? "all kernels within tolerance" : "SOME KERNELS FAILED");
