@@ -80,6 +80,26 @@ def test_attention_dropout_matches_the_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Tq,Tk,D,p", [(1, 70, 64, 0.0), (5, 9, 80, 0.0), (65, 130, 64, 0.0), (33, 100, 128, 0.3)])
+def test_fewer_queries_than_keys_kv_cache(dtype, Tq, Tk, D, p):
+    """The KV-cache case: queries are the last Tq of Tk positions (masks and dropout rows shifted)."""
+    seed = torch.tensor([77], dtype=torch.int64)
+    fn = lambda backend: lambda q, k, v: ops.causal_attention(q, k, v, dropout_p=p, seed=seed,  # noqa: E731
+                                                                backend=backend)
+    check_precision(fn("extension"), fn("reference"), fn("reference"),
+                    [rand(2, 3, Tq, D, seed=90), rand(2, 3, Tk, D, seed=91), rand(2, 3, Tk, D, seed=92)], dtype)
+
+
+def test_generation_with_the_kv_cache_gives_the_same_tokens():
+    from gptfast.generate import generate
+
+    model = small_model("extension").eval()
+    idx = torch.randint(0, 101, (2, 5), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    plain = generate(model, idx, 70, use_cache=False)                 # 5 + 70 > 64: the window slides too
+    assert torch.equal(generate(model, idx, 70, use_cache=True), plain)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_cross_entropy_gpt2_vocab(dtype):
     g = torch.Generator().manual_seed(6)
     targets = torch.randint(0, 50304, (1024,), generator=g).cuda()

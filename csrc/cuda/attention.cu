@@ -48,8 +48,8 @@ __device__ void stage_rows(const T* __restrict__ src, int64_t r0, int n, int64_t
 template <typename T>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k,
                                                             const T* __restrict__ v, T* __restrict__ o,
-                                                            float* __restrict__ lse, int64_t T_, int D, bool causal,
-                                                            float scale, Dropout drop) {
+                                                            float* __restrict__ lse, int64_t Tq, int64_t Tk, int D,
+                                                            bool causal, float scale, Dropout drop) {
   extern __shared__ float smem[];
   float* Qs = smem;                              // kRowsQ x D (pre-scaled)
   float* Ks = Qs + kRowsQ * D;                   // kTileK x (D + 1)
@@ -59,20 +59,21 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const T* __restrict_
   const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kRowsQ;
   const int i = threadIdx.x / kThreadsPerRow, sub = threadIdx.x % kThreadsPerRow;
   const int64_t row = q0 + i;
-  const T* qb = q + bh * T_ * D;
-  const T* kb = k + bh * T_ * D;
-  const T* vb = v + bh * T_ * D;
+  const int64_t off = Tk - Tq;                   // cached keys before the first query (KV cache)
+  const T* qb = q + bh * Tq * D;
+  const T* kb = k + bh * Tk * D;
+  const T* vb = v + bh * Tk * D;
   const uint32_t head_key = drop.on ? dropout_head_key(drop.seed, static_cast<uint32_t>(bh)) : 0u;
-  stage_rows(qb, q0, kRowsQ, T_, D, Qs, D, scale);
+  stage_rows(qb, q0, kRowsQ, Tq, D, Qs, D, scale);
   float acc[kDimsPerThread];
 #pragma unroll
   for (int t = 0; t < kDimsPerThread; ++t) acc[t] = 0.f;
   float m = -FLT_MAX, l = 0.f;
-  const int64_t kv_end = causal ? min(T_, q0 + kRowsQ) : T_;
+  const int64_t kv_end = causal ? min(Tk, q0 + kRowsQ + off) : Tk;
   for (int64_t k0 = 0; k0 < kv_end; k0 += kTileK) {
     __syncthreads();                             // previous tile fully consumed
-    stage_rows(kb, k0, kTileK, T_, D, Ks, D + 1);
-    stage_rows(vb, k0, kTileK, T_, D, Vs, D);
+    stage_rows(kb, k0, kTileK, Tk, D, Ks, D + 1);
+    stage_rows(vb, k0, kTileK, Tk, D, Vs, D);
     __syncthreads();
     float s[kTileK / kThreadsPerRow];            // 4 scores per thread
     float tile_max = -FLT_MAX;
@@ -82,7 +83,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const T* __restrict_
       const int64_t col = k0 + j;
       float dot = 0.f;
       for (int d = 0; d < D; ++d) dot += Qs[i * D + d] * Ks[j * (D + 1) + d];
-      const bool valid = col < T_ && !(causal && col > row);
+      const bool valid = col < Tk && !(causal && col > row + off);
       s[c] = valid ? dot : -FLT_MAX;
       tile_max = fmaxf(tile_max, s[c]);
     }
@@ -94,7 +95,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const T* __restrict_
       const int j = sub * (kTileK / kThreadsPerRow) + c;
       float p = s[c] == -FLT_MAX ? 0.f : __expf(s[c] - m_new);
       psum += p;
-      if (drop.on) p = drop.keep(head_key, row, k0 + j) ? p * drop.keep_scale : 0.f;
+      if (drop.on) p = drop.keep(head_key, row + off, k0 + j) ? p * drop.keep_scale : 0.f;
       Ps[i * kTileK + j] = p;
     }
     l = l * alpha + row_sum(psum);
@@ -110,14 +111,14 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const T* __restrict_
       }
     }
   }
-  if (row < T_) {
+  if (row < Tq) {
     const float inv_l = 1.f / l;
 #pragma unroll
     for (int t = 0; t < kDimsPerThread; ++t) {
       const int d = sub + kThreadsPerRow * t;
-      if (d < D) o[(bh * T_ + row) * D + d] = from_f<T>(acc[t] * inv_l);
+      if (d < D) o[(bh * Tq + row) * D + d] = from_f<T>(acc[t] * inv_l);
     }
-    if (sub == 0) lse[bh * T_ + row] = m + __logf(l);
+    if (sub == 0) lse[bh * Tq + row] = m + __logf(l);
   }
 }
 
@@ -149,8 +150,8 @@ __device__ __forceinline__ Grad pair_grad(float s_scaled, float dz, float lse_r,
 template <typename T>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
-    const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv, int64_t T_,
-    int D, bool causal, float scale, Dropout drop) {
+    const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv, int64_t Tq,
+    int64_t Tk, int D, bool causal, float scale, Dropout drop) {
   extern __shared__ float smem[];
   float* Ks = smem;                              // kTileKB x (D + 1)
   float* Vs = Ks + kTileKB * (D + 1);            // kTileKB x (D + 1)
@@ -162,19 +163,20 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(
   const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kTileKB;
   const int j = threadIdx.x / kThreadsPerRow, sub = threadIdx.x % kThreadsPerRow;   // key j of the tile
   const int64_t col = k0 + j;
-  const T* qb = q + bh * T_ * D;
-  const T* gb = dout + bh * T_ * D;
+  const int64_t off = Tk - Tq;
+  const T* qb = q + bh * Tq * D;
+  const T* gb = dout + bh * Tq * D;
   const uint32_t head_key = drop.on ? dropout_head_key(drop.seed, static_cast<uint32_t>(bh)) : 0u;
-  stage_rows(k + bh * T_ * D, k0, kTileKB, T_, D, Ks, D + 1);
-  stage_rows(v + bh * T_ * D, k0, kTileKB, T_, D, Vs, D + 1);
+  stage_rows(k + bh * Tk * D, k0, kTileKB, Tk, D, Ks, D + 1);
+  stage_rows(v + bh * Tk * D, k0, kTileKB, Tk, D, Vs, D + 1);
   float dk_acc[kDimsPerThread], dv_acc[kDimsPerThread];
 #pragma unroll
   for (int t = 0; t < kDimsPerThread; ++t) dk_acc[t] = dv_acc[t] = 0.f;
-  const int64_t first = causal ? (k0 / kRowsQ) * kRowsQ : 0;
-  for (int64_t q0 = first; q0 < T_; q0 += kRowsQ) {
+  const int64_t first = causal ? (max(int64_t(0), k0 - off) / kRowsQ) * kRowsQ : 0;   // earlier rows see none
+  for (int64_t q0 = first; q0 < Tq; q0 += kRowsQ) {
     __syncthreads();
-    stage_rows(qb, q0, kRowsQ, T_, D, Qs, D);
-    stage_rows(gb, q0, kRowsQ, T_, D, Gs, D);
+    stage_rows(qb, q0, kRowsQ, Tq, D, Qs, D);
+    stage_rows(gb, q0, kRowsQ, Tq, D, Gs, D);
     __syncthreads();
 #pragma unroll
     for (int c = 0; c < kRowsQ / kThreadsPerRow; ++c) {    // 2 query rows per thread
@@ -185,9 +187,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(
         s += Qs[i * D + d] * Ks[j * (D + 1) + d];
         dz += Gs[i * D + d] * Vs[j * (D + 1) + d];
       }
-      const bool valid = row < T_ && col < T_ && !(causal && col > row);
-      const bool keep = drop.on && valid && drop.keep(head_key, row, col);
-      const Grad g = pair_grad(s * scale, dz, valid ? lse[bh * T_ + row] : 0.f, valid ? delta[bh * T_ + row] : 0.f,
+      const bool valid = row < Tq && col < Tk && !(causal && col > row + off);
+      const bool keep = drop.on && valid && drop.keep(head_key, row + off, col);
+      const Grad g = pair_grad(s * scale, dz, valid ? lse[bh * Tq + row] : 0.f, valid ? delta[bh * Tq + row] : 0.f,
                                valid, keep, drop, scale);
       Zs[j * kRowsQ + i] = g.z;
       Ss[j * kRowsQ + i] = g.ds;
@@ -207,13 +209,13 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(
       }
     }
   }
-  if (col < T_) {
+  if (col < Tk) {
 #pragma unroll
     for (int t = 0; t < kDimsPerThread; ++t) {
       const int d = sub + kThreadsPerRow * t;
       if (d < D) {
-        dk[(bh * T_ + col) * D + d] = from_f<T>(dk_acc[t]);
-        dv[(bh * T_ + col) * D + d] = from_f<T>(dv_acc[t]);
+        dk[(bh * Tk + col) * D + d] = from_f<T>(dk_acc[t]);
+        dv[(bh * Tk + col) * D + d] = from_f<T>(dv_acc[t]);
       }
     }
   }
@@ -223,8 +225,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(
 template <typename T>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
-    const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq, int64_t T_, int D, bool causal,
-    float scale, Dropout drop) {
+    const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq, int64_t Tq, int64_t Tk, int D,
+    bool causal, float scale, Dropout drop) {
   extern __shared__ float smem[];
   float* Qs = smem;                              // kRowsQ x D
   float* Gs = Qs + kRowsQ * D;                   // kRowsQ x D (dO)
@@ -235,19 +237,20 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(
   const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kRowsQ;
   const int i = threadIdx.x / kThreadsPerRow, sub = threadIdx.x % kThreadsPerRow;
   const int64_t row = q0 + i;
+  const int64_t off = Tk - Tq;
   const uint32_t head_key = drop.on ? dropout_head_key(drop.seed, static_cast<uint32_t>(bh)) : 0u;
-  stage_rows(q + bh * T_ * D, q0, kRowsQ, T_, D, Qs, D);
-  stage_rows(dout + bh * T_ * D, q0, kRowsQ, T_, D, Gs, D);
-  const float lse_r = row < T_ ? lse[bh * T_ + row] : 0.f;
-  const float delta_r = row < T_ ? delta[bh * T_ + row] : 0.f;
+  stage_rows(q + bh * Tq * D, q0, kRowsQ, Tq, D, Qs, D);
+  stage_rows(dout + bh * Tq * D, q0, kRowsQ, Tq, D, Gs, D);
+  const float lse_r = row < Tq ? lse[bh * Tq + row] : 0.f;
+  const float delta_r = row < Tq ? delta[bh * Tq + row] : 0.f;
   float acc[kDimsPerThread];
 #pragma unroll
   for (int t = 0; t < kDimsPerThread; ++t) acc[t] = 0.f;
-  const int64_t kv_end = causal ? min(T_, q0 + kRowsQ) : T_;
+  const int64_t kv_end = causal ? min(Tk, q0 + kRowsQ + off) : Tk;
   for (int64_t k0 = 0; k0 < kv_end; k0 += kTileKB) {
     __syncthreads();
-    stage_rows(k + bh * T_ * D, k0, kTileKB, T_, D, Ks, D + 1);
-    stage_rows(v + bh * T_ * D, k0, kTileKB, T_, D, Vs, D + 1);
+    stage_rows(k + bh * Tk * D, k0, kTileKB, Tk, D, Ks, D + 1);
+    stage_rows(v + bh * Tk * D, k0, kTileKB, Tk, D, Vs, D + 1);
     __syncthreads();
 #pragma unroll
     for (int c = 0; c < kTileKB / kThreadsPerRow; ++c) {   // 2 keys per thread
@@ -258,8 +261,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(
         s += Qs[i * D + d] * Ks[j * (D + 1) + d];
         dz += Gs[i * D + d] * Vs[j * (D + 1) + d];
       }
-      const bool valid = row < T_ && col < T_ && !(causal && col > row);
-      const bool keep = drop.on && valid && drop.keep(head_key, row, col);
+      const bool valid = row < Tq && col < Tk && !(causal && col > row + off);
+      const bool keep = drop.on && valid && drop.keep(head_key, row + off, col);
       Ss[i * kTileKB + j] = pair_grad(s * scale, dz, lse_r, delta_r, valid, keep, drop, scale).ds;
     }
     __syncwarp();
@@ -273,11 +276,11 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(
       }
     }
   }
-  if (row < T_) {
+  if (row < Tq) {
 #pragma unroll
     for (int t = 0; t < kDimsPerThread; ++t) {
       const int d = sub + kThreadsPerRow * t;
-      if (d < D) dq[(bh * T_ + row) * D + d] = from_f<T>(acc[t]);
+      if (d < D) dq[(bh * Tq + row) * D + d] = from_f<T>(acc[t]);
     }
   }
 }
@@ -285,12 +288,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(
 }  // namespace
 
 int attention_fwd(DType dt, const void* q, const void* k, const void* v, void* o, float* lse, int64_t BH, int64_t T,
-                  int64_t D, bool causal, float scale, float dropout_p, uint64_t seed, void* stream) {
-  if (D < 1 || D > kMaxHeadDim) return static_cast<int>(cudaErrorInvalidValue);
+                  int64_t Tk, int64_t D, bool causal, float scale, float dropout_p, uint64_t seed, void* stream) {
+  if (D < 1 || D > kMaxHeadDim || Tk < T) return static_cast<int>(cudaErrorInvalidValue);
   if (BH == 0 || T == 0) return 0;
   const int d = static_cast<int>(D);
   if (attention_tensor_cores(dt, D))
-    return attention_fwd_tc(dt, q, k, v, o, lse, BH, T, d, causal, scale, make_dropout(dropout_p, seed),
+    return attention_fwd_tc(dt, q, k, v, o, lse, BH, T, Tk, d, causal, scale, make_dropout(dropout_p, seed),
                             static_cast<cudaStream_t>(stream));
   const size_t smem = sizeof(float) * (kRowsQ * d + kTileK * (d + 1) + kTileK * d + kRowsQ * kTileK);
   return dispatch_dtype(dt, [&](auto tag) {
@@ -298,16 +301,16 @@ int attention_fwd(DType dt, const void* q, const void* k, const void* v, void* o
     if (int err = set_smem(attn_fwd_kernel<TT>, smem)) return err;
     const dim3 grid(static_cast<unsigned>((T + kRowsQ - 1) / kRowsQ), static_cast<unsigned>(BH));
     attn_fwd_kernel<TT><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const TT*>(q), static_cast<const TT*>(k), static_cast<const TT*>(v), static_cast<TT*>(o), lse, T, d,
-        causal, scale, make_dropout(dropout_p, seed));
+        static_cast<const TT*>(q), static_cast<const TT*>(k), static_cast<const TT*>(v), static_cast<TT*>(o), lse, T, Tk,
+        d, causal, scale, make_dropout(dropout_p, seed));
     return launch_status();
   });
 }
 
 int attention_bwd(DType dt, const void* dout, const void* q, const void* k, const void* v, const void* o,
-                  const float* lse, float* delta, void* dq, void* dk, void* dv, int64_t BH, int64_t T, int64_t D,
-                  bool causal, float scale, float dropout_p, uint64_t seed, void* stream) {
-  if (D < 1 || D > kMaxHeadDim) return static_cast<int>(cudaErrorInvalidValue);
+                  const float* lse, float* delta, void* dq, void* dk, void* dv, int64_t BH, int64_t T, int64_t Tk,
+                  int64_t D, bool causal, float scale, float dropout_p, uint64_t seed, void* stream) {
+  if (D < 1 || D > kMaxHeadDim || Tk < T) return static_cast<int>(cudaErrorInvalidValue);
   if (BH == 0 || T == 0) return 0;
   const int d = static_cast<int>(D);
   auto s = static_cast<cudaStream_t>(stream);
@@ -320,18 +323,18 @@ int attention_bwd(DType dt, const void* dout, const void* q, const void* k, cons
     attn_delta_kernel<TT><<<static_cast<unsigned>((rows + 3) / 4), 128, 0, s>>>(pdo, po, delta, rows, d);
     if (int err = launch_status()) return err;
     if (attention_tensor_cores(dt, D))
-      return attention_bwd_tc(dt, dout, q, k, v, lse, delta, dq, dk, dv, BH, T, d, causal, scale, drop, s);
+      return attention_bwd_tc(dt, dout, q, k, v, lse, delta, dq, dk, dv, BH, T, Tk, d, causal, scale, drop, s);
     const size_t smem_kv = sizeof(float) * (2 * kTileKB * (d + 1) + 2 * kRowsQ * d + 2 * kTileKB * kRowsQ);
     if (int err = set_smem(attn_bwd_dkdv_kernel<TT>, smem_kv)) return err;
-    attn_bwd_dkdv_kernel<TT><<<dim3(static_cast<unsigned>((T + kTileKB - 1) / kTileKB), static_cast<unsigned>(BH)),
+    attn_bwd_dkdv_kernel<TT><<<dim3(static_cast<unsigned>((Tk + kTileKB - 1) / kTileKB), static_cast<unsigned>(BH)),
                                kThreads, smem_kv, s>>>(pq, pk, pv, pdo, lse, delta, static_cast<TT*>(dk),
-                                                       static_cast<TT*>(dv), T, d, causal, scale, drop);
+                                                       static_cast<TT*>(dv), T, Tk, d, causal, scale, drop);
     if (int err = launch_status()) return err;
     const size_t smem_q = sizeof(float) * (2 * kRowsQ * d + 2 * kTileKB * (d + 1) + kRowsQ * kTileKB);
     if (int err = set_smem(attn_bwd_dq_kernel<TT>, smem_q)) return err;
     attn_bwd_dq_kernel<TT><<<dim3(static_cast<unsigned>((T + kRowsQ - 1) / kRowsQ), static_cast<unsigned>(BH)),
-                             kThreads, smem_q, s>>>(pq, pk, pv, pdo, lse, delta, static_cast<TT*>(dq), T, d, causal,
-                                                    scale, drop);
+                             kThreads, smem_q, s>>>(pq, pk, pv, pdo, lse, delta, static_cast<TT*>(dq), T, Tk, d,
+                                                    causal, scale, drop);
     return launch_status();
   });
 }

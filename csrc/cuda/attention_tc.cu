@@ -105,7 +105,7 @@ __device__ __forceinline__ void warp_accumulate(FragC (&acc)[ND], const T* x, co
 }
 
 // One warp writes 16 rows of fragments (rows row0.., 16*ND columns) to global memory as T, through
-// a 16 x 16 fp32 shared scratch. Rows at or past T_ are not written.
+// a 16 x 16 fp32 shared scratch. Rows at or past T_ (the matrix's row count) are not written.
 template <typename T, int ND>
 __device__ void warp_store_rows(const FragC (&acc)[ND], float* scratch, T* __restrict__ dst, int64_t row0, int64_t T_,
                                 int D) {
@@ -142,8 +142,8 @@ struct FwdSmem {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const T* __restrict__ q, const T* __restrict__ k,
                                                                const T* __restrict__ v, T* __restrict__ o,
-                                                               float* __restrict__ lse, int64_t T_, int D, bool causal,
-                                                               float scale, Dropout drop, bool vec) {
+                                                               float* __restrict__ lse, int64_t Tq, int64_t Tk, int D,
+                                                               bool causal, float scale, Dropout drop, bool vec) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   extern __shared__ __align__(128) unsigned char smem[];
   const FwdSmem L(D, sizeof(T));
@@ -161,20 +161,21 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const T* __restri
   const int64_t wrow0 = q0 + 16 * warp;                              // first query row of this warp
   const int r = lane / 2, half = lane % 2;                           // softmax: 2 lanes per row
   const int64_t row = wrow0 + r;
-  const T* qb = q + bh * T_ * D;
-  const T* kb = k + bh * T_ * D;
-  const T* vb = v + bh * T_ * D;
+  const int64_t off = Tk - Tq;                                       // cached keys before the first query
+  const T* qb = q + bh * Tq * D;
+  const T* kb = k + bh * Tk * D;
+  const T* vb = v + bh * Tk * D;
   const uint32_t head_key = drop.on ? dropout_head_key(drop.seed, static_cast<uint32_t>(bh)) : 0u;
 
-  stage(qb, q0, kBlockRows, T_, D, Qs, ld, vec);
+  stage(qb, q0, kBlockRows, Tq, D, Qs, ld, vec);
   for (int e = lane; e < 16 * D; e += 32) Ow[(e / D) * ldo + e % D] = 0.f;
   float m = -FLT_MAX, l = 0.f;                                       // this lane's row statistics
 
-  const int64_t kv_end = causal ? min(T_, q0 + kBlockRows) : T_;
+  const int64_t kv_end = causal ? min(Tk, q0 + kBlockRows + off) : Tk;
   for (int64_t k0 = 0; k0 < kv_end; k0 += kTile) {
     __syncthreads();                                                 // previous K, V tiles consumed
-    stage(kb, k0, kTile, T_, D, Ks, ld, vec);
-    stage(vb, k0, kTile, T_, D, Vs, ld, vec);
+    stage(kb, k0, kTile, Tk, D, Ks, ld, vec);
+    stage(vb, k0, kTile, Tk, D, Vs, ld, vec);
     __syncthreads();
 
     warp_abt_tile(Qs + 16 * warp * ld, Ks, ld, D, Sw);              // S = Q K^T (unscaled)
@@ -183,7 +184,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const T* __restri
     float tile_max = -FLT_MAX;
     for (int c = c0; c < c0 + kTile / 2; ++c) {
       const int64_t col = k0 + c;
-      const bool valid = col < T_ && !(causal && col > row);
+      const bool valid = col < Tk && !(causal && col > row + off);
       const float s = valid ? Sw[r * kLdF + c] * scale : -FLT_MAX;
       Sw[r * kLdF + c] = s;
       tile_max = fmaxf(tile_max, s);
@@ -195,7 +196,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const T* __restri
       const float s = Sw[r * kLdF + c];
       float p = s == -FLT_MAX ? 0.f : __expf(s - m_new);
       psum += p;
-      if (drop.on) p = drop.keep(head_key, row, k0 + c) ? p * drop.keep_scale : 0.f;
+      if (drop.on) p = drop.keep(head_key, row + off, k0 + c) ? p * drop.keep_scale : 0.f;
       Pw[r * kLdH + c] = from_f<T>(p);
     }
     l = l * alpha + psum + __shfl_xor_sync(0xffffffffu, psum, 1);
@@ -219,11 +220,11 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const T* __restri
     __syncwarp();
   }
   __syncwarp();
-  if (row < T_) {
+  if (row < Tq) {
     const float inv_l = 1.f / l;
-    T* orow = o + (bh * T_ + row) * D;
+    T* orow = o + (bh * Tq + row) * D;
     for (int d = half; d < D; d += 2) orow[d] = from_f<T>(Ow[r * ldo + d] * inv_l);
-    if (half == 0) lse[bh * T_ + row] = m + __logf(l);
+    if (half == 0) lse[bh * Tq + row] = m + __logf(l);
   }
 #endif
 }
@@ -265,8 +266,8 @@ __device__ __forceinline__ PairGrad pair_grad_tc(float s, float dp, float lse_r,
 template <typename T, int ND>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
-    const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv, int64_t T_,
-    bool causal, float scale, Dropout drop, bool vec) {
+    const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv, int64_t Tq,
+    int64_t Tk, bool causal, float scale, Dropout drop, bool vec) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int D = 16 * ND;
   constexpr int ld = D + 8;
@@ -288,26 +289,28 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(
   const int64_t wkey0 = k0 + 16 * warp;
   const int r = lane / 2, half = lane % 2;                           // 2 lanes per key row
   const int64_t key = wkey0 + r;
-  const T* qb = q + bh * T_ * D;
-  const T* gb = dout + bh * T_ * D;
+  const int64_t off = Tk - Tq;
+  const T* qb = q + bh * Tq * D;
+  const T* gb = dout + bh * Tq * D;
   const uint32_t head_key = drop.on ? dropout_head_key(drop.seed, static_cast<uint32_t>(bh)) : 0u;
-  stage(k + bh * T_ * D, k0, kBlockRows, T_, D, Ks, ld, vec);
-  stage(v + bh * T_ * D, k0, kBlockRows, T_, D, Vs, ld, vec);
+  stage(k + bh * Tk * D, k0, kBlockRows, Tk, D, Ks, ld, vec);
+  stage(v + bh * Tk * D, k0, kBlockRows, Tk, D, Vs, ld, vec);
   FragC dk_acc[ND], dv_acc[ND];
 #pragma unroll
   for (int n = 0; n < ND; ++n) {
     wmma::fill_fragment(dk_acc[n], 0.f);
     wmma::fill_fragment(dv_acc[n], 0.f);
   }
-  const int64_t first = causal ? k0 : 0;                             // k0 is a multiple of kTile
-  for (int64_t q0 = first; q0 < T_; q0 += kTile) {
+  // causal: query rows before k0 - off see none of these keys
+  const int64_t first = causal ? max(int64_t(0), k0 - off) / kTile * kTile : 0;
+  for (int64_t q0 = first; q0 < Tq; q0 += kTile) {
     __syncthreads();
-    stage(qb, q0, kTile, T_, D, Qs, ld, vec);
-    stage(gb, q0, kTile, T_, D, Gs, ld, vec);
+    stage(qb, q0, kTile, Tq, D, Qs, ld, vec);
+    stage(gb, q0, kTile, Tq, D, Gs, ld, vec);
     for (int i = threadIdx.x; i < kTile; i += blockDim.x) {
-      const bool in = q0 + i < T_;
-      Ls[i] = in ? lse[bh * T_ + q0 + i] : 0.f;
-      Ds[i] = in ? delta[bh * T_ + q0 + i] : 0.f;
+      const bool in = q0 + i < Tq;
+      Ls[i] = in ? lse[bh * Tq + q0 + i] : 0.f;
+      Ds[i] = in ? delta[bh * Tq + q0 + i] : 0.f;
     }
     __syncthreads();
 
@@ -317,8 +320,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(
     const int c0 = half * (kTile / 2);
     for (int c = c0; c < c0 + kTile / 2; ++c) {                      // c: query within the tile
       const int64_t qrow = q0 + c;
-      const bool valid = qrow < T_ && key < T_ && !(causal && key > qrow);
-      const bool keep = drop.on && valid && drop.keep(head_key, qrow, key);
+      const bool valid = qrow < Tq && key < Tk && !(causal && key > qrow + off);
+      const bool keep = drop.on && valid && drop.keep(head_key, qrow + off, key);
       const PairGrad g = pair_grad_tc(Sw[r * kLdF + c], Dw[r * kLdF + c], Ls[c], Ds[c], valid, keep, drop, scale);
       Xw[r * kLdH + c] = from_f<T>(g.z);
       Sw[r * kLdF + c] = g.ds;                                        // keep dS until Z has been used
@@ -331,8 +334,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(
     warp_accumulate<T, ND>(dk_acc, Xw, Qs, ld);                      // dK += dS^T Q  (scale is in dS)
     __syncwarp();
   }
-  warp_store_rows<T, ND>(dk_acc, Sw, dk + bh * T_ * D, wkey0, T_, D);
-  warp_store_rows<T, ND>(dv_acc, Sw, dv + bh * T_ * D, wkey0, T_, D);
+  warp_store_rows<T, ND>(dk_acc, Sw, dk + bh * Tk * D, wkey0, Tk, D);
+  warp_store_rows<T, ND>(dv_acc, Sw, dv + bh * Tk * D, wkey0, Tk, D);
 #endif
 }
 
@@ -340,8 +343,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(
 template <typename T, int ND>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
-    const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq, int64_t T_, bool causal,
-    float scale, Dropout drop, bool vec) {
+    const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq, int64_t Tq, int64_t Tk,
+    bool causal, float scale, Dropout drop, bool vec) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int D = 16 * ND;
   constexpr int ld = D + 8;
@@ -362,18 +365,19 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc_kernel(
   const int r = lane / 2, half = lane % 2;
   const int64_t row = wrow0 + r;
   const uint32_t head_key = drop.on ? dropout_head_key(drop.seed, static_cast<uint32_t>(bh)) : 0u;
-  stage(q + bh * T_ * D, q0, kBlockRows, T_, D, Qs, ld, vec);
-  stage(dout + bh * T_ * D, q0, kBlockRows, T_, D, Gs, ld, vec);
-  const float lse_r = row < T_ ? lse[bh * T_ + row] : 0.f;
-  const float delta_r = row < T_ ? delta[bh * T_ + row] : 0.f;
+  const int64_t off = Tk - Tq;
+  stage(q + bh * Tq * D, q0, kBlockRows, Tq, D, Qs, ld, vec);
+  stage(dout + bh * Tq * D, q0, kBlockRows, Tq, D, Gs, ld, vec);
+  const float lse_r = row < Tq ? lse[bh * Tq + row] : 0.f;
+  const float delta_r = row < Tq ? delta[bh * Tq + row] : 0.f;
   FragC dq_acc[ND];
 #pragma unroll
   for (int n = 0; n < ND; ++n) wmma::fill_fragment(dq_acc[n], 0.f);
-  const int64_t kv_end = causal ? min(T_, q0 + kBlockRows) : T_;
+  const int64_t kv_end = causal ? min(Tk, q0 + kBlockRows + off) : Tk;
   for (int64_t k0 = 0; k0 < kv_end; k0 += kTile) {
     __syncthreads();
-    stage(k + bh * T_ * D, k0, kTile, T_, D, Ks, ld, vec);
-    stage(v + bh * T_ * D, k0, kTile, T_, D, Vs, ld, vec);
+    stage(k + bh * Tk * D, k0, kTile, Tk, D, Ks, ld, vec);
+    stage(v + bh * Tk * D, k0, kTile, Tk, D, Vs, ld, vec);
     __syncthreads();
 
     warp_abt_tile(Qs + 16 * warp * ld, Ks, ld, D, Sw);              // S = Q K^T
@@ -382,8 +386,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc_kernel(
     const int c0 = half * (kTile / 2);
     for (int c = c0; c < c0 + kTile / 2; ++c) {                      // c: key within the tile
       const int64_t col = k0 + c;
-      const bool valid = row < T_ && col < T_ && !(causal && col > row);
-      const bool keep = drop.on && valid && drop.keep(head_key, row, col);
+      const bool valid = row < Tq && col < Tk && !(causal && col > row + off);
+      const bool keep = drop.on && valid && drop.keep(head_key, row + off, col);
       Xw[r * kLdH + c] = from_f<T>(
           pair_grad_tc(Sw[r * kLdF + c], Dw[r * kLdF + c], lse_r, delta_r, valid, keep, drop, scale).ds);
     }
@@ -391,23 +395,25 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc_kernel(
     warp_accumulate<T, ND>(dq_acc, Xw, Ks, ld);                      // dQ += dS K
     __syncwarp();
   }
-  warp_store_rows<T, ND>(dq_acc, Sw, dq + bh * T_ * D, wrow0, T_, D);
+  warp_store_rows<T, ND>(dq_acc, Sw, dq + bh * Tq * D, wrow0, Tq, D);
 #endif
 }
 
 #ifndef GPTFAST_KERNELS_ONLY   // tests/cuda_emulation/attention_tc_emulated.cpp launches the kernels itself
 template <typename T, int ND>
 int launch_bwd(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta, T* dq, T* dk,
-               T* dv, int64_t BH, int64_t T_, bool causal, float scale, Dropout drop, bool vec, cudaStream_t s) {
+               T* dv, int64_t BH, int64_t Tq, int64_t Tk, bool causal, float scale, Dropout drop, bool vec,
+               cudaStream_t s) {
   const size_t smem = BwdSmem(16 * ND, sizeof(T)).total;
-  const dim3 grid(static_cast<unsigned>((T_ + kBlockRows - 1) / kBlockRows), static_cast<unsigned>(BH));
+  const dim3 key_grid(static_cast<unsigned>((Tk + kBlockRows - 1) / kBlockRows), static_cast<unsigned>(BH));
+  const dim3 query_grid(static_cast<unsigned>((Tq + kBlockRows - 1) / kBlockRows), static_cast<unsigned>(BH));
   if (int err = set_smem(attn_bwd_dkdv_tc_kernel<T, ND>, smem)) return err;
-  attn_bwd_dkdv_tc_kernel<T, ND><<<grid, kThreads, smem, s>>>(q, k, v, dout, lse, delta, dk, dv, T_, causal, scale,
-                                                              drop, vec);
+  attn_bwd_dkdv_tc_kernel<T, ND><<<key_grid, kThreads, smem, s>>>(q, k, v, dout, lse, delta, dk, dv, Tq, Tk, causal,
+                                                                  scale, drop, vec);
   if (int err = launch_status()) return err;
   if (int err = set_smem(attn_bwd_dq_tc_kernel<T, ND>, smem)) return err;
-  attn_bwd_dq_tc_kernel<T, ND><<<grid, kThreads, smem, s>>>(q, k, v, dout, lse, delta, dq, T_, causal, scale, drop,
-                                                            vec);
+  attn_bwd_dq_tc_kernel<T, ND><<<query_grid, kThreads, smem, s>>>(q, k, v, dout, lse, delta, dq, Tq, Tk, causal, scale,
+                                                                  drop, vec);
   return launch_status();
 }
 
@@ -446,7 +452,7 @@ bool rows_aligned(std::initializer_list<const void*> ptrs, int D) {
 
 #ifndef GPTFAST_KERNELS_ONLY
 int attention_fwd_tc(DType dt, const void* q, const void* k, const void* v, void* o, float* lse, int64_t BH,
-                     int64_t T, int D, bool causal, float scale, Dropout drop, cudaStream_t stream) {
+                     int64_t T, int64_t Tk, int D, bool causal, float scale, Dropout drop, cudaStream_t stream) {
   if (D % 16 || D < 16 || D > kMaxHeadDim) return static_cast<int>(cudaErrorInvalidValue);
   const bool vec = rows_aligned({q, k, v}, D);
   return dispatch_half(dt, [&](auto tag) {
@@ -455,15 +461,15 @@ int attention_fwd_tc(DType dt, const void* q, const void* k, const void* v, void
     if (int err = set_smem(attn_fwd_tc_kernel<TT>, smem)) return err;
     const dim3 grid(static_cast<unsigned>((T + kBlockRows - 1) / kBlockRows), static_cast<unsigned>(BH));
     attn_fwd_tc_kernel<TT><<<grid, kThreads, smem, stream>>>(static_cast<const TT*>(q), static_cast<const TT*>(k),
-                                                             static_cast<const TT*>(v), static_cast<TT*>(o), lse, T, D,
-                                                             causal, scale, drop, vec);
+                                                             static_cast<const TT*>(v), static_cast<TT*>(o), lse, T, Tk,
+                                                             D, causal, scale, drop, vec);
     return launch_status();
   });
 }
 
 int attention_bwd_tc(DType dt, const void* dout, const void* q, const void* k, const void* v, const float* lse,
-                     const float* delta, void* dq, void* dk, void* dv, int64_t BH, int64_t T, int D, bool causal,
-                     float scale, Dropout drop, cudaStream_t stream) {
+                     const float* delta, void* dq, void* dk, void* dv, int64_t BH, int64_t T, int64_t Tk, int D,
+                     bool causal, float scale, Dropout drop, cudaStream_t stream) {
   if (D % 16 || D < 16 || D > kMaxHeadDim) return static_cast<int>(cudaErrorInvalidValue);
   const bool vec = rows_aligned({q, k, v, dout}, D);
   return dispatch_half(dt, [&](auto tag) {
@@ -472,7 +478,7 @@ int attention_bwd_tc(DType dt, const void* dout, const void* q, const void* k, c
       return launch_bwd<TT, decltype(nd)::value>(
           static_cast<const TT*>(q), static_cast<const TT*>(k), static_cast<const TT*>(v),
           static_cast<const TT*>(dout), lse, delta, static_cast<TT*>(dq), static_cast<TT*>(dk), static_cast<TT*>(dv),
-          BH, T, causal, scale, drop, vec, stream);
+          BH, T, Tk, causal, scale, drop, vec, stream);
     });
   });
 }

@@ -116,9 +116,11 @@ void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   TORCH_CHECK(q.dim() == 4, "q must have rank 4 (B, H, T, D), got shape ", q.sizes());
   check_same(k, "k", q, "q");
   check_same(v, "v", q, "q");
-  TORCH_CHECK(k.sizes() == q.sizes(), "k must have q's shape ", q.sizes(), ", got ", k.sizes(),
-              " (the CUDA attention takes as many queries as keys: no KV-cache decoding yet)");
-  TORCH_CHECK(v.sizes() == q.sizes(), "v must have q's shape ", q.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
+              "k must have shape (B, H, Tk, D) matching q's B, H, D ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(k.size(2) >= q.size(2), "k must hold at least as many positions as q (the queries are the last ",
+              q.size(2), " of ", k.size(2), " positions)");
   TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= kc::kMaxHeadDim, "head dim D=", q.size(3),
               " is unsupported by the CUDA attention (1 to ", kc::kMaxHeadDim, ")");
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
@@ -141,8 +143,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   at::Tensor o = at::empty_like(q), lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
   maybe_poison(o), maybe_poison(lse);
   check_launch(kc::attention_fwd(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr<float>(),
-                                 B * H, T, D, causal, static_cast<float>(scale), static_cast<float>(dropout_p),
-                                 seed_value(seed), current_stream(q)),
+                                 B * H, T, k.size(2), D, causal, static_cast<float>(scale),
+                                 static_cast<float>(dropout_p), seed_value(seed), current_stream(q)),
                "attention_fwd");
   return {o, lse};
 }
@@ -168,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   maybe_poison(dq), maybe_poison(dk), maybe_poison(dv);
   check_launch(kc::attention_bwd(dt, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
                                  lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr(), dk.data_ptr(),
-                                 dv.data_ptr(), B * H, T, D, causal, static_cast<float>(scale),
+                                 dv.data_ptr(), B * H, T, k.size(2), D, causal, static_cast<float>(scale),
                                  static_cast<float>(dropout_p), seed_value(seed), current_stream(q)),
                "attention_bwd");
   return {dq, dk, dv};

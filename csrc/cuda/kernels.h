@@ -27,15 +27,17 @@ int layer_norm_bwd(DType dt, const void* dy, const void* x, const void* w, const
 int gelu_fwd(DType dt, const void* x, void* y, int64_t n, void* stream);
 int gelu_bwd(DType dt, const void* dy, const void* x, void* dx, int64_t n, void* stream);
 
-// Attention on contiguous (BH, T, D) tensors, D <= 128; lse (BH, T) float32. Dropout (p > 0) uses
-// the counter-based hash of dropout_hash.h keyed by `seed`.
+// Attention on contiguous q (BH, T, D) and k, v (BH, Tk, D), Tk >= T, D <= 128; lse (BH, T) float32.
+// With Tk > T the queries are the last T of Tk positions (a KV cache): query row r sits at position
+// r + Tk - T, which is also the row its dropout decisions use. Dropout (p > 0) uses the
+// counter-based hash of dropout_hash.h keyed by `seed`.
 constexpr int kMaxHeadDim = 128;
 int attention_fwd(DType dt, const void* q, const void* k, const void* v, void* o, float* lse, int64_t BH, int64_t T,
-                  int64_t D, bool causal, float scale, float dropout_p, uint64_t seed, void* stream);
-// `delta` (BH, T) float32 scratch; dq, dk, dv like q.
+                  int64_t Tk, int64_t D, bool causal, float scale, float dropout_p, uint64_t seed, void* stream);
+// `delta` (BH, T) float32 scratch; dq like q, dk and dv like k.
 int attention_bwd(DType dt, const void* dout, const void* q, const void* k, const void* v, const void* o,
-                  const float* lse, float* delta, void* dq, void* dk, void* dv, int64_t BH, int64_t T, int64_t D,
-                  bool causal, float scale, float dropout_p, uint64_t seed, void* stream);
+                  const float* lse, float* delta, void* dq, void* dk, void* dv, int64_t BH, int64_t T, int64_t Tk,
+                  int64_t D, bool causal, float scale, float dropout_p, uint64_t seed, void* stream);
 
 // Cross-entropy per row of logits (N, V) against int64 targets: loss and lse float32; with
 // compute_grad, dlogits = softmax - onehot (0 for ignored rows). Backward: dlogits * grad[row].

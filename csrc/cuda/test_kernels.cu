@@ -129,7 +129,7 @@ double median_ms(const std::function<int()>& launch, int reps = kReps) {
 void report(const char* name, double err, double tol, double ms, double bytes_or_flops, const char* unit) {
   const bool pass = err < tol;
   g_ok = g_ok && pass;
-  std::printf("%-52s rel err %.2e (tol %.0e) %s | %8.4f ms | %8.1f %s\n", name, err, tol, pass ? "ok  " : "FAIL", ms,
+  std::printf("%-60s rel err %.2e (tol %.0e) %s | %8.4f ms | %8.1f %s\n", name, err, tol, pass ? "ok  " : "FAIL", ms,
               bytes_or_flops / ms / 1e6, unit);
 }
 
@@ -191,20 +191,24 @@ void test_gelu(int64_t n) {
   report(name, rel_error(ddx.get(), dx), 1e-5, ms, 3.0 * n * 4, "GB/s");
 }
 
-// Causal or full attention with dropout p (the shared counter-based mask of dropout_hash.h).
-void test_attention(int64_t BH, int64_t T, int64_t D, bool causal = true, float p = 0.f) {
-  auto q = randn(BH * T * D, 7), k = randn(BH * T * D, 8), v = randn(BH * T * D, 9), go = randn(BH * T * D, 10);
+// Causal or full attention with dropout p (the shared counter-based mask of dropout_hash.h);
+// Tk > T: the T queries are the last of Tk positions (a KV cache).
+void test_attention(int64_t BH, int64_t T, int64_t D, bool causal = true, float p = 0.f, int64_t Tk = 0) {
+  Tk = Tk ? Tk : T;
+  const int64_t off = Tk - T, nq = BH * T * D, nk = BH * Tk * D;
+  auto q = randn(nq, 7), k = randn(nk, 8), v = randn(nk, 9), go = randn(nq, 10);
   const double scale = 1.0 / std::sqrt(double(D));
   const uint64_t seed = 1234567;
   const uint32_t threshold = gptfast::dropout_threshold(p);
   const double keep_scale = p > 0 ? 1.0 / (1.0 - p) : 1.0;
-  std::vector<double> o(BH * T * D, 0), dq(BH * T * D, 0), dk(BH * T * D, 0), dv(BH * T * D, 0);
-  std::vector<double> P(T), Z(T), dZ(T);
+  std::vector<double> o(nq, 0), dq(nq, 0), dk(nk, 0), dv(nk, 0);
+  std::vector<double> P(Tk), Z(Tk), dZ(Tk);
   for (int64_t h = 0; h < BH; ++h) {
-    const float *Q = &q[h * T * D], *K = &k[h * T * D], *V = &v[h * T * D], *G = &go[h * T * D];
+    const float *Q = &q[h * T * D], *K = &k[h * Tk * D], *V = &v[h * Tk * D], *G = &go[h * T * D];
     const uint32_t head = gptfast::dropout_head_key(seed, static_cast<uint32_t>(h));
     for (int64_t i = 0; i < T; ++i) {
-      const int64_t end = causal ? i + 1 : T;
+      const int64_t end = causal ? i + off + 1 : Tk;   // query i sits at position i + off
+      const uint32_t row_key = gptfast::dropout_row_key(head, static_cast<uint32_t>(i + off));
       double m = -1e300, s = 0;
       for (int64_t j = 0; j < end; ++j) {
         double dot = 0;
@@ -216,8 +220,7 @@ void test_attention(int64_t BH, int64_t T, int64_t D, bool causal = true, float 
       double rowsum = 0;                         // sum_j dZ_ij Z_ij = rowsum(dO * O)
       for (int64_t j = 0; j < end; ++j) {
         P[j] /= s;
-        const bool keep = p == 0 || gptfast::dropout_keep(gptfast::dropout_row_key(head, static_cast<uint32_t>(i)),
-                                                          static_cast<uint32_t>(j), threshold);
+        const bool keep = p == 0 || gptfast::dropout_keep(row_key, static_cast<uint32_t>(j), threshold);
         Z[j] = keep ? P[j] * keep_scale : 0.0;
         double dz = 0;
         for (int64_t d = 0; d < D; ++d) dz += double(G[i * D + d]) * V[j * D + d];
@@ -229,41 +232,41 @@ void test_attention(int64_t BH, int64_t T, int64_t D, bool causal = true, float 
         const double ds = P[j] * (dZ[j] - rowsum) * scale;
         for (int64_t d = 0; d < D; ++d) {
           dq[(h * T + i) * D + d] += ds * K[j * D + d];
-          dk[(h * T + j) * D + d] += ds * Q[i * D + d];
-          dv[(h * T + j) * D + d] += Z[j] * G[i * D + d];
+          dk[(h * Tk + j) * D + d] += ds * Q[i * D + d];
+          dv[(h * Tk + j) * D + d] += Z[j] * G[i * D + d];
         }
       }
     }
   }
-  const double flops = 4.0 * BH * T * T * D * (causal ? 0.5 : 1.0);
+  const double flops = 4.0 * BH * T * Tk * D * (causal && off == 0 ? 0.5 : 1.0);
   const char* dtype_names[] = {"fp32", "fp16", "bf16"};
   for (DType dt : {kF32, kF16, kBF16}) {
     // fp16/bf16 with D % 16 == 0 run on the tensor-core kernels (attention_tc.cu) unless
     // GPTFAST_CUDA_ATTENTION=simt; inputs are rounded, math is fp32: a looser bar than fp32's.
     const double tol = dt == kF32 ? 1e-4 : dt == kF16 ? 5e-3 : 3e-2;
-    const size_t es = dt == kF32 ? 4 : 2, n = BH * T * D;
+    const size_t es = dt == kF32 ? 4 : 2;
     auto upload = [&](const std::vector<float>& x) {
       if (dt == kF32) return std::make_unique<DeviceBuffer>(x);
       const auto bits = to_bits16(x, dt);
-      return std::make_unique<DeviceBuffer>(bits.data(), n * 2);
+      return std::make_unique<DeviceBuffer>(bits.data(), x.size() * 2);
     };
     auto download = [&](const DeviceBuffer& b) { return dt == kF32 ? b.get() : from_bits16(b, dt); };
     auto dq_ = upload(q), dk_ = upload(k), dv_ = upload(v), dgo = upload(go);
-    DeviceBuffer dout(n * es), dlse(BH * T * 4), ddelta(BH * T * 4), gq(n * es), gk(n * es), gv(n * es);
-    char name[112];
-    const char* mask = causal ? (p > 0 ? " drop" : "") : (p > 0 ? " full drop" : " full");
-    std::snprintf(name, sizeof name, "attention_fwd %s BH=%lld T=%lld D=%lld%s", dtype_names[dt], (long long)BH,
-                  (long long)T, (long long)D, mask);
+    DeviceBuffer dout(nq * es), dlse(BH * T * 4), ddelta(BH * T * 4), gq(nq * es), gk(nk * es), gv(nk * es);
+    char name[112], what[48];
+    std::snprintf(what, sizeof what, "%s%s%s", causal ? "" : " full", p > 0 ? " drop" : "", off ? " cached" : "");
+    std::snprintf(name, sizeof name, "attention_fwd %s BH=%lld T=%lld Tk=%lld D=%lld%s", dtype_names[dt],
+                  (long long)BH, (long long)T, (long long)Tk, (long long)D, what);
     const double ms = median_ms([&] {
-      return attention_fwd(dt, dq_->ptr, dk_->ptr, dv_->ptr, dout.ptr, dlse.f(), BH, T, D, causal, float(scale), p,
+      return attention_fwd(dt, dq_->ptr, dk_->ptr, dv_->ptr, dout.ptr, dlse.f(), BH, T, Tk, D, causal, float(scale), p,
                            seed, nullptr);
     });
     report(name, rel_error(download(dout), o), tol, ms, flops, "GFLOP/s");
-    std::snprintf(name, sizeof name, "attention_bwd %s BH=%lld T=%lld D=%lld%s", dtype_names[dt], (long long)BH,
-                  (long long)T, (long long)D, mask);
+    std::snprintf(name, sizeof name, "attention_bwd %s BH=%lld T=%lld Tk=%lld D=%lld%s", dtype_names[dt],
+                  (long long)BH, (long long)T, (long long)Tk, (long long)D, what);
     const double ms_b = median_ms([&] {
       return attention_bwd(dt, dgo->ptr, dq_->ptr, dk_->ptr, dv_->ptr, dout.ptr, dlse.f(), ddelta.f(), gq.ptr, gk.ptr,
-                           gv.ptr, BH, T, D, causal, float(scale), p, seed, nullptr);
+                           gv.ptr, BH, T, Tk, D, causal, float(scale), p, seed, nullptr);
     });
     const double err =
         std::max({rel_error(download(gq), dq), rel_error(download(gk), dk), rel_error(download(gv), dv)});
@@ -319,6 +322,8 @@ int main() {
   test_attention(1, 100, 64, true, 0.2f);
   test_attention(1, 65, 32, false, 0.f);
   test_attention(1, 40, 128, false, 0.1f);
+  test_attention(2, 1, 64, true, 0.f, 77);       // one new token against a KV cache
+  test_attention(1, 20, 80, true, 0.1f, 150);    // a chunk of new tokens, dropout at their positions
   test_cross_entropy(6, 50257);
 #else
   test_layer_norm(8 * 1024, 768);
@@ -333,6 +338,7 @@ int main() {
   test_attention(3, 7, 32);
   test_attention(2, 300, 64, true, 0.1f);
   test_attention(2, 200, 80, false, 0.f);
+  test_attention(8, 1, 64, true, 0.f, 1000);
   test_cross_entropy(64, 50257);
 #endif
   std::printf("%s\n", g_ok ? "all kernels within tolerance" : "SOME KERNELS FAILED");
