@@ -132,6 +132,17 @@ def test_dropout_matches_reference_and_extension(T, causal):
     assert max(errors(fn, ref, [q, k, v], torch.float32)) < 1e-5
 
 
+@pytest.mark.parametrize("Tq,Tk,p", [(1, 70, 0.0), (5, 9, 0.0), (65, 130, 0.0), (33, 100, 0.3)])
+def test_fewer_queries_than_keys_with_gradients_and_dropout(Tq, Tk, p):
+    """The KV-cache case: queries are the last Tq of Tk positions (masks and dropout rows shifted)."""
+    q = rand(2, 3, Tq, 16, seed=90)
+    k, v = rand(2, 3, Tk, 16, seed=91), rand(2, 3, Tk, 16, seed=92)
+    seed = torch.tensor([77], dtype=torch.int64)
+    fn = lambda *a: ops.causal_attention(*a, dropout_p=p, seed=seed, backend="triton")  # noqa: E731
+    ref = lambda *a: reference.causal_attention(*a, dropout_p=p, seed=seed)  # noqa: E731
+    assert max(errors(fn, ref, [q, k, v], torch.float32)) < 1e-5
+
+
 def test_kernel_drops_bit_for_bit_the_same_weights():
     T = 40   # q = k = 0 and v = identity: output row t is the (dropped) weight row t
     q = torch.zeros(1, 2, T, T, device=DEVICE)
@@ -159,8 +170,12 @@ def test_attention_bad_inputs():
         triton_ops.attention_fwd(q[..., :8], q[..., :8], q[..., :8], True, 1.0, 0.0, torch.zeros(1, dtype=torch.long))
     with pytest.raises(ValueError, match="q must have rank 4"):
         triton_ops.attention_fwd(q[0], q[0], q[0], True, 1.0, 0.0, torch.zeros(1, dtype=torch.long))
-    with pytest.raises(ValueError, match="v must match q's shape"):
+    with pytest.raises(ValueError, match="v must have k's shape"):
         triton_ops.attention_fwd(q, q, q[:, :, :3], True, 1.0, 0.0, torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="k must hold at least as many positions as q"):
+        triton_ops.attention_fwd(q, q[:, :, :3], q[:, :, :3], True, 1.0, 0.0, torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="k must have shape \\(B, H, Tk, D\\) matching q's"):
+        triton_ops.attention_fwd(q, q.expand(2, 1, 4, 16), q, True, 1.0, 0.0, torch.zeros(1, dtype=torch.long))
     with pytest.raises(TypeError, match="float64"):
         triton_ops.attention_fwd(q.double(), q.double(), q.double(), True, 1.0, 0.0, torch.zeros(1, dtype=torch.long))
 

@@ -8,7 +8,9 @@ dQ - so no two programs add into the same output (deterministic, no atomics).
 
 Dropout uses the shared counter-based hash (csrc/dropout_hash.h, gptfast/ops/dropout_rng.py),
 computed in int64 with explicit 32-bit masks; the mask equals the reference's bit for bit.
-q, k, v: (B, H, T, D), D in 16..128 (padded to a power of two and masked).
+q: (B, H, Tq, D), k, v: (B, H, Tk, D) with Tk >= Tq - the queries are the last Tq positions (a KV
+cache; query row r sits at position r + Tk - Tq, which its causal mask and dropout row use);
+D in 16..128 (padded to a power of two and masked).
 """
 from __future__ import annotations
 
@@ -59,61 +61,65 @@ def _keep(head_key, rows, cols, threshold):
     return (h >> 8) >= threshold
 
 
-@triton.autotune(configs=_CONFIGS, key=["T", "BLOCK_D", "CAUSAL"])
+# (Tk is left out of the autotune keys: decoding with a KV cache changes it every step)
+@triton.autotune(configs=_CONFIGS, key=["TQ", "BLOCK_D", "CAUSAL"])
 @triton.jit
-def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seed_ptr, T, D, qk_scale, threshold, keep_scale,
+def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seed_ptr, TQ, TK, D, qk_scale, threshold, keep_scale,
                      CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
-    base = bh.to(tl.int64) * T * D
+    off = TK - TQ                                                    # cached positions before the queries
+    base = bh.to(tl.int64) * TQ * D
+    kv_base = bh.to(tl.int64) * TK * D
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < T
+    row_ok = rows < TQ
     dim_ok = dims < D
     q = tl.load(q_ptr + base + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     head_key = _head_key(seed_ptr, bh) if DROPOUT else 0
-    hi = tl.minimum((start_m + 1) * BLOCK_M, T) if CAUSAL else T
+    hi = tl.minimum((start_m + 1) * BLOCK_M + off, TK) if CAUSAL else TK
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        col_ok = cols < T
+        col_ok = cols < TK
         kv_mask = col_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_ptr + base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_ptr + kv_base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale                       # (BLOCK_M, BLOCK_N), log2 units
         valid = col_ok[None, :]
         if CAUSAL:
-            valid = valid & (cols[None, :] <= rows[:, None])
+            valid = valid & (cols[None, :] <= rows[:, None] + off)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            p = tl.where(_keep(head_key, rows, cols, threshold), p * keep_scale, 0.0)
+            p = tl.where(_keep(head_key, rows + off, cols, threshold), p * keep_scale, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     o = acc / l_i[:, None]
     tl.store(o_ptr + base + rows[:, None] * D + dims[None, :], o.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None] & dim_ok[None, :])
-    tl.store(lse_ptr + bh.to(tl.int64) * T + rows, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=row_ok)
+    tl.store(lse_ptr + bh.to(tl.int64) * TQ + rows, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=row_ok)
 
 
 @triton.jit
-def _recompute(q, k, v, do, lse2, delta, rows, cols, T, qk_scale, sm_scale, head_key, threshold, keep_scale,
+def _recompute(q, k, v, do, lse2, delta, rows, cols, TQ, TK, qk_scale, sm_scale, head_key, threshold, keep_scale,
                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
     """For a (BLOCK_M, BLOCK_N) tile: Z = dropout(P) and dS * sm_scale, zero where masked."""
-    valid = (cols[None, :] < T) & (rows[:, None] < T)
+    off = TK - TQ
+    valid = (cols[None, :] < TK) & (rows[:, None] < TQ)
     if CAUSAL:
-        valid = valid & (cols[None, :] <= rows[:, None])
+        valid = valid & (cols[None, :] <= rows[:, None] + off)
     s = tl.dot(q, tl.trans(k)) * qk_scale
     p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)                 # P = exp(S - lse)
     dz = tl.dot(do, tl.trans(v))                                         # dZ = dO V^T
     if DROPOUT:
-        keep = _keep(head_key, rows, cols, threshold)
+        keep = _keep(head_key, rows + off, cols, threshold)
         z = tl.where(keep, p * keep_scale, 0.0)
         dp = tl.where(keep, dz * keep_scale, 0.0)
     else:
@@ -125,7 +131,7 @@ def _recompute(q, k, v, do, lse2, delta, rows, cols, T, qk_scale, sm_scale, head
 
 @triton.jit
 def _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, rows, dims, T, D):
-    """q and dO rows (masked), lse in log2 units and delta for a block of query rows."""
+    """q and dO rows (masked), lse in log2 units and delta for a block of query rows (T of them)."""
     row_ok = rows < T
     qm = row_ok[:, None] & (dims[None, :] < D)
     q = tl.load(q_ptr + base + rows[:, None] * D + dims[None, :], mask=qm, other=0.0)
@@ -135,57 +141,60 @@ def _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, rows, dims, T
     return q, do, lse2, delta
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["T", "BLOCK_D", "CAUSAL"])
+@triton.autotune(configs=_BWD_CONFIGS, key=["TQ", "BLOCK_D", "CAUSAL"])
 @triton.jit
-def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, seed_ptr, T, D,
+def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, seed_ptr, TQ, TK, D,
                           qk_scale, sm_scale, threshold, keep_scale, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0)
     bh = tl.program_id(1)
-    base = bh.to(tl.int64) * T * D
+    base = bh.to(tl.int64) * TQ * D
+    kv_base = bh.to(tl.int64) * TK * D
     cols = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    kv_mask = (cols[:, None] < T) & (dims[None, :] < D)
-    k = tl.load(k_ptr + base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
+    kv_mask = (cols[:, None] < TK) & (dims[None, :] < D)
+    k = tl.load(k_ptr + kv_base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     head_key = _head_key(seed_ptr, bh) if DROPOUT else 0
-    lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0      # rows above the diagonal see nothing
-    for start_m in range(lo, T, BLOCK_M):
+    # causal: query rows before start_n * BLOCK_N - (TK - TQ) see none of these keys
+    lo = (tl.maximum(start_n * BLOCK_N - (TK - TQ), 0) // BLOCK_M) * BLOCK_M if CAUSAL else 0
+    for start_m in range(lo, TQ, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q, do, lse2, delta = _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, rows, dims, T, D)
-        z, ds = _recompute(q, k, v, do, lse2, delta, rows, cols, T, qk_scale, sm_scale, head_key, threshold,
+        q, do, lse2, delta = _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, rows, dims, TQ, D)
+        z, ds = _recompute(q, k, v, do, lse2, delta, rows, cols, TQ, TK, qk_scale, sm_scale, head_key, threshold,
                            keep_scale, CAUSAL, DROPOUT)
         dv += tl.dot(tl.trans(z.to(do.dtype)), do)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    tl.store(dk_ptr + base + cols[:, None] * D + dims[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + base + cols[:, None] * D + dims[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dk_ptr + kv_base + cols[:, None] * D + dims[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + kv_base + cols[:, None] * D + dims[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["T", "BLOCK_D", "CAUSAL"])
+@triton.autotune(configs=_BWD_CONFIGS, key=["TQ", "BLOCK_D", "CAUSAL"])
 @triton.jit
-def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr, T, D,
+def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr, TQ, TK, D,
                         qk_scale, sm_scale, threshold, keep_scale, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
-    base = bh.to(tl.int64) * T * D
+    base = bh.to(tl.int64) * TQ * D
+    kv_base = bh.to(tl.int64) * TK * D
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    q, do, lse2, delta = _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, rows, dims, T, D)
+    q, do, lse2, delta = _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, rows, dims, TQ, D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     head_key = _head_key(seed_ptr, bh) if DROPOUT else 0
-    hi = tl.minimum((start_m + 1) * BLOCK_M, T) if CAUSAL else T
+    hi = tl.minimum((start_m + 1) * BLOCK_M + (TK - TQ), TK) if CAUSAL else TK
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (cols[:, None] < T) & (dims[None, :] < D)
-        k = tl.load(k_ptr + base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
-        _z, ds = _recompute(q, k, v, do, lse2, delta, rows, cols, T, qk_scale, sm_scale, head_key, threshold,
+        kv_mask = (cols[:, None] < TK) & (dims[None, :] < D)
+        k = tl.load(k_ptr + kv_base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
+        _z, ds = _recompute(q, k, v, do, lse2, delta, rows, cols, TQ, TK, qk_scale, sm_scale, head_key, threshold,
                             keep_scale, CAUSAL, DROPOUT)
         dq += tl.dot(ds.to(k.dtype), k)
-    qm = (rows[:, None] < T) & (dims[None, :] < D)
+    qm = (rows[:, None] < TQ) & (dims[None, :] < D)
     tl.store(dq_ptr + base + rows[:, None] * D + dims[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qm)
 
 
@@ -198,13 +207,16 @@ def _check(q, k, v, dropout_p, seed):
         raise TypeError(f"q: the Triton attention supports float32, float16 and bfloat16, got {q.dtype}")
     if q.dim() != 4:
         raise ValueError(f"q must have rank 4 (B, H, T, D), got shape {tuple(q.shape)}")
-    if k.dim() == 4 and k.shape[2] != q.shape[2]:
-        raise ValueError(f"the Triton attention needs as many queries as keys (got {q.shape[2]} and {k.shape[2]}); "
-                         "generate with use_cache=False or another backend")
     for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"{name} must match q's shape {tuple(q.shape)}, dtype {q.dtype} and device "
-                             f"{q.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+        if (t.dim() != 4 or t.shape[:2] != q.shape[:2] or t.shape[3] != q.shape[3] or t.dtype != q.dtype
+                or t.device != q.device):
+            raise ValueError(f"{name} must have shape (B, H, Tk, D) matching q's B, H, D {tuple(q.shape)}, its dtype "
+                             f"{q.dtype} and device {q.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[2] < q.shape[2]:
+        raise ValueError(f"k must hold at least as many positions as q (the queries are the last {q.shape[2]} of "
+                         f"{k.shape[2]} positions)")
     if not 16 <= q.shape[-1] <= MAX_HEAD_DIM:
         raise ValueError(f"head dim D={q.shape[-1]} is unsupported by the Triton attention (16 to {MAX_HEAD_DIM})")
     if not 0.0 <= dropout_p < 1.0:
@@ -225,7 +237,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     B, H, T, D = q.shape
     o = torch.empty_like(q)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    _attn_fwd_kernel[_grid_m(T, B * H)](q, k, v, o, lse, seed.to(q.device), T, D, scale * LOG2E,
+    _attn_fwd_kernel[_grid_m(T, B * H)](q, k, v, o, lse, seed.to(q.device), T, k.shape[2], D, scale * LOG2E,
                                         _threshold(dropout_p), 1.0 / (1.0 - dropout_p), CAUSAL=causal,
                                         DROPOUT=dropout_p > 0, BLOCK_D=max(16, triton.next_power_of_2(D)))
     return o, lse
@@ -241,9 +253,10 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     delta = (dout.float() * o.float()).sum(-1).contiguous()          # (B, H, T): rowsum(dO * O)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     seed = seed.to(q.device)
-    args = (T, D, scale * LOG2E, scale, _threshold(dropout_p), 1.0 / (1.0 - dropout_p))
+    Tk = k.shape[2]
+    args = (T, Tk, D, scale * LOG2E, scale, _threshold(dropout_p), 1.0 / (1.0 - dropout_p))
     meta = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, BLOCK_D=max(16, triton.next_power_of_2(D)))
-    _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(T, m["BLOCK_N"]), B * H)](
+    _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), B * H)](
         q, k, v, dout, lse.contiguous(), delta, dk, dv, seed, *args, **meta)
     _attn_bwd_dq_kernel[_grid_m(T, B * H)](q, k, v, dout, lse.contiguous(), delta, dq, seed, *args, **meta)
     return dq, dk, dv
@@ -264,7 +277,7 @@ formulas.register(attention_fwd, formulas.attention, attention_bwd)
 
 
 def supports_kv_cache(device) -> bool:
-    return False                         # the kernels take Tq == Tk only (so far)
+    return True                          # the kernels take Tk >= Tq (queries = the last positions)
 
 
 def causal_attention(q, k, v, dropout_p=0.0, scale=None, seed=None):
