@@ -42,7 +42,7 @@ class DistInfo:
 
     @property
     def is_main(self) -> bool:
-        """The process that logs, evaluates, samples and checkpoints."""
+        """The process that prints, logs, samples and writes checkpoints."""
         return self.rank == 0
 
     @property

@@ -60,10 +60,11 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs: 
 
     Several processes (`dist_info`, see distributed.py): `train_loader` yields this process's share
     of the batches, `grad_accum` is this process's share of the micro-batches, `train_model_fn` is
-    the DDP-wrapped model; losses and token counts are global (evaluation splits its batches across
-    the processes); only rank 0 prints, logs and samples. `on_checkpoint` is called on every
-    process (a sharded model gathers its state collectively) and writes on rank 0. Positions count micro-batches of all processes, so a run can resume on another
-    number of processes that divides --grad-accum.
+    the DDP-wrapped (or FSDP-sharded) model; losses and token counts are global (evaluation splits
+    its batches across the processes); only rank 0 prints, logs and samples. `on_checkpoint` is
+    called on every process (a sharded model gathers its state collectively) and writes on rank 0.
+    Positions count micro-batches of all processes, so a run can resume on another number of
+    processes that divides --grad-accum.
     """
     world, main = dist_info.world_size, dist_info.is_main
     say = tqdm.write if main else (lambda *args, **kwargs: None)
