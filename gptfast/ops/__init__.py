@@ -8,34 +8,20 @@ from __future__ import annotations
 
 import torch
 
+from .checks import check_attention_inputs, check_floating, check_like
 from .registry import (DEFAULT_BACKEND, BackendError, available_backends, get_backend,
                        known_backends, register_backend, resolve_backend_name)
-
-
-def _check_floating(name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-
-
-def _check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
-    _check_floating(name, t)
-    if t.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
-    if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
                backend: str | None = None) -> torch.Tensor:
     """LayerNorm over the last dim of x (..., C) with weight, bias of shape (C,)."""
-    _check_floating("x", x)
+    check_floating("x", x)
     if x.ndim < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
     C = x.shape[-1]
     for name, p in (("weight", weight), ("bias", bias)):
-        _check_like(name, p, "x", x)
+        check_like(name, p, "x", x)
         if p.shape != (C,):
             raise ValueError(f"{name} must have shape ({C},) to match x's last dim, got {tuple(p.shape)}")
     if eps <= 0:
@@ -45,7 +31,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 def gelu(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """GELU with the tanh approximation, elementwise."""
-    _check_floating("x", x)
+    check_floating("x", x)
     return get_backend(backend).gelu(x)
 
 
@@ -61,19 +47,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     same weights in `reference`, `extension` and `triton`. When None it is drawn from torch's RNG
     (so torch.manual_seed makes runs repeatable). The `torch` backend uses SDPA's own dropout.
     """
-    _check_floating("q", q)
-    if q.ndim != 4:
-        raise ValueError(f"q must have rank 4 (B, nh, T, hs), got shape {tuple(q.shape)}")
-    for name, t in (("k", k), ("v", v)):
-        _check_like(name, t, "q", q)
-        if t.ndim != 4 or t.shape[:2] != q.shape[:2] or t.shape[3] != q.shape[3]:
-            raise ValueError(f"{name} must have shape (B, nh, Tk, hs) matching q's B, nh, hs {tuple(q.shape)}, "
-                             f"got {tuple(t.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if k.shape[2] < q.shape[2]:
-        raise ValueError(f"k holds {k.shape[2]} positions, fewer than q's {q.shape[2]}: the queries must be the "
-                         "last positions of the keys")
+    check_attention_inputs(q, k, v)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0.0:
@@ -95,7 +69,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
                   backend: str | None = None) -> torch.Tensor:
     """Mean next-token loss: logits (..., V) against integer targets (...); targets equal to
     `ignore_index` are left out of the mean."""
-    _check_floating("logits", logits)
+    check_floating("logits", logits)
     if logits.ndim < 2:
         raise ValueError(f"logits must have shape (..., V) with at least 2 dims, got {tuple(logits.shape)}")
     if targets.dtype != torch.int64:

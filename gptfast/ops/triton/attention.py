@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .. import autograd_formulas as formulas
+from ..checks import check_attention_inputs
 
 from . import INTERPRET
 
@@ -203,20 +204,9 @@ def _threshold(p: float) -> int:
 
 
 def _check(q, k, v, dropout_p, seed):
-    if not q.is_floating_point() or q.dtype == torch.float64:
+    check_attention_inputs(q, k, v)
+    if q.dtype == torch.float64:
         raise TypeError(f"q: the Triton attention supports float32, float16 and bfloat16, got {q.dtype}")
-    if q.dim() != 4:
-        raise ValueError(f"q must have rank 4 (B, H, T, D), got shape {tuple(q.shape)}")
-    for name, t in (("k", k), ("v", v)):
-        if (t.dim() != 4 or t.shape[:2] != q.shape[:2] or t.shape[3] != q.shape[3] or t.dtype != q.dtype
-                or t.device != q.device):
-            raise ValueError(f"{name} must have shape (B, H, Tk, D) matching q's B, H, D {tuple(q.shape)}, its dtype "
-                             f"{q.dtype} and device {q.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
-    if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if k.shape[2] < q.shape[2]:
-        raise ValueError(f"k must hold at least as many positions as q (the queries are the last {q.shape[2]} of "
-                         f"{k.shape[2]} positions)")
     if not 16 <= q.shape[-1] <= MAX_HEAD_DIM:
         raise ValueError(f"head dim D={q.shape[-1]} is unsupported by the Triton attention (16 to {MAX_HEAD_DIM})")
     if not 0.0 <= dropout_p < 1.0:
