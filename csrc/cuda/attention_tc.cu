@@ -248,6 +248,27 @@ struct BwdSmem {
   }
 };
 
+// The backward kernels' shared memory by slot: four 64 x (D + 8) tiles (which operand sits where is
+// each kernel's choice), this warp's fp32 tiles for S (or P) and dP and its 16-bit tile for Z or dS,
+// and the lse / delta of a query tile.
+template <typename T>
+struct BwdTiles {
+  T *a, *b, *c, *d, *x;
+  float *s, *dp, *lse, *delta;
+  __device__ BwdTiles(unsigned char* smem, int D, int warp) {
+    const BwdSmem L(D, sizeof(T));
+    a = reinterpret_cast<T*>(smem + L.a);
+    b = reinterpret_cast<T*>(smem + L.b);
+    c = reinterpret_cast<T*>(smem + L.c);
+    d = reinterpret_cast<T*>(smem + L.d);
+    s = reinterpret_cast<float*>(smem + L.s) + warp * 16 * kLdF;
+    dp = reinterpret_cast<float*>(smem + L.dp) + warp * 16 * kLdF;
+    x = reinterpret_cast<T*>(smem + L.x) + warp * 16 * kLdH;
+    lse = reinterpret_cast<float*>(smem + L.stats);
+    delta = lse + kTile;
+  }
+};
+
 // Elementwise step of the backward for one (query, key) pair: P from the saved lse; Z = dropout(P);
 // dS = P (dropout'(dP) - delta) * scale.
 struct PairGrad {
@@ -272,17 +293,13 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(
   constexpr int D = 16 * ND;
   constexpr int ld = D + 8;
   extern __shared__ __align__(128) unsigned char smem[];
-  const BwdSmem L(D, sizeof(T));
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  T* Ks = reinterpret_cast<T*>(smem + L.a);                          // 64 keys x ld
-  T* Vs = reinterpret_cast<T*>(smem + L.b);
-  T* Qs = reinterpret_cast<T*>(smem + L.c);                          // 64 queries x ld
-  T* Gs = reinterpret_cast<T*>(smem + L.d);                          // dO of those queries
-  float* Sw = reinterpret_cast<float*>(smem + L.s) + warp * 16 * kLdF;   // S^T: 16 keys x 64 queries
-  float* Dw = reinterpret_cast<float*>(smem + L.dp) + warp * 16 * kLdF;  // dP^T
-  T* Xw = reinterpret_cast<T*>(smem + L.x) + warp * 16 * kLdH;           // Z^T, then dS^T
-  float* Ls = reinterpret_cast<float*>(smem + L.stats);                  // lse of the query tile
-  float* Ds = Ls + kTile;                                                // delta of the query tile
+  const BwdTiles<T> t(smem, D, warp);
+  T *Ks = t.a, *Vs = t.b;                    // this block's 64 keys (and values) x ld
+  T *Qs = t.c, *Gs = t.d;                    // 64 queries x ld, and their dO
+  float *Sw = t.s, *Dw = t.dp;               // S^T (16 keys x 64 queries), dP^T
+  T* Xw = t.x;                               // Z^T, then dS^T
+  float *Ls = t.lse, *Ds = t.delta;          // lse and delta of the query tile
 
   const int64_t bh = blockIdx.y;
   const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kBlockRows;
@@ -349,15 +366,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc_kernel(
   constexpr int D = 16 * ND;
   constexpr int ld = D + 8;
   extern __shared__ __align__(128) unsigned char smem[];
-  const BwdSmem L(D, sizeof(T));
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  T* Qs = reinterpret_cast<T*>(smem + L.a);                          // 64 queries x ld
-  T* Gs = reinterpret_cast<T*>(smem + L.b);                          // their dO
-  T* Ks = reinterpret_cast<T*>(smem + L.c);                          // 64 keys x ld
-  T* Vs = reinterpret_cast<T*>(smem + L.d);
-  float* Sw = reinterpret_cast<float*>(smem + L.s) + warp * 16 * kLdF;   // S: 16 queries x 64 keys
-  float* Dw = reinterpret_cast<float*>(smem + L.dp) + warp * 16 * kLdF;  // dP
-  T* Xw = reinterpret_cast<T*>(smem + L.x) + warp * 16 * kLdH;           // dS
+  const BwdTiles<T> t(smem, D, warp);
+  T *Qs = t.a, *Gs = t.b;                    // this block's 64 queries x ld, and their dO
+  T *Ks = t.c, *Vs = t.d;                    // a tile of 64 keys (and values) x ld
+  float *Sw = t.s, *Dw = t.dp;               // S (16 queries x 64 keys), dP
+  T* Xw = t.x;                               // dS
 
   const int64_t bh = blockIdx.y;
   const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kBlockRows;
