@@ -121,5 +121,9 @@ def test_init_from_a_gptfast_checkpoint(tmp_path, verdict_text):
                           echo=lines.append)
     assert any(line.startswith("initialized from gptfast checkpoint") for line in lines)
     assert second["final_train_loss"] < first["final_train_loss"]         # it continued, not restarted
+    lines = []
+    run_training(run_settings(tmp_path, text_path, out=str(tmp_path / "c"), init_from=first["checkpoint"],
+                              pad_vocab=True, epochs=1), echo=lines.append)
+    assert "note: --pad-vocab shapes fresh models only; the --init-from weights keep their own layout" in lines
     with pytest.raises(ConfigError, match="no such file or folder"):
         run_training(run_settings(tmp_path, text_path, init_from=str(tmp_path / "nope")), echo=lambda _: None)

@@ -124,6 +124,9 @@ def initial_model(s: TrainSettings, cfg: GPTConfig, backend: str, tokenizer, ech
         return GPTModel(cfg)
     if not os.path.exists(s.init_from):
         raise ConfigError(f"--init-from {s.init_from}: no such file or folder")
+    for flag, on in (("--tie-embeddings", s.tie_embeddings), ("--pad-vocab", s.pad_vocab)):
+        if on:
+            echo(f"note: {flag} shapes fresh models only; the --init-from weights keep their own layout")
     if os.path.isfile(os.path.join(s.init_from, "config.json")):
         from ..model import load_gpt2
 
