@@ -295,24 +295,10 @@ void attention_bwd_kernel(const AttnArgs<T>& a, int64_t BH, const T* dout, const
 
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p,
                const at::Tensor& seed) {
-  check_float(q, "q");
-  TORCH_CHECK(q.dim() == 4, "q must have rank 4 (B, H, T, D), got shape ", q.sizes());
+  check_attention_args(q, k, v, dropout_p, seed, kMaxHeadDim, "CPU");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
               "q: the CPU attention supports float32 and float64, got ", q.scalar_type());
-  check_same(k, "k", q, "q");
-  check_same(v, "v", q, "q");
-  TORCH_CHECK(k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
-              "k must have shape (B, H, Tk, D) matching q's B, H, D ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(v.sizes() == k.sizes(), "v must have k's shape ", k.sizes(), ", got ", v.sizes());
-  TORCH_CHECK(k.size(2) >= q.size(2), "k must hold at least as many positions as q (the queries are the last ",
-              q.size(2), " of ", k.size(2), " positions)");
-  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, "head dim D=", q.size(3),
-              " is unsupported by the CPU attention (1 to ", kMaxHeadDim, ")");
   TORCH_CHECK(q.size(2) >= 1, "q must have at least one position, got T=", q.size(2));
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
-  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong,
-              "seed must be a one-element int64 tensor, got ", seed.scalar_type(), " with ", seed.numel(),
-              " elements");
 }
 
 template <typename T>
@@ -345,17 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& o_in, const at::Tensor& lse_in, bool causal, double scale, double dropout_p,
     const at::Tensor& seed) {
   check_qkv(q_in, k_in, v_in, dropout_p, seed);
-  check_same(dout_in, "dout", q_in, "q");
-  check_same(o_in, "o", q_in, "q");
-  TORCH_CHECK(dout_in.sizes() == q_in.sizes(), "dout must have q's shape ", q_in.sizes(), ", got ",
-              dout_in.sizes());
-  TORCH_CHECK(o_in.sizes() == q_in.sizes(), "o must have q's shape ", q_in.sizes(), ", got ", o_in.sizes());
-  TORCH_CHECK(lse_in.scalar_type() == stat_dtype(q_in.scalar_type()), "lse must have dtype ",
-              stat_dtype(q_in.scalar_type()), ", got ", lse_in.scalar_type());
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == q_in.size(0) && lse_in.size(1) == q_in.size(1) &&
-                  lse_in.size(2) == q_in.size(2),
-              "lse must have shape (B, H, T) = (", q_in.size(0), ", ", q_in.size(1), ", ", q_in.size(2),
-              "), got ", lse_in.sizes());
+  check_attention_bwd_args(dout_in, o_in, lse_in, q_in);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(),
                    dout = dout_in.contiguous(), o = o_in.contiguous(), lse = lse_in.contiguous();
   const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2), D = q.size(3);

@@ -110,24 +110,6 @@ at::Tensor gelu_bwd_cuda(const at::Tensor& dy_in, const at::Tensor& x_in) {
   return dx;
 }
 
-void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p,
-                     const at::Tensor& seed) {
-  check_float(q, "q");
-  TORCH_CHECK(q.dim() == 4, "q must have rank 4 (B, H, T, D), got shape ", q.sizes());
-  check_same(k, "k", q, "q");
-  check_same(v, "v", q, "q");
-  TORCH_CHECK(k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
-              "k must have shape (B, H, Tk, D) matching q's B, H, D ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(v.sizes() == k.sizes(), "v must have k's shape ", k.sizes(), ", got ", v.sizes());
-  TORCH_CHECK(k.size(2) >= q.size(2), "k must hold at least as many positions as q (the queries are the last ",
-              q.size(2), " of ", k.size(2), " positions)");
-  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= kc::kMaxHeadDim, "head dim D=", q.size(3),
-              " is unsupported by the CUDA attention (1 to ", kc::kMaxHeadDim, ")");
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
-  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong, "seed must be a one-element int64 tensor, got ",
-              seed.scalar_type(), " with ", seed.numel(), " elements");
-}
-
 uint64_t seed_value(const at::Tensor& seed) {
   return static_cast<uint64_t>(seed.to(at::kCPU).item<int64_t>());
 }
@@ -135,7 +117,7 @@ uint64_t seed_value(const at::Tensor& seed) {
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                       const at::Tensor& v_in, bool causal, double scale,
                                                       double dropout_p, const at::Tensor& seed) {
-  check_attention(q_in, k_in, v_in, dropout_p, seed);
+  check_attention_args(q_in, k_in, v_in, dropout_p, seed, kc::kMaxHeadDim, "CUDA");
   const auto dt = dtype_code(q_in, "q");
   c10::DeviceGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
@@ -153,14 +135,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& o_in, const at::Tensor& lse_in, bool causal, double scale, double dropout_p,
     const at::Tensor& seed) {
-  check_attention(q_in, k_in, v_in, dropout_p, seed);
+  check_attention_args(q_in, k_in, v_in, dropout_p, seed, kc::kMaxHeadDim, "CUDA");
   const auto dt = dtype_code(q_in, "q");
-  check_same(dout_in, "dout", q_in, "q");
-  check_same(o_in, "o", q_in, "q");
-  TORCH_CHECK(dout_in.sizes() == q_in.sizes(), "dout must have q's shape ", q_in.sizes(), ", got ", dout_in.sizes());
-  TORCH_CHECK(o_in.sizes() == q_in.sizes(), "o must have q's shape ", q_in.sizes(), ", got ", o_in.sizes());
-  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.numel() == q_in.numel() / q_in.size(3),
-              "lse must be float32 of shape (B, H, T)");
+  check_attention_bwd_args(dout_in, o_in, lse_in, q_in);
   c10::DeviceGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), dout = dout_in.contiguous(),
                    o = o_in.contiguous(), lse = lse_in.contiguous();
