@@ -1,8 +1,8 @@
 """Train a GPT on a text corpus.
 
-    python scripts/train.py                       # cpu-small on the-verdict (downloaded once)
+    python scripts/train.py                       # cpu-small on the-verdict (shipped with gptfast)
     python scripts/train.py --preset book-124m --epochs 10 --batch-size 2 --lr 4e-4 \
-        --weight-decay 0.1 --eval-freq 5 --eval-iter 5 --seed 123 --data ../shared/data/the-verdict.txt
+        --weight-decay 0.1 --eval-freq 5 --eval-iter 5 --seed 123
     torchrun --standalone --nproc_per_node=2 scripts/train.py --grad-accum 2 ...   # data-parallel
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainSettings()
     p = OneLineParser(prog="train.py", description="Train a GPT model on a text corpus.")
     p.add_argument("--data", nargs="+", default=[d.data],
-                   help="text file or URL (default: the-verdict, cached); a folder or several files are "
+                   help="text file or URL (downloaded once, cached; default: The Verdict, shipped with gptfast); a folder or several files are "
                         "tokenized once into a memory-mapped token file")
     p.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} "
                                     "(default: cpu-small on CPU, book-124m on CUDA)")

@@ -1,48 +1,83 @@
-"""Shared test set-up: offline data from ../shared/data, deterministic torch, small helpers."""
+"""Shared test set-up: the data shipped in the package, a generated larger corpus, deterministic
+torch, small helpers. Nothing here reads outside the repository or needs the network."""
 from __future__ import annotations
 
+import itertools
 import os
 import pathlib
+import random
+import re
 
 import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = pathlib.Path(os.environ.get("GPTFAST_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 # Without a GPU, Triton kernels run in its interpreter; the switch must be set before anything
 # (transformers, say) imports triton.language, or its own @triton.jit helpers are not interpreted.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-# tiktoken reads its GPT-2 files from here instead of the network.
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken-cache"))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def shared_file(name: str) -> pathlib.Path:
-    path = SHARED_DATA / name
-    if not path.exists():
-        pytest.fail(f"offline test data {path} is missing: the tests read ../shared/data next to the "
-                    "repository (or set GPTFAST_SHARED_DATA)")
-    return path
+def verdict_path() -> pathlib.Path:
+    """The corpus shipped in the package (the default of `scripts/train.py`)."""
+    from gptfast.data import VERDICT_PATH
+
+    return pathlib.Path(VERDICT_PATH)
 
 
 @pytest.fixture(scope="session")
 def verdict_text() -> str:
-    return shared_file("the-verdict.txt").read_text(encoding="utf-8")
+    return verdict_path().read_text(encoding="utf-8")
+
+
+def generated_corpus(n_chars: int, seed: int = 0) -> str:
+    """A deterministic English-like corpus of about `n_chars` characters for tests that need more text
+    than the 20 KB verdict: the verdict's words drawn with their own frequencies, in sentences, speeches
+    under upper-case speaker names, numbers, contractions, runs of blanks and some non-ASCII words."""
+    words = re.findall(r"[A-Za-z]+", verdict_path().read_text(encoding="utf-8"))
+    vocab = sorted(set(words))
+    counts = {w: 0 for w in vocab}
+    for w in words:
+        counts[w] += 1
+    cum_weights = list(itertools.accumulate(counts[w] for w in vocab))
+    rng = random.Random(seed)
+    foreign = ["naïve", "café", "Zürich", "façade", "œuvre", "Ångström", "東京", "Москва", "αβγ", "😀", "—"]
+    speakers = ["GISBURN", "MRS. GISBURN", "RICKHAM", "STROUD", "FIRST CITIZEN"]
+    out, size = [], 0
+    while size < n_chars:
+        lines = []
+        if rng.random() < 0.3:
+            lines.append(rng.choice(speakers) + ":")
+        for _ in range(rng.randint(1, 4)):
+            sentence = rng.choices(vocab, cum_weights=cum_weights, k=rng.randint(3, 18))
+            for i in range(len(sentence)):
+                r = rng.random()
+                if r < 0.02:
+                    sentence[i] = rng.choice(foreign)
+                elif r < 0.04:
+                    sentence[i] = str(rng.randint(0, 99999))
+                elif r < 0.07:
+                    sentence[i] += rng.choice(["'s", "'ll", "'ve", "'t", ",", ";", " -", "  "])
+            text = " ".join(sentence)
+            lines.append(text[0].upper() + text[1:] + rng.choice([".", ".", "?", "!", "...", ":"]))
+        block = "\n".join(lines) + "\n\n"
+        out.append(block)
+        size += len(block)
+    return "".join(out)[:n_chars]
 
 
 @pytest.fixture(scope="session")
-def shakespeare_text() -> str:
-    return shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")
+def large_text() -> str:
+    """About a megabyte of generated text (the size of tiny Shakespeare)."""
+    return generated_corpus(1_100_000)
 
 
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
     from gptfast.tokenizer import get_tokenizer
 
-    shared_file("tiktoken-cache")
     return get_tokenizer("gpt2")
 
 

@@ -57,3 +57,23 @@ def test_default_cuda_arch_list():
     assert meta.default_cuda_arch_list(False, {}) == "8.0;9.0"
     assert meta.default_cuda_arch_list(True, {}) is None
     assert meta.default_cuda_arch_list(False, {"TORCH_CUDA_ARCH_LIST": "9.0a"}) == "9.0a"
+
+
+def test_wheel_ships_the_default_corpus_and_gpt2_bpe_files(tmp_path):
+    """What the product needs offline is package data: in the wheel, not only in the source tree."""
+    import os
+    import subprocess
+    import sys
+    import zipfile
+
+    from conftest import ROOT
+
+    env = {**os.environ, "GPTFAST_SKIP_EXTENSION": "1"}
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                             "-w", str(tmp_path), str(ROOT)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = tmp_path.glob("gptfast-*.whl")
+    sizes = {i.filename: i.file_size for i in zipfile.ZipFile(wheel).infolist()}
+    for name in ["gptfast/data/corpora/the-verdict.txt", "gptfast/tokenizer/gpt2/vocab.bpe",
+                 "gptfast/tokenizer/gpt2/encoder.json"]:
+        assert sizes.get(name) == (ROOT / name).stat().st_size, name

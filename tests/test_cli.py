@@ -5,18 +5,18 @@ import sys
 
 import pytest
 
-from conftest import ROOT, shared_file
+from conftest import ROOT, verdict_path
 
 
-def run(*args, cwd=ROOT):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def run(*args, cwd=ROOT, **env_changes):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **env_changes}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
 
 
 @pytest.fixture(scope="module")
 def verdict():
-    return str(shared_file("the-verdict.txt"))
+    return str(verdict_path())
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -42,13 +42,18 @@ def test_bad_input_is_one_line_and_exit_2(flags, message, verdict):
     assert len(lines) == 1 and message in lines[0], result.stderr
 
 
-def test_train_then_generate(tmp_path, verdict):
-    out = tmp_path / "run"
-    result = run("scripts/train.py", "--data", verdict, "--preset", "tiny", "--epochs", "1",
+def test_train_then_generate(tmp_path):
+    """The main job's path: no --data (the shipped corpus), an empty home, no tokenizer cache."""
+    out, home = tmp_path / "run", tmp_path / "home"
+    home.mkdir()
+    result = run("scripts/train.py", "--preset", "tiny", "--epochs", "1",
                  "--batch-size", "8", "--context-length", "64", "--eval-freq", "10", "--eval-iter", "1",
-                 "--out", str(out), "--no-progress")
+                 "--out", str(out), "--no-progress", HOME=str(home), TIKTOKEN_CACHE_DIR="", GPTFAST_CACHE_DIR="")
     assert result.returncode == 0, result.stderr
     stdout = result.stdout
+    assert stdout.splitlines()[0].startswith("corpus: The Verdict (Edith Wharton, 1908; public domain), shipped")
+    assert "data: The Verdict" in stdout and "20,479 characters" in stdout
+    assert not (home / ".cache" / "gptfast").exists()                # nothing downloaded
     assert "parameters: 6,536,704 | device: cpu | backend: torch" in stdout
     assert "Ep 1 (Step 000000): Train loss" in stdout and "Ep 1 sample: Every effort moves you" in stdout
     assert (out / "checkpoint.pt").is_file() and (out / "loss.png").is_file()

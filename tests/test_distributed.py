@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, shared_file
+from conftest import ROOT, verdict_path
 from gptfast.data import RankStridedBatches
 from gptfast.training import ConfigError, TrainSettings, load_checkpoint, run_training
 from gptfast.training.distributed import SINGLE, DistInfo, per_rank_accum
@@ -22,14 +22,14 @@ def records(out, event):
 
 
 def one_process_settings(out, **kw):
-    return TrainSettings(data=str(shared_file("the-verdict.txt")), preset="tiny", epochs=2, batch_size=2,
+    return TrainSettings(data=str(verdict_path()), preset="tiny", epochs=2, batch_size=2,
                          context_length=32, grad_accum=4, eval_freq=4, eval_iter=3, progress=False,
                          checkpoint_every=10, keep_checkpoints=9, out=str(out), **kw)
 
 
 def torchrun(*args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scripts/train.py",
-           "--data", str(shared_file("the-verdict.txt")), *args]
+           "--data", str(verdict_path()), *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -101,7 +101,7 @@ def test_grad_accum_must_split_evenly_across_processes(tmp_path):
 
 def test_torchrun_with_an_indivisible_grad_accum_says_so_once(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scripts/train.py",
-           "--data", str(shared_file("the-verdict.txt")), "--preset", "tiny", "--grad-accum", "3",
+           "--data", str(verdict_path()), "--preset", "tiny", "--grad-accum", "3",
            "--out", str(tmp_path / "x"), "--no-progress"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -116,7 +116,7 @@ def test_resume_needs_a_position_the_processes_can_split(runs, tmp_path):
     ckpt["position"]["micro_in_epoch"] = 41                  # odd: not a step boundary of 2 processes
     torch.save(ckpt, tmp_path / "odd.pt")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scripts/train.py",
-           "--data", str(shared_file("the-verdict.txt")), *RUN, "--out", str(tmp_path / "x"),
+           "--data", str(verdict_path()), *RUN, "--out", str(tmp_path / "x"),
            "--resume", str(tmp_path / "odd.pt")]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -312,13 +312,13 @@ def test_stale_or_missing_extension_is_reported_not_fatal():
     assert "unavailable" in result.stdout and "stale" in result.stdout and "pip install -e ." in result.stdout
 
 
-def test_native_bpe_trainer_gives_identical_merges(shakespeare_text):
+def test_native_bpe_trainer_gives_identical_merges(large_text):
     import regex
     from collections import Counter
 
     from gptfast.tokenizer import GPT2_SPLIT_PATTERN, learn_merges
 
-    counts = Counter(tuple(c.encode()) for c in regex.findall(GPT2_SPLIT_PATTERN, shakespeare_text[:300_000]))
+    counts = Counter(tuple(c.encode()) for c in regex.findall(GPT2_SPLIT_PATTERN, large_text[:300_000]))
     assert learn_merges(counts, 500, native=True) == learn_merges(counts, 500, native=False)
 
 

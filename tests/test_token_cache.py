@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import shared_file
 from gptfast.data import GPTDataset, create_token_dataloaders, load_corpus_tokens
 from gptfast.training import TrainSettings, run_training
 
@@ -22,15 +21,29 @@ class CountingTokenizer:
         return self.inner.encode(text)
 
 
-def test_read_only_corpus_is_cached_in_the_cache_folder(tmp_path, monkeypatch, gpt2_tokenizer, shakespeare_text):
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A data folder shipped read-only (mode 0555). As root, os.access still says writable: the code
+    must look at the mode bits too, and this fixture works for root and normal users alike."""
+    folder = tmp_path / "read-only-data"
+    folder.mkdir()
+    yield folder
+    folder.chmod(0o755)                                               # let pytest clean it up
+
+
+def test_read_only_corpus_is_cached_in_the_cache_folder(tmp_path, monkeypatch, gpt2_tokenizer, large_text,
+                                                        read_only_folder):
     monkeypatch.setenv("GPTFAST_CACHE_DIR", str(tmp_path / "cache"))
-    source = str(shared_file("tinyshakespeare.txt"))              # ../shared/data is read-only
+    source = read_only_folder / "corpus.txt"
+    source.write_text(large_text, encoding="utf-8")
+    read_only_folder.chmod(0o555)
     tok = CountingTokenizer(gpt2_tokenizer)
-    tokens = load_corpus_tokens(source, tok, progress=False)
+    tokens = load_corpus_tokens(str(source), tok, progress=False)
     assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16
-    assert len(tokens) == 338_025 and tokens[:5].tolist() == gpt2_tokenizer.encode(shakespeare_text[:40])[:5]
+    assert tokens.tolist() == gpt2_tokenizer.encode(large_text)
+    assert os.listdir(read_only_folder) == ["corpus.txt"]             # nothing written beside the corpus
     assert len(os.listdir(tmp_path / "cache")) == 2                 # token file + its JSON sidecar
-    again = load_corpus_tokens(source, tok, progress=False)
+    again = load_corpus_tokens(str(source), tok, progress=False)
     assert tok.calls == 1 and np.array_equal(again, tokens)         # tokenized once
 
 
@@ -62,12 +75,12 @@ def test_memmap_windows_and_loaders(tmp_path, gpt2_tokenizer):
     assert len(train.dataset) == len(range(0, 900 - 8, 8)) and len(val.dataset) == len(range(0, 100 - 8, 8))
 
 
-def test_training_on_a_folder(tmp_path, monkeypatch, shakespeare_text):
+def test_training_on_a_folder(tmp_path, monkeypatch, large_text):
     monkeypatch.setenv("GPTFAST_CACHE_DIR", str(tmp_path / "cache"))
     folder = tmp_path / "plays"
     folder.mkdir()
-    (folder / "1.txt").write_text(shakespeare_text[:200_000])
-    (folder / "2.txt").write_text(shakespeare_text[200_000:400_000])
+    (folder / "1.txt").write_text(large_text[:200_000], encoding="utf-8")
+    (folder / "2.txt").write_text(large_text[200_000:400_000], encoding="utf-8")
     lines = []
     summary = run_training(TrainSettings(data=str(folder), preset="tiny", epochs=1, batch_size=4, context_length=32,
                                          eval_freq=2, eval_iter=1, max_steps=4, out=str(tmp_path / "run"),

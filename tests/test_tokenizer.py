@@ -1,4 +1,9 @@
+import hashlib
 import json
+import os
+import pathlib
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -6,21 +11,91 @@ import tiktoken
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import shared_file
-from gptfast.tokenizer import (ByteLevelBPE, TokenizerUnavailableError, get_tokenizer,
+from gptfast.tokenizer import (GPT2_FILES_DIR, ByteLevelBPE, TokenizerUnavailableError, get_tokenizer,
                                gpt2_bytes_to_unicode, learn_merges, tokenizer_from_spec)
+from gptfast.tokenizer import tiktoken_gpt2 as shipped
 from gptfast.tokenizer.bpe import _merge_word
+
+# tiktoken's own download URLs for GPT-2's files: its cache names each file by the URL's sha1.
+TIKTOKEN_URLS = {"vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                 "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"}
+EDGE_CASES = ["", " ", "  \n\n\t ", "Hello, world", "hello   world  ", "trailing spaces   ", "\n\n\nnew lines\r\n",
+              "I'm you're we'll they've he'd she's it'll I'M YOU'RE", "don't  'quote' '' \"double\"",
+              "naïve café Zürich façade", "東京タワー 北京", "Москва ёж", "emoji 😀👍🏽 and 🇫🇷 flags", "a\u200bb\u00a0c",
+              "12345 3.14159 1,000,000 0x1F", "tabs\tand\u3000ideographic space", "<|endoftext|>",
+              "before<|endoftext|>after", "Every effort moves you<|endoftext|> In the sunlit terraces",
+              "<|endoftext|><|endoftext|>", " <|endoftext|> ", "<|endoftext", "endoftext|>", "\x00\x01\x7f",
+              " " * 300 + "x", "a" + "\n" * 200]
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
 
 
 @pytest.fixture(scope="module")
 def gpt2_bpe():
-    return ByteLevelBPE.from_gpt2_files(str(shared_file("gpt2")))
+    return ByteLevelBPE.from_gpt2_files()
 
 
 @pytest.fixture(scope="module")
-def tiktoken_gpt2():
-    shared_file("tiktoken-cache")
-    return tiktoken.get_encoding("gpt2")
+def tiktoken_gpt2(tmp_path_factory, monkeypatch_module):
+    """tiktoken's own `get_encoding("gpt2")` -- its download path, hash checks and parser -- served from a
+    cache folder this test fills with the shipped files instead of the network."""
+    cache = tmp_path_factory.mktemp("tiktoken-cache")
+    for name, url in TIKTOKEN_URLS.items():
+        (cache / hashlib.sha1(url.encode()).hexdigest()).write_bytes((pathlib.Path(GPT2_FILES_DIR) / name).read_bytes())
+    monkeypatch_module.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    monkeypatch_module.setattr(tiktoken.registry, "ENCODINGS", {})     # not one built earlier in this process
+    enc = tiktoken.get_encoding("gpt2")
+    assert enc is not shipped.gpt2_encoding()
+    return enc
+
+
+def test_shipped_gpt2_encoding_equals_tiktokens_own(gpt2_tokenizer, tiktoken_gpt2, verdict_text, large_text):
+    """get_tokenizer("gpt2") builds tiktoken's encoding from the shipped files: the same ids as the
+    encoding tiktoken downloads, on the verdict, a megabyte of generated text and the edge cases."""
+    assert gpt2_tokenizer.n_vocab == tiktoken_gpt2.n_vocab == 50257
+    assert gpt2_tokenizer.eot_id == tiktoken_gpt2.eot_token == 50256
+    for text in [verdict_text, large_text, *EDGE_CASES]:
+        ids = gpt2_tokenizer.encode(text)
+        assert ids == tiktoken_gpt2.encode(text, allowed_special={"<|endoftext|>"}), text[:80]
+        assert gpt2_tokenizer.decode(ids) == text
+    assert len(gpt2_tokenizer.encode(verdict_text)) == 5145             # the book's count
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=0, max_size=80))
+def test_shipped_gpt2_encoding_matches_tiktoken_on_arbitrary_unicode(gpt2_tokenizer, tiktoken_gpt2, text):
+    assert gpt2_tokenizer.encode(text) == tiktoken_gpt2.encode(text, allowed_special={"<|endoftext|>"})
+
+
+def test_gpt2_needs_no_network_or_cache(tmp_path):
+    """A fresh process, with tiktoken's file reading made impossible and an empty home, still tokenizes
+    and writes nothing anywhere."""
+    code = ("import tiktoken.load as l\n"
+            "def no_files(*a, **k): raise AssertionError('tiktoken tried to fetch a file')\n"
+            "l.read_file = l.read_file_cached = no_files\n"
+            "from gptfast.tokenizer import get_tokenizer\n"
+            "print(get_tokenizer('gpt2').encode('Hello, do you like tea? <|endoftext|>'))")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")}
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[15496, 11, 466, 345, 588, 8887, 30, 220, 50256]"
+    assert list(home.iterdir()) == []                                  # nothing cached
+
+
+def test_damaged_or_missing_gpt2_files_are_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(shipped, "GPT2_FILES_DIR", str(tmp_path))
+    with pytest.raises(TokenizerUnavailableError, match="encoder.json is missing.*--tokenizer bpe"):
+        shipped.gpt2_mergeable_ranks()
+    (tmp_path / "encoder.json").write_text("{}")
+    with pytest.raises(TokenizerUnavailableError, match="encoder.json in the gptfast package is damaged"):
+        shipped.gpt2_mergeable_ranks()
 
 
 def test_gpt2_wrapper_matches_documented_ids(gpt2_tokenizer):
@@ -32,9 +107,9 @@ def test_gpt2_wrapper_matches_documented_ids(gpt2_tokenizer):
     assert gpt2_tokenizer.decode(ids) == text
 
 
-@pytest.mark.parametrize("name", ["the-verdict.txt", "tinyshakespeare.txt"])
-def test_our_bpe_on_gpt2_files_matches_tiktoken_exactly(name, gpt2_bpe, tiktoken_gpt2):
-    text = shared_file(name).read_text(encoding="utf-8")
+@pytest.mark.parametrize("corpus", ["verdict_text", "large_text"])
+def test_our_bpe_on_gpt2_files_matches_tiktoken_exactly(corpus, gpt2_bpe, tiktoken_gpt2, request):
+    text = request.getfixturevalue(corpus)
     ours = gpt2_bpe.encode(text)
     theirs = tiktoken_gpt2.encode(text, allowed_special={"<|endoftext|>"})
     assert len(ours) == len(theirs)
@@ -92,10 +167,10 @@ def test_incremental_training_equals_naive_recount(verdict_text):
     assert learn_merges(counts, 300) == naive_learn_merges(counts, 300)
 
 
-def test_train_roundtrip_save_load(tmp_path, verdict_text, shakespeare_text):
+def test_train_roundtrip_save_load(tmp_path, verdict_text, large_text):
     tok = ByteLevelBPE.train(verdict_text, vocab_size=512)
     assert tok.n_vocab == 512 and tok.eot_id == 511
-    sample = shakespeare_text[:3000] + " naïve café 😀 <|endoftext|> end"
+    sample = large_text[:3000] + " naïve café 😀 <|endoftext|> end"
     ids = tok.encode(sample)
     assert tok.decode(ids) == sample
     assert len(ids) < len(sample.encode())          # merges actually compress
@@ -128,7 +203,7 @@ def test_train_rejects_too_small_vocab():
 
 
 def test_get_tokenizer_bpe_from_gpt2_folder_and_errors(tmp_path):
-    tok = get_tokenizer("bpe", path=str(shared_file("gpt2")))
+    tok = get_tokenizer("bpe", path=GPT2_FILES_DIR)
     assert tok.encode("Hello, world") == [15496, 11, 995]
     with pytest.raises(ValueError, match="unknown tokenizer 'nope'"):
         get_tokenizer("nope")
@@ -138,15 +213,3 @@ def test_get_tokenizer_bpe_from_gpt2_folder_and_errors(tmp_path):
         ByteLevelBPE.from_gpt2_files(str(tmp_path))
     with pytest.raises(ValueError, match="not in this tokenizer's vocabulary"):
         tok.decode([10**6])
-
-
-def test_offline_gpt2_gives_a_paragraph_not_a_traceback(monkeypatch):
-    def offline(name):
-        raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
-
-    monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
-    with pytest.raises(TokenizerUnavailableError) as info:
-        get_tokenizer("gpt2")
-    msg = str(info.value)
-    assert "TIKTOKEN_CACHE_DIR" in msg and "--tokenizer bpe" in msg and "ConnectionError" in msg

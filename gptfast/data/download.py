@@ -1,4 +1,8 @@
-"""Corpus loading: a local path, or a URL downloaded once into a cache folder.
+"""Corpus loading: the shipped default corpus, a local path, or a URL downloaded once into a cache folder.
+
+The default corpus, Edith Wharton's "The Verdict" (1908, public domain; 20,479 characters, 5,145 GPT-2
+tokens: the book's training text), ships inside the package (gptfast/data/corpora/), so the main job
+runs offline. Its URL still works as --data, through the download cache.
 
 Downloads are atomic: bytes go to a temporary file in the cache folder, are checked (optional
 sha256), and only then renamed into place, so an interrupted download never leaves a half-written
@@ -19,7 +23,14 @@ from ..files import atomic_write
 VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
                "ch02/01_main-chapter-code/the-verdict.txt")
 VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
-DEFAULT_CORPUS = VERDICT_URL
+VERDICT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpora", "the-verdict.txt")
+DEFAULT_CORPUS = VERDICT_PATH
+SHIPPED_CORPORA = {VERDICT_PATH: 'The Verdict (Edith Wharton, 1908; public domain), shipped with gptfast'}
+
+
+def describe_source(source) -> str:
+    """How the run names its corpus: shipped corpora by title, everything else as given."""
+    return SHIPPED_CORPORA.get(source, str(source)) if isinstance(source, str) else ", ".join(map(str, source))
 
 
 class DownloadError(RuntimeError):

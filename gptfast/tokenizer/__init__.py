@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from .bpe import GPT2_SPLIT_PATTERN, ByteLevelBPE, gpt2_bytes_to_unicode, learn_merges
-from .tiktoken_gpt2 import TiktokenGPT2, TokenizerUnavailableError
+from .tiktoken_gpt2 import GPT2_FILES_DIR, TiktokenGPT2, TokenizerUnavailableError, gpt2_encoding
 
 TOKENIZERS = ("gpt2", "bpe")
 DEFAULT_BPE_VOCAB_SIZE = 1024
@@ -18,14 +18,15 @@ def get_tokenizer(name: str = "gpt2", *, path: str | None = None, text: str | No
                   vocab_size: int = DEFAULT_BPE_VOCAB_SIZE):
     """Return a tokenizer by name.
 
-    - "gpt2": tiktoken's GPT-2 encoding (50,257 tokens).
+    - "gpt2": tiktoken's GPT-2 encoding (50,257 tokens), built from the BPE files shipped in the
+      package (GPT2_FILES_DIR): no download.
     - "bpe": our byte-level BPE. With `path` a folder holding GPT-2's `vocab.bpe` and
       `encoder.json`, those are loaded (ids identical to tiktoken's). With `path` an existing
       tokenizer file (written by `ByteLevelBPE.save`), it is loaded. Otherwise a new one is trained
       on `text` with `vocab_size` tokens, and saved to `path` when one is given.
     """
     if name == "gpt2":
-        return TiktokenGPT2("gpt2")
+        return TiktokenGPT2()
     if name == "bpe":
         if path and os.path.isdir(path):
             return ByteLevelBPE.from_gpt2_files(path)
@@ -44,12 +45,12 @@ def get_tokenizer(name: str = "gpt2", *, path: str | None = None, text: str | No
 def tokenizer_from_spec(spec: dict):
     """Rebuild a tokenizer from the `spec()` dict saved in a checkpoint."""
     if spec.get("name") == "gpt2":
-        return TiktokenGPT2("gpt2")
+        return TiktokenGPT2()
     if spec.get("name") == "bpe":
         return ByteLevelBPE.from_state(spec["state"])
     raise ValueError(f"unknown tokenizer spec {spec.get('name')!r}")
 
 
-__all__ = ["ByteLevelBPE", "TiktokenGPT2", "TokenizerUnavailableError", "get_tokenizer",
+__all__ = ["ByteLevelBPE", "TiktokenGPT2", "GPT2_FILES_DIR", "gpt2_encoding", "TokenizerUnavailableError", "get_tokenizer",
            "tokenizer_from_spec", "gpt2_bytes_to_unicode", "learn_merges", "GPT2_SPLIT_PATTERN",
            "TOKENIZERS"]

@@ -188,7 +188,9 @@ class ByteLevelBPE:
     @classmethod
     def from_gpt2_files(cls, folder: str | None = None, *, vocab_bpe: str | None = None,
                         encoder_json: str | None = None) -> "ByteLevelBPE":
-        """Load OpenAI's GPT-2 `vocab.bpe` (merges) and `encoder.json` (token -> id)."""
+        """Load OpenAI's GPT-2 `vocab.bpe` (merges) and `encoder.json` (token -> id); by default the
+        copies shipped in the package (gptfast/tokenizer/gpt2/)."""
+        folder = folder or os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpt2")
         vocab_bpe = vocab_bpe or os.path.join(folder, "vocab.bpe")
         encoder_json = encoder_json or os.path.join(folder, "encoder.json")
         for path in (vocab_bpe, encoder_json):

@@ -14,7 +14,7 @@ import torch
 
 from .. import ops
 from ..data import (DEFAULT_CORPUS, DownloadError, corpus_files, create_dataloaders, create_token_dataloaders,
-                    load_corpus_tokens, load_text)
+                    describe_source, load_corpus_tokens, load_text)
 from ..model import PRESETS, GPTConfig, GPTModel
 from ..tokenizer import TOKENIZERS, TokenizerUnavailableError, get_tokenizer
 from .distributed import (DistInfo, barrier, init_distributed, load_optimizer_state, main_first, per_rank_accum,
@@ -36,7 +36,7 @@ USER_ERRORS = (ConfigError, FileNotFoundError, DownloadError, TokenizerUnavailab
 
 @dataclass
 class TrainSettings:
-    data: str | list = DEFAULT_CORPUS    # a text file or a URL (downloaded once, cached); a folder or
+    data: str | list = DEFAULT_CORPUS    # the shipped Verdict, a text file or a URL (downloaded once, cached); a folder or
                                          # several files: tokenized once into a memory-mapped token file
     preset: str | None = None            # None -> "cpu-small" on CPU, "book-124m" on CUDA
     backend: str | None = None           # None -> $GPTFAST_BACKEND -> "torch"
@@ -191,6 +191,8 @@ def _run_training(s: TrainSettings, echo, device: torch.device, info: DistInfo) 
     else:
         with main_first(info):                       # rank 0 downloads; the others read its cache
             text = load_text(s.data)
+        if s.data == DEFAULT_CORPUS:
+            echo(f"corpus: {describe_source(s.data)} ({len(text):,} characters; --data PATH|URL for your own)")
         split = int(s.train_ratio * len(text))
     if s.tokenizer == "bpe":
         echo(f"training a byte-level BPE tokenizer ({s.bpe_vocab_size} tokens) on the training split")
@@ -272,7 +274,7 @@ def _run_training(s: TrainSettings, echo, device: torch.device, info: DistInfo) 
         echo(f"distributed: {info.world_size} processes ({'NCCL' if device.type == 'cuda' else 'Gloo'}, "
              f"{'FSDP: model sharded' if info.fsdp else 'DDP: model replicated'}), "
              f"{grad_accum} micro-batch(es) of {s.batch_size} each per step, {len(train_loader)} per epoch each")
-    echo(f"data: {s.data} | {size} | train batches/epoch: {len(train_loader) * info.world_size} | "
+    echo(f"data: {describe_source(s.data)} | {size} | train batches/epoch: {len(train_loader) * info.world_size} | "
          f"val batches: {len(val_loader)} | tokens/step: {s.batch_size * context_length * s.grad_accum:,} "
          f"({s.batch_size} x {context_length}{f' x {s.grad_accum} accumulated' if s.grad_accum > 1 else ''})")
     echo(f"precision: {s.dtype} | compile: {s.compile} | steps: {total_steps} | lr {s.lr:g}"
