@@ -6,7 +6,9 @@
 # builds gptfast with its CUDA kernels (offline), runs the GPU tests, the standalone CUDA kernel
 # checks and both benchmarks at their default sizes, writing every log, JSON, Markdown table and
 # plot into OUT_DIR plus a SUMMARY.md. Stages (default: all but `tests`, in this order):
-#   build  gpu_tests  cuda_kernels  bench_ops  bench_train  tests (the whole suite)
+#   build  compare  gpu_tests  cuda_kernels  bench_ops  bench_train  tests (the whole suite)
+# `compare` is the correctness stage: scripts/compare.py on CUDA, every backend, fp32 and bf16, its
+# tables in compare_cuda_<dtype>.log and every row in compare_cuda_<dtype>.json.
 # Each stage has its own time limit, cut to what is left of GPU_CHECK_BUDGET seconds (default 570,
 # under a 10-minute slot), so a run always leaves a summary of what ran and what failed. Stages can
 # be run in separate calls on the same machine (the build stays in place).
@@ -75,9 +77,18 @@ gpu_tests() {   # the tests with GPU paths first: CUDA kernels, Triton kernels, 
 tests() {
   python -m pytest -q -ra -p no:cacheprovider --junitxml="$out/tests.xml"
 }
+compare() {   # every backend against the float64 reference, ops and model, in both training precisions
+  local rc=0
+  for dtype in float32 bfloat16; do
+    python scripts/compare.py --device cuda --backend all --dtype $dtype --json "$out/compare_cuda_$dtype.json" \
+      2>&1 | tee "$out/compare_cuda_$dtype.log" | tail -n 5
+    [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+  done
+  return $rc
+}
 
 export out
-export -f build cuda_kernels gpu_tests tests
+export -f build compare cuda_kernels gpu_tests tests
 budget=${GPU_CHECK_BUDGET:-570}
 run() {   # run NAME LIMIT COMMAND...: stage with LIMIT cut to the budget left
   local left=$(( budget - ($(date +%s) - t_start) ))
@@ -86,17 +97,18 @@ run() {   # run NAME LIMIT COMMAND...: stage with LIMIT cut to the budget left
   stage "$name" $(( limit < left ? limit : left )) "$@"
 }
 stages=("${@:2}")
-[ ${#stages[@]} -eq 0 ] && stages=(build gpu_tests cuda_kernels bench_ops bench_train)
+[ ${#stages[@]} -eq 0 ] && stages=(build compare gpu_tests cuda_kernels bench_ops bench_train)
 for s in "${stages[@]}"; do
   case $s in
     build) run build 150 build ;;
+    compare) run compare 120 compare ;;
     gpu_tests) run gpu_tests 180 gpu_tests ;;
     cuda_kernels) run cuda_kernels 60 cuda_kernels ;;
     bench_ops) run bench_ops 120 python benchmarks/bench_ops.py --device cuda --repeats 20 --out "$out/bench_ops_cuda.json" ;;
     bench_train) run bench_train 120 python benchmarks/bench_train.py --device cuda --steps 10 --pad-vocab \
                    --out "$out/bench_train_cuda.json" ;;
     tests) run tests 400 tests ;;
-    *) echo "unknown stage $s (build gpu_tests cuda_kernels bench_ops bench_train tests)"; exit 2 ;;
+    *) echo "unknown stage $s (build compare gpu_tests cuda_kernels bench_ops bench_train tests)"; exit 2 ;;
   esac
 done
 
@@ -104,7 +116,7 @@ done
   echo
   echo "Total: $(( $(date +%s) - t_start )) s."
   echo
-  for t in gpu_tests tests; do
+  for t in compare gpu_tests tests; do
     [ -f "$out/$t.log" ] && { echo "## $t"; tail -n 25 "$out/$t.log" | sed 's/^/    /'; }
   done
   for f in bench_ops_cuda bench_train_cuda; do

@@ -10,7 +10,7 @@ import torch
 
 from .checks import check_attention_inputs, check_floating, check_like
 from .registry import (DEFAULT_BACKEND, BackendError, available_backends, get_backend,
-                       known_backends, register_backend, resolve_backend_name)
+                       known_backends, register_backend, resolve_backend_name, shares_dropout_rng)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
@@ -87,4 +87,4 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 
 
 __all__ = ["layer_norm", "cross_entropy", "gelu", "causal_attention", "available_backends", "resolve_backend_name",
-           "register_backend", "get_backend", "known_backends", "supports_kv_cache", "BackendError", "DEFAULT_BACKEND"]
+           "register_backend", "get_backend", "known_backends", "shares_dropout_rng", "supports_kv_cache", "BackendError", "DEFAULT_BACKEND"]

@@ -9,6 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# Attention dropout comes from SDPA's own RNG, not the shared counter-based one (dropout_rng.py):
+# with dropout this backend computes a different random function than the others (compare skips it).
+SHARES_DROPOUT_RNG = False
+
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)

@@ -83,5 +83,11 @@ def get_backend(name: str | None = None) -> ModuleType:
     return _loaded.get(name) or _loaded[resolve_backend_name(name)]
 
 
+def shares_dropout_rng(name: str) -> bool:
+    """Whether `name`'s attention dropout drops the same weights as `reference` for the same seed
+    (the shared counter-based RNG); a backend says otherwise with SHARES_DROPOUT_RNG = False."""
+    return getattr(get_backend(name), "SHARES_DROPOUT_RNG", True)
+
+
 def _usable() -> list[str]:
     return [n for n in _BACKENDS if _load(n) is not None]
