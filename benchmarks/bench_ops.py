@@ -99,8 +99,18 @@ def percentiles(values) -> tuple[float, float, float]:
     return statistics.median(v), at(0.2), at(0.8)
 
 
-OP_FUNCS = {"attention": ops.causal_attention, "layer_norm": ops.layer_norm, "gelu": ops.gelu,
-            "cross_entropy": ops.cross_entropy}
+DROPOUT_SEED = torch.tensor([1234], dtype=torch.int64)
+
+
+def attention_with_dropout(q, k, v, backend=None):
+    """Training-shaped attention: dropout 0.1 on the weights (the seed fixed, so backends sharing the
+    counter-based RNG compute the same function and their error stays meaningful)."""
+    return ops.causal_attention(q, k, v, dropout_p=0.1, seed=DROPOUT_SEED, backend=backend)
+
+
+OP_FUNCS = {"attention": ops.causal_attention, "attention_dropout": attention_with_dropout,
+            "layer_norm": ops.layer_norm, "gelu": ops.gelu, "cross_entropy": ops.cross_entropy}
+ATTENTION_OPS = ("attention", "attention_dropout")
 SDPA_PINNED = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION"}
 _compiled = {}
 
@@ -149,7 +159,7 @@ def backend_call(op, backend):
             return lambda x, w, b: liger_layer_norm(x, w, b, 1e-5)
         return None
     if backend == "extension-simt":
-        return (lambda *a: OP_FUNCS[op](*a, backend="extension")) if op == "attention" else None
+        return (lambda *a: OP_FUNCS[op](*a, backend="extension")) if op in ATTENTION_OPS else None
     if backend in SDPA_PINNED:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -164,7 +174,7 @@ def make_case(op, shape, device, seed=0):
     """float64 master inputs on `device`, plus fixed extra arguments (cross-entropy's targets)."""
     g = torch.Generator().manual_seed(seed)
     extra = ()
-    if op == "attention":
+    if op in ATTENTION_OPS:
         inputs = [torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(3)]
     elif op == "cross_entropy":
         N, V = shape
@@ -182,7 +192,7 @@ def make_case(op, shape, device, seed=0):
 def forward_work(op, shape, dtype, mode) -> float:
     """Bytes (each input read once, each output written once) or FLOPs (attention) of one call."""
     size = torch.tensor([], dtype=dtype).element_size()
-    if op == "attention":
+    if op in ATTENTION_OPS:
         B, H, T, D = shape
         work = 4 * B * H * T * T * D * 0.5                       # QK^T and PV, causal half
     elif op == "cross_entropy":
@@ -192,7 +202,7 @@ def forward_work(op, shape, dtype, mode) -> float:
     if mode == "fwd+bwd":
         # attention: the backward is 2.5x the forward's FLOPs; LayerNorm/GELU: it reads dy (and x)
         # and writes dx; cross-entropy: it writes dlogits
-        work *= 3.5 if op == "attention" else 2.0
+        work *= 3.5 if op in ATTENTION_OPS else 2.0
     return work
 
 
@@ -232,9 +242,12 @@ def run_case(op, shape, mode, device, dtype, repeats, backends):
             print(f"  {op} {mode} {backend}: skipped ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
             continue
         err = max([rel_error(out, ref_out)] + [rel_error(a, b) for a, b in zip(grads, ref_grads)])
+        if op == "attention_dropout" and (backend in SDPA_PINNED or (backend in ops.known_backends()
+                                                                      and not ops.shares_dropout_rng(backend))):
+            err = float("nan")                       # its own dropout RNG: another function, no error to show
         steps[backend] = step
         rows.append({"op": op, "mode": mode, "shape": list(shape), "backend": backend, "dtype": str(dtype),
-                     "max_rel_error": err, "unit": "GFLOP/s" if op == "attention" else "GB/s"})
+                     "max_rel_error": err, "unit": "GFLOP/s" if op in ATTENTION_OPS else "GB/s"})
     with torch.set_grad_enabled(mode == "fwd+bwd"):
         # the reference's large temporaries disturb the allocator and caches for whoever runs
         # next, so it is timed on its own; the fast backends take turns
@@ -304,6 +317,7 @@ def measure_ceilings(device, dtype) -> dict:
 
 def environment(device, dtype, repeats) -> dict:
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+           "device_type": device.type,
            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "python": platform.python_version(), "dtype": str(dtype).replace("torch.", ""),
            "date": datetime.datetime.now().isoformat(timespec="seconds"), "repeats": repeats,
@@ -320,9 +334,12 @@ def environment(device, dtype, repeats) -> dict:
 def shapes(quick: bool, sweep: bool, device) -> dict:
     if quick:
         return {"layer_norm": [(8 * 64, 768)], "gelu": [(8 * 64, 768)], "attention": [(2, 4, 128, 64)],
+                "attention_dropout": [(2, 4, 128, 64)],
                 "cross_entropy": [(64, 50257)]}
     rows = [(8 * 256, 768), (8 * 1024, 768)]
-    table = {"layer_norm": list(rows), "gelu": list(rows), "attention": [(8, 12, 256, 64), (8, 12, 1024, 64)],
+    attention = [(2, 12, 256, 64), (8, 12, 256, 64), (2, 12, 1024, 64), (8, 12, 1024, 64)]
+    table = {"layer_norm": list(rows), "gelu": list(rows), "attention": list(attention),
+             "attention_dropout": list(attention),
              "cross_entropy": [(8 * 128, 50257)] if device.type == "cpu" else [(8 * 1024, 50304)]}
     if sweep:   # throughput against size: C up to 4096 at 8K rows; T from 128 to 4096 at B*H = 12
         for C in (1024, 1600, 2048, 4096):
@@ -425,10 +442,10 @@ def main(argv=None):
     for op, op_shapes in shapes(args.quick, args.sweep, device).items():
         for shape in op_shapes:
             for mode in ("fwd", "fwd+bwd"):
-                reps = repeats if op != "attention" or device.type == "cuda" else max(3, repeats // 3)
+                reps = repeats if op not in ATTENTION_OPS or device.type == "cuda" else max(3, repeats // 3)
                 rows = run_case(op, shape, mode, device, dtype, reps, backends)
                 for r in rows:
-                    ceiling = ceilings["matmul_GFLOPps"] if op == "attention" else ceilings["copy_GBps"]
+                    ceiling = ceilings["matmul_GFLOPps"] if op in ATTENTION_OPS else ceilings["copy_GBps"]
                     r["percent_of_ceiling"] = 100 * r["throughput"] / ceiling
                     vs_torch = f"{r['speedup_vs_best_pytorch']:.2f}x" if r["speedup_vs_best_pytorch"] else "-"
                     print(f"{op:<14}{mode:<9}{'x'.join(map(str, shape)):<20}{r['backend']:<15}{r['median_ms']:>11.3f}"

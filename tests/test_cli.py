@@ -33,9 +33,26 @@ def verdict():
     (["--dtype", "float16", "--device", "cpu", "--preset", "tiny"], "float16 needs a CUDA device"),
     (["--warmup-steps", "-3"], "argument --warmup-steps: must be >= 0"),
 ])
-def test_bad_input_is_one_line_and_exit_2(flags, message, verdict):
+def test_bad_input_is_one_line_and_exit_2(flags, message, verdict, capsys):
+    """In-process (main(argv)), so the dozen cases cost no interpreter start-ups; the subprocess test
+    below checks the same path end to end."""
+    from scripts.train import main
+
     args = ["--data", verdict, *flags] if "--data" not in flags else flags
-    result = run("scripts/train.py", *args)
+    try:
+        code = main(args)
+    except SystemExit as exit_:                       # argparse's errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+
+
+@pytest.mark.parametrize("flags,message", [(["--epochs", "-1"], "argument --epochs: must be a positive integer"),
+                                           (["--preset", "giant"], "unknown preset 'giant'")])
+def test_bad_input_from_a_shell(flags, message):
+    result = run("scripts/train.py", *flags)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -54,7 +71,8 @@ def test_train_then_generate(tmp_path):
     assert stdout.splitlines()[0].startswith("corpus: The Verdict (Edith Wharton, 1908; public domain), shipped")
     assert "data: The Verdict" in stdout and "20,479 characters" in stdout
     assert not (home / ".cache" / "gptfast").exists()                # nothing downloaded
-    assert "parameters: 6,536,704 | device: cpu | backend: torch" in stdout
+    assert "parameters: 6,536,704 | device: cpu | backend: auto" in stdout
+    assert "  auto: attention_dropout -> " in stdout                   # what auto picked, and why
     assert "Ep 1 (Step 000000): Train loss" in stdout and "Ep 1 sample: Every effort moves you" in stdout
     assert (out / "checkpoint.pt").is_file() and (out / "loss.png").is_file()
 

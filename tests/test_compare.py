@@ -144,11 +144,22 @@ def test_dropout_cases_compare_the_shared_mask_bit_for_bit():
     (["--steps", "0"], "argument --steps: must be a positive integer"),
     (["--ops-only", "--model-only"], "not allowed with argument"),
 ] + ([(["--device", "cuda"], "no CUDA device is available")] if not torch.cuda.is_available() else []))
-def test_bad_flags_are_one_line_and_exit_2(flags, message):
-    result = run_script(*flags, timeout=120)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+def test_bad_flags_are_one_line_and_exit_2(flags, message, capsys):
+    try:
+        code = compare_main(flags)
+    except SystemExit as exit_:                       # argparse's errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_bad_flag_from_a_shell():
+    result = run_script("--backend", "warp-drive", timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "compare.py: error: unknown backend 'warp-drive'; known: " + \
+        ", ".join(ops.known_backends())
 
 
 def test_module_invocation_and_help():

@@ -119,7 +119,7 @@ def test_dropout_active_only_in_training():
     assert not torch.equal(model(idx), model(idx))
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "auto"])
 def test_torch_compile_fullgraph(backend):
     torch.manual_seed(0)
     model = GPTModel(small_config(backend=backend)).eval()

@@ -50,7 +50,7 @@ def test_killed_process_resumes_from_its_last_checkpoint(tmp_path, verdict_text)
     data.write_text(verdict_text)
     args = [sys.executable, "scripts/train.py", "--data", str(data), "--preset", "tiny", "--epochs", "3",
             "--batch-size", "2", "--context-length", "32", "--eval-freq", "1000", "--no-progress",
-            "--checkpoint-every", "3", "--out", str(tmp_path / "run")]
+            "--checkpoint-every", "3", "--max-steps", "40", "--out", str(tmp_path / "run")]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_dir = tmp_path / "run"
     deadline = time.time() + 120

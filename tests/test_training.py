@@ -81,12 +81,13 @@ def test_run_training_writes_everything(tmp_path, verdict_text):
     text_path = tmp_path / "v.txt"
     text_path.write_text(verdict_text)
     lines = []
-    summary = run_training(run_settings(tmp_path, text_path), echo=lines.append)
+    summary = run_training(run_settings(tmp_path, text_path, backend="torch"), echo=lines.append)
     out = tmp_path / "run"
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "loss.png", "metrics.jsonl"]
     events = [json.loads(x)["event"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert events[0] == "config" and events[-1] == "done" and "eval" in events and "sample" in events
     assert any(line.startswith("parameters: 6,536,704 | device: cpu | backend: torch") for line in lines)
+    assert not any(line.strip().startswith("auto:") for line in lines)   # a named backend: no auto lines
     assert any("tokens/step: 128 (4 x 32)" in line for line in lines)
     assert summary["final_train_loss"] < 10.8
 

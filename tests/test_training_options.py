@@ -62,8 +62,8 @@ def settings(tmp_path, verdict_text, **kw):
 def test_bfloat16_autocast_schedule_and_clipping_on_cpu(tmp_path, verdict_text, backend):
     real_clip = torch.nn.utils.clip_grad_norm_
     with mock.patch("torch.nn.utils.clip_grad_norm_", side_effect=real_clip) as clip:
-        summary = run_training(settings(tmp_path, verdict_text, dtype="bfloat16", grad_clip=1.0, warmup_steps=5,
-                                        min_lr=1e-5, grad_accum=2, backend=backend), echo=lambda _: None)
+        summary = run_training(settings(tmp_path, verdict_text, dtype="bfloat16", grad_clip=1.0, warmup_steps=3,
+                                        min_lr=1e-5, grad_accum=2, max_steps=6, backend=backend), echo=lambda _: None)
     assert math.isfinite(summary["final_train_loss"])
     assert clip.call_count == summary["steps"] and clip.call_args.args[1] == 1.0
 

@@ -3,9 +3,13 @@
 // q, k, v, o: (B, H, T, D) contiguous; lse: (B, H, T). The (T, T) score matrix is never built:
 // the forward walks key tiles of kBK columns for each tile of kBQ query rows, keeping a running
 // row max m, normalizer l and output accumulator (online softmax), and saves
-// lse = m + log(l). The backward recomputes probabilities P = exp(S - lse) tile by tile, in two
-// deterministic passes: one parallel over key tiles (dK, dV), one over query tiles (dQ), so no
-// two threads ever add into the same output. Causal tiles above the diagonal are skipped.
+// lse = m + log(l); K is transposed once per call (not once per tile pair) so the score
+// micro-kernel streams it. The backward recomputes probabilities P = exp(S - lse) tile by tile.
+// With enough heads to keep every thread busy it makes one pass per head: each tile pair's S, P
+// and dS are computed once and feed dV, dK and dQ together (a head's dQ belongs to one task, so
+// no two threads add into the same output). With few heads it makes two deterministic passes,
+// one parallel over key tiles (dK, dV) and one over query tiles (dQ). Causal tiles above the
+// diagonal are skipped.
 //
 // Dropout (on the softmax weights, after normalization) uses the counter-based hash of
 // dropout_hash.h, so the mask is regenerated in the backward rather than stored.
@@ -17,6 +21,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -38,6 +43,8 @@ constexpr int64_t kMaxHeadDim = 256;
 template <typename T>
 struct AttnArgs {
   const T *q, *k, *v;
+  const T* kt;            // forward only: K transposed per head, (BH, D, ldkt) with zero-padded columns
+  int64_t ldkt;
   int64_t Tq, Tk, D;      // query rows, key rows (Tk >= Tq: queries are the last Tq positions)
   bool causal;
   T scale;
@@ -64,11 +71,12 @@ void load_transposed(const T* __restrict__ x, int64_t k0, int64_t nk, int64_t D,
   }
 }
 
-// Micro-kernel 1: S[r, 0..kBK) = alpha * sum_d A[r, d] * Bt[d, 0..kBK)   for r < n_rows.
-// A is (n_rows x D) row-major, Bt a transposed tile (D x kBK). Four rows at a time share every
-// load of Bt; the 4 x 2 vector accumulators stay in registers across the d loop.
+// Micro-kernel 1: S[r, 0..kBK) = alpha * sum_d A[r, d] * Bt[d * ldb + 0..kBK)   for r < n_rows.
+// A is (n_rows x D) row-major, Bt a transposed tile (D rows of at least kBK columns, leading
+// dimension ldb). Four rows at a time share every load of Bt; the 4 x 2 vector accumulators stay
+// in registers across the d loop.
 template <typename T>
-void tile_dot(const T* __restrict__ A, int64_t n_rows, int64_t D, const T* __restrict__ Bt, T alpha,
+void tile_dot(const T* __restrict__ A, int64_t n_rows, int64_t D, const T* __restrict__ Bt, int64_t ldb, T alpha,
               T* __restrict__ S) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
@@ -80,7 +88,7 @@ void tile_dot(const T* __restrict__ A, int64_t n_rows, int64_t D, const T* __res
     for (int64_t c = 0; c < kBK; c += 2 * V) {
       Vec acc[4][2] = {{Vec(0), Vec(0)}, {Vec(0), Vec(0)}, {Vec(0), Vec(0)}, {Vec(0), Vec(0)}};
       for (int64_t d = 0; d < D; ++d) {
-        const Vec b0 = Vec::loadu(Bt + d * kBK + c), b1 = Vec::loadu(Bt + d * kBK + c + V);
+        const Vec b0 = Vec::loadu(Bt + d * ldb + c), b1 = Vec::loadu(Bt + d * ldb + c + V);
         for (int rr = 0; rr < 4; ++rr) {
           const Vec a(a0[rr * D + d]);
           acc[rr][0] = at::vec::fmadd(a, b0, acc[rr][0]);
@@ -98,8 +106,8 @@ void tile_dot(const T* __restrict__ A, int64_t n_rows, int64_t D, const T* __res
       Vec acc0(0), acc1(0);
       for (int64_t d = 0; d < D; ++d) {
         const Vec a(A[r * D + d]);
-        acc0 = at::vec::fmadd(a, Vec::loadu(Bt + d * kBK + c), acc0);
-        acc1 = at::vec::fmadd(a, Vec::loadu(Bt + d * kBK + c + V), acc1);
+        acc0 = at::vec::fmadd(a, Vec::loadu(Bt + d * ldb + c), acc0);
+        acc1 = at::vec::fmadd(a, Vec::loadu(Bt + d * ldb + c + V), acc1);
       }
       (acc0 * valpha).store(S + r * kBK + c);
       (acc1 * valpha).store(S + r * kBK + c + V);
@@ -109,29 +117,58 @@ void tile_dot(const T* __restrict__ A, int64_t n_rows, int64_t D, const T* __res
 
 // Micro-kernel 2: out[r, 0..D) += sum_{c < n_cols} W[r * rs + c * cs] * M[c, 0..D)   for r < n_rows.
 // M is (n_cols x D) row-major; the strides let W be read transposed (rs = 1, cs = kBK) for
-// products like P^T dO. Each output chunk of up to four vectors is held in registers over c.
+// products like P^T dO. Four output rows at a time share every load of M, and each block of
+// 4 rows x 2 vectors of out stays in registers over c: 8 FMAs per 2 loads and 4 broadcasts.
 template <typename T>
 void tile_accumulate(const T* __restrict__ W, int64_t rs, int64_t cs, int64_t n_rows, int64_t n_cols,
                      const T* __restrict__ M, int64_t D, T* __restrict__ out) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
-  for (int64_t r = 0; r < n_rows; ++r) {
+  int64_t r = 0;
+  for (; r + 4 <= n_rows; r += 4) {
     const T* w = W + r * rs;
     T* o = out + r * D;
     int64_t d0 = 0;
-    for (; d0 + 4 * V <= D; d0 += 4 * V) {
-      Vec acc0 = Vec::loadu(o + d0), acc1 = Vec::loadu(o + d0 + V), acc2 = Vec::loadu(o + d0 + 2 * V),
-          acc3 = Vec::loadu(o + d0 + 3 * V);
-      for (int64_t c = 0; c < n_cols; ++c) {
-        const Vec wc(w[c * cs]);
-        const T* m = M + c * D + d0;
-        acc0 = at::vec::fmadd(wc, Vec::loadu(m), acc0);
-        acc1 = at::vec::fmadd(wc, Vec::loadu(m + V), acc1);
-        acc2 = at::vec::fmadd(wc, Vec::loadu(m + 2 * V), acc2);
-        acc3 = at::vec::fmadd(wc, Vec::loadu(m + 3 * V), acc3);
+    for (; d0 + 2 * V <= D; d0 += 2 * V) {
+      Vec acc[4][2];
+      for (int rr = 0; rr < 4; ++rr) {
+        acc[rr][0] = Vec::loadu(o + rr * D + d0);
+        acc[rr][1] = Vec::loadu(o + rr * D + d0 + V);
       }
-      acc0.store(o + d0), acc1.store(o + d0 + V), acc2.store(o + d0 + 2 * V), acc3.store(o + d0 + 3 * V);
+      for (int64_t c = 0; c < n_cols; ++c) {
+        const Vec m0 = Vec::loadu(M + c * D + d0), m1 = Vec::loadu(M + c * D + d0 + V);
+        for (int rr = 0; rr < 4; ++rr) {
+          const Vec wc(w[rr * rs + c * cs]);
+          acc[rr][0] = at::vec::fmadd(wc, m0, acc[rr][0]);
+          acc[rr][1] = at::vec::fmadd(wc, m1, acc[rr][1]);
+        }
+      }
+      for (int rr = 0; rr < 4; ++rr) {
+        acc[rr][0].store(o + rr * D + d0);
+        acc[rr][1].store(o + rr * D + d0 + V);
+      }
     }
+    for (; d0 + V <= D; d0 += V) {
+      Vec acc[4];
+      for (int rr = 0; rr < 4; ++rr) acc[rr] = Vec::loadu(o + rr * D + d0);
+      for (int64_t c = 0; c < n_cols; ++c) {
+        const Vec m0 = Vec::loadu(M + c * D + d0);
+        for (int rr = 0; rr < 4; ++rr) acc[rr] = at::vec::fmadd(Vec(w[rr * rs + c * cs]), m0, acc[rr]);
+      }
+      for (int rr = 0; rr < 4; ++rr) acc[rr].store(o + rr * D + d0);
+    }
+    for (; d0 < D; ++d0) {
+      for (int rr = 0; rr < 4; ++rr) {
+        T acc = o[rr * D + d0];
+        for (int64_t c = 0; c < n_cols; ++c) acc += w[rr * rs + c * cs] * M[c * D + d0];
+        o[rr * D + d0] = acc;
+      }
+    }
+  }
+  for (; r < n_rows; ++r) {                       // the last n_rows % 4 rows, one at a time
+    const T* w = W + r * rs;
+    T* o = out + r * D;
+    int64_t d0 = 0;
     for (; d0 + V <= D; d0 += V) {
       Vec acc = Vec::loadu(o + d0);
       for (int64_t c = 0; c < n_cols; ++c) acc = at::vec::fmadd(Vec(w[c * cs]), Vec::loadu(M + c * D + d0), acc);
@@ -145,25 +182,57 @@ void tile_accumulate(const T* __restrict__ W, int64_t rs, int64_t cs, int64_t n_
   }
 }
 
-// s[j] <- exp(s[j] - shift) for j < n, vectorized.
+// s[j] <- exp(s[j] - shift) for j < n, vectorized; returns the sum of the new s[j].
 template <typename T>
-void exp_shifted(T* s, int64_t n, T shift) {
+T exp_shifted(T* s, int64_t n, T shift) {
   using Vec = Vectorized<T>;
   const Vec vshift(shift);
+  Vec vsum(0);
   int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(s + j) - vshift).exp().store(s + j);
-  for (; j < n; ++j) s[j] = std::exp(s[j] - shift);
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    const Vec e = (Vec::loadu(s + j) - vshift).exp();
+    e.store(s + j);
+    vsum = vsum + e;
+  }
+  T sum = at::vec::vec_reduce_all<T>([](Vec& x, Vec& y) { return x + y; }, vsum);
+  for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - shift));
+  return sum;
+}
+
+// max(init, s[0..n)), vectorized.
+template <typename T>
+T row_max(const T* s, int64_t n, T init) {
+  using Vec = Vectorized<T>;
+  int64_t j = 0;
+  T best = init;
+  if (n >= Vec::size()) {
+    Vec vmax = Vec::loadu(s);
+    for (j = Vec::size(); j + Vec::size() <= n; j += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
+    best = std::max(best, at::vec::vec_reduce_all<T>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vmax));
+  }
+  for (; j < n; ++j) best = std::max(best, s[j]);
+  return best;
+}
+
+// x[0..n) *= alpha, vectorized.
+template <typename T>
+void scale_row(T* x, int64_t n, T alpha) {
+  using Vec = Vectorized<T>;
+  const Vec va(alpha);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(x + j) * va).store(x + j);
+  for (; j < n; ++j) x[j] *= alpha;
 }
 
 template <typename T>
 void attention_fwd_kernel(const AttnArgs<T>& a, int64_t BH, T* o, T* lse) {
   const int64_t Tq = a.Tq, Tk = a.Tk, off = a.Tk - a.Tq, D = a.D, n_qt = (Tq + kBQ - 1) / kBQ;
   at::parallel_for(0, BH * n_qt, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> kt(D * kBK), s(kBQ * kBK), acc(kBQ * D);
+    std::vector<T> s(kBQ * kBK), acc(kBQ * D);
     T m[kBQ], l[kBQ];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / n_qt, q0 = (task % n_qt) * kBQ, nq = std::min(kBQ, Tq - q0);
-      const T *q = a.q + bh * Tq * D, *k = a.k + bh * Tk * D, *v = a.v + bh * Tk * D;
+      const T *q = a.q + bh * Tq * D, *v = a.v + bh * Tk * D;
       const uint32_t head_key = dropout_head_key(a.seed, static_cast<uint32_t>(bh));
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(m, m + kBQ, -std::numeric_limits<T>::infinity());
@@ -171,8 +240,7 @@ void attention_fwd_kernel(const AttnArgs<T>& a, int64_t BH, T* o, T* lse) {
       const int64_t kv_end = a.causal ? std::min(Tk, q0 + nq + off) : Tk;
       for (int64_t k0 = 0; k0 < kv_end; k0 += kBK) {
         const int64_t nk = std::min(kBK, kv_end - k0);
-        load_transposed(k, k0, nk, D, kt.data());
-        tile_dot(q + q0 * D, nq, D, kt.data(), a.scale, s.data());        // S = scale Q K^T
+        tile_dot(q + q0 * D, nq, D, a.kt + bh * D * a.ldkt + k0, a.ldkt, a.scale, s.data());  // S = scale Q K^T
         for (int64_t i = 0; i < nq; ++i) {
           const int64_t row = q0 + i;
           const int64_t ncols = std::min(nk, visible_cols(a, row) - k0);
@@ -181,19 +249,13 @@ void attention_fwd_kernel(const AttnArgs<T>& a, int64_t BH, T* o, T* lse) {
             std::fill(srow, srow + kBK, T(0));
             continue;
           }
-          T m_new = m[i];
-          for (int64_t j = 0; j < ncols; ++j) m_new = std::max(m_new, srow[j]);
+          const T m_new = row_max(srow, ncols, m[i]);
           const T alpha = std::exp(m[i] - m_new);  // rescales what was accumulated so far
-          exp_shifted(srow, ncols, m_new);
+          const T row_sum = exp_shifted(srow, ncols, m_new);
           std::fill(srow + ncols, srow + kBK, T(0));
-          T row_sum = 0;
-          for (int64_t j = 0; j < ncols; ++j) row_sum += srow[j];
           l[i] = l[i] * alpha + row_sum;
           m[i] = m_new;
-          if (alpha != T(1)) {
-            T* acc_row = acc.data() + i * D;
-            for (int64_t d = 0; d < D; ++d) acc_row[d] *= alpha;
-          }
+          if (alpha != T(1)) scale_row(acc.data() + i * D, D, alpha);
           if (a.threshold) {                                              // dropout after softmax
             const uint32_t row_key = dropout_row_key(head_key, static_cast<uint32_t>(row + off));
             for (int64_t j = 0; j < ncols; ++j)
@@ -223,8 +285,8 @@ void attention_bwd_kernel(const AttnArgs<T>& a, int64_t BH, const T* dout, const
                         uint32_t head_key, T* z, T* ds) {
     const T* q = a.q + (bh * Tq + q0) * D;
     const T* go = dout + (bh * Tq + q0) * D;
-    tile_dot(q, nq, D, kt, a.scale, z);            // S
-    tile_dot(go, nq, D, vt, T(1), ds);             // dZ = dO V^T
+    tile_dot(q, nq, D, kt, kBK, a.scale, z);       // S
+    tile_dot(go, nq, D, vt, kBK, T(1), ds);        // dZ = dO V^T
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t row = q0 + i;
       const int64_t ncols = std::max<int64_t>(0, std::min(nk, visible_cols(a, row) - k0));
@@ -248,8 +310,37 @@ void attention_bwd_kernel(const AttnArgs<T>& a, int64_t BH, const T* dout, const
     }
   };
 
-  // Pass 1: dK, dV, one task per (bh, key tile); query tiles from the diagonal down.
   const int64_t n_kt = (Tk + kBK - 1) / kBK;
+  if (BH >= 2 * at::get_num_threads()) {
+    // One pass, one task per head: key tiles in order, for each the query tiles that see it.
+    at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> kt(D * kBK), vt(D * kBK), z(kBQ * kBK), ds(kBQ * kBK), dk_acc(kBK * D), dv_acc(kBK * D);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const uint32_t head_key = dropout_head_key(a.seed, static_cast<uint32_t>(bh));
+        std::fill(dq + bh * Tq * D, dq + (bh + 1) * Tq * D, T(0));
+        for (int64_t k0 = 0; k0 < Tk; k0 += kBK) {
+          const int64_t nk = std::min(kBK, Tk - k0);
+          load_transposed(a.k + bh * Tk * D, k0, nk, D, kt.data());
+          load_transposed(a.v + bh * Tk * D, k0, nk, D, vt.data());
+          std::fill(dk_acc.begin(), dk_acc.end(), T(0));
+          std::fill(dv_acc.begin(), dv_acc.end(), T(0));
+          const int64_t first_row = a.causal ? std::max<int64_t>(0, k0 - off) : 0;
+          for (int64_t q0 = (first_row / kBQ) * kBQ; q0 < Tq; q0 += kBQ) {
+            const int64_t nq = std::min(kBQ, Tq - q0);
+            tile_grads(bh, q0, nq, k0, nk, kt.data(), vt.data(), head_key, z.data(), ds.data());
+            tile_accumulate(z.data(), 1, kBK, nk, nq, dout + (bh * Tq + q0) * D, D, dv_acc.data());    // dV += Z^T dO
+            tile_accumulate(ds.data(), 1, kBK, nk, nq, a.q + (bh * Tq + q0) * D, D, dk_acc.data());    // dK += dS^T Q
+            tile_accumulate(ds.data(), kBK, 1, nq, nk, a.k + (bh * Tk + k0) * D, D, dq + (bh * Tq + q0) * D);  // dQ += dS K
+          }
+          std::copy(dk_acc.begin(), dk_acc.begin() + nk * D, dk + (bh * Tk + k0) * D);
+          std::copy(dv_acc.begin(), dv_acc.begin() + nk * D, dv + (bh * Tk + k0) * D);
+        }
+      }
+    });
+    return;
+  }
+
+  // Few heads: two passes. Pass 1: dK, dV, one task per (bh, key tile); query tiles from the diagonal down.
   at::parallel_for(0, BH * n_kt, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> kt(D * kBK), vt(D * kBK), z(kBQ * kBK), ds(kBQ * kBK), dk_acc(kBK * D), dv_acc(kBK * D);
     for (int64_t task = begin; task < end; ++task) {
@@ -304,7 +395,8 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, do
 template <typename T>
 AttnArgs<T> make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                       double scale, double dropout_p, const at::Tensor& seed) {
-  return AttnArgs<T>{q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), q.size(2), k.size(2), q.size(3), causal,
+  return AttnArgs<T>{q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), nullptr, 0, q.size(2), k.size(2), q.size(3),
+                     causal,
                      static_cast<T>(scale), dropout_p, static_cast<T>(1.0 / (1.0 - dropout_p)),
                      dropout_p > 0 ? dropout_threshold(dropout_p) : 0u,
                      static_cast<uint64_t>(seed.item<int64_t>())};
@@ -318,9 +410,16 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2);
   at::Tensor o = at::empty_like(q);
   at::Tensor lse = at::empty({B, H, T_}, q.options().dtype(stat_dtype(q.scalar_type())));
+  // K^T per head, (B, H, D, Tk rounded up to whole key tiles), the padding zeros: one transposing
+  // copy here instead of one per (query tile, key tile) pair in the kernel
+  const int64_t Tk = k.size(2), Tk_pad = (Tk + kBK - 1) / kBK * kBK;
+  at::Tensor kt = at::zeros({B, H, k.size(3), Tk_pad}, k.options());
+  kt.narrow(3, 0, Tk).copy_(k.transpose(2, 3));
   maybe_poison(o), maybe_poison(lse);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_fwd_cpu", [&] {
     auto a = make_args<scalar_t>(q, k, v, causal, scale, dropout_p, seed);
+    a.kt = kt.data_ptr<scalar_t>();
+    a.ldkt = kt.size(3);
     attention_fwd_kernel<scalar_t>(a, B * H, o.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
   });
   return {o, lse};

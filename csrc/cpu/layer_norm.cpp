@@ -76,7 +76,11 @@ void layer_norm_fwd_row(const T* x, const T* w, const T* b, T* y, T* mean_out, T
   for (; i < C; ++i) y[i] = (x[i] - mean) * rstd * w[i] + b[i];
 }
 
-constexpr int64_t kRowsPerBlock = 32;  // dweight/dbias partial sums: one per block of rows
+// dweight/dbias partial sums: one per block of rows. The blocking depends on N only (so results do
+// not depend on the thread count): at most kMaxBlocks blocks of at least 32 rows, so the partials
+// stay a small fraction of the bytes moved however many rows there are.
+constexpr int64_t kMaxBlocks = 32;
+inline int64_t rows_per_block(int64_t N) { return std::max<int64_t>(32, (N + kMaxBlocks - 1) / kMaxBlocks); }
 
 template <typename T>
 void layer_norm_bwd_row(const T* dy, const T* x, const T* w, T mean, T rstd, T* dx, T* dw_acc,
@@ -178,7 +182,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
   at::Tensor dx = at::empty_like(x);
   at::Tensor dweight = at::empty_like(weight), dbias = at::empty_like(weight);
   maybe_poison(dx), maybe_poison(dweight), maybe_poison(dbias);
-  const int64_t n_blocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int64_t rows_in_block = rows_per_block(N);
+  const int64_t n_blocks = (N + rows_in_block - 1) / rows_in_block;
   at::Tensor partial = at::zeros({2, std::max<int64_t>(n_blocks, 1), C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "layer_norm_bwd_cpu", [&] {
     const scalar_t *pdy = dy.data_ptr<scalar_t>(), *px = x.data_ptr<scalar_t>(),
@@ -188,25 +193,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
     scalar_t* pdb = pdw + std::max<int64_t>(n_blocks, 1) * C;
     at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t r_end = std::min(N, (blk + 1) * kRowsPerBlock);
-        for (int64_t r = blk * kRowsPerBlock; r < r_end; ++r)
+        const int64_t r_end = std::min(N, (blk + 1) * rows_in_block);
+        for (int64_t r = blk * rows_in_block; r < r_end; ++r)
           layer_norm_bwd_row(pdy + r * C, px + r * C, pw, pm[r], pr[r], pdx + r * C, pdw + blk * C,
                              pdb + blk * C, C);
       }
     });
     // fixed-order reduction over the blocks, columns in parallel
     scalar_t *out_w = dweight.data_ptr<scalar_t>(), *out_b = dbias.data_ptr<scalar_t>();
-    at::parallel_for(0, C, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        scalar_t sw = 0, sb = 0;
-        for (int64_t blk = 0; blk < n_blocks; ++blk) {
-          sw += pdw[blk * C + c];
-          sb += pdb[blk * C + c];
-        }
-        out_w[c] = sw;
-        out_b[c] = sb;
+    std::copy(pdw, pdw + C, out_w);
+    std::copy(pdb, pdb + C, out_b);
+    using Vec = Vectorized<scalar_t>;
+    for (int64_t blk = 1; blk < n_blocks; ++blk) {       // few blocks: one thread, vectorized, in order
+      int64_t c = 0;
+      for (; c + Vec::size() <= C; c += Vec::size()) {
+        (Vec::loadu(out_w + c) + Vec::loadu(pdw + blk * C + c)).store(out_w + c);
+        (Vec::loadu(out_b + c) + Vec::loadu(pdb + blk * C + c)).store(out_b + c);
       }
-    });
+      for (; c < C; ++c) {
+        out_w[c] += pdw[blk * C + c];
+        out_b[c] += pdb[blk * C + c];
+      }
+    }
   });
   return {dx, dweight, dbias};
 }

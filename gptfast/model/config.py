@@ -16,7 +16,7 @@ class GPTConfig:
     tie_embeddings: bool = False # LM head shares the token embedding matrix (GPT-2 does; the book doesn't)
     vocab_multiple: int = 1      # embedding / LM-head rows padded up to a multiple of this (64: 50257 -> 50304,
                                  # friendlier matmul shapes); padded ids are never targets nor generated
-    backend: str | None = None   # op backend; None -> $GPTFAST_BACKEND -> "torch"
+    backend: str | None = None   # op backend; None -> $GPTFAST_BACKEND -> "auto"
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "vocab_multiple"):

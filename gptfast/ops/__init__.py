@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from . import auto
 from .checks import check_attention_inputs, check_floating, check_like
 from .registry import (DEFAULT_BACKEND, BackendError, available_backends, get_backend,
                        known_backends, register_backend, resolve_backend_name, shares_dropout_rng)

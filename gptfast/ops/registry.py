@@ -1,7 +1,8 @@
 """Op backends by name: which exist, which can run here, and which one is in use.
 
-A backend is a module-like object with `layer_norm`, `gelu` and `causal_attention`. Backends are
-loaded lazily, so a missing compiled extension or Triton only matters when that backend is asked for.
+A backend is a module-like object with `layer_norm`, `gelu`, `causal_attention` and `cross_entropy`.
+Backends are loaded lazily, so a missing compiled extension or Triton only matters when that backend
+is asked for. The default, `auto`, picks one of the others per op (see auto.py).
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import importlib
 import os
 from types import ModuleType
 
-DEFAULT_BACKEND = "torch"
+DEFAULT_BACKEND = "auto"
 ENV_VAR = "GPTFAST_BACKEND"
 
 # name -> (module path, one-line description)
@@ -18,6 +19,7 @@ _BACKENDS: dict[str, tuple[str, str]] = {
     "torch": ("gptfast.ops.native", "PyTorch built-ins: F.layer_norm, F.gelu, SDPA"),
     "extension": ("gptfast.ops.extension", "our compiled C++ kernels (csrc/) as torch custom ops"),
     "triton": ("gptfast.ops.triton", "our Triton kernels as torch custom ops"),
+    "auto": ("gptfast.ops.auto", "per op, the backend measured fastest for this device and dtype (auto_table.json)"),
 }
 _loaded: dict[str, ModuleType] = {}
 _errors: dict[str, str] = {}

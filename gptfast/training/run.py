@@ -39,7 +39,7 @@ class TrainSettings:
     data: str | list = DEFAULT_CORPUS    # the shipped Verdict, a text file or a URL (downloaded once, cached); a folder or
                                          # several files: tokenized once into a memory-mapped token file
     preset: str | None = None            # None -> "cpu-small" on CPU, "book-124m" on CUDA
-    backend: str | None = None           # None -> $GPTFAST_BACKEND -> "torch"
+    backend: str | None = None           # None -> $GPTFAST_BACKEND -> "auto"
     device: str = "auto"                 # auto / cpu / cuda
     epochs: int = 10
     batch_size: int = 2
@@ -139,6 +139,20 @@ def initial_model(s: TrainSettings, cfg: GPTConfig, backend: str, tokenizer, ech
         raise ConfigError(f"--init-from model has {model.cfg.vocab_size} tokens but the tokenizer has "
                           f"{tokenizer.n_vocab}")
     return model
+
+
+def backend_choices(backend: str, device: torch.device, dtype: str) -> dict[str, tuple[str, str]]:
+    """{op: (backend, why)} for what this run computes each op with. `auto` decides per op from its
+    measured table, at float32 and, under autocast, at the autocast dtype (matmul outputs - attention,
+    GELU, logits - arrive in it; the residual stream that LayerNorm reads stays float32)."""
+    if backend != "auto":
+        return {op: (backend, "--backend") for op in ops.auto.OPS}
+    out = {}
+    for op in ops.auto.OPS:
+        at = "float32" if op == "layer_norm" or dtype == "float32" else dtype
+        c = ops.auto.choose(op, device.type, at)
+        out[f"{op} ({at})" if at != "float32" else op] = (c.backend, c.reason)
+    return out
 
 
 def run_training(s: TrainSettings, echo=print) -> dict:
@@ -270,6 +284,9 @@ def _run_training(s: TrainSettings, echo, device: torch.device, info: DistInfo) 
     echo(f"config: {json.dumps(cfg.to_dict())}")
     echo(f"parameters: {n_params:,} | device: {device} | backend: {backend} | tokenizer: "
          f"{s.tokenizer} ({tokenizer.n_vocab} tokens{f', padded to {cfg.padded_vocab_size}' if cfg.vocab_multiple > 1 else ''})")
+    choices = backend_choices(backend, device, s.dtype)
+    for op, (name, why) in choices.items() if backend == "auto" else ():
+        echo(f"  auto: {op} -> {name}: {why}")
     if info.enabled:
         echo(f"distributed: {info.world_size} processes ({'NCCL' if device.type == 'cuda' else 'Gloo'}, "
              f"{'FSDP: model sharded' if info.fsdp else 'DDP: model replicated'}), "
@@ -286,7 +303,8 @@ def _run_training(s: TrainSettings, echo, device: torch.device, info: DistInfo) 
         os.makedirs(s.out, exist_ok=True)
     log = MetricsLog(os.path.join(s.out, "metrics.jsonl") if info.is_main else None, append=resume is not None)
     log.write("config", settings=asdict(s), model=cfg.to_dict(), parameters=n_params,
-              device=str(device), torch=torch.__version__, world_size=info.world_size)
+              device=str(device), torch=torch.__version__, world_size=info.world_size,
+              backends={op: name for op, (name, _) in choices.items()})
     def checkpoint(path, hist, position):   # called on every process; rank 0 writes
         model_state, optimizer_state, optimizer_format = training_state(model, optimizer, info)
         if info.is_main:

@@ -1,0 +1,117 @@
+"""The `auto` backend: per-op choices from the shipped, measured table."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from gptfast import ops
+from gptfast.ops import auto
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import make_auto_table  # noqa: E402
+
+
+def row(op, ranking, device="cpu", dtype="float32"):
+    return {"op": op, "device": device, "dtype": dtype, "shapes": "2048x768", "measured_on": "Test CPU",
+            "date": "2026-12-01", "ranking": [{"backend": b, "vs_torch": x, "cases": 1} for b, x in ranking]}
+
+
+@pytest.fixture
+def table(monkeypatch):
+    """Swap in a table of our own; the memo of earlier choices is cleared before and after."""
+    def use(rows):
+        monkeypatch.setattr(auto, "_TABLE", {"rows": rows})
+        auto._memo.clear()
+        auto._said.clear()
+    yield use
+    auto._memo.clear()
+    auto._said.clear()
+
+
+def test_choice_follows_the_ranking_and_names_its_evidence(table):
+    table([row("gelu", [("triton", 9.0), ("extension", 1.4), ("torch", 1.0)]),
+           row("layer_norm", [("torch", 1.0), ("extension", 1.01)]),
+           row("attention_dropout", [("extension", 3.0), ("torch", 1.0)])])
+    gelu = auto.choose("gelu", "cpu", "float32")
+    assert gelu.backend == "extension"                               # never Triton's CPU interpreter
+    assert "1.40x torch" in gelu.reason and "Test CPU" in gelu.reason and "2026-12-01" in gelu.reason
+    assert auto.choose("layer_norm", "cpu", "float32").backend == "torch"
+    assert auto.choose("attention_dropout", "cpu", "float32").backend == "extension"
+    missing = auto.choose("attention", "cuda", "bfloat16")
+    assert missing.backend == "torch" and "no measurement for cuda bfloat16" in missing.reason
+
+
+def test_auto_computes_what_the_chosen_backend_computes(table, capsys):
+    table([row("gelu", [("extension", 1.4), ("torch", 1.0)]), row("attention", [("torch", 1.0)]),
+           row("attention_dropout", [("extension", 3.0), ("torch", 1.0)])])
+    x = torch.randn(64, 96)
+    assert torch.equal(ops.gelu(x, backend="auto"), ops.gelu(x, backend="extension"))
+    q, k, v = (torch.randn(1, 2, 33, 16) for _ in range(3))
+    seed = torch.tensor([5])
+    assert torch.equal(ops.causal_attention(q, k, v, backend="auto"), ops.causal_attention(q, k, v, backend="torch"))
+    assert torch.equal(ops.causal_attention(q, k, v, dropout_p=0.1, seed=seed, backend="auto"),
+                       ops.causal_attention(q, k, v, dropout_p=0.1, seed=seed, backend="extension"))
+    w = torch.ones(96)
+    ops.layer_norm(x, w, w, backend="auto")
+    ops.layer_norm(x, w, w, backend="auto")
+    err = capsys.readouterr().err
+    assert err.count("layer_norm on cpu float32: no measurement") == 1           # said once, not per call
+
+
+def test_shipped_table_is_generated_from_the_committed_results():
+    """auto_table.json is make_auto_table.py's output over benchmarks/results (not edited by hand)."""
+    shipped = json.loads((ROOT / "gptfast" / "ops" / "auto_table.json").read_text())
+    sources = [str(ROOT / s) for s in shipped["sources"]]
+    bench = [s for s in sources if "bench_ops" in s]
+    again = make_auto_table.build(bench, [s for s in sources if "compare" in s])
+    assert bench and again["rows"] == shipped["rows"] and again["method"] == shipped["method"]
+    ops_cpu = {(r["op"], r["dtype"]) for r in shipped["rows"] if r["device"] == "cpu"}
+    assert {("layer_norm", "float32"), ("gelu", "float32"), ("attention", "float32"),
+            ("attention_dropout", "float32"), ("cross_entropy", "float32")} <= ops_cpu
+
+
+def test_table_maker_vetoes_incorrect_backends_and_needs_a_real_win(tmp_path):
+    def bench(path, times):
+        results = [{"op": "gelu", "mode": "fwd+bwd", "shape": [8, 8], "backend": b, "median_ms": ms}
+                   for b, ms in times.items()]
+        path.write_text(json.dumps({"environment": {"device": "CPU X", "device_type": "cpu", "dtype": "torch.float32",
+                                                    "date": "2026-12-01T00:00:00"}, "results": results}))
+        return str(path)
+    fast = bench(tmp_path / "a.json", {"torch": 10.0, "extension": 5.0, "triton": 1.0, "reference": 50.0})
+    table = make_auto_table.build([fast], [])
+    assert [e["backend"] for e in table["rows"][0]["ranking"]] == ["extension", "torch", "reference"]
+    tie = bench(tmp_path / "b.json", {"torch": 10.0, "extension": 9.9})               # 1.01x: noise, not a win
+    assert make_auto_table.build([tie], [])["rows"][0]["ranking"][0]["backend"] == "torch"
+    compare = tmp_path / "compare.json"
+    compare.write_text(json.dumps({"device_type": "cpu", "rows": [
+        {"part": "op", "name": "gelu", "backend": "extension", "dtype": "float32", "status": "FAIL"}]}))
+    vetoed = make_auto_table.build([fast], [str(compare)])
+    assert "extension" not in [e["backend"] for e in vetoed["rows"][0]["ranking"]]
+
+
+def test_training_prints_and_records_the_choices(tmp_path, verdict_text):
+    from gptfast.training import TrainSettings, run_training
+
+    data = tmp_path / "v.txt"
+    data.write_text(verdict_text)
+    lines = []
+    run_training(TrainSettings(data=str(data), preset="tiny", epochs=1, batch_size=4, context_length=32,
+                               max_steps=1, eval_freq=5, eval_iter=1, out=str(tmp_path / "run"), progress=False),
+                 echo=lines.append)
+    assert any("backend: auto" in line for line in lines)
+    picked = {op: c.backend for op, c in auto.choices("cpu", "float32").items()}
+    for op, name in picked.items():
+        assert any(line.strip().startswith(f"auto: {op} -> {name}: ") for line in lines), (op, lines)
+    config = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert config["backends"] == picked
+
+
+def test_help_and_available_backends_show_the_choices():
+    assert ops.available_backends()["auto"].startswith("available")
+    result = subprocess.run([sys.executable, "scripts/train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    flat = " ".join(result.stdout.split())
+    assert result.returncode == 0 and "auto, which picks per op" in flat and "attention_dropout" in flat
