@@ -149,7 +149,7 @@ def compare_training_run(base: GPTModel, backends: list[str], dtype: torch.dtype
                             note=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"))
             continue
         curves[f"{backend} ({dtype_name(rd)})"] = losses
-        if not ops.shares_dropout_rng(backend):
+        if not ops.shares_dropout_rng(backend, device.type, dtype_name(rd)):
             rows.append(Row(**head, quantity="losses", max_abs=None, rel=None, tol=None, status="SKIP",
                             note="its attention dropout has its own RNG: its curve is shown, not judged"))
             continue

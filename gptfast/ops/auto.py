@@ -83,7 +83,7 @@ def _pick(op: str, t: torch.Tensor) -> str:
     choice = choose(op, t.device.type, dtype)
     key = (op, t.device.type, dtype)
     if choice.backend == FALLBACK and "no measurement" in choice.reason and key not in _said \
-            and not torch.compiler.is_compiling():
+            and dtype != "float64" and not torch.compiler.is_compiling():   # float64: checking, not training
         _said.add(key)
         print(f"gptfast auto backend: {op} on {t.device.type} {dtype}: {choice.reason}", file=sys.stderr)
     return choice.backend
@@ -133,15 +133,9 @@ def describe(device_type: str, dtypes=("float32",)) -> list[str]:
     return lines
 
 
-def __getattr__(name: str):
-    """SHARES_DROPOUT_RNG: whether the attention-with-dropout backend `auto` takes on this machine's
-    default device (float32) draws the shared mask (computed when asked: PEP 562)."""
-    if name == "SHARES_DROPOUT_RNG":
-        from .registry import shares_dropout_rng
-
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        return shares_dropout_rng(choose("attention_dropout", device_type, "float32").backend)
-    raise AttributeError(name)
+def dropout_backend(device_type: str, dtype: str) -> str:
+    """The backend that computes attention with dropout here (whose RNG decides the mask)."""
+    return choose("attention_dropout", device_type, dtype).backend
 
 
 def build_info() -> dict:

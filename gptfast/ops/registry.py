@@ -85,10 +85,15 @@ def get_backend(name: str | None = None) -> ModuleType:
     return _loaded.get(name) or _loaded[resolve_backend_name(name)]
 
 
-def shares_dropout_rng(name: str) -> bool:
+def shares_dropout_rng(name: str, device_type: str = "cpu", dtype: str = "float32") -> bool:
     """Whether `name`'s attention dropout drops the same weights as `reference` for the same seed
-    (the shared counter-based RNG); a backend says otherwise with SHARES_DROPOUT_RNG = False."""
-    return getattr(get_backend(name), "SHARES_DROPOUT_RNG", True)
+    (the shared counter-based RNG) on `device_type` at `dtype`. A backend says it does not with
+    SHARES_DROPOUT_RNG = False; one that delegates (auto) names its delegate with dropout_backend()."""
+    module = get_backend(name)
+    delegate = getattr(module, "dropout_backend", None)
+    if delegate is not None:
+        return shares_dropout_rng(delegate(device_type, dtype), device_type, dtype)
+    return getattr(module, "SHARES_DROPOUT_RNG", True)
 
 
 def _usable() -> list[str]:
