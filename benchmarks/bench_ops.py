@@ -109,8 +109,12 @@ def attention_with_dropout(q, k, v, backend=None):
 
 
 OP_FUNCS = {"attention": ops.causal_attention, "attention_dropout": attention_with_dropout,
-            "layer_norm": ops.layer_norm, "gelu": ops.gelu, "cross_entropy": ops.cross_entropy}
+            "layer_norm": ops.layer_norm, "gelu": ops.gelu, "cross_entropy": ops.cross_entropy,
+            "linear_cross_entropy": ops.linear_cross_entropy}
+UNTIMED_REFERENCE = ("linear_cross_entropy",)   # its float64 reference (3 GEMMs of N x V x C) is run once, for
+                                                # the error column, not timed over and over
 ATTENTION_OPS = ("attention", "attention_dropout")
+FLOP_OPS = ATTENTION_OPS + ("linear_cross_entropy",)          # compute-bound: GFLOP/s, against the matmul rate
 SDPA_PINNED = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION"}
 _compiled = {}
 
@@ -180,6 +184,11 @@ def make_case(op, shape, device, seed=0):
         N, V = shape
         inputs = [torch.randn(N, V, generator=g, dtype=torch.float64) * 2]
         extra = (torch.randint(0, V, (N,), generator=g).to(device),)
+    elif op == "linear_cross_entropy":
+        N, C, V = shape                                          # hidden (N, C), weight (V, C): GPT-2's LM head
+        inputs = [torch.randn(N, C, generator=g, dtype=torch.float64),
+                  torch.randn(V, C, generator=g, dtype=torch.float64) * 0.05]
+        extra = (torch.randint(0, min(V, 50257), (N,), generator=g).to(device),)
     elif op == "layer_norm":
         N, C = shape
         inputs = [torch.randn(N, C, generator=g, dtype=torch.float64) * 2 + 1,
@@ -197,12 +206,15 @@ def forward_work(op, shape, dtype, mode) -> float:
         work = 4 * B * H * T * T * D * 0.5                       # QK^T and PV, causal half
     elif op == "cross_entropy":
         work = shape[0] * shape[1] * size                        # read the logits
+    elif op == "linear_cross_entropy":
+        N, C, V = shape
+        work = 2 * N * C * V                                     # the logits GEMM; backward: two more
     else:
         work = 2 * shape[0] * shape[1] * size                    # read x, write y
     if mode == "fwd+bwd":
         # attention: the backward is 2.5x the forward's FLOPs; LayerNorm/GELU: it reads dy (and x)
         # and writes dx; cross-entropy: it writes dlogits
-        work *= 3.5 if op in ATTENTION_OPS else 2.0
+        work *= 3.5 if op in ATTENTION_OPS else 3.0 if op == "linear_cross_entropy" else 2.0
     return work
 
 
@@ -248,11 +260,13 @@ def run_case(op, shape, mode, device, dtype, repeats, backends):
             err = float("nan")                       # its own dropout RNG: another function, no error to show
         steps[backend] = step
         rows.append({"op": op, "mode": mode, "shape": list(shape), "backend": backend, "dtype": str(dtype),
-                     "max_rel_error": err, "unit": "GFLOP/s" if op in ATTENTION_OPS else "GB/s"})
+                     "max_rel_error": err, "unit": "GFLOP/s" if op in FLOP_OPS else "GB/s"})
     with torch.set_grad_enabled(mode == "fwd+bwd"):
         # the reference's large temporaries disturb the allocator and caches for whoever runs
         # next, so it is timed on its own; the fast backends take turns
-        seconds = timed_interleaved({"reference": steps.pop("reference")}, device, repeats)
+        reference = steps.pop("reference")
+        seconds = {"reference": (math.nan,) * 3} if op in UNTIMED_REFERENCE else \
+            timed_interleaved({"reference": reference}, device, repeats)
         seconds.update(timed_interleaved(steps, device, repeats))
     for r in rows:
         median, p20, p80 = seconds[r["backend"]]
@@ -265,36 +279,50 @@ def run_case(op, shape, mode, device, dtype, repeats, backends):
     return rows
 
 
-def peak_memory_mb(backend, shape, dtype, device) -> float:
-    """Peak memory growth of one attention forward+backward.
+PEAK_MEMORY_OPS = ("attention", "linear_cross_entropy")
+
+
+def _peak_case(op, shape, dtype, device):
+    """(inputs, fn) for one forward+backward of `op` at `shape`: attention, or the LM head + loss."""
+    if op == "attention":
+        ins = [torch.randn(*shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+        return ins, lambda backend: ops.causal_attention(*ins, backend=backend).sum()
+    N, C, V = shape
+    ins = [torch.randn(N, C, device=device, dtype=dtype, requires_grad=True),
+           (torch.randn(V, C, device=device, dtype=dtype) * 0.05).requires_grad_()]
+    targets = torch.randint(0, min(V, 50257), (N,), device=device)
+    return ins, lambda backend: ops.linear_cross_entropy(*ins, targets, backend=backend)
+
+
+def peak_memory_mb(backend, shape, dtype, device, op="attention") -> float:
+    """Peak memory growth of one forward+backward of `op` (attention or linear_cross_entropy).
 
     GPU: torch.cuda.max_memory_allocated around the call. CPU: in a fresh process, the kernel's
     high-water mark (VmHWM, reset through /proc/self/clear_refs) - not ru_maxrss, which a child
-    inherits from its parent across fork + exec.
+    inherits from its parent across fork + exec. The inputs exist before the measurement starts.
     """
     if device.type == "cuda":
-        q, k, v = (torch.randn(*shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        _, run = _peak_case(op, shape, dtype, device)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        out = ops.causal_attention(q, k, v, backend=backend)
-        out.backward(torch.ones_like(out))
+        run(backend).backward()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    small = (2, 2, 8, 16) if op == "attention" else (16, 8, 64)
     code = f"""
-import torch
-from gptfast import ops
+import sys, torch
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+from bench_ops import _peak_case
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1]) / 1024
-B, H, T, D = {list(shape)}
-q, k, v = [torch.randn(B, H, T, D, dtype={dtype}, requires_grad=True) for _ in range(3)]
-ops.causal_attention(q[:, :, :8], k[:, :, :8], v[:, :, :8], backend="{backend}").sum().backward()  # load, warm
+_peak_case({op!r}, {tuple(small)}, {dtype}, "cpu")[1]({backend!r}).backward()     # load, warm
+_, run = _peak_case({op!r}, {tuple(shape)}, {dtype}, "cpu")
 base = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")       # reset the high-water mark to the current RSS
-out = ops.causal_attention(q, k, v, backend="{backend}")
-out.backward(torch.ones_like(out))
+run({backend!r}).backward()
 print(status("VmHWM") - base)
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -335,12 +363,13 @@ def environment(device, dtype, repeats) -> dict:
 def shapes(quick: bool, sweep: bool, device) -> dict:
     if quick:
         return {"layer_norm": [(8 * 64, 768)], "gelu": [(8 * 64, 768)], "attention": [(2, 4, 128, 64)],
-                "attention_dropout": [(2, 4, 128, 64)],
+                "attention_dropout": [(2, 4, 128, 64)], "linear_cross_entropy": [(256, 64, 4096)],
                 "cross_entropy": [(64, 50257)]}
     rows = [(8 * 256, 768), (8 * 1024, 768)]
     attention = [(2, 12, 256, 64), (8, 12, 256, 64), (2, 12, 1024, 64), (8, 12, 1024, 64)]
     table = {"layer_norm": list(rows), "gelu": list(rows), "attention": list(attention),
              "attention_dropout": list(attention),
+             "linear_cross_entropy": [(8 * 1024, 768, 50257), (8 * 1024, 768, 50304), (16 * 1024, 768, 50257)],
              "cross_entropy": [(8 * 128, 50257)] if device.type == "cpu" else [(8 * 1024, 50304)]}
     if sweep:   # throughput against size: C up to 4096 at 8K rows; T from 128 to 4096 at B*H = 12
         for C in (1024, 1600, 2048, 4096):
@@ -404,8 +433,9 @@ def markdown_table(env: dict, results: list) -> str:
                      f"{r['max_rel_error']:.1e} |")
     memory = [r for r in results if r.get("mode") == "peak_memory"]
     if memory:
-        lines += ["", "| attention fwd+bwd peak memory | backend | MB |", "|---|---|---|"]
-        lines += [f"| {'×'.join(map(str, r['shape']))} | {r['backend']} | {r['peak_mb']:.0f} |" for r in memory]
+        lines += ["", "| peak memory of one fwd+bwd | shape | backend | MB |", "|---|---|---|---|"]
+        lines += [f"| {r['op']} | {'×'.join(map(str, r['shape']))} | {r['backend']} | {r['peak_mb']:.0f} |"
+                  for r in memory]
     return "\n".join(lines) + "\n"
 
 
@@ -420,6 +450,7 @@ def main(argv=None):
     p.add_argument("--backends", default=None, help="comma-separated; default: reference,torch,extension on CPU; "
                    "on CUDA also torch.compile (compiled), sdpa-flash/efficient/cudnn and triton; flash-attn and "
                    "liger rows are added when those packages are installed")
+    p.add_argument("--ops", default=None, help="comma-separated subset of: " + ", ".join(OP_FUNCS))
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_ops_<device>.json)")
     args = p.parse_args(argv)
@@ -440,13 +471,20 @@ def main(argv=None):
     print(header)
     print("-" * len(header))
     results = []
+    wanted = args.ops.split(",") if args.ops else list(OP_FUNCS)
+    unknown = [op for op in wanted if op not in OP_FUNCS]
+    if unknown:
+        p.error(f"unknown op {unknown[0]!r}; choose from {', '.join(OP_FUNCS)}")
     for op, op_shapes in shapes(args.quick, args.sweep, device).items():
+        if op not in wanted:
+            continue
         for shape in op_shapes:
             for mode in ("fwd", "fwd+bwd"):
-                reps = repeats if op not in ATTENTION_OPS or device.type == "cuda" else max(3, repeats // 3)
+                reps = repeats if op not in FLOP_OPS or device.type == "cuda" else \
+                    3 if op == "linear_cross_entropy" else max(3, repeats // 3)
                 rows = run_case(op, shape, mode, device, dtype, reps, backends)
                 for r in rows:
-                    ceiling = ceilings["matmul_GFLOPps"] if op in ATTENTION_OPS else ceilings["copy_GBps"]
+                    ceiling = ceilings["matmul_GFLOPps"] if op in FLOP_OPS else ceilings["copy_GBps"]
                     r["percent_of_ceiling"] = 100 * r["throughput"] / ceiling
                     vs_torch = f"{r['speedup_vs_best_pytorch']:.2f}x" if r["speedup_vs_best_pytorch"] else "-"
                     print(f"{op:<18}{mode:<9}{'x'.join(map(str, shape)):<20}{r['backend']:<15}{r['median_ms']:>11.3f}"
@@ -454,13 +492,16 @@ def main(argv=None):
                           f"{r['percent_of_ceiling']:>7.1f}%{r['speedup_vs_reference']:>7.2f}x{vs_torch:>9}"
                           f"{r['max_rel_error']:>10.1e}")
                 results += rows
-    print("\npeak memory of one attention forward+backward:")
-    for shape in shapes(args.quick, False, device)["attention"]:
-        for backend in [b for b in backends if b in ops.known_backends()]:
-            mb = peak_memory_mb(backend, shape, dtype, device)
-            results.append({"op": "attention", "mode": "peak_memory", "shape": list(shape), "backend": backend,
-                            "peak_mb": mb})
-            print(f"  {'x'.join(map(str, shape)):<16}{backend:<11}{mb:>9.0f} MB")
+    print("\npeak memory of one forward+backward:")
+    for op in [op for op in PEAK_MEMORY_OPS if op in wanted]:
+        for shape in shapes(args.quick, False, device)[op]:
+            for backend in [b for b in backends if b in ops.known_backends()]:
+                if op == "linear_cross_entropy" and backend == "reference" and not args.quick:
+                    continue                         # like torch's, plus float64-sized temporaries: not informative
+                mb = peak_memory_mb(backend, shape, dtype, device, op)
+                results.append({"op": op, "mode": "peak_memory", "shape": list(shape), "backend": backend,
+                                "peak_mb": mb})
+                print(f"  {op:<22}{'x'.join(map(str, shape)):<18}{backend:<11}{mb:>9.0f} MB")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"bench_ops_{device.type}{'_quick' if args.quick else ''}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

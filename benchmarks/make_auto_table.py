@@ -26,6 +26,7 @@ TABLE = os.path.join(os.path.dirname(HERE), "gptfast", "ops", "auto_table.json")
 BACKENDS = ("reference", "torch", "extension", "triton")      # what `auto` can dispatch to
 MIN_WIN = 1.03
 COMPARE_OPS = {"layer_norm": ["layer_norm"], "gelu": ["gelu"], "cross_entropy": ["cross_entropy"],
+               "linear_cross_entropy": ["linear_cross_entropy"],
                "causal_attention": ["attention", "attention_dropout"]}
 
 

@@ -35,5 +35,10 @@ TORCH_LIBRARY(gptfast, m) {
   // whose target is ignore_index), which the backward only scales by each row's upstream gradient.
   m.def("cross_entropy_fwd(Tensor logits, Tensor targets, int ignore_index, bool compute_grad) -> (Tensor loss, Tensor lse, Tensor dlogits)");
   m.def("cross_entropy_bwd(Tensor dlogits, Tensor grad_loss) -> Tensor");
+  // The LM head fused with the loss: mean cross-entropy of hidden (N, C) @ weight (V, C)^T against
+  // targets (N,), rows in chunks of chunk_rows so the (N, V) logits never exist; loss is a 0-dim float32
+  // (float64 for float64 inputs). With compute_grad, also the gradients of that mean loss for hidden and
+  // weight, which the backward only scales by the upstream gradient.
+  m.def("linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor targets, int ignore_index, int chunk_rows, bool compute_grad) -> (Tensor loss, Tensor grad_hidden, Tensor grad_weight)");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, float scale, float dropout_p, Tensor seed) -> (Tensor dq, Tensor dk, Tensor dv)");
 }

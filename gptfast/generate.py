@@ -69,7 +69,7 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, context_size:
     V = model.cfg.vocab_size                                     # padded logit columns are never sampled
     try:
         window = idx[:, -context_size:]                          # crop to the context window
-        logits = model(window, cache, 0)[:, -1, :V]              # prefill; (B, V) at the last position
+        logits = model(window, cache=cache, start_pos=0)[:, -1, :V]              # prefill; (B, V) at the last position
         pos = window.shape[1]                                    # positions held in the cache
         for step in range(max_new_tokens):
             idx_next = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
@@ -81,10 +81,10 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, context_size:
             if step + 1 == max_new_tokens or (eos_id is not None and bool(finished.all())):
                 break
             if cache is not None and pos < context_size:         # room left: feed just the new token
-                logits = model(idx_next, cache, pos)[:, -1, :V]
+                logits = model(idx_next, cache=cache, start_pos=pos)[:, -1, :V]
                 pos += 1
             else:                                                # textbook path, or a full window
-                logits = model(idx[:, -context_size:], cache, 0)[:, -1, :V]
+                logits = model(idx[:, -context_size:], cache=cache, start_pos=0)[:, -1, :V]
     finally:
         model.train(was_training)
 

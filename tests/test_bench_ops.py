@@ -1,5 +1,6 @@
 """The benchmark's code paths at tiny sizes, so they cannot rot, and its work counts by hand."""
 import json
+import math
 import os
 import pathlib
 import sys
@@ -45,13 +46,21 @@ def test_quick_run_writes_json(tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     assert {"device", "torch", "date", "ceilings", "backends"} <= set(data["environment"])
     ops_seen = {r["op"] for r in data["results"]}
-    assert ops_seen == {"layer_norm", "gelu", "attention", "cross_entropy"}
+    every_op = ("attention", "attention_dropout", "cross_entropy", "gelu", "layer_norm", "linear_cross_entropy")
+    assert ops_seen == set(every_op)
     table = (tmp_path / "b.md").read_text()
-    assert table.count("\n| ") >= 4 * 2 * 3 and "| attention | fwd+bwd |" in table
+    assert table.count("\n| ") >= 6 * 2 * 3 and "| attention | fwd+bwd |" in table
+    assert "| linear_cross_entropy | fwd+bwd | 256×64×4096 | extension |" in table
     assert sorted(p.name for p in tmp_path.glob("b_*.png")) == sorted(
-        f"b_{op}_{mode}.png" for op in ("attention", "cross_entropy", "gelu", "layer_norm") for mode in ("fwd", "fwd_bwd"))
+        f"b_{op}_{mode}.png" for op in every_op for mode in ("fwd", "fwd_bwd"))
+    memory = {(r["op"], r["backend"]) for r in data["results"] if r["mode"] == "peak_memory"}
+    assert {("attention", "extension"), ("linear_cross_entropy", "extension"), ("linear_cross_entropy", "torch")} <= memory
     for r in data["results"]:
-        if r["mode"] != "peak_memory":
+        if r["mode"] == "peak_memory":
+            continue
+        if r["op"] == "linear_cross_entropy" and r["backend"] == "reference":
+            assert math.isnan(r["median_ms"]) and r["max_rel_error"] < 1e-5   # run once for its error, not timed
+        else:
             assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
 
 

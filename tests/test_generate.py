@@ -108,11 +108,11 @@ def test_cached_forward_equals_full_forward(model):
     idx = torch.randint(0, 50, (2, 8))
     full = model(idx)
     cache = model.new_kv_cache(2)
-    first = model(idx[:, :5], cache, 0)
-    rest = [model(idx[:, t:t + 1], cache, t) for t in range(5, 8)]
+    first = model(idx[:, :5], cache=cache, start_pos=0)
+    rest = [model(idx[:, t:t + 1], cache=cache, start_pos=t) for t in range(5, 8)]
     assert torch.allclose(torch.cat([first, *rest], 1), full, atol=1e-5)
     with pytest.raises(ValueError, match="start_pos > 0 needs the cache"):
-        model(idx[:, :1], None, 3)
+        model(idx[:, :1], start_pos=3)
 
 
 def test_top_p_keeps_the_nucleus():

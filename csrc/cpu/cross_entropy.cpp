@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "../common.h"
+#include "cross_entropy.h"
 
 namespace gptfast {
 namespace {
@@ -125,6 +126,38 @@ at::Tensor cross_entropy_bwd_cpu(const at::Tensor& dlogits_in, const at::Tensor&
 }
 
 }  // namespace
+
+void cross_entropy_rows_inplace_cpu(at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
+                                    at::Tensor& loss_rows, bool to_grad) {
+  TORCH_CHECK(logits.is_contiguous() && targets.is_contiguous() && loss_rows.is_contiguous(),
+              "cross_entropy_rows_inplace_cpu: contiguous tensors expected");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const int64_t* tg = targets.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cross_entropy_rows_inplace_cpu", [&] {
+    using Vec = Vectorized<scalar_t>;
+    constexpr int64_t W = Vec::size();
+    scalar_t* x = logits.data_ptr<scalar_t>();
+    scalar_t* pl = loss_rows.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* row = x + r * V;
+        const bool ignored = tg[r] == ignore_index;
+        const scalar_t z = row_lse(row, V);
+        pl[r] = ignored ? scalar_t(0) : z - row[tg[r]];
+        if (!to_grad) continue;
+        if (ignored) {
+          std::fill(row, row + V, scalar_t(0));
+          continue;
+        }
+        const Vec vz(z);
+        int64_t i = 0;
+        for (; i + W <= V; i += W) (Vec::loadu(row + i) - vz).exp().store(row + i);
+        for (; i < V; ++i) row[i] = std::exp(row[i] - z);
+        row[tg[r]] -= scalar_t(1);
+      }
+    });
+  });
+}
 
 TORCH_LIBRARY_IMPL(gptfast, CPU, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cpu);

@@ -18,7 +18,7 @@ GPT2_VOCAB = 50257
 
 @dataclass
 class OpCase:
-    op: str                                   # layer_norm | gelu | causal_attention | cross_entropy
+    op: str                                   # layer_norm | gelu | causal_attention | cross_entropy | linear_cross_entropy
     label: str                                # shape and variant, as the table shows it
     build: Callable[[torch.Generator], dict]  # generator -> {name: float64 CPU leaf tensor}
     call: Callable[[str, dict], torch.Tensor]  # (backend, leaves on the device at the dtype) -> output
@@ -109,6 +109,26 @@ def cross_entropy_case(N: int, V: int, ignored: float = 0.0, transposed: bool = 
     return OpCase("cross_entropy", label, build, call, small, extra={"targets": targets})
 
 
+def linear_cross_entropy_case(N: int, C: int, V: int, ignored: float = 0.0, chunk_rows: int | None = None,
+                              small: bool = True) -> OpCase:
+    """The LM head fused with the loss: hidden (N, C), weight (V, C) at GPT-2's init scale; `chunk_rows`
+    that does not divide N (the fused kernels' chunk loop), a fraction `ignored` of targets -100."""
+    def build(g):
+        return {"hidden": _randn(g, N, C), "weight": _randn(g, V, C, scale=0.05)}
+
+    g = torch.Generator().manual_seed(N * 13 + V)
+    targets = torch.randint(0, V, (N,), generator=g)
+    if ignored:
+        targets = torch.where(torch.rand(N, generator=g) < ignored, -100, targets)
+        targets[-1] = 0
+
+    def call(backend, t):
+        return ops.linear_cross_entropy(t["hidden"], t["weight"], t["targets"], chunk_rows=chunk_rows, backend=backend)
+    label = f"{N}x{C} @ {V}x{C}" + (f" chunks of {chunk_rows}" if chunk_rows else "") + \
+        (f" ignore_index on {int((targets == -100).sum())} rows" if ignored else "")
+    return OpCase("linear_cross_entropy", label, build, call, small, extra={"targets": targets})
+
+
 def op_cases(device: torch.device, quick: bool) -> list[OpCase]:
     """Every case for this run. `quick`: the edge shapes at small sizes only. Otherwise also GPT-2's
     shapes (B8 x T1024 rows on a GPU; B2 on a CPU, where the float64 reference is slow); cases marked
@@ -123,7 +143,9 @@ def op_cases(device: torch.device, quick: bool) -> list[OpCase]:
              attention_case(2, 3, 48, 64, dropout=0.1),
              attention_case(1, 2, 1, 64, Tk=77), attention_case(1, 2, 7, 64, Tk=129, dropout=0.1),
              cross_entropy_case(1, 1023), cross_entropy_case(7, GPT2_VOCAB), cross_entropy_case(64, 1023, ignored=0.25),
-             cross_entropy_case(16, 1023, transposed=True)]
+             cross_entropy_case(16, 1023, transposed=True),
+             linear_cross_entropy_case(7, 32, 1003, chunk_rows=3), linear_cross_entropy_case(1, 64, 257),
+             linear_cross_entropy_case(100, 48, 2000, ignored=0.2, chunk_rows=32)]
     if quick:
         return cases
     rows = 8 * 1024 if gpu else 2 * 1024
@@ -136,5 +158,7 @@ def op_cases(device: torch.device, quick: bool) -> list[OpCase]:
               attention_case(8 if gpu else 2, 12, 1024, 64, dropout=0.1, **big),
               attention_case(1, 12, 64, 64, Tk=1000, **big),
               cross_entropy_case(4096 if gpu else 256, GPT2_VOCAB, ignored=0.1, **big),
-              cross_entropy_case(1024 if gpu else 128, 50304, **big)]
+              cross_entropy_case(1024 if gpu else 128, 50304, **big),
+              linear_cross_entropy_case(4096 if gpu else 512, 768, GPT2_VOCAB, ignored=0.05, **big),
+              linear_cross_entropy_case(1000, 768, 50304, **big)]
     return cases

@@ -63,7 +63,7 @@ class LayerKV:
 class KVCache:
     """Keys and values of every layer for positions already seen, so decoding one more token costs
     one position's work instead of the whole window's. Static shapes: allocated once for the full
-    context length; `GPTModel.forward(idx, cache, start_pos)` writes positions start_pos onwards."""
+    context length; `GPTModel.forward(idx, cache=cache, start_pos=start_pos)` writes positions start_pos onwards."""
 
     def __init__(self, cfg: GPTConfig, batch_size: int, device=None, dtype=torch.float32):
         shape = (batch_size, cfg.n_heads, cfg.context_length, cfg.head_dim)
@@ -161,11 +161,17 @@ class GPTModel(nn.Module):
         w = self.tok_emb.weight
         return KVCache(self.cfg, batch_size, device=w.device, dtype=w.dtype)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
-        """Logits (B, T, V) for token ids idx (B, T) at positions start_pos .. start_pos + T - 1.
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
+                start_pos: int = 0) -> torch.Tensor:
+        """Logits (B, T, V) for token ids idx (B, T) at positions start_pos .. start_pos + T - 1; or, given
+        `targets` (B, T), the mean next-token loss (ignore_index -100).
 
         V is cfg.padded_vocab_size: with vocab_multiple > 1 the last columns belong to ids no text
         contains; training pushes them down, and generation never samples them.
+
+        With targets, every backend but `reference` fuses the LM head with the loss
+        (ops.linear_cross_entropy): the (B, T, V) logits - the largest tensor of training - never exist.
+        `reference` keeps the book's two visible steps, logits then cross-entropy.
 
         With a `cache`, keys and values of these positions are stored in it and attention also sees
         the cached positions before start_pos.
@@ -181,5 +187,9 @@ class GPTModel(nn.Module):
         x = self.drop_emb(x)
         for i, block in enumerate(self.trf_blocks):
             x = block(x, cache.layers[i] if cache is not None else None, start_pos)
-        x = self.final_norm(x)
-        return self.out_head(x)                                  # (B, T, V) logits
+        x = self.final_norm(x)                                   # (B, T, C)
+        if targets is None:
+            return self.out_head(x)                              # (B, T, V) logits
+        if self.cfg.backend == "reference":                      # the textbook: logits, then the loss
+            return ops.cross_entropy(self.out_head(x).flatten(0, 1), targets.flatten(), backend="reference")
+        return ops.linear_cross_entropy(x, self.out_head.weight, targets, backend=self.cfg.backend)

@@ -1,10 +1,13 @@
-"""The op interface the model calls: `layer_norm`, `gelu`, `causal_attention`, `cross_entropy`.
+"""The op interface the model calls: `layer_norm`, `gelu`, `causal_attention`, `cross_entropy`, and
+`linear_cross_entropy` (the LM head fused with the loss).
 
 Each op is computed by a selectable backend (`reference`, `torch`, later `extension`, `triton`),
 chosen per call by `backend=`, which the model takes from its config, `--backend` or
 $GPTFAST_BACKEND. Argument checks live here, once, so every backend gets the same clear errors.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -87,5 +90,56 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     return get_backend(backend).cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index)
 
 
-__all__ = ["layer_norm", "cross_entropy", "gelu", "causal_attention", "available_backends", "resolve_backend_name",
+LCE_BUDGET_ENV = "GPTFAST_LCE_BUDGET_MB"
+LCE_DEFAULT_BUDGET_MB = 64
+
+
+def linear_cross_entropy_chunk_rows(n_rows: int, vocab: int, budget_mb: float | None = None) -> int:
+    """Rows per chunk of the fused LM head + loss: as many as keep one chunk's float32 logits within
+    `budget_mb` (default $GPTFAST_LCE_BUDGET_MB or 64 MiB), at least 16 (GEMMs stay efficient), at
+    most n_rows. GPT-2's vocabulary (50,257) gives 333 rows: 64 MiB instead of N x 201 KB."""
+    budget = budget_mb if budget_mb is not None else float(os.environ.get(LCE_BUDGET_ENV, LCE_DEFAULT_BUDGET_MB))
+    rows = int(budget * 2**20) // (4 * max(vocab, 1))
+    return max(1, min(n_rows, max(16, rows)))
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                         chunk_rows: int | None = None, backend: str | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the logits hidden @ weight^T against targets, without holding the logits.
+
+    hidden (..., C), weight (V, C) (the LM head, or the tied embedding), targets (...) int64; targets
+    equal to `ignore_index` are left out of the mean. The fused backends go through the rows in chunks of
+    `chunk_rows` (default: linear_cross_entropy_chunk_rows), so peak extra memory is one chunk of logits.
+    Under autocast the products run in the autocast dtype and the log-sum-exp and loss in float32.
+    """
+    check_floating("hidden", hidden)
+    check_like("weight", weight, "hidden", hidden)
+    if hidden.ndim < 2 or weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"hidden must have shape (..., C) and weight (V, C) with the same C, got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if targets.dtype != torch.int64:
+        raise TypeError(f"targets must be an int64 tensor, got {targets.dtype}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} to match hidden, got {tuple(targets.shape)}")
+    if targets.device != hidden.device:
+        raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
+    V = weight.shape[0]
+    if not torch.compiler.is_compiling():   # eager only: a data-dependent check would break the graph
+        bad = ((targets < 0) & (targets != ignore_index)) | (targets >= V)
+        if bool(bad.any()):
+            raise ValueError(f"targets hold ids outside [0, {V}) that are not ignore_index ({ignore_index})")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    chunk_rows = chunk_rows or linear_cross_entropy_chunk_rows(hidden.shape[0], V)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return get_backend(backend).linear_cross_entropy(hidden, weight, targets, ignore_index, chunk_rows)
+    return get_backend(backend).linear_cross_entropy(hidden, weight, targets, ignore_index, chunk_rows)
+
+
+__all__ = ["layer_norm", "cross_entropy", "linear_cross_entropy", "linear_cross_entropy_chunk_rows", "gelu", "causal_attention", "available_backends", "resolve_backend_name",
            "register_backend", "get_backend", "known_backends", "shares_dropout_rng", "supports_kv_cache", "BackendError", "DEFAULT_BACKEND"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 TABLE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "auto_table.json")
-OPS = ("layer_norm", "gelu", "attention", "attention_dropout", "cross_entropy")
+OPS = ("layer_norm", "gelu", "attention", "attention_dropout", "cross_entropy", "linear_cross_entropy")
 FALLBACK = "torch"
 
 
@@ -110,6 +110,11 @@ def causal_attention(q, k, v, dropout_p=0.0, scale=None, seed=None):
 
 def cross_entropy(logits, targets, ignore_index=-100):
     return _backend(_pick("cross_entropy", logits)).cross_entropy(logits, targets, ignore_index)
+
+
+def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, chunk_rows=256):
+    return _backend(_pick("linear_cross_entropy", hidden)).linear_cross_entropy(hidden, weight, targets,
+                                                                              ignore_index, chunk_rows)
 
 
 def supports_kv_cache(device: torch.device) -> bool:

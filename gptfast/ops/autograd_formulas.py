@@ -66,6 +66,26 @@ def cross_entropy(bwd):
     return setup, backward
 
 
+def linear_cross_entropy(_bwd=None):
+    """The forward already holds the gradients of the mean loss (it formed them chunk by chunk, so the
+    logits never had to be kept); the backward scales them by the upstream scalar."""
+    def setup(ctx, inputs, output):
+        ctx.compute_grad = inputs[5]
+        _loss, grad_hidden, grad_weight = output
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(grad_hidden, grad_weight)
+
+    def backward(ctx, grad_loss, _gh, _gw):
+        if not ctx.compute_grad:
+            raise RuntimeError("linear_cross_entropy_fwd was called with compute_grad=False; its gradient is "
+                               "unavailable")
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype),
+                None, None, None, None)
+
+    return setup, backward
+
+
 def register(fwd, formula, bwd) -> None:
     """Attach `formula(bwd)` to the forward op `fwd` (a "ns::name" string or a custom_op)."""
     import torch

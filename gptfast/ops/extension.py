@@ -72,10 +72,19 @@ def _(dlogits, grad_loss):
     return _empty(dlogits.shape, dlogits)
 
 
+@torch.library.register_fake("gptfast::linear_cross_entropy_fwd")
+def _(hidden, weight, targets, ignore_index, chunk_rows, compute_grad):
+    loss = hidden.new_empty((), dtype=_stat_dtype(hidden.dtype))
+    if not compute_grad:
+        return loss, hidden.new_empty((0,)), weight.new_empty((0,))
+    return loss, _empty(hidden.shape, hidden), _empty(weight.shape, weight)
+
+
 # ----------------------------------------------------------------------------- autograd
 for _name, _formula in (("layer_norm", formulas.layer_norm), ("gelu", formulas.gelu),
                         ("attention", formulas.attention), ("cross_entropy", formulas.cross_entropy)):
     formulas.register(f"gptfast::{_name}_fwd", _formula, getattr(OPS, f"{_name}_bwd"))
+formulas.register("gptfast::linear_cross_entropy_fwd", formulas.linear_cross_entropy, None)
 
 
 # ----------------------------------------------------------------------------- backend functions
@@ -131,6 +140,12 @@ def cross_entropy(logits, targets, ignore_index=-100):
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     loss_rows = OPS.cross_entropy_fwd(logits, targets, ignore_index, compute_grad)[0]
     return loss_rows.sum() / (targets != ignore_index).sum()
+
+
+def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, chunk_rows=256):
+    _check_device(hidden)
+    compute_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return OPS.linear_cross_entropy_fwd(hidden, weight, targets, ignore_index, chunk_rows, compute_grad)[0]
 
 
 def build_info() -> dict:

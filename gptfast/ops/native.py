@@ -26,6 +26,15 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     return F.cross_entropy(logits, targets, ignore_index=ignore_index)
 
 
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    # what a user would write: the full (N, V) logits, then PyTorch's loss
+    logits = F.linear(hidden, weight)
+    if logits.dtype in (torch.float16, torch.bfloat16):          # the loss and its lse in float32
+        logits = logits.float()
+    return F.cross_entropy(logits, targets, ignore_index=ignore_index)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
                      scale: float | None = None, seed=None) -> torch.Tensor:
     # `seed` is not used: SDPA draws its dropout mask from torch's own RNG

@@ -68,3 +68,13 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 
 def causal_attention(q, k, v, dropout_p: float = 0.0, scale: float | None = None, seed=None):
     return attention(q, k, v, causal=True, scale=scale, dropout_p=dropout_p, seed=seed)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """The LM head, then the loss: logits = hidden (N, C) @ weight (V, C)^T, all (N, V) of them, then the
+    cross-entropy above. `chunk_rows` is for the fused kernels; the textbook has no chunks."""
+    logits = hidden @ weight.t()                                  # (N, V)
+    if logits.dtype in (torch.float16, torch.bfloat16):          # the loss and its lse in float32
+        logits = logits.float()
+    return cross_entropy(logits, targets, ignore_index)

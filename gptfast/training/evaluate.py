@@ -3,18 +3,16 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
 from .distributed import SINGLE, DistInfo, sum_over_ranks
 
 
-def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model, device,
-                    backend: str | None = None) -> torch.Tensor:
+def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model, device) -> torch.Tensor:
     """Mean cross-entropy of the model's next-token predictions over every position of the batch,
-    computed by the model's op backend (the triton one fuses softmax and gradient). `backend` is
-    needed when `model` is a wrapper (DistributedDataParallel) that does not expose it."""
+    computed by the model itself: the LM head and the loss fused (ops.linear_cross_entropy) on every
+    backend but `reference`, so the (B, T, V) logits are never held. `model` may be a wrapper
+    (DistributedDataParallel, FSDP, torch.compile) of a GPTModel."""
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)   # (B, T)
-    logits = model(input_batch)                                                    # (B, T, V)
-    return ops.cross_entropy(logits.flatten(0, 1), target_batch.flatten(), backend=backend or model.backend)
+    return model(input_batch, target_batch)                                        # scalar loss
 
 
 @torch.no_grad()

@@ -103,7 +103,7 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs: 
             last_micro = len(micro_losses) + 1 == grad_accum or i + 1 == n_micro
             with maybe_no_sync(forward, sync=last_micro):    # DDP: all-reduce once per step
                 with autocast(dtype, device):
-                    loss = calc_loss_batch(inputs, targets, forward, device, backend=model.backend)
+                    loss = calc_loss_batch(inputs, targets, forward, device)
                 scaler.scale(loss / grad_accum).backward()
             micro_losses.append(loss.detach())
             hist.tokens += inputs.numel() * world

@@ -6,7 +6,8 @@ On a machine without a CUDA GPU the kernels run in Triton's interpreter on CPU t
 (TRITON_INTERPRET=1, set here before any kernel is defined): slow, float32/float16 only, but the
 same kernel code. Importing this package needs Triton; `import gptfast` does not.
 
-This package is the `triton` op backend: `layer_norm`, `gelu`, `causal_attention`, `cross_entropy`.
+This package is the `triton` op backend: `layer_norm`, `gelu`, `causal_attention`, `cross_entropy`,
+`linear_cross_entropy`.
 """
 import os
 
@@ -20,7 +21,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 from . import attention as _attention, cross_entropy as _cross_entropy, gelu as _gelu  # noqa: E402
 from . import layer_norm as _layer_norm  # noqa: E402
 from .attention import attention_bwd, attention_fwd, supports_kv_cache  # noqa: E402
-from .cross_entropy import cross_entropy_bwd, cross_entropy_fwd  # noqa: E402
+from .cross_entropy import cross_entropy_bwd, cross_entropy_fwd, linear_cross_entropy_fwd  # noqa: E402
 from .gelu import gelu_bwd, gelu_fwd  # noqa: E402
 from .layer_norm import layer_norm_bwd, layer_norm_fwd  # noqa: E402
 
@@ -56,6 +57,12 @@ def cross_entropy(logits, targets, ignore_index=-100):
     return _cross_entropy.cross_entropy(logits, targets, ignore_index)
 
 
+def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, chunk_rows=256):
+    if _interpreted_bf16(hidden):
+        return _cross_entropy.linear_cross_entropy(hidden.float(), weight.float(), targets, ignore_index, chunk_rows)
+    return _cross_entropy.linear_cross_entropy(hidden, weight, targets, ignore_index, chunk_rows)
+
+
 def build_info() -> dict:
     import triton
 
@@ -64,4 +71,5 @@ def build_info() -> dict:
 
 __all__ = ["layer_norm", "layer_norm_fwd", "layer_norm_bwd", "gelu", "gelu_fwd", "gelu_bwd",
            "causal_attention", "attention_fwd", "attention_bwd", "supports_kv_cache", "cross_entropy", "cross_entropy_fwd",
+           "linear_cross_entropy", "linear_cross_entropy_fwd",
            "cross_entropy_bwd", "INTERPRET", "build_info"]

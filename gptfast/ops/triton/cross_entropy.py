@@ -112,3 +112,49 @@ formulas.register(cross_entropy_fwd, formulas.cross_entropy, cross_entropy_bwd)
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     loss_rows, _lse, _dl = cross_entropy_fwd(logits, targets, ignore_index, torch.is_grad_enabled() and logits.requires_grad)
     return loss_rows.sum() / (targets != ignore_index).sum()
+
+
+@torch.library.custom_op("gptfast_triton::linear_cross_entropy_fwd", mutates_args=())
+def linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                             chunk_rows: int, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The contract of gptfast::linear_cross_entropy_fwd (csrc/linear_cross_entropy.cpp): rows in chunks,
+    each chunk's logits from one GEMM, reduced by the Triton cross-entropy kernel (loss rows, and the
+    chunk's gradient softmax - onehot, in float32), whose GEMMs into dH and dW follow at once."""
+    if hidden.dtype == torch.float64:
+        raise TypeError("hidden: the Triton linear cross-entropy supports float32, float16 and bfloat16, got float64")
+    h, w, t = hidden.contiguous(), weight.contiguous(), targets.contiguous()
+    N, C = h.shape
+    loss_rows = torch.empty(N, dtype=torch.float32, device=h.device)
+    grad_h = torch.empty_like(h) if compute_grad else h.new_empty(0)
+    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if compute_grad else w.new_empty(0)
+    for r0 in range(0, N, chunk_rows):
+        hc = h[r0:r0 + chunk_rows]
+        logits = (hc @ w.t()).float()                                  # (n, V): one chunk's logits
+        loss_c, _lse, dl = cross_entropy_fwd(logits, t[r0:r0 + chunk_rows], ignore_index, compute_grad)
+        loss_rows[r0:r0 + chunk_rows] = loss_c
+        if compute_grad:
+            dl = dl.to(h.dtype)
+            torch.mm(dl, w, out=grad_h[r0:r0 + chunk_rows])            # dH_c = dL_c W
+            grad_w += (dl.t() @ hc).float()                            # dW += dL_c^T h_c, float32 accumulation
+    n_valid = (t != ignore_index).sum().float()
+    loss = loss_rows.sum() / n_valid
+    if compute_grad:
+        grad_h.mul_((1.0 / n_valid).to(grad_h.dtype))
+        grad_w = grad_w.div_(n_valid).to(w.dtype)                      # in place: no second V x C buffer
+    return loss, grad_h, grad_w
+
+
+@linear_cross_entropy_fwd.register_fake
+def _(hidden, weight, targets, ignore_index, chunk_rows, compute_grad):
+    loss = hidden.new_empty((), dtype=torch.float32)
+    if not compute_grad:
+        return loss, hidden.new_empty(0), weight.new_empty(0)
+    return loss, torch.empty_like(hidden), torch.empty_like(weight)
+
+
+formulas.register(linear_cross_entropy_fwd, formulas.linear_cross_entropy, None)
+
+
+def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, chunk_rows=256):
+    compute_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return linear_cross_entropy_fwd(hidden, weight, targets, ignore_index, chunk_rows, compute_grad)[0]
