@@ -68,7 +68,7 @@ def cpu_status_mb(key: str) -> float:
 
 def run_config(preset: str, backend: str, compile_model: bool, device: torch.device, dtype: torch.dtype,
                batch_size: int, context_length: int | None, steps: int, warmup: int, seed: int = 0,
-               vocab_multiple: int = 1) -> dict:
+               vocab_multiple: int = 1, fused_loss: bool = True) -> dict:
     torch.manual_seed(seed)
     cfg = GPTConfig.from_preset(preset, backend=backend, vocab_multiple=vocab_multiple)
     T = context_length or cfg.context_length
@@ -83,8 +83,11 @@ def run_config(preset: str, backend: str, compile_model: bool, device: torch.dev
     def step(i: int) -> float:
         batch = batches[i % len(batches)]
         with autocast:
-            logits = step_model(batch[:, :-1])
-            loss = ops.cross_entropy(logits, batch[:, 1:], backend=backend)
+            if fused_loss:                       # what training runs: the LM head fused with the loss
+                loss = step_model(batch[:, :-1], batch[:, 1:])
+            else:                                # the (B, T, V) logits, then the loss
+                logits = step_model(batch[:, :-1])
+                loss = ops.cross_entropy(logits, batch[:, 1:], backend=backend)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -116,6 +119,7 @@ def run_config(preset: str, backend: str, compile_model: bool, device: torch.dev
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     peak = peak_tflops(name, dtype) if device.type == "cuda" else None
     return {"preset": preset, "backend": backend, "compile": compile_model, "dtype": str(dtype).replace("torch.", ""),
+            "loss": "fused" if fused_loss else "unfused",
             "batch_size": batch_size, "context_length": T, "parameters": model.num_parameters(),
             "vocab_rows": cfg.padded_vocab_size,
             "step_ms": step_s * 1e3, "tokens_per_s": tokens_per_s, "peak_memory_mb": peak_mb,
@@ -136,6 +140,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--pad-vocab", action="store_true", help="pad the vocabulary to a multiple of 64 (50257 -> 50304)")
+    p.add_argument("--loss", default="fused", choices=["fused", "unfused", "both"],
+                   help="the LM head fused with the loss (what training runs), the logits then the loss, or both")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -153,23 +159,28 @@ def main(argv=None):
            "pad_vocab": args.pad_vocab}
     print(f"device {env['device']} | torch {env['torch']} | preset {preset} | {dtype} | batch {batch_size} | "
           f"median of {steps} steps after {args.warmup} warm-up")
-    header = f"{'backend':<11}{'compile':<9}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'peak MB':>10}{'warm-up s':>11}"
+    losses = {"fused": [True], "unfused": [False], "both": [True, False]}[args.loss]
+    header = f"{'backend':<11}{'compile':<9}{'loss':<9}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'peak MB':>10}{'warm-up s':>11}"
     print(header)
     print("-" * len(header))
     rows = []
     for backend in backends:
         for compile_model in modes:
-            try:
-                r = run_config(preset, backend, compile_model, device, dtype, batch_size, args.context_length, steps,
-                               args.warmup, vocab_multiple=64 if args.pad_vocab else 1)
-            except Exception as err:   # an unavailable backend, out of memory, ...: report, go on
-                print(f"{backend:<11}{str(compile_model):<9} skipped: {type(err).__name__}: {str(err).splitlines()[0][:100]}")
-                continue
-            rows.append(r)
-            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-            print(f"{backend:<11}{str(compile_model):<9}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12,.0f}"
-                  f"{r['achieved_tflops']:>9.2f}{mfu:>7}{r['peak_memory_mb']:>10.0f}{r['warmup_s']:>11.1f}")
-    baseline = next((r for r in rows if r["backend"] == "torch" and r["compile"]), None) or \
+            for fused_loss in losses:
+                loss_name = "fused" if fused_loss else "unfused"
+                try:
+                    r = run_config(preset, backend, compile_model, device, dtype, batch_size, args.context_length,
+                                   steps, args.warmup, vocab_multiple=64 if args.pad_vocab else 1, fused_loss=fused_loss)
+                except Exception as err:   # an unavailable backend, out of memory, ...: report, go on
+                    print(f"{backend:<11}{str(compile_model):<9}{loss_name:<9} skipped: {type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:100]}")
+                    continue
+                rows.append(r)
+                mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+                print(f"{backend:<11}{str(compile_model):<9}{loss_name:<9}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12,.0f}"
+                      f"{r['achieved_tflops']:>9.2f}{mfu:>7}{r['peak_memory_mb']:>10.0f}{r['warmup_s']:>11.1f}")
+    baseline = next((r for r in rows if r["backend"] == "torch" and r["compile"] and r["loss"] == "unfused"), None) or \
+        next((r for r in rows if r["backend"] == "torch" and r["compile"]), None) or \
         next((r for r in rows if r["backend"] == "torch"), None)
     for r in rows:
         r["speedup_vs_torch_baseline"] = r["tokens_per_s"] / baseline["tokens_per_s"] if baseline else None
@@ -179,12 +190,12 @@ def main(argv=None):
         json.dump({"environment": env, "results": rows}, f, indent=1)
     with open(out.removesuffix(".json") + ".md", "w") as f:
         f.write(f"Device: {env['device']} | torch {env['torch']} | {env['date']} | preset {preset} | {dtype} | "
-                f"batch {batch_size}\n\n| backend | compile | step ms | tokens/s | TFLOP/s | MFU | peak MB | "
-                "vs torch baseline |\n|---|---|---|---|---|---|---|---|\n")
+                f"batch {batch_size}\n\n| backend | compile | loss | step ms | tokens/s | TFLOP/s | MFU | peak MB | "
+                "vs torch baseline |\n|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
             vs = f"{r['speedup_vs_torch_baseline']:.2f}×" if r["speedup_vs_torch_baseline"] else "–"
-            f.write(f"| {r['backend']} | {r['compile']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+            f.write(f"| {r['backend']} | {r['compile']} | {r['loss']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
                     f"{r['achieved_tflops']:.2f} | {mfu} | {r['peak_memory_mb']:.0f} | {vs} |\n")
     print(f"\nwrote {out} and its .md table")
     return 0 if rows else 1

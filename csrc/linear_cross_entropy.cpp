@@ -60,10 +60,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd(
   at::Tensor grad_h = compute_grad ? at::empty_like(h) : at::empty({0}, h.options());
   at::Tensor grad_w = compute_grad ? at::zeros({V, C}, w.options().dtype(stat)) : at::empty({0}, w.options());
   maybe_poison(loss_rows), maybe_poison(grad_h);                // every chunk writes all of its rows
+  // one chunk's logits, allocated once and reused: the only logits that ever exist
+  at::Tensor chunk = at::empty({std::min(chunk_rows, N), V}, h.options());
   for (int64_t r0 = 0; r0 < N; r0 += chunk_rows) {
     const int64_t n = std::min(chunk_rows, N - r0);
     const at::Tensor hc = h.narrow(0, r0, n);
-    at::Tensor logits = at::mm(hc, w.t());                 // (n, V): the only logits that ever exist
+    at::Tensor logits = chunk.narrow(0, 0, n);
+    at::mm_out(logits, hc, w.t());                          // (n, V)
     if (wide) logits = logits.to(stat);
     at::Tensor loss_c = loss_rows.narrow(0, r0, n);
     rows_to_loss_and_grad(logits, t.narrow(0, r0, n), ignore_index, loss_c, compute_grad);

@@ -35,7 +35,17 @@ def test_tiny_run_writes_json(tmp_path):
     for r in data["results"]:
         assert r["tokens_per_s"] > 0 and r["mfu"] is None and r["speedup_vs_torch_baseline"] > 0
         assert abs(r["tokens_per_s"] * r["step_ms"] / 1e3 - 2 * 16) < 1e-6
-    assert "| extension | False |" in (tmp_path / "t.md").read_text()
+    assert "| extension | False | fused |" in (tmp_path / "t.md").read_text()
+
+
+def test_fused_and_unfused_loss_rows_train_the_same_model(tmp_path):
+    out = tmp_path / "f.json"
+    assert bench_train.main(["--device", "cpu", "--preset", "tiny", "--backends", "extension", "--compile", "off",
+                             "--batch-size", "2", "--context-length", "16", "--steps", "2", "--warmup", "1",
+                             "--loss", "both", "--out", str(out)]) == 0
+    fused, unfused = json.loads(out.read_text())["results"]
+    assert (fused["loss"], unfused["loss"]) == ("fused", "unfused")
+    assert abs(fused["final_loss"] - unfused["final_loss"]) < 1e-4     # same steps, same weights, same losses
 
 
 def test_padded_vocabulary_row(tmp_path):

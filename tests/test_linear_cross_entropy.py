@@ -137,6 +137,7 @@ def test_bad_input_names_the_argument():
 def test_opcheck():
     from gptfast.ops.triton import linear_cross_entropy_fwd as triton_fwd
 
+    ops.get_backend("extension")                     # loads gptfast._C, which defines torch.ops.gptfast.*
     hidden, weight, targets = case(9, 30)
     for op, dtype in ((torch.ops.gptfast.linear_cross_entropy_fwd.default, torch.float64), (triton_fwd, torch.float32)):
         args = (hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_(), targets, -100, 4, True)
@@ -170,3 +171,12 @@ def test_training_losses_match_the_unfused_path(tmp_path, verdict_text):
 
     fused, unfused = losses("extension"), losses("reference")
     assert len(fused) == 8 and (fused - unfused).abs().max() < 1e-4
+
+
+
+def test_a_second_backward_through_the_same_forward_gives_the_same_gradients():
+    hidden, weight, targets = case(8, 30)
+    h = hidden.requires_grad_()
+    loss = ops.linear_cross_entropy(h, weight, targets, backend="extension")
+    first = torch.autograd.grad(loss, h, retain_graph=True)[0]
+    assert torch.equal(torch.autograd.grad(loss, h)[0], first)
