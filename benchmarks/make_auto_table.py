@@ -58,7 +58,8 @@ def build(bench_files: list[str], compare_files: list[str]) -> dict:
         dev, dtype = device_type(env), env["dtype"].replace("torch.", "")
         by_case = defaultdict(dict)
         for r in run["results"]:
-            if r.get("mode") == "fwd+bwd" and "median_ms" in r:
+            # untimed rows (a backend checked for correctness only) carry NaN: no figure, no ranking
+            if r.get("mode") == "fwd+bwd" and math.isfinite(r.get("median_ms", math.nan)):
                 by_case[(r["op"], tuple(r["shape"]))][r["backend"]] = r["median_ms"]
         for (op, shape), times in by_case.items():
             if "torch" not in times:
@@ -103,11 +104,11 @@ def main(argv=None):
     compare = args.compare if args.compare is not None else sorted(glob.glob(os.path.join(RESULTS, "compare_*.json")))
     table = build(bench, compare)
     with open(args.out, "w") as f:
-        json.dump(table, f, indent=1)
+        json.dump(table, f, indent=1, allow_nan=False)      # strict JSON: a NaN here would never compare equal
         f.write("\n")
     for row in table["rows"]:
         best = row["ranking"][0] if row["ranking"] else {"backend": "-", "vs_torch": float("nan")}
-        print(f"{row['op']:<18}{row['device']:<5}{row['dtype']:<9} -> {best['backend']:<10} "
+        print(f"{row['op']:<21}{row['device']:<5}{row['dtype']:<9} -> {best['backend']:<10} "
               f"{best['vs_torch']:.2f}x torch  ({row['measured_on']}, {row['date']})")
     print(f"wrote {args.out}")
 
