@@ -27,6 +27,7 @@ import torch
 
 from gptfast import ops
 from gptfast.model import GPTConfig, GPTModel
+from gptfast.training import make_optimizer
 
 # Vendor dense peaks in TFLOP/s (no sparsity): (name substring, bf16/fp16, tf32). First match wins.
 PEAKS = [("H100 PCIe", 756.0, 378.0), ("H100", 989.4, 494.7), ("H200", 989.4, 494.7), ("GH200", 989.4, 494.7),
@@ -73,8 +74,7 @@ def run_config(preset: str, backend: str, compile_model: bool, device: torch.dev
     cfg = GPTConfig.from_preset(preset, backend=backend, vocab_multiple=vocab_multiple)
     T = context_length or cfg.context_length
     model = GPTModel(cfg).to(device).train()
-    fused = {"fused": True} if device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **fused)
+    optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.1, device=device)   # what training uses
     step_model = torch.compile(model) if compile_model else model
     gen = torch.Generator().manual_seed(seed)
     batches = [torch.randint(0, cfg.vocab_size, (batch_size, T + 1), generator=gen).to(device) for _ in range(4)]

@@ -4,24 +4,43 @@
     python scripts/train.py --preset book-124m --epochs 10 --batch-size 2 --lr 4e-4 \
         --weight-decay 0.1 --eval-freq 5 --eval-iter 5 --seed 123
     torchrun --standalone --nproc_per_node=2 scripts/train.py --grad-accum 2 ...   # data-parallel
+
+Ctrl-C (or SIGTERM, e.g. a cluster's time limit) stops after the step in progress with a checkpoint;
+the same command with `--resume auto` continues the run exactly.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 from gptfast.cli import OneLineParser, nonnegative_float, positive_float, positive_int
 from gptfast.model import PRESETS
 from gptfast.ops import known_backends
 from gptfast.tokenizer import TOKENIZERS
-from gptfast.training import USER_ERRORS, NonFiniteLoss, TrainSettings, run_training
+from gptfast.training import USER_ERRORS, NonFiniteLoss, TrainingStopped, TrainSettings, run_training
 
 
 def auto_summary() -> str:
     from gptfast.ops import auto
 
     return ", ".join(f"{op} {c.backend}" for op, c in auto.choices("cpu", "float32").items())
+
+
+def resume_command(argv: list[str]) -> str:
+    """This run's command line with `--resume auto` in place of any --resume it had."""
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = True
+        elif not a.startswith("--resume="):
+            args.append(a)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = ["torchrun", f"--nproc_per_node={world}"] if world > 1 else ["python"]
+    return shlex.join(launcher + [os.path.relpath(sys.argv[0]), *args, "--resume", "auto"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=positive_int, default=3, help="periodic checkpoints kept")
     p.add_argument("--resume", help="continue from a checkpoint file, or 'auto' for the latest in --out")
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps in total")
+    p.add_argument("--drop-rate", type=float, default=None, help="dropout rate instead of the preset's")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard weights, gradients and optimizer state across processes (FSDP) "
                         "instead of replicating the model (DDP)")
@@ -91,7 +111,7 @@ def main(argv=None) -> int:
         dtype=args.dtype, compile=args.compile, grad_accum=args.grad_accum, grad_clip=args.grad_clip,
         warmup_steps=args.warmup_steps, min_lr=args.min_lr, tie_embeddings=args.tie_embeddings, pad_vocab=args.pad_vocab,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
-        max_steps=args.max_steps, fsdp=args.fsdp)
+        max_steps=args.max_steps, drop_rate=args.drop_rate, fsdp=args.fsdp)
     say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)  # torchrun: rank 0 speaks
     try:
         run_training(settings)
@@ -101,6 +121,10 @@ def main(argv=None) -> int:
     except NonFiniteLoss as err:
         say(f"train.py: stopped: {err}", file=sys.stderr)
         return 1
+    except TrainingStopped as err:
+        say(f"train.py: {err}", file=sys.stderr)
+        say(f"train.py: to continue: {resume_command(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+        return err.exit_status
     except KeyboardInterrupt:
         say("train.py: interrupted", file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ import os
 import pathlib
 import random
 import re
+import time
 
 import pytest
 import torch
@@ -160,3 +161,15 @@ def interface_case(op: str, backend: str):
                           [rand(12, 50, scale=2.0)]),
     }
     return cases[op]
+
+
+def wait_for_step(proc, out, timeout=120):
+    """Block until the training run writing to folder `out` has logged an optimizer step; fail if
+    the process ends first."""
+    deadline = time.time() + timeout
+    metrics = pathlib.Path(out) / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and '"event": "step"' in metrics.read_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run logged no step (exit status {proc.poll()})")

@@ -1,13 +1,15 @@
 """Data-parallel training: torchrun with 2 Gloo processes (DDP or FSDP) computes what 1 process computes."""
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, verdict_path
+from conftest import ROOT, rel_error, verdict_path, wait_for_step
 from gptfast.data import RankStridedBatches
 from gptfast.training import ConfigError, TrainSettings, load_checkpoint, run_training
 from gptfast.training.distributed import SINGLE, DistInfo, per_rank_accum
@@ -27,11 +29,29 @@ def one_process_settings(out, **kw):
                          checkpoint_every=10, keep_checkpoints=9, out=str(out), **kw)
 
 
-def torchrun(*args):
+def torchrun(*args, wait=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scripts/train.py",
            "--data", str(verdict_path()), *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
+def assert_exports_to_transformers(run_folder, tmp_path):
+    """A distributed run's checkpoint (gathered on rank 0) exports to a folder transformers loads
+    and computes the same logits from."""
+    transformers = pytest.importorskip("transformers", reason="the export check needs the `transformers` test extra",
+                                       exc_type=ImportError)
+    from gptfast.model import export_hf
+    from gptfast.tokenizer import get_tokenizer
+
+    model, _ = load_checkpoint(str(run_folder), backend="reference")
+    export_hf(model.eval(), str(tmp_path), tokenizer=get_tokenizer("gpt2"))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    x = torch.tensor([get_tokenizer("gpt2").encode(verdict_path().read_text())[:64]])
+    with torch.no_grad():
+        assert rel_error(theirs(x).logits, model(x)) < 1e-5
 
 
 def step_losses(out):
@@ -81,6 +101,31 @@ def test_a_two_process_checkpoint_resumes_in_one_process(runs):
     resumed, uninterrupted = step_losses(out), step_losses(runs["one"])
     assert sorted(resumed) == list(range(20, 36))
     assert max(abs(resumed[s] - uninterrupted[s]) for s in resumed) < 1e-5
+
+
+def test_a_replicated_runs_checkpoint_exports_to_transformers(runs):
+    assert_exports_to_transformers(runs["two"], runs["base"] / "hf")
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_resumes(runs):
+    """What a cluster's time limit does: SIGTERM to torchrun, which forwards it to every rank. The
+    ranks agree on the step, rank 0 writes the checkpoint, and `--resume auto` continues the run."""
+    out = runs["base"] / "term"
+    proc = torchrun(*RUN, "--out", str(out), wait=False)
+    wait_for_step(proc, out)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    stopped = re.search(r"stopped by SIGTERM after step (\d+) \(epoch \d\); checkpoint: (\S+ckpt-step\d+\.pt)", err)
+    assert stopped, err[-3000:]
+    assert err.count("train.py: stopped by SIGTERM") == 1                # rank 0 speaks for both
+    step = int(stopped[1])
+    assert 1 <= step < 36 and os.path.isfile(stopped[2])
+    done = torchrun(*RUN, "--out", str(out), "--resume", "auto")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Resuming at epoch" in done.stdout and f"step {step} " in done.stdout
+    resumed, uninterrupted = step_losses(out), step_losses(runs["two"])
+    assert sorted(resumed) == list(range(36))
+    assert max(abs(resumed[k] - uninterrupted[k]) for k in resumed) < 1e-6
 
 
 def test_rank_strided_batches_cover_an_epoch_once_and_evenly():
@@ -144,6 +189,7 @@ def test_fsdp_shards_and_matches_one_process(tmp_path):
                  echo=lambda *_: None)
     resumed = step_losses(out)
     assert sorted(resumed) == list(range(20, 36)) and max(abs(resumed[k] - single[k]) for k in resumed) < 1e-5
+    assert_exports_to_transformers(tmp_path / "fsdp", tmp_path / "hf")      # tied, gathered from the shards
 
 
 def test_fsdp_resumes_a_replicated_runs_checkpoint(runs, tmp_path):

@@ -1,6 +1,8 @@
 """Fault tolerance: exact resume, checkpoint rotation, non-finite losses, unreadable checkpoints."""
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -9,8 +11,10 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
-from gptfast.training import ConfigError, NonFiniteLoss, TrainSettings, load_checkpoint, run_training
+from conftest import ROOT, wait_for_step
+from gptfast.training import (ConfigError, NonFiniteLoss, StopOnSignal, TrainSettings, load_checkpoint,
+                              run_training)
+from gptfast.training.distributed import SINGLE
 
 
 def settings(tmp_path, text, out, **kw):
@@ -34,7 +38,7 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one_bitwise(tmp_path, 
     run_training(settings(tmp_path, verdict_text, cut, drop_rate=0.1, checkpoint_every=4, max_steps=13,
                           keep_checkpoints=2), echo=quiet)
     assert sorted(os.listdir(cut)) == ["checkpoint.pt", "ckpt-step0000008.pt", "ckpt-step0000012.pt", "loss.png",
-                                       "metrics.jsonl"]                 # only the last 2 periodic ones kept
+                                       "metrics.jsonl", "model.safetensors"]                 # only the last 2 periodic ones kept
     resumed = run_training(settings(tmp_path, verdict_text, cut, drop_rate=0.1, resume="auto"), echo=quiet)
     a, b = step_losses(tmp_path / "full"), step_losses(cut)
     assert resumed["steps"] == full["steps"]
@@ -96,3 +100,54 @@ def test_corrupt_truncated_and_foreign_checkpoints(tmp_path, verdict_text):
             load_checkpoint(str(path))
     with pytest.raises(ConfigError, match="--resume: .*not a readable gptfast checkpoint"):
         run_training(settings(tmp_path, verdict_text, tmp_path / "r", resume=str(truncated)), echo=lambda _: None)
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_the_printed_command_resumes_bitwise(tmp_path, verdict_text):
+    data = tmp_path / "v.txt"
+    data.write_text(verdict_text)
+
+    def args(out):   # 72 micro-batches per epoch: 36 steps of 2; the stop lands mid-epoch
+        return ["scripts/train.py", "--data", str(data), "--preset", "tiny", "--epochs", "1", "--batch-size", "2",
+                "--context-length", "32", "--grad-accum", "2", "--drop-rate", "0.1", "--eval-freq", "10",
+                "--eval-iter", "1", "--no-progress", "--out", str(out)]
+
+    full = subprocess.run([sys.executable, *args(tmp_path / "full")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert full.returncode == 0, full.stderr
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, *args(run)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for_step(proc, run)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert "SIGINT received: finishing the step in progress" in out
+    stopped = re.search(r"stopped by SIGINT after step (\d+) \(epoch 1\); checkpoint: (\S+)", err)
+    assert stopped, err
+    assert 1 <= int(stopped[1]) < 36, "the stop should land mid-epoch"
+    assert os.path.isfile(stopped[2]) and not os.path.isfile(run / "checkpoint.pt")
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["event"] == "stopped"
+    command = shlex.split(re.search(r"to continue: (.*)", err)[1])
+    assert command[:2] == ["python", "scripts/train.py"] and command[-2:] == ["--resume", "auto"]
+    done = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"Resuming at epoch 1, step {stopped[1]}" in done.stdout
+    assert step_losses(tmp_path / "full") == step_losses(run)              # bitwise, every step
+    a, _ = load_checkpoint(str(tmp_path / "full"))
+    b, _ = load_checkpoint(str(run))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_a_second_signal_stops_at_once(tmp_path):
+    """First signal: a flag. Second: KeyboardInterrupt for SIGINT, the default action for SIGTERM."""
+    with StopOnSignal(announce=lambda text: None) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT and stop.agreed(SINGLE) == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # handlers given back
+    code = ("import os, signal, time\nfrom gptfast.training import StopOnSignal\n"
+            "with StopOnSignal(print):\n    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGTERM and "SIGTERM again: stopping now" in proc.stdout

@@ -83,7 +83,7 @@ def test_run_training_writes_everything(tmp_path, verdict_text):
     lines = []
     summary = run_training(run_settings(tmp_path, text_path, backend="torch"), echo=lines.append)
     out = tmp_path / "run"
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "loss.png", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "loss.png", "metrics.jsonl", "model.safetensors"]
     events = [json.loads(x)["event"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert events[0] == "config" and events[-1] == "done" and "eval" in events and "sample" in events
     assert any(line.startswith("parameters: 6,536,704 | device: cpu | backend: torch") for line in lines)

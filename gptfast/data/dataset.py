@@ -1,10 +1,18 @@
 """Sliding-window next-token datasets and the train/val DataLoaders built from them."""
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
+
+
+def ignore_ctrl_c(worker_id: int) -> None:
+    """Loader workers ignore SIGINT: a terminal's Ctrl-C reaches the whole process group, and the
+    main process, not a dying worker, decides to stop at a step boundary (training/stop.py)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 class GPTDataset(Dataset):
     """Overlapping windows over a token stream; item i is (inputs, targets), targets shifted by one.
@@ -91,15 +99,15 @@ def _loaders(parts: dict, batch_size, context_length, stride, num_workers, seed,
     rank, world_size = shard
     if world_size == 1:
         train = DataLoader(datasets["train"], batch_size=batch_size, shuffle=True, drop_last=True,
-                           num_workers=num_workers, generator=generator)
+                           num_workers=num_workers, generator=generator, worker_init_fn=ignore_ctrl_c)
     else:   # the same shuffled batches as above, every world_size-th of them for this rank
         batches = BatchSampler(RandomSampler(datasets["train"], generator=generator), batch_size, drop_last=True)
         if len(batches) < world_size:
             raise ValueError(f"the train split has {len(batches)} batches, fewer than the {world_size} processes")
         train = DataLoader(datasets["train"], batch_sampler=RankStridedBatches(batches, rank, world_size),
-                           num_workers=num_workers, generator=generator)
+                           num_workers=num_workers, generator=generator, worker_init_fn=ignore_ctrl_c)
     val = DataLoader(datasets["val"], batch_size=batch_size, shuffle=False, drop_last=False,
-                     num_workers=num_workers)
+                     num_workers=num_workers, worker_init_fn=ignore_ctrl_c)
     return train, val
 
 

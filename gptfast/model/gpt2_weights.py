@@ -1,10 +1,11 @@
-"""Load OpenAI's GPT-2 weights (Hugging Face format) into GPTModel.
+"""GPT-2 in the Hugging Face format, both ways: load OpenAI's weights into GPTModel, export ours.
 
 A folder holds `config.json` and `model.safetensors` (or `pytorch_model.bin`, read with
 `weights_only=True`: loading never runs pickled code). GPT-2's layers are Conv1D, whose weight is
 stored (in, out) - the transpose of nn.Linear's - and the attention's Q, K, V projections are one
-fused `c_attn` of width 3C, split here into W_query, W_key, W_value. The LM head is tied to the
-token embedding, and the Q/K/V projections have biases.
+fused `c_attn` of width 3C, split here into W_query, W_key, W_value. OpenAI's LM head is tied to
+the token embedding and its Q/K/V projections have biases; the book's model has neither, which an
+exported folder states (`tie_word_embeddings`, zero biases) so `transformers` computes the same.
 """
 from __future__ import annotations
 
@@ -24,9 +25,25 @@ def gpt2_config(hf: dict, backend: str | None = None) -> GPTConfig:
         raise ValueError(f"unsupported activation {hf['activation_function']!r}: gptfast's GELU is the tanh form")
     if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
         raise ValueError(f"unsupported layer_norm_epsilon {hf['layer_norm_epsilon']}: gptfast uses 1e-5")
+    ours = hf.get("gptfast", {})              # what an exported gptfast model adds: its own layout
     return GPTConfig(vocab_size=hf["vocab_size"], context_length=hf["n_positions"], emb_dim=hf["n_embd"],
                      n_heads=hf["n_head"], n_layers=hf["n_layer"], drop_rate=hf.get("resid_pdrop", 0.1),
-                     qkv_bias=True, tie_embeddings=True, backend=backend)
+                     qkv_bias=ours.get("qkv_bias", True), tie_embeddings=hf.get("tie_word_embeddings", True),
+                     vocab_multiple=ours.get("vocab_multiple", 1), backend=backend)
+
+
+def hf_gpt2_config(cfg: GPTConfig, eot_id: int | None = None) -> dict:
+    """config.json of a GPT2LMHeadModel computing what GPTModel(cfg) computes."""
+    out = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+           "n_positions": cfg.context_length, "n_ctx": cfg.context_length, "n_embd": cfg.emb_dim,
+           "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": None, "activation_function": "gelu_new",
+           "resid_pdrop": cfg.drop_rate, "embd_pdrop": cfg.drop_rate, "attn_pdrop": cfg.drop_rate,
+           "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "scale_attn_weights": True,
+           "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32", "use_cache": True,
+           "gptfast": {"qkv_bias": cfg.qkv_bias, "vocab_multiple": cfg.vocab_multiple}}
+    if eot_id is not None:
+        out["bos_token_id"] = out["eos_token_id"] = eot_id
+    return out
 
 
 def read_state_dict(folder: str) -> dict:
@@ -44,28 +61,62 @@ def read_state_dict(folder: str) -> dict:
     return {k.removeprefix("transformer."): v for k, v in sd.items()}
 
 
+# GPT-2 (Hugging Face) name -> GPTModel name, per block; Conv1D weights are the transposed nn.Linear's
+_LINEARS = (("attn.c_proj", "att.out_proj"), ("mlp.c_fc", "ff.fc"), ("mlp.c_proj", "ff.proj"))
+_NORMS = (("ln_1", "norm1"), ("ln_2", "norm2"))
+_QKV = ("W_query", "W_key", "W_value")          # the three (C, C) slices of c_attn's (C, 3C) weight
+
+
+def _padded_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
+    """w with zero rows appended up to `rows` (a --pad-vocab model's embedding / LM head)."""
+    return torch.cat([w, w.new_zeros(rows - w.shape[0], *w.shape[1:])]) if rows > w.shape[0] else w
+
+
 def gpt2_to_gptfast(sd: dict, cfg: GPTConfig) -> dict:
     """Rename and reshape a GPT-2 state dict into GPTModel's."""
-    C = cfg.emb_dim
-    out = {"tok_emb.weight": sd["wte.weight"], "pos_emb.weight": sd["wpe.weight"],
+    C, rows = cfg.emb_dim, cfg.padded_vocab_size
+    head = sd["wte.weight"] if cfg.tie_embeddings else sd["lm_head.weight"]
+    out = {"tok_emb.weight": _padded_rows(sd["wte.weight"], rows), "pos_emb.weight": sd["wpe.weight"],
            "final_norm.weight": sd["ln_f.weight"], "final_norm.bias": sd["ln_f.bias"],
-           "out_head.weight": sd["wte.weight"]}                   # tied
+           "out_head.weight": _padded_rows(head, rows)}
     for i in range(cfg.n_layers):
         h, b = f"h.{i}.", f"trf_blocks.{i}."
         w_qkv, b_qkv = sd[h + "attn.c_attn.weight"], sd[h + "attn.c_attn.bias"]   # (C, 3C), (3C,)
-        for j, name in enumerate(("W_query", "W_key", "W_value")):
+        for j, name in enumerate(_QKV):
             out[f"{b}att.{name}.weight"] = w_qkv[:, j * C:(j + 1) * C].t()       # Conv1D (in, out) -> (out, in)
-            out[f"{b}att.{name}.bias"] = b_qkv[j * C:(j + 1) * C]
-        out[b + "att.out_proj.weight"] = sd[h + "attn.c_proj.weight"].t()
-        out[b + "att.out_proj.bias"] = sd[h + "attn.c_proj.bias"]
-        out[b + "ff.fc.weight"] = sd[h + "mlp.c_fc.weight"].t()
-        out[b + "ff.fc.bias"] = sd[h + "mlp.c_fc.bias"]
-        out[b + "ff.proj.weight"] = sd[h + "mlp.c_proj.weight"].t()
-        out[b + "ff.proj.bias"] = sd[h + "mlp.c_proj.bias"]
-        for src, dst in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            if cfg.qkv_bias:
+                out[f"{b}att.{name}.bias"] = b_qkv[j * C:(j + 1) * C]
+        for src, dst in _LINEARS:
+            out[f"{b}{dst}.weight"] = sd[f"{h}{src}.weight"].t()
+            out[f"{b}{dst}.bias"] = sd[f"{h}{src}.bias"]
+        for src, dst in _NORMS:
             out[f"{b}{dst}.weight"] = sd[f"{h}{src}.weight"]
             out[f"{b}{dst}.bias"] = sd[f"{h}{src}.bias"]
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def gptfast_to_gpt2(sd: dict, cfg: GPTConfig) -> dict:
+    """The inverse: GPTModel's state dict as GPT2LMHeadModel's. Padded vocabulary rows are cut
+    back, missing Q/K/V biases become zeros, an untied head is written as `lm_head.weight`."""
+    V = cfg.vocab_size
+    out = {"wte.weight": sd["tok_emb.weight"][:V], "wpe.weight": sd["pos_emb.weight"],
+           "ln_f.weight": sd["final_norm.weight"], "ln_f.bias": sd["final_norm.bias"]}
+    for i in range(cfg.n_layers):
+        h, b = f"h.{i}.", f"trf_blocks.{i}."
+        weights = [sd[f"{b}att.{name}.weight"] for name in _QKV]                  # 3 x (C, C), (out, in)
+        out[h + "attn.c_attn.weight"] = torch.cat([w.t() for w in weights], dim=1)  # (C, 3C), (in, out)
+        out[h + "attn.c_attn.bias"] = (torch.cat([sd[f"{b}att.{name}.bias"] for name in _QKV]) if cfg.qkv_bias
+                                       else weights[0].new_zeros(3 * cfg.emb_dim))
+        for src, dst in _LINEARS:
+            out[f"{h}{src}.weight"] = sd[f"{b}{dst}.weight"].t()
+            out[f"{h}{src}.bias"] = sd[f"{b}{dst}.bias"]
+        for src, dst in _NORMS:
+            out[f"{h}{src}.weight"] = sd[f"{b}{dst}.weight"]
+            out[f"{h}{src}.bias"] = sd[f"{b}{dst}.bias"]
+    out = {"transformer." + k: v for k, v in out.items()}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["out_head.weight"][:V]
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
 
 
 def resolve_gpt2_folder(name_or_path: str) -> str:
@@ -90,7 +141,45 @@ def load_gpt2(name_or_path: str, backend: str | None = None) -> GPTModel:
     with open(os.path.join(folder, "config.json")) as f:
         cfg = gpt2_config(json.load(f), backend)
     model = GPTModel(cfg)
-    missing, unexpected = model.load_state_dict(gpt2_to_gptfast(read_state_dict(folder), cfg), strict=False)
+    try:
+        weights = gpt2_to_gptfast(read_state_dict(folder), cfg)
+    except KeyError as err:
+        raise ValueError(f"{folder}: the GPT-2 weights lack {err.args[0]!r}") from None
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ValueError(f"GPT-2 weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
+
+
+def export_hf(model: GPTModel, folder: str, tokenizer=None, force: bool = False) -> str:
+    """Write `model` as a Hugging Face GPT-2 folder: config.json, model.safetensors and, given a
+    tokenizer, its files (vocab.json + merges.txt, tokenizer_config.json), so that
+    `transformers.AutoModelForCausalLM.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(folder)`
+    load it with no gptfast code. `load_gpt2(folder)` (`--init-from folder`) reads it back.
+    An existing non-empty folder is an error unless `force`."""
+    from safetensors.torch import save_file
+
+    if os.path.isfile(folder) or (os.path.isdir(folder) and os.listdir(folder) and not force):
+        raise FileExistsError(f"{folder} already exists and is not an empty folder (force / --force overwrites)")
+    os.makedirs(folder, exist_ok=True)
+    cfg = model.cfg
+    if tokenizer is not None and tokenizer.n_vocab > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.n_vocab} tokens but the model only {cfg.vocab_size}")
+    eot = getattr(tokenizer, "eot_id", None)
+    weights = gptfast_to_gpt2(model.state_dict(), cfg)
+    save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    _write_json(os.path.join(folder, "config.json"), hf_gpt2_config(cfg, eot))
+    if tokenizer is not None:
+        tokenizer.save_gpt2_files(folder)                    # vocab.json + merges.txt
+        special = "<|endoftext|>" if eot is not None else None
+        _write_json(os.path.join(folder, "tokenizer_config.json"),
+                    {"tokenizer_class": "GPT2Tokenizer", "model_max_length": cfg.context_length,
+                     "add_prefix_space": False, "add_bos_token": False,
+                     **({"bos_token": special, "eos_token": special, "unk_token": special} if special else {})})
+    return folder
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")

@@ -211,6 +211,23 @@ class ByteLevelBPE:
             merges.append((encoder[a], encoder[b], encoder[a + b]))
         return cls(vocab, merges, specials, GPT2_SPLIT_PATTERN, name="gpt2-bpe")
 
+    def save_gpt2_files(self, folder: str) -> None:
+        """The inverse of from_gpt2_files, under the names Hugging Face reads: vocab.json (token ->
+        id, tokens spelled with GPT-2's byte-to-character map, special tokens included) and
+        merges.txt (one merge per line, in rank order). Only for GPT-2's pre-tokenizer pattern,
+        which is the one Hugging Face's byte-level BPE applies."""
+        if self.pattern != GPT2_SPLIT_PATTERN:
+            raise ValueError("this BPE splits text with its own pattern, not GPT-2's; the Hugging Face GPT-2 "
+                             "tokenizer would pre-tokenize differently, so it cannot be exported in that format")
+        char = gpt2_bytes_to_unicode()
+        spell = {i: "".join(char[b] for b in tok) for i, tok in self.vocab.items()}
+        encoder = {tok: i for i, tok in sorted(spell.items())}
+        encoder.update(self.special_tokens)
+        with atomic_write(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(encoder, f, ensure_ascii=False)
+        with atomic_write(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "".join(f"{spell[a]} {spell[b]}\n" for a, b, _ in self.merges))
+
     # ----------------------------------------------------------------------------- encode/decode
     @property
     def n_vocab(self) -> int:

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 
 from .bpe import ENDOFTEXT, GPT2_SPLIT_PATTERN, gpt2_bytes_to_unicode
 
@@ -96,6 +97,12 @@ class TiktokenGPT2:
 
     def spec(self) -> dict:
         return {"name": "gpt2"}
+
+    def save_gpt2_files(self, folder: str) -> None:
+        """GPT-2's own files under the names Hugging Face reads: encoder.json -> vocab.json,
+        vocab.bpe -> merges.txt (the formats are the same)."""
+        for src, dst in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+            shutil.copyfile(gpt2_file(src), os.path.join(folder, dst))
 
     def __repr__(self) -> str:
         return f"TiktokenGPT2(n_vocab={self.n_vocab}, files={GPT2_FILES_DIR})"

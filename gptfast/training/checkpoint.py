@@ -2,9 +2,14 @@
 
 Everything in the file is tensors and plain Python types, so it loads with
 `torch.load(weights_only=True)`: opening a checkpoint never runs pickled code.
+
+A finished run also leaves `model.safetensors`: the weights alone (no optimizer, no progress), with
+the model config and tokenizer in the file's metadata - no pickle at all, memory-mappable, and
+accepted wherever a checkpoint is read to build a model (`--init-from`, `generate.py --checkpoint`).
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -13,6 +18,8 @@ from ..files import atomic_write
 from ..model import GPTConfig, GPTModel
 
 CHECKPOINT_NAME = "checkpoint.pt"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_FORMAT = "gptfast-weights"
 
 
 def save_checkpoint(path: str, model: GPTModel, optimizer=None, tokenizer=None, model_state: dict | None = None,
@@ -34,6 +41,41 @@ def save_checkpoint(path: str, model: GPTModel, optimizer=None, tokenizer=None, 
     with atomic_write(path) as f:
         torch.save(state, f)
     return path
+
+
+def save_weights(path: str, model: GPTModel, tokenizer=None, model_state: dict | None = None) -> str:
+    """The weights alone as safetensors, config and tokenizer in its metadata; written atomically.
+    A tied LM head is stored once (safetensors refuses shared tensors) and re-tied on reading."""
+    from safetensors.torch import save
+
+    state = model_state if model_state is not None else model.state_dict()
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()
+               if not (model.cfg.tie_embeddings and k == "out_head.weight")}
+    meta = {"format": WEIGHTS_FORMAT, "version": 1, "config": model.cfg.to_dict(),
+            "tokenizer": tokenizer.spec() if tokenizer is not None else None}
+    with atomic_write(path) as f:
+        f.write(save(tensors, metadata={"format": "pt", "gptfast": json.dumps(meta)}))
+    return path
+
+
+def read_weights(path: str) -> dict:
+    """A `save_weights` file as a checkpoint-like dict: config, model, tokenizer (no training state)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("gptfast", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200] if str(err) else ''}") from None
+    if meta.get("format") != WEIGHTS_FORMAT:
+        raise ValueError(f"{path} holds no gptfast model config (not written by gptfast; for a Hugging Face "
+                         "GPT-2 folder pass the folder)")
+    if meta["config"].get("tie_embeddings") and "out_head.weight" not in tensors:
+        tensors["out_head.weight"] = tensors["tok_emb.weight"]
+    return {"format": WEIGHTS_FORMAT, "version": meta.get("version"), "config": meta["config"], "model": tensors,
+            "tokenizer": meta.get("tokenizer")}
 
 
 def rng_states() -> dict:
@@ -58,6 +100,8 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
     """The checkpoint's contents; a clear error for a missing, truncated, corrupt or foreign file.
     Only tensors and plain types are accepted (weights_only=True): no pickled code ever runs."""
     path = resolve_checkpoint_path(path)
+    if path.endswith(".safetensors"):
+        return read_weights(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:   # truncated zip, bad pickle opcodes, disallowed globals, ...
@@ -71,16 +115,20 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
 
 
 def resolve_checkpoint_path(path: str) -> str:
-    """Accept a checkpoint file or a run folder holding `checkpoint.pt`."""
+    """Accept a checkpoint file, a weights file, or a run folder holding `checkpoint.pt` (or, without
+    it, `model.safetensors`)."""
     if os.path.isdir(path):
+        weights = os.path.join(path, WEIGHTS_NAME)
         path = os.path.join(path, CHECKPOINT_NAME)
+        if not os.path.isfile(path) and os.path.isfile(weights):
+            path = weights
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     return path
 
 
 def load_checkpoint(path: str, map_location="cpu", backend: str | None = None) -> tuple[GPTModel, dict]:
-    """Rebuild the model from a checkpoint; returns (model, the raw checkpoint dict)."""
+    """Rebuild the model from a checkpoint (or weights file); returns (model, the raw checkpoint dict)."""
     state = read_checkpoint(path, map_location)
     cfg = GPTConfig.from_dict(state["config"])
     cfg.backend = backend  # a runtime choice, not a property of the weights: None -> env/default

@@ -12,6 +12,7 @@ from .distributed import SINGLE, DistInfo, maybe_no_sync, mean_over_ranks
 from .evaluate import calc_loss_batch, evaluate_model
 from .metrics import MetricsLog
 from .optim import autocast, grad_scaler, set_lr
+from .stop import StopOnSignal, TrainingStopped
 
 
 @dataclass
@@ -42,7 +43,7 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs: 
                 progress: bool = True, sample_tokens: int = 50, grad_accum: int = 1, grad_clip: float = 0.0,
                 lr_schedule=None, dtype: str = "float32", train_model_fn=None, scaler=None,
                 checkpoint_every: int = 0, on_checkpoint=None, max_steps: int | None = None,
-                resume: dict | None = None, dist_info: DistInfo = SINGLE) -> History:
+                resume: dict | None = None, dist_info: DistInfo = SINGLE, stop: StopOnSignal | None = None) -> History:
     """Train for `num_epochs`; evaluate every `eval_freq` optimizer steps (from step 0) on `eval_iter`
     batches.
 
@@ -56,7 +57,9 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs: 
     everything needed to continue exactly (epoch, micro-batches consumed in it, the train loader's
     generator states); `resume` (such a position plus `hist`) continues a run as if never stopped.
     `max_steps` stops after that many steps in total. A non-finite loss raises NonFiniteLoss before
-    the step is applied.
+    the step is applied. `stop` (see stop.py): once it has caught SIGINT/SIGTERM, the loop ends after
+    the step in progress, calls `on_checkpoint` (unless this step's periodic one was just written) and
+    raises TrainingStopped naming the checkpoint that `on_checkpoint` returned.
 
     Several processes (`dist_info`, see distributed.py): `train_loader` yields this process's share
     of the batches, `grad_accum` is this process's share of the micro-batches, `train_model_fn` is
@@ -141,9 +144,17 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs: 
                 log.write("eval", epoch=epoch, step=hist.step, tokens_seen=hist.tokens,
                           train_loss=train_loss, val_loss=val_loss, batch_loss=loss_value)
             hist.step += 1
+            # where we are: enough to continue exactly (positions count every process's micro-batches)
+            position = {"epoch": epoch, "micro_in_epoch": (i + 1) * world, "epoch_gen_state": epoch_gen_state,
+                        "gen_state": gen.get_state() if gen is not None else None}
+            written = None
             if on_checkpoint is not None and checkpoint_every and hist.step % checkpoint_every == 0:
-                on_checkpoint(hist, {"epoch": epoch, "micro_in_epoch": (i + 1) * world, "epoch_gen_state": epoch_gen_state,
-                                     "gen_state": gen.get_state() if gen is not None else None})
+                written = on_checkpoint(hist, position)
+            if stop is not None and (signum := stop.agreed(dist_info)):
+                if written is None and on_checkpoint is not None:
+                    written = on_checkpoint(hist, position)
+                bar.close()
+                raise TrainingStopped(signum, hist.step, epoch, written)
             if max_steps is not None and hist.step >= max_steps:
                 break
         bar.close()

@@ -19,11 +19,12 @@ from ..model import PRESETS, GPTConfig, GPTModel
 from ..tokenizer import TOKENIZERS, TokenizerUnavailableError, get_tokenizer
 from .distributed import (DistInfo, barrier, init_distributed, load_optimizer_state, main_first, per_rank_accum,
                           shard_fsdp, shutdown_distributed, training_state, wrap_ddp)
-from .checkpoint import (CHECKPOINT_NAME, load_checkpoint, read_checkpoint, rng_states, save_checkpoint,
-                         set_rng_states)
+from .checkpoint import (CHECKPOINT_NAME, WEIGHTS_NAME, load_checkpoint, read_checkpoint, rng_states,
+                         save_checkpoint, save_weights, set_rng_states)
 from .loop import History, NonFiniteLoss, train_model
 from .metrics import MetricsLog, plot_losses
 from .optim import check_precision, grad_scaler, lr_at, make_optimizer
+from .stop import StopOnSignal, TrainingStopped
 
 
 class ConfigError(ValueError):
@@ -305,40 +306,49 @@ def _run_training(s: TrainSettings, echo, device: torch.device, info: DistInfo) 
     log.write("config", settings=asdict(s), model=cfg.to_dict(), parameters=n_params,
               device=str(device), torch=torch.__version__, world_size=info.world_size,
               backends={op: name for op, (name, _) in choices.items()})
-    def checkpoint(path, hist, position):   # called on every process; rank 0 writes
+    def checkpoint(path, hist, position, weights=None):   # called on every process; rank 0 writes
         model_state, optimizer_state, optimizer_format = training_state(model, optimizer, info)
         if info.is_main:
             save_checkpoint(path, model, tokenizer=tokenizer, model_state=model_state, optimizer_state=optimizer_state,
                             optimizer_format=optimizer_format, step=hist.step, tokens_seen=hist.tokens,
                             scaler=scaler.state_dict(), rng=rng_states(), position=position, history=asdict(hist),
                             settings=asdict(s))
+            if weights:
+                save_weights(weights, model, tokenizer, model_state)
         return path
 
-    def periodic_checkpoint(hist, position):
-        checkpoint(os.path.join(s.out, f"ckpt-step{hist.step:07d}.pt"), hist, position)
+    def periodic_checkpoint(hist, position):   # also what a stop on SIGINT/SIGTERM writes
+        path = checkpoint(os.path.join(s.out, f"ckpt-step{hist.step:07d}.pt"), hist, position)
         if info.is_main:
             for old in periodic_checkpoints(s.out)[:-max(1, s.keep_checkpoints)]:
                 os.remove(old)
+        return path
 
     if resume_state is not None:
         set_rng_states(resume_state["rng"])                     # exactly where the stopped run was
     if info.enabled:   # different dropout masks per process (same data order: the loader has its own generator)
         torch.manual_seed(s.seed + 1_000_003 * info.rank + (resume["hist"].step if resume else 0))
     try:
-        hist: History = train_model(model, train_loader, val_loader, optimizer, device, s.epochs,
-                                    s.eval_freq, s.eval_iter, s.start_context, tokenizer, log=log,
-                                    progress=s.progress, grad_accum=grad_accum, grad_clip=s.grad_clip,
-                                    lr_schedule=schedule, dtype=s.dtype, train_model_fn=train_forward,
-                                    scaler=scaler, checkpoint_every=s.checkpoint_every,
-                                    on_checkpoint=periodic_checkpoint, max_steps=s.max_steps, resume=resume,
-                                    dist_info=info)
+        with StopOnSignal(echo) as stop:     # Ctrl-C / SIGTERM: stop at a step boundary, checkpointed
+            hist: History = train_model(model, train_loader, val_loader, optimizer, device, s.epochs,
+                                        s.eval_freq, s.eval_iter, s.start_context, tokenizer, log=log,
+                                        progress=s.progress, grad_accum=grad_accum, grad_clip=s.grad_clip,
+                                        lr_schedule=schedule, dtype=s.dtype, train_model_fn=train_forward,
+                                        scaler=scaler, checkpoint_every=s.checkpoint_every,
+                                        on_checkpoint=periodic_checkpoint, max_steps=s.max_steps, resume=resume,
+                                        dist_info=info, stop=stop)
     except NonFiniteLoss as err:
         kept = periodic_checkpoints(s.out)
         raise NonFiniteLoss(f"{err}; last good checkpoint: {kept[-1] if kept else 'none (use --checkpoint-every)'}") \
             from None
+    except TrainingStopped as err:
+        log.write("stopped", step=err.step, epoch=err.epoch, signal=err.signum, checkpoint=err.checkpoint)
+        raise
+    if stop.signum is not None:                  # the signal came after the last step: nothing left to stop
+        echo("the stop request came after the last step: the run finished")
 
     end = {"epoch": s.epochs + 1, "micro_in_epoch": 0, "epoch_gen_state": None, "gen_state": None}
-    ckpt = checkpoint(os.path.join(s.out, CHECKPOINT_NAME), hist, end)
+    ckpt = checkpoint(os.path.join(s.out, CHECKPOINT_NAME), hist, end, weights=os.path.join(s.out, WEIGHTS_NAME))
     plot = None
     if info.is_main:
         plot = plot_losses(hist.steps, hist.tokens_seen, hist.train_losses, hist.val_losses,
@@ -347,7 +357,7 @@ def _run_training(s: TrainSettings, echo, device: torch.device, info: DistInfo) 
     summary = {"steps": hist.step, "tokens_seen": hist.tokens, "parameters": n_params,
                "final_train_loss": hist.train_losses[-1] if hist.train_losses else None,
                "final_val_loss": hist.val_losses[-1] if hist.val_losses else None,
-               "checkpoint": ckpt, "plot": plot, "metrics": log.path,
+               "checkpoint": ckpt, "weights": os.path.join(s.out, WEIGHTS_NAME), "plot": plot, "metrics": log.path,
                "seconds": round(log.write("done").get("time_s"), 1)}
     echo(f"done in {summary['seconds']} s: {hist.step} steps, {hist.tokens:,} tokens | "
          f"checkpoint {ckpt} | plot {plot} | metrics {log.path}")
