@@ -143,3 +143,24 @@ def test_weights_only_file_is_read_like_a_checkpoint(tmp_path):
     a, b = read_checkpoint(str(tmp_path / "checkpoint.pt")), read_checkpoint(str(tmp_path / "model.safetensors"))
     assert a["config"] == b["config"] and a["tokenizer"] == b["tokenizer"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_init_from_takes_an_exported_folder_and_a_weights_file(tmp_path):
+    """--init-from: the exported Hugging Face folder and a run's model.safetensors give the same model."""
+    from gptfast.training import TrainSettings
+    from gptfast.training.run import initial_model
+
+    model = trained_looking(GPTConfig(**GPT2_TIED, backend="reference"), seed=8)
+    tok = get_tokenizer("gpt2")
+    export_hf(model, str(tmp_path / "hf"), tokenizer=tok)
+    save_weights(str(tmp_path / "model.safetensors"), model, tok)
+    said = []
+    for source in ("hf", "model.safetensors"):
+        s = TrainSettings(init_from=str(tmp_path / source))
+        again = initial_model(s, GPTConfig(), "reference", tok, said.append)
+        assert again.cfg.tie_embeddings and again.cfg.vocab_multiple == 64
+        x = torch.randint(0, 50257, (1, 20))
+        with torch.no_grad():
+            assert torch.equal(again.eval()(x)[..., :50257], model(x)[..., :50257]), source   # padded columns aside
+    assert said == [f"initialized from GPT-2 weights in {tmp_path / 'hf'}",
+                    f"initialized from gptfast checkpoint {tmp_path / 'model.safetensors'}"]
