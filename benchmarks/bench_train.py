@@ -131,7 +131,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--preset", default=None, help="default: gpt2-124m on CUDA, cpu-small on CPU")
-    p.add_argument("--backends", default=None, help="comma-separated; default: torch,extension (+triton on CUDA)")
+    p.add_argument("--backends", default=None, help="comma-separated; default: auto,torch,extension (+triton on CUDA)")
     p.add_argument("--compile", default="both", choices=["off", "on", "both"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="autocast dtype (default bfloat16 on CUDA, float32 on CPU)")
@@ -148,8 +148,8 @@ def main(argv=None):
     cuda = device.type == "cuda"
     preset = args.preset or ("gpt2-124m" if cuda else "cpu-small")
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
-    backends = args.backends.split(",") if args.backends else (["torch", "extension", "triton"] if cuda
-                                                                else ["torch", "extension"])
+    backends = args.backends.split(",") if args.backends else (["auto", "torch", "extension", "triton"] if cuda
+                                                                else ["auto", "torch", "extension"])
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     batch_size = args.batch_size or (16 if cuda else 4)
     steps = args.steps or (20 if cuda else 5)

@@ -6,11 +6,16 @@
 # builds gptfast with its CUDA kernels (offline), runs the GPU tests, the standalone CUDA kernel
 # checks and both benchmarks at their default sizes, writing every log, JSON, Markdown table and
 # plot into OUT_DIR plus a SUMMARY.md. Stages (default: all but `tests`, in this order):
-#   build  compare  gpu_tests  cuda_kernels  bench_ops  bench_train  tests (the whole suite)
+#   build  compare  gpu_tests  bench_ops  auto_table  bench_train  cuda_kernels  tests (the whole suite)
+# `auto_table` writes OUT_DIR/auto_table.json: the `auto` backend's table with the GPU rows from this
+# run's bench_ops (and its compare vetoes) next to the committed CPU rows. To ship it as the measured
+# GPU default, copy bench_ops_cuda.json and compare_cuda_*.json into benchmarks/results/ and rerun
+# benchmarks/make_auto_table.py there (the shipped table names its sources inside the repository).
+# Without a CUDA GPU every stage is skipped with that reason (a dry run: tests/test_gpu_check.py).
 # `compare` is the correctness stage: scripts/compare.py on CUDA, every backend, fp32 and bf16, its
 # tables in compare_cuda_<dtype>.log and every row in compare_cuda_<dtype>.json.
-# Each stage has its own time limit, cut to what is left of GPU_CHECK_BUDGET seconds (default 570,
-# under a 10-minute slot), so a run always leaves a summary of what ran and what failed. Stages can
+# Each stage has its own time limit, cut to what is left of GPU_CHECK_BUDGET seconds (default 540:
+# 9 minutes, inside a 10-minute slot), so a run always leaves a summary of what ran and what failed. Stages can
 # be run in separate calls on the same machine (the build stays in place).
 set -uo pipefail
 out=${1:?usage: bash scripts/gpu_check.sh OUT_DIR}
@@ -87,28 +92,41 @@ compare() {   # every backend against the float64 reference, ops and model, in b
   return $rc
 }
 
+auto_table() {   # the committed CPU measurements plus this run's GPU ones
+  python benchmarks/make_auto_table.py --bench $(ls benchmarks/results/bench_ops_*.json | grep -v quick) \
+    "$out/bench_ops_cuda.json" --compare benchmarks/results/compare_*.json "$out"/compare_cuda_*.json \
+    --out "$out/auto_table.json"
+}
+
 export out
-export -f build compare cuda_kernels gpu_tests tests
-budget=${GPU_CHECK_BUDGET:-570}
+export -f build compare cuda_kernels gpu_tests tests auto_table
+budget=${GPU_CHECK_BUDGET:-540}
+gpu=$(python -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 run() {   # run NAME LIMIT COMMAND...: stage with LIMIT cut to the budget left
+  if [ "$gpu" != 1 ]; then
+    echo "- **$1**: skipped: no CUDA GPU here (torch.cuda.is_available() is False)" >> "$summary"
+    echo "[$1] skipped: no CUDA GPU here"; return 0
+  fi
   local left=$(( budget - ($(date +%s) - t_start) ))
   if [ "$left" -lt 20 ]; then echo "- **$1**: not run (time budget spent)" >> "$summary"; echo "[$1] not run"; return 0; fi
   local name=$1 limit=$2; shift 2
   stage "$name" $(( limit < left ? limit : left )) "$@"
 }
 stages=("${@:2}")
-[ ${#stages[@]} -eq 0 ] && stages=(build compare gpu_tests cuda_kernels bench_ops bench_train)
+[ ${#stages[@]} -eq 0 ] && stages=(build compare gpu_tests bench_ops auto_table bench_train cuda_kernels)
 for s in "${stages[@]}"; do
   case $s in
     build) run build 150 build ;;
-    compare) run compare 120 compare ;;
-    gpu_tests) run gpu_tests 180 gpu_tests ;;
-    cuda_kernels) run cuda_kernels 60 cuda_kernels ;;
-    bench_ops) run bench_ops 120 python benchmarks/bench_ops.py --device cuda --repeats 20 --out "$out/bench_ops_cuda.json" ;;
-    bench_train) run bench_train 120 python benchmarks/bench_train.py --device cuda --steps 10 --pad-vocab \
+    compare) run compare 100 compare ;;
+    gpu_tests) run gpu_tests 120 gpu_tests ;;
+    bench_ops) run bench_ops 90 python benchmarks/bench_ops.py --device cuda --repeats 20 --out "$out/bench_ops_cuda.json" ;;
+    auto_table) run auto_table 20 auto_table ;;
+    bench_train) run bench_train 100 python benchmarks/bench_train.py --device cuda --preset gpt2-124m --dtype bfloat16 \
+                   --compile both --backends auto,torch,extension,triton --steps 10 --pad-vocab \
                    --out "$out/bench_train_cuda.json" ;;
+    cuda_kernels) run cuda_kernels 45 cuda_kernels ;;
     tests) run tests 400 tests ;;
-    *) echo "unknown stage $s (build compare gpu_tests cuda_kernels bench_ops bench_train tests)"; exit 2 ;;
+    *) echo "unknown stage $s (build compare gpu_tests bench_ops auto_table bench_train cuda_kernels tests)"; exit 2 ;;
   esac
 done
 

@@ -143,6 +143,35 @@ def test_fewer_queries_than_keys_with_gradients_and_dropout(Tq, Tk, p):
     assert max(errors(fn, ref, [q, k, v], torch.float32)) < 1e-5
 
 
+@pytest.mark.parametrize("block_m,block_n", [(32, 16), (16, 32), (64, 16)])
+@pytest.mark.parametrize("Tq,Tk,p", [(129, 129, 0.0), (33, 100, 0.3)])
+def test_every_block_shape_splits_masked_from_unmasked_key_blocks_correctly(block_m, block_n, Tq, Tk, p):
+    """The kernels run key blocks wholly below the diagonal without a mask and only the diagonal ones
+    with it; the split depends on BLOCK_M / BLOCK_N, and the GPU's autotune configs have ratios 1/2 to 2
+    that the interpreter's single config (64 x 64) never uses - so each ratio runs here, forward and
+    both backward kernels, causal, with a KV-cache offset and with dropout."""
+    import triton as _triton
+    from gptfast.ops.triton import attention as kernels
+
+    tuned = (kernels._attn_fwd_kernel, kernels._attn_bwd_dkdv_kernel, kernels._attn_bwd_dq_kernel)
+    saved = [(t.configs, dict(t.cache)) for t in tuned]
+    try:
+        for t in tuned:
+            t.configs = [_triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4)]
+            t.cache.clear()
+        q = rand(1, 2, Tq, 16, seed=300)
+        k, v = rand(1, 2, Tk, 16, seed=301), rand(1, 2, Tk, 16, seed=302)
+        seed = torch.tensor([5], dtype=torch.int64)
+        fn = lambda *a: ops.causal_attention(*a, dropout_p=p, seed=seed, backend="triton")  # noqa: E731
+        ref = lambda *a: reference.causal_attention(*a, dropout_p=p, seed=seed)  # noqa: E731
+        assert max(errors(fn, ref, [q, k, v], torch.float32)) < 1e-5
+    finally:
+        for t, (configs, cache) in zip(tuned, saved):
+            t.configs = configs
+            t.cache.clear()
+            t.cache.update(cache)
+
+
 def test_kernel_drops_bit_for_bit_the_same_weights():
     T = 40   # q = k = 0 and v = identity: output row t is the (dropped) weight row t
     q = torch.zeros(1, 2, T, T, device=DEVICE)

@@ -2,7 +2,10 @@
 
 Forward: one program per (query block, batch*head); key blocks stream through SRAM with an
 online softmax in base 2 (exp2 of log2(e)-prescaled scores), causal blocks above the diagonal
-skipped, fp32 logsumexp saved (natural log). Backward: delta = rowsum(dO * O) first, then two
+skipped, fp32 logsumexp saved (natural log). As in the Triton tutorial's FlashAttention-2, the key
+loop is split in two: blocks wholly below the diagonal (and inside TK) run with no mask at all, only
+the diagonal (and ragged last) blocks build and apply one - at T = 1024 with 128 x 64 tiles, 56 of 72
+tiles per head go unmasked. Both backward kernels split their loops the same way. Backward: delta = rowsum(dO * O) first, then two
 kernels that recompute P from q, k and lse - one per key block for dK, dV, one per query block for
 dQ - so no two programs add into the same output (deterministic, no atomics).
 
@@ -62,6 +65,50 @@ def _keep(head_key, rows, cols, threshold):
     return (h >> 8) >= threshold
 
 
+@triton.jit
+def _fwd_key_block(acc, l_i, m_i, q, k_ptr, v_ptr, kv_base, rows, dims, dim_ok, start_n, TK, D, off, qk_scale,
+                   head_key, threshold, keep_scale, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                   MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block of the online softmax. MASKED=False: every (row, key) pair of the tile is
+    visible - the block lies wholly below the diagonal and inside TK - so no mask is built or applied."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    if MASKED:
+        col_ok = cols < TK
+        kv_mask = col_ok[:, None] & dim_ok[None, :]
+    else:
+        kv_mask = dim_ok[None, :]
+    k = tl.load(k_ptr + kv_base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k)) * qk_scale                           # (BLOCK_M, BLOCK_N), log2 units
+    if MASKED:
+        valid = col_ok[None, :]
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= rows[:, None] + off)
+        s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        p = tl.where(_keep(head_key, rows + off, cols, threshold), p * keep_scale, 0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _visible_key_blocks(start_m, TK, off, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For query block start_m: (full, hi). Key blocks starting below `full` are seen whole by every
+    row (they end at or before the block's first row's position and inside TK); those from `full`
+    to `hi` are the diagonal (and ragged last) blocks that need the mask; none beyond `hi` is seen."""
+    if CAUSAL:
+        hi = tl.minimum((start_m + 1) * BLOCK_M + off, TK)
+        full = tl.minimum((start_m * BLOCK_M + off + 1) // BLOCK_N, TK // BLOCK_N) * BLOCK_N
+    else:
+        hi = TK
+        full = (TK // BLOCK_N) * BLOCK_N
+    return full, hi
+
+
 # (Tk is left out of the autotune keys: decoding with a KV cache changes it every step)
 @triton.autotune(configs=_CONFIGS, key=["TQ", "BLOCK_D", "CAUSAL"])
 @triton.jit
@@ -82,26 +129,15 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seed_ptr, TQ, TK, D, q
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     head_key = _head_key(seed_ptr, bh) if DROPOUT else 0
-    hi = tl.minimum((start_m + 1) * BLOCK_M + off, TK) if CAUSAL else TK
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        col_ok = cols < TK
-        kv_mask = col_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_ptr + kv_base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale                       # (BLOCK_M, BLOCK_N), log2 units
-        valid = col_ok[None, :]
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= rows[:, None] + off)
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            p = tl.where(_keep(head_key, rows + off, cols, threshold), p * keep_scale, 0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    full, hi = _visible_key_blocks(start_m, TK, off, CAUSAL, BLOCK_M, BLOCK_N)
+    for start_n in range(0, full, BLOCK_N):                          # below the diagonal: no mask
+        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, k_ptr, v_ptr, kv_base, rows, dims, dim_ok, start_n, TK, D,
+                                       off, qk_scale, head_key, threshold, keep_scale, CAUSAL, DROPOUT, False,
+                                       BLOCK_N)
+    for start_n in range(full, hi, BLOCK_N):                         # the diagonal: masked
+        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, k_ptr, v_ptr, kv_base, rows, dims, dim_ok, start_n, TK, D,
+                                       off, qk_scale, head_key, threshold, keep_scale, CAUSAL, DROPOUT, True,
+                                       BLOCK_N)
     o = acc / l_i[:, None]
     tl.store(o_ptr + base + rows[:, None] * D + dims[None, :], o.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None] & dim_ok[None, :])
@@ -110,14 +146,17 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seed_ptr, TQ, TK, D, q
 
 @triton.jit
 def _recompute(q, k, v, do, lse2, delta, rows, cols, TQ, TK, qk_scale, sm_scale, head_key, threshold, keep_scale,
-               CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
-    """For a (BLOCK_M, BLOCK_N) tile: Z = dropout(P) and dS * sm_scale, zero where masked."""
+               CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):
+    """For a (BLOCK_M, BLOCK_N) tile: Z = dropout(P) and dS * sm_scale, zero where masked.
+    MASKED=False: the caller knows every pair of the tile is visible (and inside TQ x TK)."""
     off = TK - TQ
-    valid = (cols[None, :] < TK) & (rows[:, None] < TQ)
-    if CAUSAL:
-        valid = valid & (cols[None, :] <= rows[:, None] + off)
     s = tl.dot(q, tl.trans(k)) * qk_scale
-    p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)                 # P = exp(S - lse)
+    p = tl.exp2(s - lse2[:, None])                                       # P = exp(S - lse)
+    if MASKED:
+        valid = (cols[None, :] < TK) & (rows[:, None] < TQ)
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= rows[:, None] + off)
+        p = tl.where(valid, p, 0.0)
     dz = tl.dot(do, tl.trans(v))                                         # dZ = dO V^T
     if DROPOUT:
         keep = _keep(head_key, rows + off, cols, threshold)
@@ -142,6 +181,20 @@ def _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, rows, dims, T
     return q, do, lse2, delta
 
 
+@triton.jit
+def _dkdv_query_block(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, start_m, dims, cols, TQ, TK, D,
+                      qk_scale, sm_scale, head_key, threshold, keep_scale, CAUSAL: tl.constexpr,
+                      DROPOUT: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dK, dV contributions of one block of query rows to this program's key block."""
+    rows = start_m + tl.arange(0, BLOCK_M)
+    q, do, lse2, delta = _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, rows, dims, TQ, D)
+    z, ds = _recompute(q, k, v, do, lse2, delta, rows, cols, TQ, TK, qk_scale, sm_scale, head_key, threshold,
+                       keep_scale, CAUSAL, DROPOUT, MASKED)
+    dv += tl.dot(tl.trans(z.to(do.dtype)), do)
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    return dk, dv
+
+
 @triton.autotune(configs=_BWD_CONFIGS, key=["TQ", "BLOCK_D", "CAUSAL"])
 @triton.jit
 def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, seed_ptr, TQ, TK, D,
@@ -159,17 +212,44 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     head_key = _head_key(seed_ptr, bh) if DROPOUT else 0
-    # causal: query rows before start_n * BLOCK_N - (TK - TQ) see none of these keys
-    lo = (tl.maximum(start_n * BLOCK_N - (TK - TQ), 0) // BLOCK_M) * BLOCK_M if CAUSAL else 0
-    for start_m in range(lo, TQ, BLOCK_M):
-        rows = start_m + tl.arange(0, BLOCK_M)
-        q, do, lse2, delta = _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, rows, dims, TQ, D)
-        z, ds = _recompute(q, k, v, do, lse2, delta, rows, cols, TQ, TK, qk_scale, sm_scale, head_key, threshold,
-                           keep_scale, CAUSAL, DROPOUT)
-        dv += tl.dot(tl.trans(z.to(do.dtype)), do)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    off = TK - TQ
+    # causal: query rows before start_n * BLOCK_N - off see none of these keys
+    lo = (tl.maximum(start_n * BLOCK_N - off, 0) // BLOCK_M) * BLOCK_M if CAUSAL else 0
+    # query blocks from `first_full` on see every key of this block (their first row is at or past its
+    # last key); up to `last_full` they lie inside TQ. A ragged last key block is masked throughout.
+    first_full = (tl.maximum(start_n * BLOCK_N + BLOCK_N - 1 - off, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M \
+        if CAUSAL else 0
+    last_full = (TQ // BLOCK_M) * BLOCK_M if start_n * BLOCK_N + BLOCK_N <= TK else 0
+    mid = tl.maximum(tl.minimum(first_full, last_full), lo)
+    end = tl.maximum(last_full, mid)
+    for start_m in range(lo, mid, BLOCK_M):                          # the diagonal: masked
+        dk, dv = _dkdv_query_block(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, start_m, dims, cols,
+                                   TQ, TK, D, qk_scale, sm_scale, head_key, threshold, keep_scale, CAUSAL, DROPOUT,
+                                   True, BLOCK_M)
+    for start_m in range(mid, end, BLOCK_M):                         # below the diagonal: no mask
+        dk, dv = _dkdv_query_block(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, start_m, dims, cols,
+                                   TQ, TK, D, qk_scale, sm_scale, head_key, threshold, keep_scale, CAUSAL, DROPOUT,
+                                   False, BLOCK_M)
+    for start_m in range(end, TQ, BLOCK_M):                          # ragged last query rows: masked
+        dk, dv = _dkdv_query_block(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, start_m, dims, cols,
+                                   TQ, TK, D, qk_scale, sm_scale, head_key, threshold, keep_scale, CAUSAL, DROPOUT,
+                                   True, BLOCK_M)
     tl.store(dk_ptr + kv_base + cols[:, None] * D + dims[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + kv_base + cols[:, None] * D + dims[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_key_block(dq, q, do, lse2, delta, k_ptr, v_ptr, kv_base, rows, dims, start_n, TQ, TK, D, qk_scale, sm_scale,
+                  head_key, threshold, keep_scale, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """dQ contribution of one key block to this program's query rows."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    kv_mask = ((cols[:, None] < TK) & (dims[None, :] < D)) if MASKED else (dims[None, :] < D)
+    k = tl.load(k_ptr + kv_base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
+    _z, ds = _recompute(q, k, v, do, lse2, delta, rows, cols, TQ, TK, qk_scale, sm_scale, head_key, threshold,
+                        keep_scale, CAUSAL, DROPOUT, MASKED)
+    return dq + tl.dot(ds.to(k.dtype), k)
 
 
 @triton.autotune(configs=_BWD_CONFIGS, key=["TQ", "BLOCK_D", "CAUSAL"])
@@ -186,15 +266,13 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     q, do, lse2, delta = _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, rows, dims, TQ, D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     head_key = _head_key(seed_ptr, bh) if DROPOUT else 0
-    hi = tl.minimum((start_m + 1) * BLOCK_M + (TK - TQ), TK) if CAUSAL else TK
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (cols[:, None] < TK) & (dims[None, :] < D)
-        k = tl.load(k_ptr + kv_base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
-        _z, ds = _recompute(q, k, v, do, lse2, delta, rows, cols, TQ, TK, qk_scale, sm_scale, head_key, threshold,
-                            keep_scale, CAUSAL, DROPOUT)
-        dq += tl.dot(ds.to(k.dtype), k)
+    full, hi = _visible_key_blocks(start_m, TK, TK - TQ, CAUSAL, BLOCK_M, BLOCK_N)
+    for start_n in range(0, full, BLOCK_N):                          # below the diagonal: no mask
+        dq = _dq_key_block(dq, q, do, lse2, delta, k_ptr, v_ptr, kv_base, rows, dims, start_n, TQ, TK, D, qk_scale,
+                           sm_scale, head_key, threshold, keep_scale, CAUSAL, DROPOUT, False, BLOCK_N)
+    for start_n in range(full, hi, BLOCK_N):                         # the diagonal: masked
+        dq = _dq_key_block(dq, q, do, lse2, delta, k_ptr, v_ptr, kv_base, rows, dims, start_n, TQ, TK, D, qk_scale,
+                           sm_scale, head_key, threshold, keep_scale, CAUSAL, DROPOUT, True, BLOCK_N)
     qm = (rows[:, None] < TQ) & (dims[None, :] < D)
     tl.store(dq_ptr + base + rows[:, None] * D + dims[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qm)
 

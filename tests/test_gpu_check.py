@@ -1,0 +1,29 @@
+"""scripts/gpu_check.sh, the one command of a GPU session, dry-run here: every GPU stage skips with its reason."""
+import subprocess
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+STAGES = ("build", "compare", "gpu_tests", "bench_ops", "auto_table", "bench_train", "cuda_kernels")
+
+
+def test_dry_run_without_a_gpu_skips_every_stage_and_still_writes_the_summary(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here: the dry run is for machines without one")
+    done = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = (tmp_path / "SUMMARY.md").read_text()
+    assert summary.startswith("# gptfast GPU check")
+    for stage in STAGES:           # in the documented order, each with its reason
+        assert f"- **{stage}**: skipped: no CUDA GPU here (torch.cuda.is_available() is False)" in summary, stage
+    assert [line.split("**")[1] for line in summary.splitlines() if line.startswith("- **")] == list(STAGES)
+    assert "torch " + torch.__version__ in (tmp_path / "environment.txt").read_text()
+
+
+def test_an_unknown_stage_is_refused(tmp_path):
+    done = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path), "bench_opps"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unknown stage bench_opps" in done.stdout
