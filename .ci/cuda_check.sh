@@ -18,6 +18,7 @@ for f in csrc/cuda/*.cu; do
   spills=$(grep -c "[1-9][0-9]* bytes spill" "$out/$name.log" || true)
   echo "CUDA check: $f compiles for sm_80/sm_90 ($spills kernels with spills)"
 done
+python .ci/cuda_resources.py "$out"/*.o     # registers, shared memory, spills per kernel and arch
 nvcc -o "$out/gptfast_cuda_test" "$out"/*.o
 echo "CUDA check: standalone test program links"
 T=$(python -c "import torch, os; print(os.path.dirname(torch.__file__))")

@@ -10,15 +10,15 @@ target without a driver (`triton.compile(ASTSource(...), target=GPUTarget("cuda"
 giving PTX and a cubin whose resource use `cuobjdump -res-usage` (shipped in the triton wheel)
 reports. A kernel fails the check if it does not compile, uses local memory (register spills or a
 stack), needs more shared memory than one block may have (A100 164 KB, H100 227 KB), or - for
-kernels built on `tl.dot` - shows no tensor-core instruction in its PTX (`mma` on sm_80, `wgmma`
-on sm_90).
+kernels built on `tl.dot` - shows no tensor-core instruction in its PTX (`mma` on sm_80; `wgmma` on
+sm_90, or `mma` where tiles under 64 rows cannot use wgmma - the table says which).
 
-Which specializations: every launch config (all autotune configs; the row widths and block sizes
-the launchers choose). In the default mode each config is compiled at its heaviest corner - float32
-tiles (twice the shared memory of 16-bit ones; `tl.dot` on float32 runs as tf32 on tensor cores),
-head dim 128, dropout on - plus bfloat16 at head dim 64 without dropout, what GPT-2 training runs;
-resources only grow along those axes, so a config that passes there passes everywhere. `--full`
-compiles the whole product (float32, bfloat16, float16 x head dims 64, 128 x dropout off/on).
+Which specializations: every launch config - the attention kernels' configs of each tile class
+(`attention.GPU_TILES`: 16-bit or float32 inputs x head dim up to 64 or 128, what the autotuner
+may pick for such a launch), the row widths and block sizes the other launchers choose. In the
+default mode each class is compiled with dropout on (more registers), bfloat16 at head dim 64 also
+without it (GPT-2 training); float16 has bfloat16's resources. `--full` compiles the whole product
+(float32, bfloat16, float16 x head dims 64, 128 x dropout off/on).
 
 Occupancy: blocks per SM from registers (64K per SM, allocated per warp in units of 256), shared
 memory (164 / 228 KB per SM, 1 KB reserved per block) and threads (2048 per SM, 32 blocks).
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
+import importlib
 import os
 import re
 import subprocess
@@ -42,7 +43,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from gptfast.ops.triton import attention, cross_entropy, gelu, layer_norm  # noqa: E402
+# the kernel modules themselves (the package's names `gelu`, `layer_norm`, ... are its backend functions)
+attention, cross_entropy, gelu, layer_norm = (importlib.import_module(f"gptfast.ops.triton.{name}")  # noqa: E402
+                                              for name in ("attention", "cross_entropy", "gelu", "layer_norm"))
 
 # target -> (compute capability, max shared memory per block, shared memory per SM), bytes
 TARGETS = {"sm_80": (80, 164 * 1024, 164 * 1024), "sm_90": (90, 227 * 1024, 228 * 1024)}
@@ -60,14 +63,7 @@ class Case:
 
 
 def jit_fn(kernel):
-    return getattr(kernel, "fn", kernel)              # an Autotuner wraps the JITFunction
-
-
-def configs(kernel):
-    """(constexprs, num_warps, num_stages) of every autotune config; one default for plain kernels."""
-    if hasattr(kernel, "configs"):
-        return [(dict(c.kwargs), c.num_warps, c.num_stages) for c in kernel.configs]
-    return [({}, 4, 3)]
+    return kernel.fn if hasattr(kernel, "configs") else kernel    # an Autotuner wraps the JITFunction
 
 
 def signature(fn, types: dict, constexprs: dict) -> dict:
@@ -84,13 +80,14 @@ def signature(fn, types: dict, constexprs: dict) -> dict:
 
 
 def attention_cases(full: bool) -> list[Case]:
+    """Each kernel's tile classes (attention.GPU_TILES) with every config of the class."""
     variants = ([(dt, d, drop) for dt in TRITON_DTYPES for d in (64, 128) for drop in (False, True)] if full
-                else [("float32", 128, True), ("bfloat16", 64, False)])
+                else [("bfloat16", 64, True), ("bfloat16", 64, False), ("bfloat16", 128, True),
+                      ("float32", 64, True), ("float32", 128, True)])
     cases = []
-    for kernel, name, extra in ((attention._attn_fwd_kernel, "attn_fwd", {"o_ptr": "*{dt}", "lse_ptr": "*fp32"}),
-                                (attention._attn_bwd_dkdv_kernel, "attn_bwd_dkdv",
-                                 {"dk_ptr": "*{dt}", "dv_ptr": "*{dt}"}),
-                                (attention._attn_bwd_dq_kernel, "attn_bwd_dq", {"dq_ptr": "*{dt}"})):
+    for kernel, kind, extra in ((attention._attn_fwd_kernel, "fwd", {"o_ptr": "*{dt}", "lse_ptr": "*fp32"}),
+                                (attention._attn_bwd_dkdv_kernel, "dkdv", {"dk_ptr": "*{dt}", "dv_ptr": "*{dt}"}),
+                                (attention._attn_bwd_dq_kernel, "dq", {"dq_ptr": "*{dt}"})):
         fn = jit_fn(kernel)
         for dt, d, drop in variants:
             t = TRITON_DTYPES[dt]
@@ -98,11 +95,11 @@ def attention_cases(full: bool) -> list[Case]:
                      "delta_ptr": "*fp32", "seed_ptr": "*i64", "TQ": "i32", "TK": "i32", "D": "i32",
                      "qk_scale": "fp32", "sm_scale": "fp32", "threshold": "i32", "keep_scale": "fp32",
                      **{k: v.format(dt=t) for k, v in extra.items()}}
-            for kw, warps, stages in configs(kernel):
-                const = {"CAUSAL": True, "DROPOUT": drop, "BLOCK_D": d, **kw}
-                cases.append(Case(name, fn, signature(fn, types, const), const, warps, stages, dot=True,
-                                  label=f"{dt} D{d} drop{int(drop)} M{kw['BLOCK_M']} N{kw['BLOCK_N']} "
-                                        f"w{warps} s{stages}"))
+            elem = 4 if dt == "float32" else 2
+            for bm, bn, warps, stages in attention.gpu_tiles(kind, elem, d):
+                const = {"CAUSAL": True, "DROPOUT": drop, "BLOCK_D": d, "BLOCK_M": bm, "BLOCK_N": bn}
+                cases.append(Case(f"attn_{kind}", fn, signature(fn, types, const), const, warps, stages, dot=True,
+                                  label=f"{dt} D{d} drop{int(drop)} M{bm} N{bn} w{warps} s{stages}"))
     return cases
 
 
@@ -126,16 +123,16 @@ def rowwise_cases(full: bool) -> list[Case]:
             const = {"BLOCK": gelu.BLOCK}
             types = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "dy_ptr": f"*{t}", "dx_ptr": f"*{t}", "n": "i32"}
             cases.append(Case(name, fn, signature(fn, types, const), const, label=f"{dt} BLOCK{gelu.BLOCK}"))
-        rows = layer_norm._rows_per_program(8192)
-        for block_c in sorted({triton.next_power_of_2(c) for c in GPT2_ROWS}):
+        for width in sorted({triton.next_power_of_2(c): c for c in GPT2_ROWS}.values()):
+            rows, block_c, warps = layer_norm.launch_shape(8192, width)
             const = {"ROWS": rows, "BLOCK_C": block_c}
             types = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "y_ptr": f"*{t}", "dy_ptr": f"*{t}",
                      "dx_ptr": f"*{t}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dw_part_ptr": "*fp32",
                      "db_part_ptr": "*fp32", "n_rows": "i32", "C": "i32", "eps": "fp32"}
             for kernel, name in ((layer_norm._ln_fwd_kernel, "ln_fwd"), (layer_norm._ln_bwd_kernel, "ln_bwd")):
                 fn = jit_fn(kernel)
-                cases.append(Case(name, fn, signature(fn, types, const), const,
-                                  label=f"{dt} C<={block_c} ROWS{rows}"))
+                cases.append(Case(name, fn, signature(fn, types, const), const, num_warps=warps,
+                                  label=f"{dt} C{width} ROWS{rows} w{warps}"))
     return cases
 
 
@@ -173,9 +170,11 @@ def compile_case(case: Case, target: str) -> dict:
     usage = resource_usage(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
     smem = int(compiled.metadata.shared)
+    # Hopper's warpgroup MMA (wgmma) needs 64-row tiles; smaller ones still run on the tensor cores
+    # through the Ampere-style mma.sync, which the table names
+    tensor_cores = "wgmma" if cc >= 90 and "wgmma" in ptx else "mma" if re.search(r"\bmma\.sync", ptx) else ""
     row.update(regs=usage.get("REG", 0), smem=smem, spill=usage.get("LOCAL", 0) + usage.get("STACK", 0),
-               tensor_cores=("wgmma" in ptx) if cc >= 90 else bool(re.search(r"\bmma\.sync", ptx)),
-               seconds=round(time.perf_counter() - start, 1))
+               tensor_cores=tensor_cores, seconds=round(time.perf_counter() - start, 1))
     row["blocks_per_sm"], row["warps_per_sm"] = occupancy(row["regs"], smem, case.num_warps, smem_per_sm)
     problems = []
     if row["spill"]:
@@ -192,7 +191,7 @@ def loop_bodies(ptx: str) -> list[int]:
     """Instructions in each loop body of a PTX function: the lines between a label and a later
     branch back to it (innermost loops, in program order)."""
     lines = [line.strip() for line in ptx.splitlines()]
-    labels = {line[:-1]: i for i, line in enumerate(lines) if re.fullmatch(r"\$L__\w+:", line)}
+    labels = {m[1]: i for i, line in enumerate(lines) if (m := re.match(r"(\$L__\w+):", line))}
     bodies = []
     for i, line in enumerate(lines):
         m = re.search(r"\bbra(?:\.uni)?\s+(\$L__\w+);", line)
@@ -204,9 +203,9 @@ def loop_bodies(ptx: str) -> list[int]:
 
 def loop_profile() -> int:
     """The causal split's effect on the instruction stream: the forward kernel's loop bodies (bf16,
-    D 64, BLOCK_M 128, BLOCK_N 64, no dropout) per target; the unmasked loop comes first."""
-    case = next(c for c in attention_cases(False) if c.kernel == "attn_fwd" and c.label.startswith("bfloat16 D64")
-                and "M128 N64 w4" in c.label)
+    D 64, BLOCK_M 128, BLOCK_N 64, 8 warps, no dropout) per target; the unmasked loop comes first."""
+    case = next(c for c in attention_cases(False) if c.kernel == "attn_fwd" and c.label.startswith("bfloat16 D64 drop0")
+                and "M128 N64" in c.label)
     for target, (cc, _, _) in TARGETS.items():
         compiled = triton.compile(ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs),
                                   target=GPUTarget("cuda", cc, 32),
@@ -232,7 +231,7 @@ def table(rows: list[dict], markdown: bool) -> str:
             lines.append([r["kernel"], r["config"], r["target"], "-", "-", "-", "-", "-", "-", "FAIL " + r["problem"]])
             continue
         lines.append([r["kernel"], r["config"], r["target"], str(r["regs"]), f"{r['smem'] / 1024:.0f}", str(r["spill"]),
-                      "yes" if r["tensor_cores"] else "no", str(r["blocks_per_sm"]), str(r["warps_per_sm"]),
+                      r["tensor_cores"] or "no", str(r["blocks_per_sm"]), str(r["warps_per_sm"]),
                       "ok" if r["ok"] else "FAIL " + r["problem"]])
     if markdown:
         return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +

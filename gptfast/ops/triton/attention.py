@@ -31,13 +31,47 @@ from . import INTERPRET
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
 
-if INTERPRET:   # the interpreter cannot benchmark: one config, large blocks (few programs)
-    _CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4)]
-else:           # H100 / A100 at GPT-2 shapes (T=1024, D=64)
-    _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2),
-                                     (64, 32, 4, 4), (128, 32, 4, 4)]]
-_BWD_CONFIGS = [c for c in _CONFIGS if c.kwargs["BLOCK_M"] <= 64 or INTERPRET] or _CONFIGS
+# GPU launch configs, (BLOCK_M, BLOCK_N, num_warps, num_stages), per kernel and tile class: (bytes per
+# input element, head dim up to 64 or 128). Every one compiles for sm_80 and sm_90 without register
+# spills and within shared memory for the dtypes and head dims of its class, dropout on or off -
+# .ci/triton_aot_check.py proves it in CI. (An earlier single list had 128 x 64 tiles with 4 warps
+# spilling up to 2.4 KB a thread at float32 / head dim 128 and needing 256 KB of shared memory.)
+# 16-bit tiles at head dim 64 are GPT-2 training under autocast; float32 dots run as tf32.
+GPU_TILES = {
+    "fwd": {(2, 64): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)],
+            (2, 128): [(64, 32, 8, 2), (32, 32, 8, 2), (32, 64, 8, 1)],
+            (4, 64): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2)],
+            (4, 128): [(32, 32, 8, 2), (32, 64, 8, 1)]},
+    "dkdv": {(2, 64): [(32, 64, 8, 2), (32, 32, 4, 2)],
+             (2, 128): [(32, 64, 8, 2), (32, 64, 8, 1), (32, 32, 8, 2)],
+             (4, 64): [(32, 32, 4, 2)],
+             (4, 128): [(32, 64, 8, 1), (32, 32, 8, 2)]},
+    "dq": {(2, 64): [(64, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2)],
+           (2, 128): [(32, 32, 8, 2), (32, 64, 8, 1)],
+           (4, 64): [(32, 32, 4, 2)],
+           (4, 128): [(32, 32, 8, 2), (32, 64, 8, 1), (16, 32, 4, 2)]},
+}
+
+
+def gpu_tiles(kind: str, elem_bytes: int, block_d: int) -> list[tuple[int, int, int, int]]:
+    """The launch configs of kernel `kind` ("fwd", "dkdv", "dq") for inputs of that element size and
+    (power-of-two) head dim."""
+    return GPU_TILES[kind][(2 if elem_bytes <= 2 else 4, 64 if block_d <= 64 else 128)]
+
+
+def _autotune_configs(kind: str) -> list:
+    if INTERPRET:   # the interpreter cannot benchmark: one config, large blocks (few programs)
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4)]
+    tiles = dict.fromkeys(t for per_class in GPU_TILES[kind].values() for t in per_class)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in tiles]
+
+
+def _prune(kind: str):
+    """Autotuning tries only the configs of this launch's tile class."""
+    def prune(configs, nargs, **kwargs):
+        allowed = set(gpu_tiles(kind, nargs["q_ptr"].element_size(), kwargs["BLOCK_D"]))
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+    return {"early_config_prune": prune}
 
 
 @triton.jit
@@ -110,7 +144,8 @@ def _visible_key_blocks(start_m, TK, off, CAUSAL: tl.constexpr, BLOCK_M: tl.cons
 
 
 # (Tk is left out of the autotune keys: decoding with a KV cache changes it every step)
-@triton.autotune(configs=_CONFIGS, key=["TQ", "BLOCK_D", "CAUSAL"])
+@triton.autotune(configs=_autotune_configs("fwd"), key=["TQ", "BLOCK_D", "CAUSAL", "DROPOUT"],
+                 prune_configs_by=_prune("fwd"))
 @triton.jit
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seed_ptr, TQ, TK, D, qk_scale, threshold, keep_scale,
                      CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -195,7 +230,8 @@ def _dkdv_query_block(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh,
     return dk, dv
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["TQ", "BLOCK_D", "CAUSAL"])
+@triton.autotune(configs=_autotune_configs("dkdv"), key=["TQ", "BLOCK_D", "CAUSAL", "DROPOUT"],
+                 prune_configs_by=_prune("dkdv"))
 @triton.jit
 def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, seed_ptr, TQ, TK, D,
                           qk_scale, sm_scale, threshold, keep_scale, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
@@ -252,7 +288,8 @@ def _dq_key_block(dq, q, do, lse2, delta, k_ptr, v_ptr, kv_base, rows, dims, sta
     return dq + tl.dot(ds.to(k.dtype), k)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["TQ", "BLOCK_D", "CAUSAL"])
+@triton.autotune(configs=_autotune_configs("dq"), key=["TQ", "BLOCK_D", "CAUSAL", "DROPOUT"],
+                 prune_configs_by=_prune("dq"))
 @triton.jit
 def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr, TQ, TK, D,
                         qk_scale, sm_scale, threshold, keep_scale, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,

@@ -18,9 +18,14 @@ from .. import autograd_formulas as formulas
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _rows_per_program(n_rows: int) -> int:
-    # the interpreter's cost is per program: use few programs; on GPU a handful of rows each
-    return min(64 if INTERPRET else 4, triton.next_power_of_2(max(n_rows, 1)))
+def launch_shape(n_rows: int, C: int) -> tuple[int, int, int]:
+    """(rows per program, BLOCK_C, num_warps) of both kernels. The interpreter's cost is per program:
+    few programs; on a GPU a handful of rows each, and 8 warps from 2048-wide blocks (GPT-2 xl's
+    1600), where 4 warps need more than 255 registers a thread in the backward and spill on sm_80
+    (.ci/triton_aot_check.py)."""
+    block_c = triton.next_power_of_2(C)
+    rows = min(64 if INTERPRET else 4, triton.next_power_of_2(max(n_rows, 1)))
+    return rows, block_c, 8 if block_c >= 2048 else 4
 
 
 @triton.jit
@@ -93,9 +98,9 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows:
-        rows = _rows_per_program(n_rows)
+        rows, block_c, warps = launch_shape(n_rows, C)
         _ln_fwd_kernel[(triton.cdiv(n_rows, rows),)](x2, weight.contiguous(), bias.contiguous(), y, mean, rstd,
-                                                     n_rows, C, eps, ROWS=rows, BLOCK_C=triton.next_power_of_2(C))
+                                                     n_rows, C, eps, ROWS=rows, BLOCK_C=block_c, num_warps=warps)
     return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
 
@@ -109,14 +114,14 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
     x2, dy2 = x.contiguous().view(-1, C), dy.contiguous().view(-1, C)
     n_rows = x2.shape[0]
     dx = torch.empty_like(x2)
-    rows = _rows_per_program(n_rows)
+    rows, block_c, warps = launch_shape(n_rows, C)
     n_prog = max(1, triton.cdiv(n_rows, rows))
     dw_part = torch.zeros(n_prog, C, dtype=torch.float32, device=x.device)
     db_part = torch.zeros(n_prog, C, dtype=torch.float32, device=x.device)
     if n_rows:
         _ln_bwd_kernel[(n_prog,)](dy2, x2, weight.contiguous(), mean.contiguous().view(-1),
                                   rstd.contiguous().view(-1), dx, dw_part, db_part, n_rows, C,
-                                  ROWS=rows, BLOCK_C=triton.next_power_of_2(C))
+                                  ROWS=rows, BLOCK_C=block_c, num_warps=warps)
     # fixed-order reduction of the per-program partials
     return dx.view(x.shape), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
 
