@@ -278,3 +278,20 @@ def test_gptfast_imports_and_reports_when_triton_is_missing():
                             env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("unavailable:") and "triton" in result.stdout
+
+
+def test_gpu_launches_try_only_the_configs_of_their_tile_class():
+    """On a GPU the autotuner is pruned to the launch's tile class (attention.GPU_TILES): the configs
+    that .ci/triton_aot_check.py compiled for that dtype width and head dim, and no other."""
+    import triton as _triton
+    from gptfast.ops.triton import attention as kernels
+
+    for kind, per_class in kernels.GPU_TILES.items():
+        every = [_triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                 for tiles in per_class.values() for bm, bn, w, s in tiles]
+        prune = kernels._prune(kind)["early_config_prune"]
+        for dtype, block_d, cls in ((torch.bfloat16, 64, (2, 64)), (torch.float16, 128, (2, 128)),
+                                    (torch.float32, 32, (4, 64)), (torch.float32, 128, (4, 128))):
+            kept = prune(every, {"q_ptr": torch.empty(1, dtype=dtype)}, CAUSAL=True, DROPOUT=False, BLOCK_D=block_d)
+            assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept} \
+                == set(per_class[cls]), (kind, dtype, block_d)
