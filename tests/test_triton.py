@@ -135,12 +135,18 @@ def test_dropout_matches_reference_and_extension(T, causal):
 @pytest.mark.parametrize("Tq,Tk,p", [(1, 70, 0.0), (5, 9, 0.0), (65, 130, 0.0), (33, 100, 0.3)])
 def test_fewer_queries_than_keys_with_gradients_and_dropout(Tq, Tk, p):
     """The KV-cache case: queries are the last Tq of Tk positions (masks and dropout rows shifted)."""
-    q = rand(2, 3, Tq, 16, seed=90)
-    k, v = rand(2, 3, Tk, 16, seed=91), rand(2, 3, Tk, 16, seed=92)
-    seed = torch.tensor([77], dtype=torch.int64)
-    fn = lambda *a: ops.causal_attention(*a, dropout_p=p, seed=seed, backend="triton")  # noqa: E731
-    ref = lambda *a: reference.causal_attention(*a, dropout_p=p, seed=seed)  # noqa: E731
-    assert max(errors(fn, ref, [q, k, v], torch.float32)) < 1e-5
+    assert kv_cache_errors(2, Tq, Tk, p, seed=90) < 1e-5
+
+
+def kv_cache_errors(B, Tq, Tk, p, seed):
+    """Largest relative error (output and the three gradients) of the Triton causal attention with
+    Tq queries at the end of Tk keys, against the float64 reference."""
+    q = rand(B, 3 if B > 1 else 2, Tq, 16, seed=seed)
+    k, v = (rand(q.shape[0], q.shape[1], Tk, 16, seed=seed + i) for i in (1, 2))
+    rng = torch.tensor([seed], dtype=torch.int64)
+    fn = lambda *a: ops.causal_attention(*a, dropout_p=p, seed=rng, backend="triton")  # noqa: E731
+    ref = lambda *a: reference.causal_attention(*a, dropout_p=p, seed=rng)  # noqa: E731
+    return max(errors(fn, ref, [q, k, v], torch.float32))
 
 
 @pytest.mark.parametrize("block_m,block_n", [(32, 16), (16, 32), (64, 16)])
@@ -159,12 +165,7 @@ def test_every_block_shape_splits_masked_from_unmasked_key_blocks_correctly(bloc
         for t in tuned:
             t.configs = [_triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4)]
             t.cache.clear()
-        q = rand(1, 2, Tq, 16, seed=300)
-        k, v = rand(1, 2, Tk, 16, seed=301), rand(1, 2, Tk, 16, seed=302)
-        seed = torch.tensor([5], dtype=torch.int64)
-        fn = lambda *a: ops.causal_attention(*a, dropout_p=p, seed=seed, backend="triton")  # noqa: E731
-        ref = lambda *a: reference.causal_attention(*a, dropout_p=p, seed=seed)  # noqa: E731
-        assert max(errors(fn, ref, [q, k, v], torch.float32)) < 1e-5
+        assert kv_cache_errors(1, Tq, Tk, p, seed=300) < 1e-5
     finally:
         for t, (configs, cache) in zip(tuned, saved):
             t.configs = configs

@@ -67,6 +67,17 @@ _NORMS = (("ln_1", "norm1"), ("ln_2", "norm2"))
 _QKV = ("W_query", "W_key", "W_value")          # the three (C, C) slices of c_attn's (C, 3C) weight
 
 
+def _block_tensors(i: int):
+    """(GPT-2 name, GPTModel name, transposed) of block i's tensors, the fused Q/K/V aside."""
+    h, b = f"h.{i}.", f"trf_blocks.{i}."
+    for src, dst in _LINEARS:
+        yield f"{h}{src}.weight", f"{b}{dst}.weight", True
+        yield f"{h}{src}.bias", f"{b}{dst}.bias", False
+    for src, dst in _NORMS:
+        for part in ("weight", "bias"):
+            yield f"{h}{src}.{part}", f"{b}{dst}.{part}", False
+
+
 def _padded_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
     """w with zero rows appended up to `rows` (a --pad-vocab model's embedding / LM head)."""
     return torch.cat([w, w.new_zeros(rows - w.shape[0], *w.shape[1:])]) if rows > w.shape[0] else w
@@ -86,12 +97,8 @@ def gpt2_to_gptfast(sd: dict, cfg: GPTConfig) -> dict:
             out[f"{b}att.{name}.weight"] = w_qkv[:, j * C:(j + 1) * C].t()       # Conv1D (in, out) -> (out, in)
             if cfg.qkv_bias:
                 out[f"{b}att.{name}.bias"] = b_qkv[j * C:(j + 1) * C]
-        for src, dst in _LINEARS:
-            out[f"{b}{dst}.weight"] = sd[f"{h}{src}.weight"].t()
-            out[f"{b}{dst}.bias"] = sd[f"{h}{src}.bias"]
-        for src, dst in _NORMS:
-            out[f"{b}{dst}.weight"] = sd[f"{h}{src}.weight"]
-            out[f"{b}{dst}.bias"] = sd[f"{h}{src}.bias"]
+        for theirs, ours, transposed in _block_tensors(i):
+            out[ours] = sd[theirs].t() if transposed else sd[theirs]
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -107,12 +114,8 @@ def gptfast_to_gpt2(sd: dict, cfg: GPTConfig) -> dict:
         out[h + "attn.c_attn.weight"] = torch.cat([w.t() for w in weights], dim=1)  # (C, 3C), (in, out)
         out[h + "attn.c_attn.bias"] = (torch.cat([sd[f"{b}att.{name}.bias"] for name in _QKV]) if cfg.qkv_bias
                                        else weights[0].new_zeros(3 * cfg.emb_dim))
-        for src, dst in _LINEARS:
-            out[f"{h}{src}.weight"] = sd[f"{b}{dst}.weight"].t()
-            out[f"{h}{src}.bias"] = sd[f"{b}{dst}.bias"]
-        for src, dst in _NORMS:
-            out[f"{h}{src}.weight"] = sd[f"{b}{dst}.weight"]
-            out[f"{h}{src}.bias"] = sd[f"{b}{dst}.bias"]
+        for theirs, ours, transposed in _block_tensors(i):
+            out[theirs] = sd[ours].t() if transposed else sd[ours]
     out = {"transformer." + k: v for k, v in out.items()}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["out_head.weight"][:V]
