@@ -12,7 +12,7 @@ import os
 import torch
 
 from . import auto
-from .checks import check_attention_inputs, check_floating, check_like
+from .checks import check_attention_inputs, check_floating, check_like, check_targets
 from .registry import (DEFAULT_BACKEND, BackendError, available_backends, get_backend,
                        known_backends, register_backend, resolve_backend_name, shares_dropout_rng)
 
@@ -76,17 +76,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     check_floating("logits", logits)
     if logits.ndim < 2:
         raise ValueError(f"logits must have shape (..., V) with at least 2 dims, got {tuple(logits.shape)}")
-    if targets.dtype != torch.int64:
-        raise TypeError(f"targets must be an int64 tensor, got {targets.dtype}")
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"targets must have shape {tuple(logits.shape[:-1])} to match logits, got {tuple(targets.shape)}")
-    if targets.device != logits.device:
-        raise ValueError(f"targets is on {targets.device} but logits is on {logits.device}")
     V = logits.shape[-1]
-    if not torch.compiler.is_compiling():   # eager only: a data-dependent check would break the graph
-        bad = ((targets < 0) & (targets != ignore_index)) | (targets >= V)
-        if bool(bad.any()):   # one device sync; a wrong id would otherwise read out of bounds
-            raise ValueError(f"targets hold ids outside [0, {V}) that are not ignore_index ({ignore_index})")
+    check_targets(targets, "logits", logits, V, ignore_index)
     return get_backend(backend).cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index)
 
 
@@ -117,17 +108,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if hidden.ndim < 2 or weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"hidden must have shape (..., C) and weight (V, C) with the same C, got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if targets.dtype != torch.int64:
-        raise TypeError(f"targets must be an int64 tensor, got {targets.dtype}")
-    if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} to match hidden, got {tuple(targets.shape)}")
-    if targets.device != hidden.device:
-        raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
     V = weight.shape[0]
-    if not torch.compiler.is_compiling():   # eager only: a data-dependent check would break the graph
-        bad = ((targets < 0) & (targets != ignore_index)) | (targets >= V)
-        if bool(bad.any()):
-            raise ValueError(f"targets hold ids outside [0, {V}) that are not ignore_index ({ignore_index})")
+    check_targets(targets, "hidden", hidden, V, ignore_index)
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)

@@ -35,3 +35,20 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     if k.shape[2] < q.shape[2]:
         raise ValueError(f"k holds {k.shape[2]} positions, fewer than q's {q.shape[2]}: the queries must be the "
                          "last positions of the keys")
+
+
+def check_targets(targets: torch.Tensor, name: str, t: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Class ids for the rows of `t` (named `name`, shape (..., X)): int64, shape t.shape[:-1], on t's
+    device, each in [0, vocab) or ignore_index. The range is checked in eager mode only - a
+    data-dependent check would break a compiled graph - at the cost of one device sync; a wrong id
+    would otherwise read out of bounds."""
+    if targets.dtype != torch.int64:
+        raise TypeError(f"targets must be an int64 tensor, got {targets.dtype}")
+    if targets.shape != t.shape[:-1]:
+        raise ValueError(f"targets must have shape {tuple(t.shape[:-1])} to match {name}, got {tuple(targets.shape)}")
+    if targets.device != t.device:
+        raise ValueError(f"targets is on {targets.device} but {name} is on {t.device}")
+    if not torch.compiler.is_compiling():
+        bad = ((targets < 0) & (targets != ignore_index)) | (targets >= vocab)
+        if bool(bad.any()):
+            raise ValueError(f"targets hold ids outside [0, {vocab}) that are not ignore_index ({ignore_index})")
