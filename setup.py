@@ -7,8 +7,10 @@ built ahead of time when torch is importable here, i.e. with
 `pip install -e . --no-build-isolation`; otherwise gptfast compiles it on first use of the
 `extension` backend (cached under TORCH_EXTENSIONS_DIR).
 
-Switches: GPTFAST_SKIP_EXTENSION=1 skips the C++ build; GPTFAST_CPU_ISA=generic drops the
-x86-64 AVX2/FMA flags; the CUDA sources (csrc/cuda/) are added when torch is a CUDA build and
+On x86-64 the CPU kernels are built twice: for AVX2 inside gptfast._C and for AVX-512 as
+gptfast._C_avx512; gptfast loads the one the running CPU supports (GPTFAST_CPU_ISA=avx2|avx512
+forces one). Switches: GPTFAST_SKIP_EXTENSION=1 skips the C++ build; GPTFAST_CPU_ISA=generic
+builds portable kernels only (no AVX2/AVX-512 flags); the CUDA sources (csrc/cuda/) are added when torch is a CUDA build and
 CUDA_HOME is found, or never with GPTFAST_SKIP_CUDA=1, or always with GPTFAST_FORCE_CUDA=1.
 """
 import importlib.util
@@ -51,8 +53,16 @@ def extension_modules():
         kwargs["sources"] += meta.cuda_sources(ROOT)
         kwargs["extra_compile_args"]["cxx"] += ["-DGPTFAST_WITH_CUDA"]
         kwargs["extra_compile_args"]["nvcc"] = meta.nvcc_flags()
-        return [CUDAExtension(**kwargs)], {"build_ext": BuildExtension}
-    return [CppExtension(**kwargs)], {"build_ext": BuildExtension}
+        return ([CUDAExtension(**kwargs)] + isa_extensions(meta, src_hash, CppExtension),
+                {"build_ext": BuildExtension})
+    return [CppExtension(**kwargs)] + isa_extensions(meta, src_hash, CppExtension), {"build_ext": BuildExtension}
+
+
+def isa_extensions(meta, src_hash, CppExtension):
+    """The CPU kernels again for each extra instruction set (gptfast._C_avx512 on x86-64)."""
+    return [CppExtension(name=meta.ISA_MODULES[isa], sources=meta.isa_sources(ROOT),
+                         extra_compile_args={"cxx": meta.cxx_flags(src_hash, isa)}, extra_link_args=["-fopenmp"])
+            for isa in meta.extra_isas()]
 
 
 ext_modules, cmdclass = extension_modules()

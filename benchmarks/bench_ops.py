@@ -350,7 +350,7 @@ def environment(device, dtype, repeats) -> dict:
            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "python": platform.python_version(), "dtype": str(dtype).replace("torch.", ""),
            "date": datetime.datetime.now().isoformat(timespec="seconds"), "repeats": repeats,
-           "backends": ops.available_backends()}
+           "backends": ops.available_backends(), "cpu_isa": cpu_kernels_isa()}
     try:
         import triton
 
@@ -404,6 +404,16 @@ def plot(results: list, path_prefix: str) -> list[str]:
     return written
 
 
+def cpu_kernels_isa() -> str:
+    """The instruction set our CPU kernels run with here (GPTFAST_CPU_ISA or the best available)."""
+    try:
+        return ops.get_backend("extension").build_info()["cpu_isa"]
+    except ops.BackendError as err:
+        if "GPTFAST_CPU_ISA" in str(err):
+            raise SystemExit(f"bench_ops.py: {err}") from None
+        return "none (extension unavailable)"
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -453,7 +463,11 @@ def main(argv=None):
     p.add_argument("--ops", default=None, help="comma-separated subset of: " + ", ".join(OP_FUNCS))
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_ops_<device>.json)")
+    p.add_argument("--cpu-isa", default=None, choices=["avx2", "avx512"],
+                   help="the instruction set of our CPU kernels (sets GPTFAST_CPU_ISA; default: the best this CPU has)")
     args = p.parse_args(argv)
+    if args.cpu_isa:
+        os.environ["GPTFAST_CPU_ISA"] = args.cpu_isa      # read when the extension backend first loads
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     backends = args.backends.split(",") if args.backends else DEFAULT_BACKENDS[device.type] + optional_backends()
@@ -463,7 +477,7 @@ def main(argv=None):
     env = environment(device, dtype, repeats)
     env["ceilings"] = ceilings = measure_ceilings(device, dtype)
     print(f"device {env['device']} | torch {env['torch']} | triton {env['triton']} | threads {env['cpu_threads']} | "
-          f"{env['dtype']} | median of {repeats} after warm-up")
+          f"our CPU kernels {env['cpu_isa']} | {env['dtype']} | median of {repeats} after warm-up")
     print(f"ceilings measured now: copy {ceilings['copy_GBps']:.1f} GB/s, matmul {ceilings['matmul_GFLOPps']:.0f} "
           f"GFLOP/s ({ceilings['matmul']})")
     header = (f"{'op':<18}{'mode':<9}{'shape':<20}{'backend':<15}{'median ms':>11}{'p20-p80 ms':>18}{'throughput':>18}"

@@ -12,21 +12,12 @@
 #include <torch/version.h>
 #endif
 
+#include "cpu/bind_kernels.h"
 #include "cpu/bpe_train.h"
 
-#if defined(GPTFAST_CPU_ISA_AVX2)
-#define GPTFAST_CPU_ISA "avx2+fma (ATen Vectorized AVX2)"
-#else
-#define GPTFAST_CPU_ISA "generic (ATen Vectorized default)"
-#endif
 #ifndef TORCH_VERSION
 #define TORCH_VERSION "unknown"
 #endif
-
-namespace gptfast {
-bool poison_outputs();
-void set_poison_outputs(bool on);
-}  // namespace gptfast
 
 namespace py = pybind11;
 
@@ -42,7 +33,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["cuda_archs"] = std::string("none");
 #endif
     info["compiled_backends"] = backends;
-    info["cpu_isa"] = std::string(GPTFAST_CPU_ISA);
+    info["cpu_isa"] = std::string(gptfast::cpu_kernels_isa());   // of this module's build (see also _C_avx512)
 #ifdef _OPENMP
     info["openmp"] = true;
 #else
@@ -61,7 +52,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bpe_learn_merges", &gptfast::bpe_learn_merges, py::arg("words"), py::arg("counts"),
         py::arg("num_merges"), py::arg("first_id") = 256,
         "BPE training loop: merges (a, b, new_id), most frequent pair first, ties to the smallest pair.");
-  m.def("set_poison_outputs", &gptfast::set_poison_outputs, py::arg("on"),
-        "Fill op outputs with NaN before kernels write them (testing aid).");
-  m.def("poison_outputs", &gptfast::poison_outputs);
+  gptfast::bind_cpu_kernels(m);
 }

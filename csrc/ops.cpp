@@ -1,23 +1,10 @@
-// The gptfast op contract: every schema declared once. Kernels register per device elsewhere
-// (csrc/cpu/*.cpp for CPU, csrc/cuda/ for CUDA); fake kernels and autograd are registered in
-// Python (gptfast/ops/extension.py).
+// The gptfast op contract: every schema declared once. Kernels register per device elsewhere:
+// CUDA statically (csrc/cuda/), CPU at load time from the build for the running CPU's instruction
+// set (csrc/cpu/register.cpp, chosen by gptfast/compiled.py); fake kernels and autograd are
+// registered in Python (gptfast/ops/extension.py).
 #include <torch/library.h>
 
-#include <atomic>
-#include <limits>
-
 #include "common.h"
-
-namespace gptfast {
-
-static std::atomic<bool> g_poison{false};
-bool poison_outputs() { return g_poison.load(std::memory_order_relaxed); }
-void set_poison_outputs(bool on) { g_poison.store(on, std::memory_order_relaxed); }
-void maybe_poison(at::Tensor& t) {
-  if (poison_outputs()) t.fill_(std::numeric_limits<double>::quiet_NaN());
-}
-
-}  // namespace gptfast
 
 TORCH_LIBRARY(gptfast, m) {
   // LayerNorm over the last dim. mean/rstd: one per row, float32 (float64 for float64 x).

@@ -24,6 +24,12 @@ def cpu_sources(root: str = ROOT) -> list[str]:
     return sorted(os.path.relpath(p, root) for p in found)
 
 
+def isa_sources(root: str = ROOT) -> list[str]:
+    """Sources of the AVX-512 CPU-kernel module (gptfast._C_avx512): csrc/isa/, one file per kernel
+    file of csrc/cpu/ that includes it (distinct object files from the AVX2 build's) and the bindings."""
+    return sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "csrc", "isa", "*.cpp")))
+
+
 def cuda_sources(root: str = ROOT) -> list[str]:
     """CUDA kernels (csrc/cuda/*.cu) and their torch glue (csrc/cuda/*.cpp), relative to `root`;
     not the standalone check program (test_*.cu, built by CMake)."""
@@ -66,7 +72,7 @@ def want_cuda(torch_cuda: str | None, cuda_home: str | None, n_cuda_sources: int
 def all_source_files(root: str = ROOT) -> list[str]:
     patterns = ("*.cpp", "*.h", "*.cu", "*.cuh")
     files = []
-    for sub in ("", "cpu", "cuda"):
+    for sub in ("", "cpu", "cuda", "isa"):
         for pat in patterns:
             files += glob.glob(os.path.join(root, "csrc", sub, pat))
     return sorted(files)
@@ -85,23 +91,43 @@ def source_hash(root: str = ROOT) -> str | None:
     return h.hexdigest()[:16]
 
 
-def cpu_isa() -> str:
-    """AVX2+FMA on x86-64 (every current server; GPU hosts included), the generic path elsewhere.
+def is_x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
 
-    GPTFAST_CPU_ISA=generic forces the portable build.
-    """
+
+def cpu_isa() -> str:
+    """The instruction set of gptfast._C's CPU kernels: AVX2+FMA on x86-64 (every current server, GPU
+    hosts included), the generic path elsewhere. GPTFAST_CPU_ISA=generic at build time forces the
+    portable build (and no AVX-512 module)."""
     if os.environ.get("GPTFAST_CPU_ISA") == "generic":
         return "generic"
-    return "avx2" if platform.machine().lower() in ("x86_64", "amd64") else "generic"
+    return "avx2" if is_x86_64() else "generic"
 
 
-def cxx_flags(src_hash: str | None) -> list[str]:
-    flags = ["-O3", "-g0", "-fopenmp", "-Wno-unknown-pragmas"]
-    isa = cpu_isa()
-    if isa == "avx2":
-        # ATen's Vectorized<T> picks its AVX2 implementation from these defines
-        flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    flags += [f"-DGPTFAST_CPU_ISA_{isa.upper()}"]
+def extra_isas() -> list[str]:
+    """Instruction sets built as extra CPU-kernel modules next to gptfast._C: AVX-512 on x86-64 (it
+    compiles on any x86-64 machine; it is loaded only on a CPU that has it)."""
+    return ["avx512"] if cpu_isa() == "avx2" else []
+
+
+# ATen's Vectorized<T> picks its implementation from CPU_CAPABILITY_*; -m flags as ATen builds them
+ISA_FLAGS = {
+    "generic": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
+               # hidden symbols: nothing compiled for AVX-512 can be bound in place of another module's code
+               "-fvisibility=hidden", "-fvisibility-inlines-hidden"],
+}
+# /proc/cpuinfo flags each build needs at run time
+ISA_CPU_FLAGS = {"generic": (), "avx2": ("avx2", "fma", "f16c"),
+                 "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma")}
+ISA_MODULES = {"avx512": "gptfast._C_avx512"}    # the others live in gptfast._C
+
+
+def cxx_flags(src_hash: str | None, isa: str | None = None) -> list[str]:
+    isa = isa or cpu_isa()
+    flags = ["-O3", "-g0", "-fopenmp", "-Wno-unknown-pragmas"] + ISA_FLAGS[isa]
     if src_hash:
         flags.append(f"-DGPTFAST_SOURCE_HASH_HEX=0x{src_hash}ULL")
     return flags
@@ -109,7 +135,8 @@ def cxx_flags(src_hash: str | None) -> list[str]:
 
 def write_build_info(torch_version: str, src_hash: str | None, path: str = BUILD_INFO_FILE) -> None:
     with open(path, "w") as f:
-        json.dump({"torch_version": torch_version, "source_hash": src_hash, "cpu_isa": cpu_isa()}, f)
+        json.dump({"torch_version": torch_version, "source_hash": src_hash, "cpu_isa": cpu_isa(),
+                   "extra_isas": extra_isas()}, f)
 
 
 def read_build_info(path: str = BUILD_INFO_FILE) -> dict | None:

@@ -6,7 +6,10 @@
 # builds gptfast with its CUDA kernels (offline), runs the GPU tests, the standalone CUDA kernel
 # checks and both benchmarks at their default sizes, writing every log, JSON, Markdown table and
 # plot into OUT_DIR plus a SUMMARY.md. Stages (default: all but `tests`, in this order):
-#   build  compare  gpu_tests  bench_ops  auto_table  bench_train  cuda_kernels  tests (the whole suite)
+#   build  compare  gpu_tests  bench_ops  auto_table  bench_train  cuda_kernels  cpu_isa  tests (the whole suite)
+# `cpu_isa` is for the GPU host's CPU: where it has AVX-512 (our CI machine may not), the CPU kernels'
+# AVX-512 build runs against the reference and against the AVX2 build (tests/test_cpu_isa.py plus
+# the extension's CPU tests with GPTFAST_CPU_ISA=avx512).
 # `auto_table` writes OUT_DIR/auto_table.json: the `auto` backend's table with the GPU rows from this
 # run's bench_ops (and its compare vetoes) next to the committed CPU rows. To ship it as the measured
 # GPU default, copy bench_ops_cuda.json and compare_cuda_*.json into benchmarks/results/ and rerun
@@ -79,6 +82,13 @@ gpu_tests() {   # the tests with GPU paths first: CUDA kernels, Triton kernels, 
   python -m pytest -q -ra -p no:cacheprovider --junitxml="$out/gpu_tests.xml" tests/test_extension_cuda.py \
     tests/test_triton.py tests/test_ops.py
 }
+cpu_isa() {   # the CPU kernels per instruction set this host has (AVX-512 is never run on an AVX2-only CI)
+  grep -o -w -m1 'avx512[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
+  python -m pytest -q -ra -p no:cacheprovider tests/test_cpu_isa.py || return 1
+  if grep -q -w avx512bw /proc/cpuinfo; then
+    GPTFAST_CPU_ISA=avx512 python -m pytest -q -ra -p no:cacheprovider -x tests/test_extension.py -k "not cuda"
+  fi
+}
 tests() {
   python -m pytest -q -ra -p no:cacheprovider --junitxml="$out/tests.xml"
 }
@@ -99,7 +109,7 @@ auto_table() {   # the committed CPU measurements plus this run's GPU ones
 }
 
 export out
-export -f build compare cuda_kernels gpu_tests tests auto_table
+export -f build compare cuda_kernels gpu_tests tests auto_table cpu_isa
 budget=${GPU_CHECK_BUDGET:-540}
 gpu=$(python -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 run() {   # run NAME LIMIT COMMAND...: stage with LIMIT cut to the budget left
@@ -113,7 +123,7 @@ run() {   # run NAME LIMIT COMMAND...: stage with LIMIT cut to the budget left
   stage "$name" $(( limit < left ? limit : left )) "$@"
 }
 stages=("${@:2}")
-[ ${#stages[@]} -eq 0 ] && stages=(build compare gpu_tests bench_ops auto_table bench_train cuda_kernels)
+[ ${#stages[@]} -eq 0 ] && stages=(build compare gpu_tests bench_ops auto_table bench_train cuda_kernels cpu_isa)
 for s in "${stages[@]}"; do
   case $s in
     build) run build 150 build ;;
@@ -125,8 +135,9 @@ for s in "${stages[@]}"; do
                    --compile both --backends auto,torch,extension,triton --steps 10 --pad-vocab \
                    --out "$out/bench_train_cuda.json" ;;
     cuda_kernels) run cuda_kernels 45 cuda_kernels ;;
+    cpu_isa) run cpu_isa 90 cpu_isa ;;
     tests) run tests 400 tests ;;
-    *) echo "unknown stage $s (build compare gpu_tests bench_ops auto_table bench_train cuda_kernels tests)"; exit 2 ;;
+    *) echo "unknown stage $s (build compare gpu_tests bench_ops auto_table bench_train cuda_kernels cpu_isa tests)"; exit 2 ;;
   esac
 done
 

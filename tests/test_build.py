@@ -1,4 +1,6 @@
 """Build decisions (setup.py and the just-in-time fallback share gptfast/_build_meta.py)."""
+import os
+
 import pytest
 
 from gptfast import _build_meta as meta
@@ -43,8 +45,24 @@ def test_isa_flags_only_on_x86(monkeypatch):
     assert not any(f.startswith("-mavx") for f in meta.cxx_flags(None))
     monkeypatch.setattr(meta.platform, "machine", lambda: "x86_64")
     assert "-mavx2" in meta.cxx_flags(None)
+    assert meta.extra_isas() == ["avx512"] and "-mavx512f" in meta.cxx_flags(None, "avx512")
+    assert "-mavx512f" not in meta.cxx_flags(None)                 # gptfast._C itself stays AVX2
     monkeypatch.setenv("GPTFAST_CPU_ISA", "generic")
-    assert "-mavx2" not in meta.cxx_flags(None)
+    assert "-mavx2" not in meta.cxx_flags(None) and meta.extra_isas() == []
+    monkeypatch.setattr(meta.platform, "machine", lambda: "aarch64")
+    monkeypatch.delenv("GPTFAST_CPU_ISA")
+    assert meta.extra_isas() == []
+
+
+def test_every_cpu_kernel_file_has_an_avx512_build():
+    """csrc/isa/ compiles each kernel file of csrc/cpu/ again for AVX-512 (plus the module's bindings);
+    a kernel file without its wrapper would leave gptfast._C_avx512 with an unresolved symbol."""
+    kernels = {os.path.basename(p) for p in meta.cpu_sources() if p.startswith("csrc/cpu/")} - {"bpe_train.cpp"}
+    isa = set(meta.isa_sources())
+    assert {f"csrc/isa/avx512_{k}" for k in kernels} | {"csrc/isa/module.cpp"} == isa
+    for k in kernels:
+        with open(os.path.join(meta.ROOT, "csrc", "isa", f"avx512_{k}")) as f:
+            assert f'#include "../cpu/{k}"' in f.read()
 
 
 def test_cuda_sources_exclude_the_standalone_test_program():

@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT, check_precision, interface_case, rel_error
 from gptfast import ops
-from gptfast.compiled import load_extension
+from gptfast.compiled import load_extension, set_poison_outputs
 from gptfast.ops import reference
 from gptfast.ops.dropout_rng import dropout_keep_mask
 
@@ -20,9 +20,9 @@ OPS = torch.ops.gptfast
 @pytest.fixture(autouse=True)
 def poisoned_outputs():
     """Kernel outputs start as NaN, so any element a kernel fails to write fails the test."""
-    _C.set_poison_outputs(True)
+    set_poison_outputs(True)
     yield
-    _C.set_poison_outputs(False)
+    set_poison_outputs(False)
 
 
 def rand(*shape, dtype=torch.float64, seed=0, scale=1.0, shift=0.0):
@@ -240,6 +240,9 @@ def test_opcheck(name):
      "mean must have dtype Double"),
     (lambda: OPS.gelu_fwd(torch.arange(4)), "x must be a floating-point tensor"),
     (lambda: OPS.gelu_bwd(rand(3), rand(4)), "dy must have x's shape"),
+    (lambda: OPS.layer_norm_fwd(rand(2, 8, dtype=torch.bfloat16), rand(8, dtype=torch.float32), rand(8), 1e-5),
+     "weight has dtype Float but x has BFloat16"),
+    (lambda: OPS.gelu_fwd(rand(4).to(torch.int32)), "x must be a floating-point tensor"),
 ])
 def test_bad_inputs_raise_naming_the_argument(call, message):
     with pytest.raises(RuntimeError, match=message):
@@ -249,9 +252,41 @@ def test_bad_inputs_raise_naming_the_argument(call, message):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("op", ["layer_norm", "gelu", "attention", "cross_entropy"])
 def test_half_precision_cpu_tensors_are_computed_in_float32(op, dtype):
-    """bfloat16 autocast on CPU hands the ops half-precision tensors: the interface widens them for
-    the float32 kernels and rounds back - no worse than PyTorch's own CPU ops at that precision."""
+    """bfloat16 autocast on CPU hands the ops half-precision tensors: LayerNorm, GELU and cross-entropy
+    read them as they are (float32 math in registers), attention through a float32 copy - no worse
+    than PyTorch's own CPU ops at that precision."""
     check_precision(*interface_case(op, "extension"), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("op", ["layer_norm", "gelu", "cross_entropy"])
+def test_half_precision_cpu_ops_make_no_widened_copies(op, dtype):
+    """Native 16-bit CPU kernels: forward and backward run without a single dtype conversion of a
+    tensor (no aten._to_copy), and the outputs and gradients keep the input's dtype."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = rand(6, 1023, dtype=dtype, seed=1).requires_grad_()
+    w, b = rand(1023, dtype=dtype, seed=2).requires_grad_(), rand(1023, dtype=dtype, seed=3)
+    targets = torch.randint(0, 1023, (6,))
+    with Calls() as calls:
+        if op == "layer_norm":
+            out = ops.layer_norm(x, w, b, backend="extension")
+        elif op == "gelu":
+            out = ops.gelu(x, backend="extension")
+        else:
+            out = ops.cross_entropy(x, targets, backend="extension")
+        out.backward(torch.ones_like(out))
+    assert any(c.startswith(f"gptfast.{op}_fwd") for c in calls.seen), calls.seen
+    assert not [c for c in calls.seen if "_to_copy" in c or c.startswith("aten.to")], calls.seen
+    assert x.grad.dtype == dtype and (op != "layer_norm" or w.grad.dtype == dtype)
+    assert out.dtype == (torch.float32 if op == "cross_entropy" else dtype)
 
 
 # ----------------------------------------------------------------------------- the model

@@ -18,6 +18,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -31,6 +32,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "kernels.h"
 #include "../dropout_hash.h"
 
 namespace gptfast {
@@ -456,7 +458,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gptfast, CPU, m) {
+void register_attention_cpu(torch::Library& m) {
   m.impl("attention_fwd", &attention_fwd_cpu);
   m.impl("attention_bwd", &attention_bwd_cpu);
 }

@@ -1,4 +1,5 @@
-// GELU (tanh approximation) forward/backward on CPU, vectorized with at::vec, chunks in parallel.
+// GELU (tanh approximation) forward/backward on CPU, vectorized with at::vec, chunks in parallel;
+// bfloat16/float16 tensors are read and written as such, the math in float32 (vec_io.h).
 //   y  = 0.5 x (1 + tanh(u)),  u = k0 (x + k1 x^3),  k0 = sqrt(2/pi), k1 = 0.044715
 //   dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k0 (1 + 3 k1 x^2),  t = tanh(u)
 // computed through the identity 0.5 (1 + tanh(u)) = sigmoid(2u) = 1 / (1 + exp(-2u)): one exp
@@ -15,6 +16,8 @@
 #include <cmath>
 
 #include "../common.h"
+#include "kernels.h"
+#include "vec_io.h"
 
 namespace gptfast {
 namespace {
@@ -24,49 +27,53 @@ constexpr double kK0 = 0.7978845608028654;  // sqrt(2 / pi)
 constexpr double kK1 = 0.044715;
 constexpr int64_t kGrain = 32768;
 
+// T: the storage type; the math runs in A = acc_t<T> (float32 for bfloat16/float16 storage)
 template <typename T>
 void gelu_fwd_span(const T* x, T* y, int64_t n) {
-  using Vec = Vectorized<T>;
+  using A = acc_t<T>;
+  using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
   const Vec one(1), m2k0(-2 * kK0), k1(kK1);
   int64_t i = 0;
   for (; i + V <= n; i += V) {
-    Vec xv = Vec::loadu(x + i);
+    Vec xv = load_acc(x + i);
     Vec e = (m2k0 * at::vec::fmadd(k1 * xv * xv, xv, xv)).exp();      // exp(-2u)
-    (xv / (one + e)).store(y + i);
+    store_acc(xv / (one + e), y + i);
   }
   for (; i < n; ++i) {
-    const T xv = x[i];
-    y[i] = xv / (T(1) + std::exp(T(-2 * kK0) * (xv + T(kK1) * xv * xv * xv)));
+    const A xv = x[i];
+    y[i] = static_cast<T>(xv / (A(1) + std::exp(A(-2 * kK0) * (xv + A(kK1) * xv * xv * xv))));
   }
 }
 
 template <typename T>
 void gelu_bwd_span(const T* dy, const T* x, T* dx, int64_t n) {
-  using Vec = Vectorized<T>;
+  using A = acc_t<T>;
+  using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
   const Vec one(1), two(2), m2k0(-2 * kK0), k1(kK1), k0(kK0), three_k1(3 * kK1);
   int64_t i = 0;
   for (; i + V <= n; i += V) {
-    Vec xv = Vec::loadu(x + i);
+    Vec xv = load_acc(x + i);
     Vec x2 = xv * xv;
     Vec sg = one / (one + (m2k0 * at::vec::fmadd(k1 * x2, xv, xv)).exp());   // sigmoid(2u)
     Vec du = k0 * at::vec::fmadd(three_k1, x2, one);                         // u'
     Vec grad = sg + two * xv * sg * (one - sg) * du;
-    (Vec::loadu(dy + i) * grad).store(dx + i);
+    store_acc(load_acc(dy + i) * grad, dx + i);
   }
   for (; i < n; ++i) {
-    const T xv = x[i], x2 = xv * xv;
-    const T sg = T(1) / (T(1) + std::exp(T(-2 * kK0) * (xv + T(kK1) * x2 * xv)));
-    const T du = T(kK0) * (T(1) + T(3 * kK1) * x2);
-    dx[i] = dy[i] * (sg + T(2) * xv * sg * (T(1) - sg) * du);
+    const A xv = x[i], x2 = xv * xv;
+    const A sg = A(1) / (A(1) + std::exp(A(-2 * kK0) * (xv + A(kK1) * x2 * xv)));
+    const A du = A(kK0) * (A(1) + A(3 * kK1) * x2);
+    dx[i] = static_cast<T>(A(dy[i]) * (sg + A(2) * xv * sg * (A(1) - sg) * du));
   }
 }
 
 void check_gelu_x(const at::Tensor& x) {
   check_float(x, "x");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "x: the CPU GELU supports float32 and float64, got ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kBFloat16 ||
+                  x.scalar_type() == at::kHalf,
+              "x: the CPU GELU supports float32, float64, bfloat16 and float16, got ", x.scalar_type());
 }
 
 at::Tensor gelu_fwd_cpu(const at::Tensor& x_in) {
@@ -74,7 +81,7 @@ at::Tensor gelu_fwd_cpu(const at::Tensor& x_in) {
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = at::empty_like(x);
   maybe_poison(y);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gelu_fwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gelu_fwd_cpu", [&] {
     const scalar_t* px = x.data_ptr<scalar_t>();
     scalar_t* py = y.data_ptr<scalar_t>();
     at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
@@ -92,7 +99,7 @@ at::Tensor gelu_bwd_cpu(const at::Tensor& dy_in, const at::Tensor& x_in) {
   const at::Tensor dy = dy_in.contiguous(), x = x_in.contiguous();
   at::Tensor dx = at::empty_like(x);
   maybe_poison(dx);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gelu_bwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gelu_bwd_cpu", [&] {
     const scalar_t *pdy = dy.data_ptr<scalar_t>(), *px = x.data_ptr<scalar_t>();
     scalar_t* pdx = dx.data_ptr<scalar_t>();
     at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
@@ -104,7 +111,7 @@ at::Tensor gelu_bwd_cpu(const at::Tensor& dy_in, const at::Tensor& x_in) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gptfast, CPU, m) {
+void register_gelu_cpu(torch::Library& m) {
   m.impl("gelu_fwd", &gelu_fwd_cpu);
   m.impl("gelu_bwd", &gelu_bwd_cpu);
 }

@@ -4,7 +4,8 @@
 // shifting by the row's first element keeps E[d^2] - E[d]^2 from cancelling catastrophically when
 // |mean| >> std), then one pass writing y = (x - mean) * rstd * weight + bias.
 // Backward: dx per row; dweight/dbias summed per fixed block of rows, then the blocks summed in a
-// fixed order, so results do not depend on the number of threads.
+// fixed order, so results do not depend on the number of threads. bfloat16/float16 tensors are read
+// and written as such; the math, the statistics and the dweight/dbias sums are float32 (vec_io.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -20,6 +21,8 @@
 #include <vector>
 
 #include "../common.h"
+#include "kernels.h"
+#include "vec_io.h"
 
 namespace gptfast {
 namespace {
@@ -35,45 +38,47 @@ T sum_lanes(const Vectorized<T>& v) {
   return s;
 }
 
-template <typename T>
-void layer_norm_fwd_row(const T* x, const T* w, const T* b, T* y, T* mean_out, T* rstd_out, int64_t C,
+// T: the storage type of x, weight, bias, y; A = acc_t<T> the math and the statistics (float32
+// for bfloat16/float16 storage)
+template <typename T, typename A = acc_t<T>>
+void layer_norm_fwd_row(const T* x, const T* w, const T* b, T* y, A* mean_out, A* rstd_out, int64_t C,
                         double eps) {
-  using Vec = Vectorized<T>;
+  using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
-  const T shift = x[0];
+  const A shift = x[0];
   // two independent accumulator chains per sum, so the adds are not bound by FMA latency
   Vec vs0(0), vss0(0), vs1(0), vss1(0), vshift(shift);
   int64_t i = 0;
   for (; i + 2 * V <= C; i += 2 * V) {
-    Vec d0 = Vec::loadu(x + i) - vshift, d1 = Vec::loadu(x + i + V) - vshift;
+    Vec d0 = load_acc(x + i) - vshift, d1 = load_acc(x + i + V) - vshift;
     vs0 = vs0 + d0;
     vs1 = vs1 + d1;
     vss0 = at::vec::fmadd(d0, d0, vss0);
     vss1 = at::vec::fmadd(d1, d1, vss1);
   }
   for (; i + V <= C; i += V) {
-    Vec d = Vec::loadu(x + i) - vshift;
+    Vec d = load_acc(x + i) - vshift;
     vs0 = vs0 + d;
     vss0 = at::vec::fmadd(d, d, vss0);
   }
-  T s = sum_lanes(vs0 + vs1), ss = sum_lanes(vss0 + vss1);
+  A s = sum_lanes(vs0 + vs1), ss = sum_lanes(vss0 + vss1);
   for (; i < C; ++i) {
-    T d = x[i] - shift;
+    A d = A(x[i]) - shift;
     s += d;
     ss += d * d;
   }
-  const T mean_shifted = s / C;
-  const T var = std::max<T>(ss / C - mean_shifted * mean_shifted, T(0));  // biased variance
-  const T mean = shift + mean_shifted;
-  const T rstd = T(1) / std::sqrt(var + static_cast<T>(eps));
+  const A mean_shifted = s / C;
+  const A var = std::max<A>(ss / C - mean_shifted * mean_shifted, A(0));  // biased variance
+  const A mean = shift + mean_shifted;
+  const A rstd = A(1) / std::sqrt(var + static_cast<A>(eps));
   *mean_out = mean;
   *rstd_out = rstd;
   const Vec vmean(mean), vrstd(rstd);
   for (i = 0; i + V <= C; i += V) {
-    Vec xhat = (Vec::loadu(x + i) - vmean) * vrstd;
-    at::vec::fmadd(xhat, Vec::loadu(w + i), Vec::loadu(b + i)).store(y + i);
+    Vec xhat = (load_acc(x + i) - vmean) * vrstd;
+    store_acc(at::vec::fmadd(xhat, load_acc(w + i), load_acc(b + i)), y + i);
   }
-  for (; i < C; ++i) y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+  for (; i < C; ++i) y[i] = static_cast<T>((A(x[i]) - mean) * rstd * A(w[i]) + A(b[i]));
 }
 
 // dweight/dbias partial sums: one per block of rows. The blocking depends on N only (so results do
@@ -82,43 +87,43 @@ void layer_norm_fwd_row(const T* x, const T* w, const T* b, T* y, T* mean_out, T
 constexpr int64_t kMaxBlocks = 32;
 inline int64_t rows_per_block(int64_t N) { return std::max<int64_t>(32, (N + kMaxBlocks - 1) / kMaxBlocks); }
 
-template <typename T>
-void layer_norm_bwd_row(const T* dy, const T* x, const T* w, T mean, T rstd, T* dx, T* dw_acc,
-                        T* db_acc, int64_t C) {
-  using Vec = Vectorized<T>;
+template <typename T, typename A = acc_t<T>>
+void layer_norm_bwd_row(const T* dy, const T* x, const T* w, A mean, A rstd, T* dx, A* dw_acc, A* db_acc,
+                        int64_t C) {
+  using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
   const Vec vmean(mean), vrstd(rstd);
   // sums over the row of g = dy * w and of g * xhat
   Vec vg(0), vgx(0);
   int64_t i = 0;
   for (; i + V <= C; i += V) {
-    Vec xhat = (Vec::loadu(x + i) - vmean) * vrstd;
-    Vec dyv = Vec::loadu(dy + i);
-    Vec g = dyv * Vec::loadu(w + i);
+    Vec xhat = (load_acc(x + i) - vmean) * vrstd;
+    Vec dyv = load_acc(dy + i);
+    Vec g = dyv * load_acc(w + i);
     vg = vg + g;
     vgx = at::vec::fmadd(g, xhat, vgx);
     at::vec::fmadd(dyv, xhat, Vec::loadu(dw_acc + i)).store(dw_acc + i);
     (Vec::loadu(db_acc + i) + dyv).store(db_acc + i);
   }
-  T sg = sum_lanes(vg), sgx = sum_lanes(vgx);
+  A sg = sum_lanes(vg), sgx = sum_lanes(vgx);
   for (; i < C; ++i) {
-    T xhat = (x[i] - mean) * rstd;
-    T g = dy[i] * w[i];
+    A xhat = (A(x[i]) - mean) * rstd;
+    A g = A(dy[i]) * A(w[i]);
     sg += g;
     sgx += g * xhat;
-    dw_acc[i] += dy[i] * xhat;
-    db_acc[i] += dy[i];
+    dw_acc[i] += A(dy[i]) * xhat;
+    db_acc[i] += A(dy[i]);
   }
-  const T a = sg / C, c = sgx / C;
+  const A a = sg / C, c = sgx / C;
   const Vec va(a), vc(c);
   for (i = 0; i + V <= C; i += V) {
-    Vec xhat = (Vec::loadu(x + i) - vmean) * vrstd;
-    Vec g = Vec::loadu(dy + i) * Vec::loadu(w + i);
-    (vrstd * (g - va - xhat * vc)).store(dx + i);
+    Vec xhat = (load_acc(x + i) - vmean) * vrstd;
+    Vec g = load_acc(dy + i) * load_acc(w + i);
+    store_acc(vrstd * (g - va - xhat * vc), dx + i);
   }
   for (; i < C; ++i) {
-    T xhat = (x[i] - mean) * rstd;
-    dx[i] = rstd * (dy[i] * w[i] - a - xhat * c);
+    A xhat = (A(x[i]) - mean) * rstd;
+    dx[i] = static_cast<T>(rstd * (A(dy[i]) * A(w[i]) - a - xhat * c));
   }
 }
 
@@ -126,8 +131,9 @@ void check_ln_args(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   check_float(x, "x");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "x must have a non-empty last dimension, got shape ",
               x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "x: the CPU LayerNorm supports float32 and float64, got ", x.scalar_type());
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(xt == at::kFloat || xt == at::kDouble || xt == at::kBFloat16 || xt == at::kHalf,
+              "x: the CPU LayerNorm supports float32, float64, bfloat16 and float16, got ", xt);
   check_same(weight, "weight", x, "x");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "weight must have shape (",
               x.size(-1), ",) to match x's last dim, got ", weight.sizes());
@@ -151,10 +157,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
   at::Tensor mean = at::empty(stat_sizes, x.options().dtype(stat_dtype(x.scalar_type())));
   at::Tensor rstd = at::empty_like(mean);
   maybe_poison(y), maybe_poison(mean), maybe_poison(rstd);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "layer_norm_fwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "layer_norm_fwd_cpu", [&] {
+    using A = acc_t<scalar_t>;
     const scalar_t *px = x.data_ptr<scalar_t>(), *pw = weight.data_ptr<scalar_t>(),
                    *pb = bias.data_ptr<scalar_t>();
-    scalar_t *py = y.data_ptr<scalar_t>(), *pm = mean.data_ptr<scalar_t>(), *pr = rstd.data_ptr<scalar_t>();
+    scalar_t* py = y.data_ptr<scalar_t>();
+    A *pm = mean.data_ptr<A>(), *pr = rstd.data_ptr<A>();
     at::parallel_for(0, N, std::max<int64_t>(1, 16384 / C), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
         layer_norm_fwd_row(px + r * C, pw, pb, py + r * C, pm + r, pr + r, C, eps);
@@ -184,13 +192,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
   maybe_poison(dx), maybe_poison(dweight), maybe_poison(dbias);
   const int64_t rows_in_block = rows_per_block(N);
   const int64_t n_blocks = (N + rows_in_block - 1) / rows_in_block;
-  at::Tensor partial = at::zeros({2, std::max<int64_t>(n_blocks, 1), C}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "layer_norm_bwd_cpu", [&] {
-    const scalar_t *pdy = dy.data_ptr<scalar_t>(), *px = x.data_ptr<scalar_t>(),
-                   *pw = weight.data_ptr<scalar_t>(), *pm = mean.data_ptr<scalar_t>(),
-                   *pr = rstd.data_ptr<scalar_t>();
-    scalar_t *pdx = dx.data_ptr<scalar_t>(), *pdw = partial.data_ptr<scalar_t>();
-    scalar_t* pdb = pdw + std::max<int64_t>(n_blocks, 1) * C;
+  // partial sums (and the final ones) in the statistics dtype: float32 for 16-bit x
+  at::Tensor partial = at::zeros({2, std::max<int64_t>(n_blocks, 1), C}, x.options().dtype(stat_dtype(x.scalar_type())));
+  at::Tensor sums = at::empty({2, C}, partial.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "layer_norm_bwd_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t *pdy = dy.data_ptr<scalar_t>(), *px = x.data_ptr<scalar_t>(), *pw = weight.data_ptr<scalar_t>();
+    const A *pm = mean.data_ptr<A>(), *pr = rstd.data_ptr<A>();
+    scalar_t* pdx = dx.data_ptr<scalar_t>();
+    A* pdw = partial.data_ptr<A>();
+    A* pdb = pdw + std::max<int64_t>(n_blocks, 1) * C;
     at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
         const int64_t r_end = std::min(N, (blk + 1) * rows_in_block);
@@ -200,10 +211,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
       }
     });
     // fixed-order reduction over the blocks, columns in parallel
-    scalar_t *out_w = dweight.data_ptr<scalar_t>(), *out_b = dbias.data_ptr<scalar_t>();
+    A *out_w = sums.data_ptr<A>(), *out_b = out_w + C;
     std::copy(pdw, pdw + C, out_w);
     std::copy(pdb, pdb + C, out_b);
-    using Vec = Vectorized<scalar_t>;
+    using Vec = Vectorized<A>;
     for (int64_t blk = 1; blk < n_blocks; ++blk) {       // few blocks: one thread, vectorized, in order
       int64_t c = 0;
       for (; c + Vec::size() <= C; c += Vec::size()) {
@@ -216,12 +227,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
       }
     }
   });
+  dweight.copy_(sums[0]);            // rounded once, at the end, for 16-bit weights
+  dbias.copy_(sums[1]);
   return {dx, dweight, dbias};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gptfast, CPU, m) {
+void register_layer_norm_cpu(torch::Library& m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd_cpu);
   m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
 }

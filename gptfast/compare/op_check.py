@@ -46,19 +46,19 @@ def dtype_name(dtype: torch.dtype) -> str:
 @contextlib.contextmanager
 def poisoned_kernel_outputs(backends):
     """NaN-fill the compiled kernels' outputs before they are written (the extension's debug switch)."""
-    _C = None
+    ext = None
     if "extension" in backends:
         try:
-            _C = getattr(ops.get_backend("extension"), "_C", None)
+            ext = ops.get_backend("extension")
         except ops.BackendError:
-            _C = None
-    if _C is not None:
-        _C.set_poison_outputs(True)
+            ext = None
+    if ext is not None:
+        ext.set_poison_outputs(True)
     try:
         yield
     finally:
-        if _C is not None:
-            _C.set_poison_outputs(False)
+        if ext is not None:
+            ext.set_poison_outputs(False)
 
 
 def run_case(case: OpCase, backend: str, dtype: torch.dtype, device: torch.device, leaves64: dict,

@@ -53,6 +53,12 @@ def _runnable(name: str, device_type: str) -> bool:
     return name in registry.known_backends() and registry._load(name) is not None
 
 
+def _why_not(name: str) -> str:
+    from . import registry
+
+    return registry.unavailable_reason(name) or ""
+
+
 def choose(op: str, device_type: str, dtype: str) -> Choice:
     """The backend for `op` ("attention_dropout" for attention with dropout) on `device_type` at `dtype`."""
     key = (op, device_type, dtype)
@@ -65,11 +71,16 @@ def _choose(op: str, device_type: str, dtype: str) -> Choice:
     for row in _TABLE.get("rows", []):
         if (row["op"], row["device"], row["dtype"]) != (op, device_type, dtype):
             continue
+        skipped = []                                   # faster backends that cannot run here
         for entry in row["ranking"]:
             if _runnable(entry["backend"], device_type):
                 why = "no other backend measurably faster" if entry["backend"] == FALLBACK else \
                     f"{entry['vs_torch']:.2f}x torch"
+                if skipped:
+                    why = "the fastest that runs here; " + "; ".join(skipped)
                 return Choice(entry["backend"], f"{why} (fwd+bwd, {row['shapes']}; {row['measured_on']}, {row['date']})")
+            if entry["backend"] != "triton" or device_type == "cuda":   # the CPU interpreter is never a candidate
+                skipped.append(f"{entry['backend']} ({entry['vs_torch']:.2f}x torch) cannot: {_why_not(entry['backend'])}")
         break
     return Choice(FALLBACK, f"no measurement for {device_type} {dtype} in the auto table: torch until one is added "
                             "(benchmarks/bench_ops.py, then benchmarks/make_auto_table.py)")

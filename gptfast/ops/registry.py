@@ -50,6 +50,13 @@ def _load(name: str) -> ModuleType | None:
     return module
 
 
+def unavailable_reason(name: str) -> str | None:
+    """Why backend `name` cannot run here (loading it if need be), or None when it can."""
+    if name not in _BACKENDS:
+        return "unknown backend"
+    return None if _load(name) is not None else _errors[name]
+
+
 def available_backends() -> dict[str, str]:
     """Every known backend -> "available: <description>" or "unavailable: <why>"."""
     status = {}
