@@ -116,3 +116,14 @@ def test_training_with_a_padded_vocabulary(tmp_path, verdict_text):
     model, _ = load_checkpoint(summary["checkpoint"])
     assert model.cfg.vocab_multiple == 64 and model.out_head.weight.shape[0] == 50304
     assert summary["parameters"] == tiny().num_parameters() + 2 * 47 * 64               # 50304 - 50257 rows
+
+
+def test_bfloat16_on_a_cpu_without_bf16_matmul_instructions_gets_a_note():
+    from gptfast.training.optim import precision_note
+
+    note = precision_note("bfloat16", "cpu", flags={"avx2", "fma"})
+    assert note is not None and "--dtype float32" in note
+    assert precision_note("bfloat16", "cpu", flags={"avx2", "avx512_bf16"}) is None
+    assert precision_note("bfloat16", "cpu", flags={"amx_bf16"}) is None
+    assert precision_note("float32", "cpu", flags={"avx2"}) is None
+    assert precision_note("bfloat16", "cpu", flags=set()) is not None

@@ -3,7 +3,10 @@
 Each op contract (csrc/ops.cpp) is the same for the C++/CUDA ops and the Triton ops, so so is the
 way their gradients flow: `formulas(bwd)` returns (setup_context, backward) for
 `torch.library.register_autograd`, given that backend's backward op. Statistics outputs (mean,
-rstd, lse, dlogits) are marked non-differentiable.
+rstd, lse, dlogits) are marked non-differentiable, and their (absent) gradients are not materialized:
+autograd would otherwise hand the backward a zero-filled tensor per such output - for the
+cross-entropy's dlogits and the fused loss's saved gradients, N x V and V x C of zeros allocated
+and written on every backward, only to be ignored.
 """
 from __future__ import annotations
 
@@ -14,8 +17,11 @@ def layer_norm(bwd):
         _y, mean, rstd = output
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, dy, _dmean, _drstd):
+        if dy is None:
+            return None, None, None, None
         x, weight, mean, rstd = ctx.saved_tensors
         dx, dweight, dbias = bwd(dy, x, weight, mean, rstd)
         return dx, dweight, dbias, None
@@ -41,8 +47,11 @@ def attention(bwd):
         ctx.save_for_backward(q, k, v, o, lse, seed)
         ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, dout, _dlse):
+        if dout is None:
+            return None, None, None, None, None, None, None
         q, k, v, o, lse, seed = ctx.saved_tensors
         dq, dk, dv = bwd(dout, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.dropout_p, seed)
         return dq, dk, dv, None, None, None, None
@@ -56,10 +65,13 @@ def cross_entropy(bwd):
         _loss, lse, dlogits = output
         ctx.save_for_backward(dlogits)
         ctx.mark_non_differentiable(lse, dlogits)
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_loss, _glse, _gdl):
         if not ctx.compute_grad:
             raise RuntimeError("cross_entropy_fwd was called with compute_grad=False; its gradient is unavailable")
+        if grad_loss is None:
+            return None, None, None, None
         (dlogits,) = ctx.saved_tensors
         return bwd(dlogits, grad_loss), None, None, None
 
@@ -74,11 +86,14 @@ def linear_cross_entropy(_bwd=None):
         _loss, grad_hidden, grad_weight = output
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.mark_non_differentiable(grad_hidden, grad_weight)
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_loss, _gh, _gw):
         if not ctx.compute_grad:
             raise RuntimeError("linear_cross_entropy_fwd was called with compute_grad=False; its gradient is "
                                "unavailable")
+        if grad_loss is None:
+            return None, None, None, None, None, None
         grad_hidden, grad_weight = ctx.saved_tensors
         # out of place: scaling the saved buffers in place would save one V x C copy in eager mode, but
         # breaks functionalization (torch.compile, opcheck) and a second backward (retain_graph)

@@ -45,6 +45,21 @@ def check_precision(dtype: str, device) -> None:
         raise ValueError("--dtype float16 needs a CUDA device (use bfloat16 on CPU)")
 
 
+def precision_note(dtype: str, device, flags: set[str] | None = None) -> str | None:
+    """A warning worth printing before a run: bfloat16 on a CPU without bfloat16 matrix instructions
+    (avx512_bf16, amx_bf16), where PyTorch's bfloat16 matmuls are emulated - 55x slower than float32
+    for a 512x768x3072 product on a Zen 3 (benchmarks/NOTES.md)."""
+    from ..compiled import cpu_flags
+
+    if dtype != "bfloat16" or torch.device(device).type != "cpu":
+        return None
+    flags = cpu_flags() if flags is None else flags
+    if flags is None or flags & {"avx512_bf16", "amx_bf16"}:
+        return None
+    return ("note: this CPU has no bfloat16 matrix instructions (avx512_bf16, amx_bf16), so PyTorch's bfloat16 "
+            "matmuls run far slower than float32 here; --dtype float32 will be faster")
+
+
 def autocast(dtype: str, device):
     """Mixed precision for the forward pass: matmuls in `dtype`, master weights stay float32."""
     if dtype == "float32":

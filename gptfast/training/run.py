@@ -23,7 +23,7 @@ from .checkpoint import (CHECKPOINT_NAME, WEIGHTS_NAME, load_checkpoint, read_ch
                          save_checkpoint, save_weights, set_rng_states)
 from .loop import History, NonFiniteLoss, train_model
 from .metrics import MetricsLog, plot_losses
-from .optim import check_precision, grad_scaler, lr_at, make_optimizer
+from .optim import check_precision, grad_scaler, lr_at, make_optimizer, precision_note
 from .stop import StopOnSignal, TrainingStopped
 
 
@@ -299,6 +299,8 @@ def _run_training(s: TrainSettings, echo, device: torch.device, info: DistInfo) 
          f"{f' warm-up {s.warmup_steps}' if s.warmup_steps else ''}"
          f"{f' cosine to {s.min_lr:g}' if s.min_lr is not None else ''}"
          f"{f' | grad clip {s.grad_clip:g}' if s.grad_clip else ''}")
+    if (note := precision_note(s.dtype, device)) is not None:
+        echo(note)
 
     if info.is_main:
         os.makedirs(s.out, exist_ok=True)
