@@ -113,6 +113,10 @@ def run_config(preset: str, backend: str, compile_model: bool, device: torch.dev
         times.append(time.perf_counter() - t0)
     peak_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                else cpu_status_mb("VmHWM") - base_mb)
+    # what must fit in the machine: everything the process held at its peak (weights, optimizer
+    # state, activations; on CUDA what the caching allocator reserved)
+    process_peak_mb = (torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda"
+                       else cpu_status_mb("VmHWM"))
     step_s = statistics.median(times)
     tokens_per_s = batch_size * T / step_s
     fpt = flops_per_token(model, T)
@@ -123,6 +127,7 @@ def run_config(preset: str, backend: str, compile_model: bool, device: torch.dev
             "batch_size": batch_size, "context_length": T, "parameters": model.num_parameters(),
             "vocab_rows": cfg.padded_vocab_size,
             "step_ms": step_s * 1e3, "tokens_per_s": tokens_per_s, "peak_memory_mb": peak_mb,
+            "process_peak_mb": process_peak_mb,
             "warmup_s": warmup_s, "flops_per_token": fpt, "achieved_tflops": tokens_per_s * fpt / 1e12,
             "mfu": tokens_per_s * fpt / (peak * 1e12) if peak else None, "final_loss": float(loss.detach())}
 
@@ -160,7 +165,7 @@ def main(argv=None):
     print(f"device {env['device']} | torch {env['torch']} | preset {preset} | {dtype} | batch {batch_size} | "
           f"median of {steps} steps after {args.warmup} warm-up")
     losses = {"fused": [True], "unfused": [False], "both": [True, False]}[args.loss]
-    header = f"{'backend':<11}{'compile':<9}{'loss':<9}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'peak MB':>10}{'warm-up s':>11}"
+    header = f"{'backend':<11}{'compile':<9}{'loss':<9}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'peak MB':>10}{'process MB':>12}{'warm-up s':>11}"
     print(header)
     print("-" * len(header))
     rows = []
@@ -178,7 +183,7 @@ def main(argv=None):
                 rows.append(r)
                 mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
                 print(f"{backend:<11}{str(compile_model):<9}{loss_name:<9}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12,.0f}"
-                      f"{r['achieved_tflops']:>9.2f}{mfu:>7}{r['peak_memory_mb']:>10.0f}{r['warmup_s']:>11.1f}")
+                      f"{r['achieved_tflops']:>9.2f}{mfu:>7}{r['peak_memory_mb']:>10.0f}{r['process_peak_mb']:>12.0f}{r['warmup_s']:>11.1f}")
     baseline = next((r for r in rows if r["backend"] == "torch" and r["compile"] and r["loss"] == "unfused"), None) or \
         next((r for r in rows if r["backend"] == "torch" and r["compile"]), None) or \
         next((r for r in rows if r["backend"] == "torch"), None)
@@ -190,13 +195,13 @@ def main(argv=None):
         json.dump({"environment": env, "results": rows}, f, indent=1)
     with open(out.removesuffix(".json") + ".md", "w") as f:
         f.write(f"Device: {env['device']} | torch {env['torch']} | {env['date']} | preset {preset} | {dtype} | "
-                f"batch {batch_size}\n\n| backend | compile | loss | step ms | tokens/s | TFLOP/s | MFU | peak MB | "
-                "vs torch baseline |\n|---|---|---|---|---|---|---|---|---|\n")
+                f"batch {batch_size}\n\n| backend | compile | loss | step ms | tokens/s | TFLOP/s | MFU | peak MB | process peak MB | "
+                "vs torch baseline |\n|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
             vs = f"{r['speedup_vs_torch_baseline']:.2f}×" if r["speedup_vs_torch_baseline"] else "–"
             f.write(f"| {r['backend']} | {r['compile']} | {r['loss']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
-                    f"{r['achieved_tflops']:.2f} | {mfu} | {r['peak_memory_mb']:.0f} | {vs} |\n")
+                    f"{r['achieved_tflops']:.2f} | {mfu} | {r['peak_memory_mb']:.0f} | {r['process_peak_mb']:.0f} | {vs} |\n")
     print(f"\nwrote {out} and its .md table")
     return 0 if rows else 1
 

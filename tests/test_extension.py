@@ -231,9 +231,8 @@ def test_opcheck(name):
                                torch.zeros(1, dtype=torch.long)), "v must have k's shape"),
     (lambda: OPS.attention_fwd(rand(1, 1, 4, 8), rand(1, 1, 4, 8), rand(1, 1, 4, 8), True, 1.0, 0.0,
                                torch.zeros(1)), "seed must be a one-element int64 tensor"),
-    (lambda: OPS.attention_fwd(rand(1, 1, 4, 8, dtype=torch.float16), rand(1, 1, 4, 8, dtype=torch.float16),
-                               rand(1, 1, 4, 8, dtype=torch.float16), True, 1.0, 0.0, torch.zeros(1, dtype=torch.long)),
-     "supports float32 and float64, got Half"),
+    (lambda: OPS.attention_fwd(torch.ones(1, 1, 4, 8, dtype=torch.int32), rand(1, 1, 4, 8), rand(1, 1, 4, 8), True,
+                               1.0, 0.0, torch.zeros(1, dtype=torch.long)), "q must be a floating-point tensor"),
     (lambda: OPS.layer_norm_fwd(rand(2, 8), rand(4), rand(8), 1e-5), r"weight must have shape \(8,\)"),
     (lambda: OPS.layer_norm_fwd(rand(2, 8), rand(8), rand(8), -1.0), "eps must be positive"),
     (lambda: OPS.layer_norm_bwd(rand(2, 8), rand(2, 8), rand(8), rand(2, dtype=torch.float32), rand(2)),
@@ -252,14 +251,13 @@ def test_bad_inputs_raise_naming_the_argument(call, message):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("op", ["layer_norm", "gelu", "attention", "cross_entropy"])
 def test_half_precision_cpu_tensors_are_computed_in_float32(op, dtype):
-    """bfloat16 autocast on CPU hands the ops half-precision tensors: LayerNorm, GELU and cross-entropy
-    read them as they are (float32 math in registers), attention through a float32 copy - no worse
-    than PyTorch's own CPU ops at that precision."""
+    """bfloat16 autocast on CPU hands the ops half-precision tensors: the kernels read them as they are
+    (float32 math in registers and tiles) - no worse than PyTorch's own CPU ops at that precision."""
     check_precision(*interface_case(op, "extension"), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("op", ["layer_norm", "gelu", "cross_entropy"])
+@pytest.mark.parametrize("op", ["layer_norm", "gelu", "cross_entropy", "attention"])
 def test_half_precision_cpu_ops_make_no_widened_copies(op, dtype):
     """Native 16-bit CPU kernels: forward and backward run without a single dtype conversion of a
     tensor (no aten._to_copy), and the outputs and gradients keep the input's dtype."""
@@ -273,17 +271,24 @@ def test_half_precision_cpu_ops_make_no_widened_copies(op, dtype):
             return func(*args, **(kwargs or {}))
 
     x = rand(6, 1023, dtype=dtype, seed=1).requires_grad_()
+    if op == "attention":
+        x = rand(2, 3, 129, 80, dtype=dtype, seed=4).requires_grad_()     # q = k = v, head dim 80
     w, b = rand(1023, dtype=dtype, seed=2).requires_grad_(), rand(1023, dtype=dtype, seed=3)
     targets = torch.randint(0, 1023, (6,))
+    seed = torch.tensor([7])                          # the dropout seed, drawn outside the recording
     with Calls() as calls:
         if op == "layer_norm":
             out = ops.layer_norm(x, w, b, backend="extension")
         elif op == "gelu":
             out = ops.gelu(x, backend="extension")
+        elif op == "attention":
+            out = ops.causal_attention(x, x, x, dropout_p=0.1, seed=seed, backend="extension")
         else:
             out = ops.cross_entropy(x, targets, backend="extension")
         out.backward(torch.ones_like(out))
     assert any(c.startswith(f"gptfast.{op}_fwd") for c in calls.seen), calls.seen
+    if op == "attention":          # its one conversion is K's transposed float32 copy, made inside the kernel
+        assert any(c.startswith("gptfast.attention_bwd") for c in calls.seen), calls.seen
     assert not [c for c in calls.seen if "_to_copy" in c or c.startswith("aten.to")], calls.seen
     assert x.grad.dtype == dtype and (op != "layer_norm" or w.grad.dtype == dtype)
     assert out.dtype == (torch.float32 if op == "cross_entropy" else dtype)

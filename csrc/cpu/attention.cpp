@@ -33,6 +33,7 @@
 
 #include "../common.h"
 #include "kernels.h"
+#include "vec_io.h"
 #include "../dropout_hash.h"
 
 namespace gptfast {
@@ -42,9 +43,12 @@ constexpr int64_t kBQ = 32;      // query rows per tile
 constexpr int64_t kBK = 64;      // key columns per tile
 constexpr int64_t kMaxHeadDim = 256;
 
-template <typename T>
+// S: the storage type of q, k, v, o and the gradients; T = acc_t<S> the math (float32 for bfloat16
+// and float16 storage, whose tiles are converted to float32 as they are loaded - vec_io.h)
+template <typename S>
 struct AttnArgs {
-  const T *q, *k, *v;
+  using T = acc_t<S>;
+  const S *q, *k, *v;
   const T* kt;            // forward only: K transposed per head, (BH, D, ldkt) with zero-padded columns
   int64_t ldkt;
   int64_t Tq, Tk, D;      // query rows, key rows (Tk >= Tq: queries are the last Tq positions)
@@ -64,11 +68,11 @@ inline int64_t visible_cols(const A& a, int64_t row) { return a.causal ? row + a
 using at::vec::Vectorized;
 
 // kt (D x kBK) <- transpose of rows [k0, k0 + nk) of x (T x D); unused columns zeroed.
-template <typename T>
-void load_transposed(const T* __restrict__ x, int64_t k0, int64_t nk, int64_t D, T* __restrict__ kt) {
+template <typename S, typename T>
+void load_transposed(const S* __restrict__ x, int64_t k0, int64_t nk, int64_t D, T* __restrict__ kt) {
   for (int64_t d = 0; d < D; ++d) {
     T* dst = kt + d * kBK;
-    for (int64_t j = 0; j < nk; ++j) dst[j] = x[(k0 + j) * D + d];
+    for (int64_t j = 0; j < nk; ++j) dst[j] = static_cast<T>(x[(k0 + j) * D + d]);
     for (int64_t j = nk; j < kBK; ++j) dst[j] = T(0);
   }
 }
@@ -226,15 +230,29 @@ void scale_row(T* x, int64_t n, T alpha) {
   for (; j < n; ++j) x[j] *= alpha;
 }
 
-template <typename T>
-void attention_fwd_kernel(const AttnArgs<T>& a, int64_t BH, T* o, T* lse) {
+// rows x D elements of src as T: src itself when S is T, else converted into buf (a tile's worth)
+template <typename S, typename T>
+const T* as_acc(const S* src, int64_t n, T* buf) {
+  if constexpr (std::is_same_v<S, T>) {
+    return src;
+  } else {
+    at::vec::convert(src, buf, n);
+    return buf;
+  }
+}
+
+template <typename S, typename T = acc_t<S>>
+void attention_fwd_kernel(const AttnArgs<S>& a, int64_t BH, S* o, T* lse) {
   const int64_t Tq = a.Tq, Tk = a.Tk, off = a.Tk - a.Tq, D = a.D, n_qt = (Tq + kBQ - 1) / kBQ;
+  constexpr bool kConvert = !std::is_same_v<S, T>;
   at::parallel_for(0, BH * n_qt, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> s(kBQ * kBK), acc(kBQ * D);
+    std::vector<T> q_buf(kConvert ? kBQ * D : 0), v_buf(kConvert ? kBK * D : 0);   // 16-bit tiles as float32
     T m[kBQ], l[kBQ];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / n_qt, q0 = (task % n_qt) * kBQ, nq = std::min(kBQ, Tq - q0);
-      const T *q = a.q + bh * Tq * D, *v = a.v + bh * Tk * D;
+      const S* v = a.v + bh * Tk * D;
+      const T* q_tile = as_acc(a.q + (bh * Tq + q0) * D, nq * D, q_buf.data());
       const uint32_t head_key = dropout_head_key(a.seed, static_cast<uint32_t>(bh));
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(m, m + kBQ, -std::numeric_limits<T>::infinity());
@@ -242,7 +260,7 @@ void attention_fwd_kernel(const AttnArgs<T>& a, int64_t BH, T* o, T* lse) {
       const int64_t kv_end = a.causal ? std::min(Tk, q0 + nq + off) : Tk;
       for (int64_t k0 = 0; k0 < kv_end; k0 += kBK) {
         const int64_t nk = std::min(kBK, kv_end - k0);
-        tile_dot(q + q0 * D, nq, D, a.kt + bh * D * a.ldkt + k0, a.ldkt, a.scale, s.data());  // S = scale Q K^T
+        tile_dot(q_tile, nq, D, a.kt + bh * D * a.ldkt + k0, a.ldkt, a.scale, s.data());  // S = scale Q K^T
         for (int64_t i = 0; i < nq; ++i) {
           const int64_t row = q0 + i;
           const int64_t ncols = std::min(nk, visible_cols(a, row) - k0);
@@ -264,29 +282,29 @@ void attention_fwd_kernel(const AttnArgs<T>& a, int64_t BH, T* o, T* lse) {
               srow[j] = dropout_keep(row_key, static_cast<uint32_t>(k0 + j), a.threshold) ? srow[j] * a.keep_scale : T(0);
           }
         }
-        tile_accumulate(s.data(), kBK, 1, nq, nk, v + k0 * D, D, acc.data());  // O += P V
+        tile_accumulate(s.data(), kBK, 1, nq, nk, as_acc(v + k0 * D, nk * D, v_buf.data()), D, acc.data());  // O += P V
       }
       for (int64_t i = 0; i < nq; ++i) {
         const T inv_l = T(1) / l[i];
-        T* out = o + (bh * Tq + q0 + i) * D;
-        for (int64_t d = 0; d < D; ++d) out[d] = acc[i * D + d] * inv_l;
+        S* out = o + (bh * Tq + q0 + i) * D;
+        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<S>(acc[i * D + d] * inv_l);
         lse[bh * Tq + q0 + i] = m[i] + std::log(l[i]);
       }
     }
   });
 }
 
-template <typename T>
-void attention_bwd_kernel(const AttnArgs<T>& a, int64_t BH, const T* dout, const T* lse, const T* delta,
-                          T* dq, T* dk, T* dv) {
+template <typename S, typename T = acc_t<S>>
+void attention_bwd_kernel(const AttnArgs<S>& a, int64_t BH, const S* dout, const T* lse, const T* delta,
+                          S* dq, S* dk, S* dv) {
   const int64_t Tq = a.Tq, Tk = a.Tk, off = a.Tk - a.Tq, D = a.D;
+  constexpr bool kConvert = !std::is_same_v<S, T>;
   // For the tile pair (query rows [q0, q0 + nq), keys [k0, k0 + nk)) of head bh: recompute
   // P = exp(S - lse) into z (then Z = dropout(P)) and dS * scale into ds, both (kBQ x kBK),
-  // zero outside the valid (causal, in-range) entries. kt/vt: transposed K and V tiles.
+  // zero outside the valid (causal, in-range) entries. kt/vt: transposed K and V tiles; q, go: the
+  // query rows' Q and dO tiles (as T).
   auto tile_grads = [&](int64_t bh, int64_t q0, int64_t nq, int64_t k0, int64_t nk, const T* kt, const T* vt,
-                        uint32_t head_key, T* z, T* ds) {
-    const T* q = a.q + (bh * Tq + q0) * D;
-    const T* go = dout + (bh * Tq + q0) * D;
+                        const T* q, const T* go, uint32_t head_key, T* z, T* ds) {
     tile_dot(q, nq, D, kt, kBK, a.scale, z);       // S
     tile_dot(go, nq, D, vt, kBK, T(1), ds);        // dZ = dO V^T
     for (int64_t i = 0; i < nq; ++i) {
@@ -317,9 +335,14 @@ void attention_bwd_kernel(const AttnArgs<T>& a, int64_t BH, const T* dout, const
     // One pass, one task per head: key tiles in order, for each the query tiles that see it.
     at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> kt(D * kBK), vt(D * kBK), z(kBQ * kBK), ds(kBQ * kBK), dk_acc(kBK * D), dv_acc(kBK * D);
+      // 16-bit storage: the Q, dO and K tiles as float32, and the head's dQ summed in float32
+      std::vector<T> q_buf(kConvert ? kBQ * D : 0), go_buf(kConvert ? kBQ * D : 0), k_buf(kConvert ? kBK * D : 0),
+          dq_buf(kConvert ? Tq * D : 0);
       for (int64_t bh = begin; bh < end; ++bh) {
         const uint32_t head_key = dropout_head_key(a.seed, static_cast<uint32_t>(bh));
-        std::fill(dq + bh * Tq * D, dq + (bh + 1) * Tq * D, T(0));
+        T* dq_head;
+        if constexpr (kConvert) dq_head = dq_buf.data(); else dq_head = dq + bh * Tq * D;
+        std::fill(dq_head, dq_head + Tq * D, T(0));
         for (int64_t k0 = 0; k0 < Tk; k0 += kBK) {
           const int64_t nk = std::min(kBK, Tk - k0);
           load_transposed(a.k + bh * Tk * D, k0, nk, D, kt.data());
@@ -327,16 +350,20 @@ void attention_bwd_kernel(const AttnArgs<T>& a, int64_t BH, const T* dout, const
           std::fill(dk_acc.begin(), dk_acc.end(), T(0));
           std::fill(dv_acc.begin(), dv_acc.end(), T(0));
           const int64_t first_row = a.causal ? std::max<int64_t>(0, k0 - off) : 0;
+          const T* k_rows = as_acc(a.k + (bh * Tk + k0) * D, nk * D, k_buf.data());
           for (int64_t q0 = (first_row / kBQ) * kBQ; q0 < Tq; q0 += kBQ) {
             const int64_t nq = std::min(kBQ, Tq - q0);
-            tile_grads(bh, q0, nq, k0, nk, kt.data(), vt.data(), head_key, z.data(), ds.data());
-            tile_accumulate(z.data(), 1, kBK, nk, nq, dout + (bh * Tq + q0) * D, D, dv_acc.data());    // dV += Z^T dO
-            tile_accumulate(ds.data(), 1, kBK, nk, nq, a.q + (bh * Tq + q0) * D, D, dk_acc.data());    // dK += dS^T Q
-            tile_accumulate(ds.data(), kBK, 1, nq, nk, a.k + (bh * Tk + k0) * D, D, dq + (bh * Tq + q0) * D);  // dQ += dS K
+            const T* q = as_acc(a.q + (bh * Tq + q0) * D, nq * D, q_buf.data());
+            const T* go = as_acc(dout + (bh * Tq + q0) * D, nq * D, go_buf.data());
+            tile_grads(bh, q0, nq, k0, nk, kt.data(), vt.data(), q, go, head_key, z.data(), ds.data());
+            tile_accumulate(z.data(), 1, kBK, nk, nq, go, D, dv_acc.data());                 // dV += Z^T dO
+            tile_accumulate(ds.data(), 1, kBK, nk, nq, q, D, dk_acc.data());                 // dK += dS^T Q
+            tile_accumulate(ds.data(), kBK, 1, nq, nk, k_rows, D, dq_head + q0 * D);         // dQ += dS K
           }
-          std::copy(dk_acc.begin(), dk_acc.begin() + nk * D, dk + (bh * Tk + k0) * D);
-          std::copy(dv_acc.begin(), dv_acc.begin() + nk * D, dv + (bh * Tk + k0) * D);
+          at::vec::convert(dk_acc.data(), dk + (bh * Tk + k0) * D, nk * D);
+          at::vec::convert(dv_acc.data(), dv + (bh * Tk + k0) * D, nk * D);
         }
+        if constexpr (kConvert) at::vec::convert(dq_head, dq + bh * Tq * D, Tq * D);
       }
     });
     return;
@@ -345,6 +372,7 @@ void attention_bwd_kernel(const AttnArgs<T>& a, int64_t BH, const T* dout, const
   // Few heads: two passes. Pass 1: dK, dV, one task per (bh, key tile); query tiles from the diagonal down.
   at::parallel_for(0, BH * n_kt, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> kt(D * kBK), vt(D * kBK), z(kBQ * kBK), ds(kBQ * kBK), dk_acc(kBK * D), dv_acc(kBK * D);
+    std::vector<T> q_buf(kConvert ? kBQ * D : 0), go_buf(kConvert ? kBQ * D : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / n_kt, k0 = (task % n_kt) * kBK, nk = std::min(kBK, Tk - k0);
       const uint32_t head_key = dropout_head_key(a.seed, static_cast<uint32_t>(bh));
@@ -356,12 +384,14 @@ void attention_bwd_kernel(const AttnArgs<T>& a, int64_t BH, const T* dout, const
       const int64_t first_row = a.causal ? std::max<int64_t>(0, k0 - off) : 0;
       for (int64_t q0 = (first_row / kBQ) * kBQ; q0 < Tq; q0 += kBQ) {
         const int64_t nq = std::min(kBQ, Tq - q0);
-        tile_grads(bh, q0, nq, k0, nk, kt.data(), vt.data(), head_key, z.data(), ds.data());
-        tile_accumulate(z.data(), 1, kBK, nk, nq, dout + (bh * Tq + q0) * D, D, dv_acc.data());  // dV += Z^T dO
-        tile_accumulate(ds.data(), 1, kBK, nk, nq, a.q + (bh * Tq + q0) * D, D, dk_acc.data());  // dK += dS^T Q
+        const T* q = as_acc(a.q + (bh * Tq + q0) * D, nq * D, q_buf.data());
+        const T* go = as_acc(dout + (bh * Tq + q0) * D, nq * D, go_buf.data());
+        tile_grads(bh, q0, nq, k0, nk, kt.data(), vt.data(), q, go, head_key, z.data(), ds.data());
+        tile_accumulate(z.data(), 1, kBK, nk, nq, go, D, dv_acc.data());  // dV += Z^T dO
+        tile_accumulate(ds.data(), 1, kBK, nk, nq, q, D, dk_acc.data());  // dK += dS^T Q
       }
-      std::copy(dk_acc.begin(), dk_acc.begin() + nk * D, dk + (bh * Tk + k0) * D);
-      std::copy(dv_acc.begin(), dv_acc.begin() + nk * D, dv + (bh * Tk + k0) * D);
+      at::vec::convert(dk_acc.data(), dk + (bh * Tk + k0) * D, nk * D);
+      at::vec::convert(dv_acc.data(), dv + (bh * Tk + k0) * D, nk * D);
     }
   });
 
@@ -369,19 +399,26 @@ void attention_bwd_kernel(const AttnArgs<T>& a, int64_t BH, const T* dout, const
   const int64_t n_qt = (Tq + kBQ - 1) / kBQ;
   at::parallel_for(0, BH * n_qt, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> kt(D * kBK), vt(D * kBK), z(kBQ * kBK), ds(kBQ * kBK);
+    std::vector<T> q_buf(kConvert ? kBQ * D : 0), go_buf(kConvert ? kBQ * D : 0), k_buf(kConvert ? kBK * D : 0),
+        dq_buf(kConvert ? kBQ * D : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / n_qt, q0 = (task % n_qt) * kBQ, nq = std::min(kBQ, Tq - q0);
       const uint32_t head_key = dropout_head_key(a.seed, static_cast<uint32_t>(bh));
-      T* dq_tile = dq + (bh * Tq + q0) * D;
+      T* dq_tile;
+      if constexpr (kConvert) dq_tile = dq_buf.data(); else dq_tile = dq + (bh * Tq + q0) * D;
       std::fill(dq_tile, dq_tile + nq * D, T(0));
+      const T* q = as_acc(a.q + (bh * Tq + q0) * D, nq * D, q_buf.data());
+      const T* go = as_acc(dout + (bh * Tq + q0) * D, nq * D, go_buf.data());
       const int64_t kv_end = a.causal ? std::min(Tk, q0 + nq + off) : Tk;
       for (int64_t k0 = 0; k0 < kv_end; k0 += kBK) {
         const int64_t nk = std::min(kBK, kv_end - k0);
         load_transposed(a.k + bh * Tk * D, k0, nk, D, kt.data());
         load_transposed(a.v + bh * Tk * D, k0, nk, D, vt.data());
-        tile_grads(bh, q0, nq, k0, nk, kt.data(), vt.data(), head_key, z.data(), ds.data());
-        tile_accumulate(ds.data(), kBK, 1, nq, nk, a.k + (bh * Tk + k0) * D, D, dq_tile);     // dQ += dS K
+        tile_grads(bh, q0, nq, k0, nk, kt.data(), vt.data(), q, go, head_key, z.data(), ds.data());
+        tile_accumulate(ds.data(), kBK, 1, nq, nk, as_acc(a.k + (bh * Tk + k0) * D, nk * D, k_buf.data()), D,
+                        dq_tile);                                                          // dQ += dS K
       }
+      if constexpr (kConvert) at::vec::convert(dq_tile, dq + (bh * Tq + q0) * D, nq * D);
     }
   });
 }
@@ -389,15 +426,16 @@ void attention_bwd_kernel(const AttnArgs<T>& a, int64_t BH, const T* dout, const
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p,
                const at::Tensor& seed) {
   check_attention_args(q, k, v, dropout_p, seed, kMaxHeadDim, "CPU");
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-              "q: the CPU attention supports float32 and float64, got ", q.scalar_type());
+  const auto qt = q.scalar_type();
+  TORCH_CHECK(qt == at::kFloat || qt == at::kDouble || qt == at::kBFloat16 || qt == at::kHalf,
+              "q: the CPU attention supports float32, float64, bfloat16 and float16, got ", qt);
   TORCH_CHECK(q.size(2) >= 1, "q must have at least one position, got T=", q.size(2));
 }
 
-template <typename T>
-AttnArgs<T> make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+template <typename S, typename T = acc_t<S>>
+AttnArgs<S> make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                       double scale, double dropout_p, const at::Tensor& seed) {
-  return AttnArgs<T>{q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), nullptr, 0, q.size(2), k.size(2), q.size(3),
+  return AttnArgs<S>{q.data_ptr<S>(), k.data_ptr<S>(), v.data_ptr<S>(), nullptr, 0, q.size(2), k.size(2), q.size(3),
                      causal,
                      static_cast<T>(scale), dropout_p, static_cast<T>(1.0 / (1.0 - dropout_p)),
                      dropout_p > 0 ? dropout_threshold(dropout_p) : 0u,
@@ -415,14 +453,16 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   // K^T per head, (B, H, D, Tk rounded up to whole key tiles), the padding zeros: one transposing
   // copy here instead of one per (query tile, key tile) pair in the kernel
   const int64_t Tk = k.size(2), Tk_pad = (Tk + kBK - 1) / kBK * kBK;
-  at::Tensor kt = at::zeros({B, H, k.size(3), Tk_pad}, k.options());
+  // (in the statistics dtype: for 16-bit K this copy is also the conversion to float32)
+  at::Tensor kt = at::zeros({B, H, k.size(3), Tk_pad}, k.options().dtype(stat_dtype(k.scalar_type())));
   kt.narrow(3, 0, Tk).copy_(k.transpose(2, 3));
   maybe_poison(o), maybe_poison(lse);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_fwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd_cpu", [&] {
+    using T = acc_t<scalar_t>;
     auto a = make_args<scalar_t>(q, k, v, causal, scale, dropout_p, seed);
-    a.kt = kt.data_ptr<scalar_t>();
+    a.kt = kt.data_ptr<T>();
     a.ldkt = kt.size(3);
-    attention_fwd_kernel<scalar_t>(a, B * H, o.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
+    attention_fwd_kernel<scalar_t>(a, B * H, o.data_ptr<scalar_t>(), lse.data_ptr<T>());
   });
   return {o, lse};
 }
@@ -439,18 +479,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   at::Tensor delta = at::empty({B, H, T_}, lse.options());
   maybe_poison(dq), maybe_poison(dk), maybe_poison(dv);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_bwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_bwd_cpu", [&] {
+    using T = acc_t<scalar_t>;
     const scalar_t *pdo = dout.data_ptr<scalar_t>(), *po = o.data_ptr<scalar_t>();
-    scalar_t* pdelta = delta.data_ptr<scalar_t>();
+    T* pdelta = delta.data_ptr<T>();
     at::parallel_for(0, B * H * T_, 256, [&](int64_t begin, int64_t end) {  // Delta = rowsum(dO * O)
       for (int64_t r = begin; r < end; ++r) {
-        scalar_t s = 0;
-        for (int64_t d = 0; d < D; ++d) s += pdo[r * D + d] * po[r * D + d];
+        T s = 0;
+        for (int64_t d = 0; d < D; ++d) s += static_cast<T>(pdo[r * D + d]) * static_cast<T>(po[r * D + d]);
         pdelta[r] = s;
       }
     });
     auto a = make_args<scalar_t>(q, k, v, causal, scale, dropout_p, seed);
-    attention_bwd_kernel<scalar_t>(a, B * H, pdo, lse.data_ptr<scalar_t>(), pdelta,
+    attention_bwd_kernel<scalar_t>(a, B * H, pdo, lse.data_ptr<T>(), pdelta,
                                    dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
   });
   return {dq, dk, dv};

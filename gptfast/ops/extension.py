@@ -100,13 +100,6 @@ def _check_device(t: torch.Tensor) -> None:
                            "or rebuild gptfast with a CUDA toolkit")
 
 
-def _cpu_half(t: torch.Tensor) -> bool:
-    """A float16/bfloat16 CPU tensor (e.g. under bfloat16 autocast on CPU). LayerNorm, GELU and
-    cross-entropy read and write such tensors directly (float32 math inside); the CPU attention
-    kernel does not yet, so for it they are widened to float32 and the result rounded back."""
-    return t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16)
-
-
 def layer_norm(x, weight, bias, eps=1e-5):
     _check_device(x)
     return OPS.layer_norm_fwd(x, weight, bias, eps)[0]
@@ -123,8 +116,6 @@ def supports_kv_cache(device: torch.device) -> bool:
 
 def causal_attention(q, k, v, dropout_p=0.0, scale=None, seed=None):
     _check_device(q)
-    if _cpu_half(q):
-        return causal_attention(q.float(), k.float(), v.float(), dropout_p, scale, seed).to(q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if seed is None:                               # the interface draws one when dropout_p > 0
         seed = torch.zeros(1, dtype=torch.int64)
