@@ -228,8 +228,16 @@ def run_case(op, shape, mode, device, dtype, repeats, backends):
         dout = torch.ones((), dtype=torch.float64, device=device)
     ref_grads = torch.autograd.grad(ref_out, ref_in, dout) if mode == "fwd+bwd" else []
     steps, rows = {}, []
+    # 16-bit on CPU: the reference's matmuls are emulated where the CPU has no bf16/fp16 matrix
+    # instructions (minutes per call at these shapes) and nobody runs it for speed: row kept, not run
+    skip_reference = op in UNTIMED_REFERENCE or (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16))
     for backend in backends:
         if backend in SDPA_PINNED and op != "attention":
+            continue
+        if backend == "reference" and skip_reference and device.type == "cpu" and dtype != torch.float32:
+            steps[backend] = None
+            rows.append({"op": op, "mode": mode, "shape": list(shape), "backend": backend, "dtype": str(dtype),
+                         "max_rel_error": float("nan"), "unit": "GFLOP/s" if op in FLOP_OPS else "GB/s"})
             continue
         ins = [t.detach().to(dtype).requires_grad_(mode == "fwd+bwd") for t in inputs64]
         try:
@@ -265,7 +273,7 @@ def run_case(op, shape, mode, device, dtype, repeats, backends):
         # the reference's large temporaries disturb the allocator and caches for whoever runs
         # next, so it is timed on its own; the fast backends take turns
         reference = steps.pop("reference")
-        seconds = {"reference": (math.nan,) * 3} if op in UNTIMED_REFERENCE else \
+        seconds = {"reference": (math.nan,) * 3} if skip_reference else \
             timed_interleaved({"reference": reference}, device, repeats)
         seconds.update(timed_interleaved(steps, device, repeats))
     for r in rows:
@@ -331,13 +339,15 @@ print(status("VmHWM") - base)
 
 def measure_ceilings(device, dtype) -> dict:
     """Attainable rates on this machine, measured now: a large copy (bytes read + written per
-    second) and a large matmul (FLOP/s; bf16 on GPU) - yardsticks for memory- and compute-bound ops."""
+    second) and a large matmul (FLOP/s; bf16 on GPU, float32 on CPU) - yardsticks for memory- and compute-bound ops."""
     n = 1 << 26                                                  # 64 Mi elements: far beyond caches
     src = torch.randn(n, dtype=dtype, device=device)
     dst = torch.empty_like(src)
     copy_s = timed_interleaved({"copy": lambda: dst.copy_(src)}, device, 10)["copy"][0]
     m = 8192 if device.type == "cuda" else 2048
-    mm_dtype = torch.bfloat16 if device.type == "cuda" else dtype
+    # CPU: the float32 rate even for 16-bit runs - a CPU without bf16 matrix instructions emulates
+    # 16-bit matmuls ~50x slower, which is no yardstick (our kernels compute in float32 there)
+    mm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float64 if dtype == torch.float64 else torch.float32
     a, b = (torch.randn(m, m, device=device).to(mm_dtype) for _ in range(2))
     mm_s = timed_interleaved({"mm": lambda: a @ b}, device, 5)["mm"][0]
     return {"copy_GBps": 2 * n * src.element_size() / copy_s / 1e9, "matmul_GFLOPps": 2 * m ** 3 / mm_s / 1e9,
@@ -510,8 +520,9 @@ def main(argv=None):
     for op in [op for op in PEAK_MEMORY_OPS if op in wanted]:
         for shape in shapes(args.quick, False, device)[op]:
             for backend in [b for b in backends if b in ops.known_backends()]:
-                if op == "linear_cross_entropy" and backend == "reference" and not args.quick:
-                    continue                         # like torch's, plus float64-sized temporaries: not informative
+                if backend == "reference" and not args.quick and (
+                        op == "linear_cross_entropy" or (device.type == "cpu" and dtype != torch.float32)):
+                    continue                         # as in run_case: not informative, or minutes per call                         # like torch's, plus float64-sized temporaries: not informative
                 mb = peak_memory_mb(backend, shape, dtype, device, op)
                 results.append({"op": op, "mode": "peak_memory", "shape": list(shape), "backend": backend,
                                 "peak_mb": mb})
