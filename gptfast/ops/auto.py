@@ -156,4 +156,5 @@ def dropout_backend(device_type: str, dtype: str) -> str:
 
 def build_info() -> dict:
     return {"table": os.path.basename(TABLE_FILE), "method": table().get("method", "no table"),
-            "cpu float32": {op: c.backend for op, c in choices("cpu", "float32").items()}}
+            **{f"cpu {dtype}": {op: c.backend for op, c in choices("cpu", dtype).items()}
+               for dtype in ("float32", "bfloat16")}}
