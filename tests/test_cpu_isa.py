@@ -103,3 +103,18 @@ def test_forced_isa_runs_correct_kernels_or_says_why_not(isa):
         assert run.returncode == 2
         assert "Traceback" not in run.stderr
         assert f"GPTFAST_CPU_ISA={isa} but this CPU lacks" in run.stderr.strip().splitlines()[-1]
+
+
+def test_just_in_time_build_of_the_avx512_module(monkeypatch):
+    """Without an ahead-of-time build, the AVX-512 module is compiled on first use from csrc/isa/ with
+    the AVX-512 flags, as a module of its own (nothing is compiled here: `load` is stood in for)."""
+    import torch.utils.cpp_extension as cpp
+    from gptfast import compiled
+
+    seen = {}
+    monkeypatch.setattr(cpp, "load", lambda **kw: seen.update(kw) or "module")
+    assert compiled._jit_build("gptfast._C_avx512 is not built", "avx512") == "module"
+    assert seen["name"] == "gptfast__C_avx512" and seen["is_python_module"]
+    assert sorted(os.path.relpath(s, meta.ROOT) for s in seen["sources"]) == meta.isa_sources()
+    assert {"-mavx512f", "-DCPU_CAPABILITY_AVX512", "-fvisibility=hidden"} <= set(seen["extra_cflags"])
+    assert not any("cuda" in s for s in seen["sources"])
