@@ -53,12 +53,6 @@ def _runnable(name: str, device_type: str) -> bool:
     return name in registry.known_backends() and registry._load(name) is not None
 
 
-def _why_not(name: str) -> str:
-    from . import registry
-
-    return registry.unavailable_reason(name) or ""
-
-
 def choose(op: str, device_type: str, dtype: str) -> Choice:
     """The backend for `op` ("attention_dropout" for attention with dropout) on `device_type` at `dtype`."""
     key = (op, device_type, dtype)
@@ -80,7 +74,10 @@ def _choose(op: str, device_type: str, dtype: str) -> Choice:
                     why = "the fastest that runs here; " + "; ".join(skipped)
                 return Choice(entry["backend"], f"{why} (fwd+bwd, {row['shapes']}; {row['measured_on']}, {row['date']})")
             if entry["backend"] != "triton" or device_type == "cuda":   # the CPU interpreter is never a candidate
-                skipped.append(f"{entry['backend']} ({entry['vs_torch']:.2f}x torch) cannot: {_why_not(entry['backend'])}")
+                from .registry import unavailable_reason
+
+                skipped.append(f"{entry['backend']} ({entry['vs_torch']:.2f}x torch) cannot: "
+                               f"{unavailable_reason(entry['backend'])}")
         break
     return Choice(FALLBACK, f"no measurement for {device_type} {dtype} in the auto table: torch until one is added "
                             "(benchmarks/bench_ops.py, then benchmarks/make_auto_table.py)")
