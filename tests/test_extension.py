@@ -58,6 +58,17 @@ def test_layer_norm_matches_reference(dtype, shape):
             dtype, TOL[dtype])
 
 
+@pytest.mark.parametrize("shape", [(6000, 768), (4200, 1023)])
+def test_layer_norm_outputs_past_16_mb(shape):
+    """float32 outputs of 16 MB and more take streaming (non-temporal) stores when every row starts
+    on a cache line (768 columns); 1023 columns cannot and store normally. Both against float64."""
+    C = shape[-1]
+    x, w, b = rand(*shape, seed=4, scale=2.0, shift=3.0), rand(C, seed=5), rand(C, seed=6)
+    assert shape[0] * C * 4 >= 16 << 20
+    compare(lambda *a: ops.layer_norm(*a, backend="extension"), reference.layer_norm, [x, w, b],
+            torch.float32, TOL[torch.float32])
+
+
 def test_layer_norm_large_offset_rows():
     # |mean| >> std: a naive E[x^2] - E[x]^2 loses every digit in float32
     x, w, b = rand(8, 768, seed=4, shift=1000.0), rand(768, seed=5), rand(768, seed=6)

@@ -42,7 +42,7 @@ T sum_lanes(const Vectorized<T>& v) {
 // for bfloat16/float16 storage)
 template <typename T, typename A = acc_t<T>>
 void layer_norm_fwd_row(const T* x, const T* w, const T* b, T* y, A* mean_out, A* rstd_out, int64_t C,
-                        double eps) {
+                        double eps, bool stream) {
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
   const A shift = x[0];
@@ -74,6 +74,11 @@ void layer_norm_fwd_row(const T* x, const T* w, const T* b, T* y, A* mean_out, A
   *mean_out = mean;
   *rstd_out = rstd;
   const Vec vmean(mean), vrstd(rstd);
+  if (stream) {      // C is a multiple of the vector width (can_stream)
+    for (i = 0; i < C; i += V)
+      store_acc_stream(at::vec::fmadd((load_acc(x + i) - vmean) * vrstd, load_acc(w + i), load_acc(b + i)), y + i);
+    return;
+  }
   for (i = 0; i + V <= C; i += V) {
     Vec xhat = (load_acc(x + i) - vmean) * vrstd;
     store_acc(at::vec::fmadd(xhat, load_acc(w + i), load_acc(b + i)), y + i);
@@ -89,7 +94,7 @@ inline int64_t rows_per_block(int64_t N) { return std::max<int64_t>(32, (N + kMa
 
 template <typename T, typename A = acc_t<T>>
 void layer_norm_bwd_row(const T* dy, const T* x, const T* w, A mean, A rstd, T* dx, A* dw_acc, A* db_acc,
-                        int64_t C) {
+                        int64_t C, bool stream) {
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
   const Vec vmean(mean), vrstd(rstd);
@@ -116,6 +121,13 @@ void layer_norm_bwd_row(const T* dy, const T* x, const T* w, A mean, A rstd, T* 
   }
   const A a = sg / C, c = sgx / C;
   const Vec va(a), vc(c);
+  if (stream) {      // C is a multiple of the vector width (can_stream)
+    for (i = 0; i < C; i += V) {
+      Vec xhat = (load_acc(x + i) - vmean) * vrstd;
+      store_acc_stream(vrstd * (load_acc(dy + i) * load_acc(w + i) - va - xhat * vc), dx + i);
+    }
+    return;
+  }
   for (i = 0; i + V <= C; i += V) {
     Vec xhat = (load_acc(x + i) - vmean) * vrstd;
     Vec g = load_acc(dy + i) * load_acc(w + i);
@@ -163,9 +175,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
                    *pb = bias.data_ptr<scalar_t>();
     scalar_t* py = y.data_ptr<scalar_t>();
     A *pm = mean.data_ptr<A>(), *pr = rstd.data_ptr<A>();
+    const bool stream = can_stream(py, C, y.nbytes());
     at::parallel_for(0, N, std::max<int64_t>(1, 16384 / C), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
-        layer_norm_fwd_row(px + r * C, pw, pb, py + r * C, pm + r, pr + r, C, eps);
+        layer_norm_fwd_row(px + r * C, pw, pb, py + r * C, pm + r, pr + r, C, eps, stream);
+      if (stream) stream_fence();
     });
   });
   return {y, mean, rstd};
@@ -202,13 +216,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
     scalar_t* pdx = dx.data_ptr<scalar_t>();
     A* pdw = partial.data_ptr<A>();
     A* pdb = pdw + std::max<int64_t>(n_blocks, 1) * C;
+    const bool stream = can_stream(pdx, C, dx.nbytes());
     at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
         const int64_t r_end = std::min(N, (blk + 1) * rows_in_block);
         for (int64_t r = blk * rows_in_block; r < r_end; ++r)
           layer_norm_bwd_row(pdy + r * C, px + r * C, pw, pm[r], pr[r], pdx + r * C, pdw + blk * C,
-                             pdb + blk * C, C);
+                             pdb + blk * C, C, stream);
       }
+      if (stream) stream_fence();
     });
     // fixed-order reduction over the blocks, columns in parallel
     A *out_w = sums.data_ptr<A>(), *out_b = out_w + C;
