@@ -27,9 +27,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <tuple>
-#include <cstdlib>
 #include <vector>
 
 #include "../common.h"
@@ -221,7 +221,6 @@ T row_max(const T* s, int64_t n, T init) {
   return best;
 }
 
-// x[0..n) *= alpha, vectorized.
 // Per-thread scratch tiles on 64-byte lines, zero-filled like std::vector<T>(n). std::vector only
 // guarantees 16 bytes, so depending on the allocator's history a tile's 32-byte vector loads could
 // straddle two cache lines on every other access - a slowdown of up to ~30% that came and went
@@ -250,6 +249,7 @@ class ScratchTile {
   T* p_ = nullptr;
 };
 
+// x[0..n) *= alpha, vectorized.
 template <typename T>
 void scale_row(T* x, int64_t n, T alpha) {
   using Vec = Vectorized<T>;
