@@ -3,6 +3,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -99,6 +100,49 @@ def test_layer_norm_backward_is_deterministic():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def layer_norm_grads(x, w, dy, dtype):
+    """(dx, dweight, dbias) from our backward op at `dtype`, and from float64 autograd."""
+    y, mean, rstd = OPS.layer_norm_fwd(x.to(dtype), w.to(dtype), w.to(dtype), 1e-5)
+    ours = OPS.layer_norm_bwd(dy.to(dtype), x.to(dtype), w.to(dtype), mean, rstd)
+    ins = [t.clone().requires_grad_() for t in (x, w, w)]
+    ref = torch.autograd.grad(reference.layer_norm(*ins), ins, dy)
+    return ours, ref
+
+
+def test_layer_norm_backward_partial_sums_reused_safely():
+    """The backward's dweight/dbias partial sums live in a buffer the calling thread keeps from call to
+    call: a wide call, then narrower ones with fewer rows (stale sums left in the buffer), other dtypes,
+    and calls from two threads at once must each match float64; x with no rows gives zero gradients."""
+    def check(N, C, dtype, seed):
+        x, w, dy = rand(N, C, seed=seed, scale=2.0, shift=1.0), rand(C, seed=seed + 1), rand(N, C, seed=seed + 2)
+        ours, ref = layer_norm_grads(x, w, dy, dtype)
+        errors = [rel_error(a, b) for a, b in zip(ours, ref)]
+        assert max(errors) < TOL[dtype], (N, C, dtype, errors)
+
+    for N, C, dtype in [(3000, 1600, torch.float32), (40, 768, torch.float32), (5, 64, torch.float64),
+                        (1, 1023, torch.float32), (700, 768, torch.float64), (33, 1600, torch.float32)]:
+        check(N, C, dtype, seed=N)
+    errors = []
+
+    def worker(seed):
+        try:
+            for i in range(4):
+                check(200 + 37 * i, (768, 1023)[(seed + i) % 2], torch.float32, seed=seed + i)
+        except AssertionError as err:        # collected: an assert in a thread would go unseen
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in (100, 200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    x = torch.randn(0, 768)
+    _, mean, rstd = OPS.layer_norm_fwd(x, torch.ones(768), torch.zeros(768), 1e-5)
+    dx, dw, db = OPS.layer_norm_bwd(x, x, torch.ones(768), mean, rstd)
+    assert dx.shape == (0, 768) and torch.equal(dw, torch.zeros(768)) and torch.equal(db, torch.zeros(768))
 
 
 # ----------------------------------------------------------------------------- gelu
