@@ -20,7 +20,8 @@ default mode each class is compiled with dropout on (usually more registers), bf
 64 also without it (GPT-2 evaluation and generation: every forward config; the backward kernels'
 first config); float16 has bfloat16's resources. `--full` compiles the whole product (float32,
 bfloat16, float16 x head dims 64, 128 x dropout off/on). Builds leave out source-line info unless
-`--line-info` (see below), ~30% faster: the default run takes 63-85 s on 2 cores with a cold cache.
+`--line-info` (see below), ~30% faster: the default run takes 47-85 s on 2 cores with a cold cache
+(median 56 s over the six runs of 2026-12-02's third session; this VM's speed moves from hour to hour).
 
 Occupancy: blocks per SM from registers (64K per SM, allocated per warp in units of 256), shared
 memory (164 / 228 KB per SM, 1 KB reserved per block) and threads (2048 per SM, 32 blocks).
