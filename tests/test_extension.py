@@ -202,10 +202,10 @@ def test_dropout_drops_exactly_the_reference_weights(T, causal):
             [q, k, v], torch.float64, 1e-10)
 
 
-def test_kernel_drops_bit_for_bit_the_same_weights():
+@pytest.mark.parametrize("T", [40, 8])        # the tiled kernel; the few-rows (decoding) kernel
+def test_kernel_drops_bit_for_bit_the_same_weights(T):
     # q = k = 0 makes every visible weight 1/(t+1); v = identity makes output row t *be* the
     # weight row, so the kernel's dropped weights are exactly its zeros.
-    T = 40
     q = torch.zeros(1, 2, T, T, dtype=torch.float64)
     v = torch.eye(T, dtype=torch.float64).expand(1, 2, T, T).contiguous()
     seed = torch.tensor([2024], dtype=torch.int64)
@@ -235,6 +235,57 @@ def test_dropout_seed_is_drawn_from_torch_rng():
     torch.manual_seed(3)
     b = ops.causal_attention(q, k, v, 0.5, backend="reference")
     assert rel_error(a, b) < 1e-12          # same torch seed -> same drawn seed -> same mask
+
+
+def cache_slices(B, H, Tk, D, dtype, seed, length=300):
+    """k, v as a model's KV cache hands them over: the first Tk positions of a preallocated
+    (B, H, length, D) buffer - views whose heads sit `length` rows apart, not Tk."""
+    cache = rand(2, B, H, length, D, seed=seed, dtype=dtype)
+    return cache[0][:, :, :Tk], cache[1][:, :, :Tk]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("Tq,Tk,D,p", [(1, 1, 64, 0.0), (1, 200, 80, 0.0), (3, 70, 20, 0.0), (8, 8, 16, 0.0),
+                                       (8, 129, 128, 0.0), (1, 200, 64, 0.3), (5, 33, 24, 0.3)])
+def test_decoding_from_a_cache_slice_matches_reference(dtype, Tq, Tk, D, p):
+    """Up to 8 query rows take the few-rows kernel, which reads K and V where they lie: a slice of a
+    longer cache (heads 300 rows apart), head dims with vector tails (20, 24) and without, dropout;
+    forward against float64, then the gradients through the tiled backward."""
+    q = rand(2, 3, Tq, D, seed=130, dtype=dtype)
+    k, v = cache_slices(2, 3, Tk, D, dtype, seed=131)
+    assert not k.is_contiguous() or Tk == 300
+    seed = torch.tensor([2718], dtype=torch.int64)
+    fn = lambda *a: ops.causal_attention(*a, dropout_p=p, seed=seed, backend="extension")  # noqa: E731
+    ref = lambda *a: reference.causal_attention(*a, dropout_p=p, seed=seed)                 # noqa: E731
+    compare(fn, ref, [q.double(), k.double().contiguous(), v.double().contiguous()], dtype, TOL[dtype])
+    out = fn(q, k, v)                                   # the strided views themselves, no copy made first
+    assert rel_error(out, ref(q.double(), k.double(), v.double())) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decoding_half_precision_cache(dtype):
+    q = rand(1, 4, 1, 64, seed=140, dtype=dtype)
+    k, v = cache_slices(1, 4, 150, 64, dtype, seed=141)
+    out = ops.causal_attention(q, k, v, backend="extension")
+    ref = reference.causal_attention(q.double(), k.double(), v.double())
+    torch_err = rel_error(torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=False), ref)
+    assert out.dtype == dtype and rel_error(out, ref) < max(1e-2, 2 * torch_err)
+
+
+def test_decoding_reads_the_cache_in_place():
+    """One decoding step: no copy of the cache slice (a contiguous() of K or V, or K's transposed copy
+    that the tiled kernel makes) - the profiler sees no copy below the op."""
+    q = rand(2, 12, 1, 64, seed=150, dtype=torch.float32)
+    k, v = cache_slices(2, 12, 257, 64, torch.float32, seed=151)
+    seed, q9 = torch.zeros(1, dtype=torch.long), rand(2, 12, 9, 64, seed=152, dtype=torch.float32)
+    with torch.profiler.profile() as prof:
+        OPS.attention_fwd(q, k, v, True, 0.125, 0.0, seed)
+    names = {e.name for e in prof.events()}
+    assert "gptfast::attention_fwd" in names, names
+    assert not names & {"aten::copy_", "aten::clone", "aten::contiguous", "aten::zeros"}, names
+    with torch.profiler.profile() as prof:               # the check can see copies: 9 rows take the tiled kernel
+        OPS.attention_fwd(q9, k, v, True, 0.125, 0.0, seed)
+    assert "aten::copy_" in {e.name for e in prof.events()}
 
 
 # ----------------------------------------------------------------------------- gradcheck, opcheck

@@ -29,15 +29,6 @@ namespace {
 
 using at::vec::Vectorized;
 
-template <typename T>
-T sum_lanes(const Vectorized<T>& v) {
-  T lanes[Vectorized<T>::size()];
-  v.store(lanes);
-  T s = 0;
-  for (int i = 0; i < Vectorized<T>::size(); ++i) s += lanes[i];
-  return s;
-}
-
 // T: the storage type of x, weight, bias, y; A = acc_t<T> the math and the statistics (float32
 // for bfloat16/float16 storage)
 template <typename T, typename A = acc_t<T>>

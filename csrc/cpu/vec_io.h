@@ -30,6 +30,16 @@ inline at::vec::Vectorized<acc_t<T>> load_acc(const T* p) {
   }
 }
 
+// The sum of a vector's lanes, in lane order.
+template <typename T>
+inline T sum_lanes(const at::vec::Vectorized<T>& v) {
+  T lanes[at::vec::Vectorized<T>::size()];
+  v.store(lanes);
+  T s = 0;
+  for (int i = 0; i < at::vec::Vectorized<T>::size(); ++i) s += lanes[i];
+  return s;
+}
+
 template <typename T>
 inline void store_acc(const at::vec::Vectorized<acc_t<T>>& v, T* p) {
   if constexpr (std::is_same_v<T, acc_t<T>>) {
