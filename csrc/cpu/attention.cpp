@@ -9,7 +9,8 @@
 // and dS are computed once and feed dV, dK and dQ together (a head's dQ belongs to one task, so
 // no two threads add into the same output). With few heads it makes two deterministic passes,
 // one parallel over key tiles (dK, dV) and one over query tiles (dQ). Causal tiles above the
-// diagonal are skipped.
+// diagonal are skipped. Calls with at most kRowsKernelMaxQ query rows (decoding with a KV cache)
+// take a kernel of their own that reads K and V in place (attention_fwd_rows_kernel).
 //
 // Dropout (on the softmax weights, after normalization) uses the counter-based hash of
 // dropout_hash.h, so the mask is regenerated in the backward rather than stored.
