@@ -190,12 +190,6 @@ void tile_accumulate(const T* __restrict__ W, int64_t rs, int64_t cs, int64_t n_
   }
 }
 
-// The sum of a vector's lanes by shuffles (the decoding kernel needs one per key).
-template <typename T>
-inline T hsum(const Vectorized<T>& v) {
-  return at::vec::vec_reduce_all<T>([](Vectorized<T>& x, Vectorized<T>& y) { return x + y; }, v);
-}
-
 // s[j] <- exp(s[j] - shift) for j < n, vectorized; returns the sum of the new s[j].
 template <typename T>
 T exp_shifted(T* s, int64_t n, T shift) {
@@ -208,7 +202,7 @@ T exp_shifted(T* s, int64_t n, T shift) {
     e.store(s + j);
     vsum = vsum + e;
   }
-  T sum = hsum(vsum);
+  T sum = sum_lanes(vsum);
   for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - shift));
   return sum;
 }
@@ -490,7 +484,7 @@ void row_scores(const T* q, const S* k, int64_t n, int64_t D, T alpha, T* s) {
       a2 = at::vec::fmadd(qv, load_acc(k2 + d), a2);
       a3 = at::vec::fmadd(qv, load_acc(k3 + d), a3);
     }
-    T d0 = hsum(a0), d1 = hsum(a1), d2 = hsum(a2), d3 = hsum(a3);
+    T d0 = sum_lanes(a0), d1 = sum_lanes(a1), d2 = sum_lanes(a2), d3 = sum_lanes(a3);
     for (int64_t d = Dv; d < D; ++d) {
       d0 += q[d] * T(k0[d]);
       d1 += q[d] * T(k1[d]);
@@ -503,7 +497,7 @@ void row_scores(const T* q, const S* k, int64_t n, int64_t D, T alpha, T* s) {
     const S* kj = k + j * D;
     Vec acc(0);
     for (int64_t d = 0; d < Dv; d += V) acc = at::vec::fmadd(Vec::loadu(q + d), load_acc(kj + d), acc);
-    T dot = hsum(acc);
+    T dot = sum_lanes(acc);
     for (int64_t d = Dv; d < D; ++d) dot += q[d] * T(kj[d]);
     s[j] = alpha * dot;
   }

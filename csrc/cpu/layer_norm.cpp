@@ -84,10 +84,10 @@ constexpr int64_t kMaxBlocks = 32;
 inline int64_t rows_per_block(int64_t N) { return std::max<int64_t>(32, (N + kMaxBlocks - 1) / kMaxBlocks); }
 
 // The partial sums' memory: kept by the calling thread from one backward to the next (grown when a
-// wider row needs more; 256 B per column at most), on 64-byte lines. Allocating it per call, 192 KB at
-// C = 768, measured a 2048x768 forward+backward at 6.4 ms instead of 1.3 ms: the extra free chunk at
-// the top of glibc's heap pushed it over its trim threshold, so every call gave back and re-faulted the
-// 12 MB of y and dx (~3,000 page faults a call; benchmarks/NOTES.md).
+// wider row needs more; 256 B per column at most), on 64-byte lines. Allocated per call (a zero-filled
+// 192 KB tensor at C = 768) it was one more block freed at the top of glibc's heap: one process timed
+// a 2048x768 forward+backward at 6.4 ms with ~3,000 page faults a call, glibc giving back and the
+// next call re-faulting the 12 MB of y and dx (benchmarks/NOTES.md).
 class PartialSums {
  public:
   ~PartialSums() { std::free(p_); }
