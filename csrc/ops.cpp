@@ -27,5 +27,10 @@ TORCH_LIBRARY(gptfast, m) {
   // (float64 for float64 inputs). With compute_grad, also the gradients of that mean loss for hidden and
   // weight, which the backward only scales by the upstream gradient.
   m.def("linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor targets, int ignore_index, int chunk_rows, bool compute_grad) -> (Tensor loss, Tensor grad_hidden, Tensor grad_weight)");
+  // A linear layer for inference (no backward: the weights are frozen): y (..., N) = x (..., K) @ weight^T,
+  // times scales (N,) if given, plus bias (N,) if given. weight (N, K) is float32, bfloat16 or int8
+  // (weight-only quantization; int8 needs the per-row scales); x, scales, bias and y are float32 on CPU.
+  // Built for decoding, where x has a few rows and the weights are read once (csrc/cpu/linear.cpp).
+  m.def("linear_fwd(Tensor x, Tensor weight, Tensor? scales, Tensor? bias) -> Tensor");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, float scale, float dropout_p, Tensor seed) -> (Tensor dq, Tensor dk, Tensor dv)");
 }

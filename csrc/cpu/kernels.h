@@ -12,6 +12,7 @@ void register_attention_cpu(torch::Library& m);
 void register_cross_entropy_cpu(torch::Library& m);
 void register_gelu_cpu(torch::Library& m);
 void register_layer_norm_cpu(torch::Library& m);
+void register_linear_cpu(torch::Library& m);
 
 // Registers this build's CPU kernels for every gptfast op; raises if kernels are already
 // registered by this module (a second call) - another module's second registration is caught by

@@ -28,6 +28,7 @@ static void register_all(torch::Library& m) {
   register_cross_entropy_cpu(m);
   register_gelu_cpu(m);
   register_layer_norm_cpu(m);
+  register_linear_cpu(m);
 }
 
 void register_cpu_kernels() {
