@@ -4,7 +4,8 @@
     python benchmarks/make_auto_table.py --bench A.json B.json --compare C.json
 
 Method: for every op (attention with and without dropout apart), device type and dtype, each gptfast
-backend's forward+backward speed-up over `torch` is the geometric mean over the measured shapes
+backend's forward+backward speed-up over `torch` (the forward's, for the inference-only linear
+layers) is the geometric mean over the measured shapes
 and machines (`bench_ops` medians, same run, interleaved). Backends are ranked by it; a backend other
 than `torch` ranks above `torch` only with a speed-up of at least MIN_WIN (a win, not noise). A
 backend with any FAIL for that op in a `compare` run on that device type is left out, and so is
@@ -25,9 +26,11 @@ RESULTS = os.path.join(HERE, "results")
 TABLE = os.path.join(os.path.dirname(HERE), "gptfast", "ops", "auto_table.json")
 BACKENDS = ("reference", "torch", "extension", "triton")      # what `auto` can dispatch to
 MIN_WIN = 1.03
+INFERENCE_OPS = ("linear", "linear_int8", "linear_bf16")      # no backward: ranked by the forward
 COMPARE_OPS = {"layer_norm": ["layer_norm"], "gelu": ["gelu"], "cross_entropy": ["cross_entropy"],
                "linear_cross_entropy": ["linear_cross_entropy"],
-               "causal_attention": ["attention", "attention_dropout"]}
+               "causal_attention": ["attention", "attention_dropout"],
+               "linear": ["linear"], "linear_int8": ["linear_int8"], "linear_bf16": ["linear_bf16"]}
 
 
 def device_type(env: dict) -> str:
@@ -59,7 +62,8 @@ def build(bench_files: list[str], compare_files: list[str]) -> dict:
         by_case = defaultdict(dict)
         for r in run["results"]:
             # untimed rows (a backend checked for correctness only) carry NaN: no figure, no ranking
-            if r.get("mode") == "fwd+bwd" and math.isfinite(r.get("median_ms", math.nan)):
+            ranked_mode = "fwd" if r["op"] in INFERENCE_OPS else "fwd+bwd"
+            if r.get("mode") == ranked_mode and math.isfinite(r.get("median_ms", math.nan)):
                 by_case[(r["op"], tuple(r["shape"]))][r["backend"]] = r["median_ms"]
         for (op, shape), times in by_case.items():
             if "torch" not in times:
@@ -86,7 +90,8 @@ def build(bench_files: list[str], compare_files: list[str]) -> dict:
         rows.append({"op": op, "device": dev, "dtype": dtype, "ranking": ranking,
                      "shapes": ", ".join(sorted(src["shapes"])), "measured_on": "; ".join(sorted(src["machines"])),
                      "date": max(src["dates"])})
-    return {"method": "geometric-mean fwd+bwd speed-up over torch in bench_ops (interleaved medians); "
+    return {"method": "geometric-mean fwd+bwd speed-up over torch in bench_ops (interleaved medians; the forward "
+                      "for the inference-only linear layers); "
                       f"a non-torch backend must win by {MIN_WIN}x; compare failures veto",
             "generated": datetime.date.today().isoformat(),
             "sources": sorted(os.path.relpath(p, os.path.dirname(HERE)) for p in bench_files + compare_files),

@@ -1,7 +1,8 @@
-"""The op interface the model calls: `layer_norm`, `gelu`, `causal_attention`, `cross_entropy`, and
-`linear_cross_entropy` (the LM head fused with the loss).
+"""The op interface the model calls: `layer_norm`, `gelu`, `causal_attention`, `cross_entropy`,
+`linear_cross_entropy` (the LM head fused with the loss), and the linear layers of inference:
+`linear` (float32 weights) and `linear_int8` / `linear_bf16` (weight-only quantized weights).
 
-Each op is computed by a selectable backend (`reference`, `torch`, later `extension`, `triton`),
+Each op is computed by a selectable backend (`reference`, `torch`, `extension`, `triton`, `auto`),
 chosen per call by `backend=`, which the model takes from its config, `--backend` or
 $GPTFAST_BACKEND. Argument checks live here, once, so every backend gets the same clear errors.
 """
@@ -12,7 +13,9 @@ import os
 import torch
 
 from . import auto
-from .checks import check_attention_inputs, check_floating, check_like, check_targets
+import torch.nn.functional as F
+
+from .checks import check_attention_inputs, check_floating, check_like, check_linear_inputs, check_targets
 from .registry import (DEFAULT_BACKEND, BackendError, available_backends, get_backend,
                        known_backends, register_backend, resolve_backend_name, shares_dropout_rng)
 
@@ -123,5 +126,53 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return get_backend(backend).linear_cross_entropy(hidden, weight, targets, ignore_index, chunk_rows)
 
 
-__all__ = ["layer_norm", "cross_entropy", "linear_cross_entropy", "linear_cross_entropy_chunk_rows", "gelu", "causal_attention", "available_backends", "resolve_backend_name",
+def _needs_autograd(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           backend: str | None = None) -> torch.Tensor:
+    """nn.Linear: x (..., K) @ weight (N, K)^T + bias (N,) -> (..., N).
+
+    The backends differ for inference only - decoding, where x has a few rows and the layer is a
+    matrix-vector product bound by reading the weights (`extension` on CPU: our kernel, csrc/cpu/linear.cpp).
+    Whenever autograd needs the result (training), under autocast, or for a weight that is not a plain
+    tensor (a DTensor of FSDP), every backend runs `F.linear`, so training is PyTorch's own GEMM whatever
+    the backend."""
+    check_linear_inputs(x, weight, None, bias, None)
+    if (_needs_autograd(x, weight, bias) or torch.is_autocast_enabled(x.device.type)
+            or type(weight) not in (torch.Tensor, torch.nn.Parameter)):
+        return F.linear(x, weight, bias)
+    return get_backend(backend).linear(x, weight, bias)
+
+
+def _check_inference(op: str, x: torch.Tensor) -> None:
+    if _needs_autograd(x):
+        raise RuntimeError(f"{op} is for inference: x requires grad, but quantized weights are frozen and the op has "
+                           "no backward (train the float32 model, quantize it afterwards; or run under torch.no_grad())")
+
+
+def linear_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                backend: str | None = None) -> torch.Tensor:
+    """A linear layer with int8 weights: x (..., K) @ (weight (N, K) int8 * scales (N,) float32)^T + bias.
+
+    Weight-only quantization (gptfast.quantize): one scale per output row, activations and the math in
+    x's precision. Inference only (no backward)."""
+    if scales is None:
+        raise ValueError("linear_int8 needs scales: one float32 per output row of weight")
+    check_linear_inputs(x, weight, scales, bias, torch.int8)
+    _check_inference("linear_int8", x)
+    return get_backend(backend).linear_int8(x, weight, scales, bias)
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                backend: str | None = None) -> torch.Tensor:
+    """A linear layer with bfloat16 weights and the math in x's precision (float32): half the bytes of
+    float32 weights to read. Inference only (no backward)."""
+    check_linear_inputs(x, weight, None, bias, torch.bfloat16)
+    _check_inference("linear_bf16", x)
+    return get_backend(backend).linear_bf16(x, weight, bias)
+
+
+__all__ = ["linear", "linear_int8", "linear_bf16", "layer_norm", "cross_entropy", "linear_cross_entropy", "linear_cross_entropy_chunk_rows", "gelu", "causal_attention", "available_backends", "resolve_backend_name",
            "register_backend", "get_backend", "known_backends", "shares_dropout_rng", "supports_kv_cache", "BackendError", "DEFAULT_BACKEND"]

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import torch
 
 TABLE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "auto_table.json")
-OPS = ("layer_norm", "gelu", "attention", "attention_dropout", "cross_entropy", "linear_cross_entropy")
+OPS = ("layer_norm", "gelu", "attention", "attention_dropout", "cross_entropy", "linear_cross_entropy",
+       "linear", "linear_int8", "linear_bf16")
+INFERENCE_OPS = ("linear", "linear_int8", "linear_bf16")    # ranked by their forward (they have no backward)
 FALLBACK = "torch"
 
 
@@ -72,7 +74,8 @@ def _choose(op: str, device_type: str, dtype: str) -> Choice:
                     f"{entry['vs_torch']:.2f}x torch"
                 if skipped:
                     why = "the fastest that runs here; " + "; ".join(skipped)
-                return Choice(entry["backend"], f"{why} (fwd+bwd, {row['shapes']}; {row['measured_on']}, {row['date']})")
+                mode = "fwd" if op in INFERENCE_OPS else "fwd+bwd"
+                return Choice(entry["backend"], f"{why} ({mode}, {row['shapes']}; {row['measured_on']}, {row['date']})")
             if entry["backend"] != "triton" or device_type == "cuda":   # the CPU interpreter is never a candidate
                 from .registry import unavailable_reason
 
@@ -123,6 +126,18 @@ def cross_entropy(logits, targets, ignore_index=-100):
 def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, chunk_rows=256):
     return _backend(_pick("linear_cross_entropy", hidden)).linear_cross_entropy(hidden, weight, targets,
                                                                               ignore_index, chunk_rows)
+
+
+def linear(x, weight, bias=None):
+    return _backend(_pick("linear", x)).linear(x, weight, bias)
+
+
+def linear_int8(x, weight, scales, bias=None):
+    return _backend(_pick("linear_int8", x)).linear_int8(x, weight, scales, bias)
+
+
+def linear_bf16(x, weight, bias=None):
+    return _backend(_pick("linear_bf16", x)).linear_bf16(x, weight, bias)
 
 
 def supports_kv_cache(device: torch.device) -> bool:

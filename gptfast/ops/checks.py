@@ -52,3 +52,33 @@ def check_targets(targets: torch.Tensor, name: str, t: torch.Tensor, vocab: int,
         bad = ((targets < 0) & (targets != ignore_index)) | (targets >= vocab)
         if bool(bad.any()):
             raise ValueError(f"targets hold ids outside [0, {vocab}) that are not ignore_index ({ignore_index})")
+
+
+def check_linear_inputs(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None,
+                        bias: torch.Tensor | None, weight_dtype: torch.dtype | None) -> None:
+    """x (..., K) floating; weight (N, K) of `weight_dtype` (None: x's dtype) on x's device; scales
+    (N,) float32 (int8 weights need them); bias (N,) of x's dtype."""
+    check_floating("x", x)
+    if x.ndim < 1:
+        raise ValueError("x must have shape (..., K), got a 0-dim tensor")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    want = weight_dtype or x.dtype
+    if weight.dtype != want:
+        raise TypeError(f"weight must be {want}" + ("" if weight_dtype else " (x's dtype)") + f", got {weight.dtype}")
+    if weight.ndim != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must have shape (N, K) with K = x's last dim ({x.shape[-1]}), got {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    N = weight.shape[0]
+    for name, t, dtype in (("scales", scales, torch.float32), ("bias", bias, x.dtype)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != dtype:
+            raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+        if t.shape != (N,):
+            raise ValueError(f"{name} must have shape ({N},) - one per output row of weight - got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")

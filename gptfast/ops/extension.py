@@ -14,6 +14,7 @@ import torch
 from .. import compiled
 from ..compiled import load_extension
 from . import autograd_formulas as formulas
+from . import native
 
 _C = load_extension()   # ImportError with the reason when it cannot be built or loaded
 OPS = torch.ops.gptfast
@@ -138,6 +139,31 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, chunk_rows=
     _check_device(hidden)
     compute_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return OPS.linear_cross_entropy_fwd(hidden, weight, targets, ignore_index, chunk_rows, compute_grad)[0]
+
+
+def _linear_kernel_takes(x: torch.Tensor) -> bool:
+    """Our linear kernels: float32 activations on CPU; float32/bfloat16/float16 on CUDA when built."""
+    if x.device.type not in _COMPILED_FOR | _SHAPE_ONLY:
+        return False
+    return x.dtype == torch.float32 or (x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16))
+
+
+def linear(x, weight, bias=None):
+    if not _linear_kernel_takes(x):
+        return native.linear(x, weight, bias)
+    return OPS.linear_fwd(x, weight, None, bias)
+
+
+def linear_int8(x, weight, scales, bias=None):
+    if not _linear_kernel_takes(x):                 # e.g. bfloat16 activations on CPU: PyTorch's int8 op
+        return native.linear_int8(x, weight, scales, bias)
+    return OPS.linear_fwd(x, weight, scales, bias)
+
+
+def linear_bf16(x, weight, bias=None):
+    if not _linear_kernel_takes(x):
+        return native.linear_bf16(x, weight, bias)
+    return OPS.linear_fwd(x, weight, None, bias)
 
 
 def build_info() -> dict:

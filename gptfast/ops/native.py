@@ -1,7 +1,9 @@
-"""The `torch` backend: PyTorch's own fused built-ins for the same three ops.
+"""The `torch` backend: PyTorch's own built-ins for every op.
 
-These are the baselines our kernels must beat: `F.layer_norm`, `F.gelu(approximate="tanh")` and
-`F.scaled_dot_product_attention` (which picks flash / memory-efficient / math kernels itself).
+These are the baselines our kernels must beat: `F.layer_norm`, `F.gelu(approximate="tanh")`,
+`F.scaled_dot_product_attention` (which picks flash / memory-efficient / math kernels itself),
+`F.cross_entropy` (after `F.linear` for the LM head + loss), and for the quantized linear layers
+`aten._weight_int8pack_mm` where its rules allow, else what a user would write (gpt-fast's recipe).
 Attention dropout uses SDPA's own RNG, so its dropped weights differ from the other backends'.
 """
 from __future__ import annotations
@@ -45,3 +47,29 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     # bottom-right one - query r sees keys 0 .. r + Tk - Tq - so pass the mask explicitly
     allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+def _int8pack_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """aten._weight_int8pack_mm's rules: a CPU op whose vectorized path takes bfloat16 activations
+    (float32 ones take a scalar loop, ~13x slower than F.linear), K a multiple of 16."""
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.shape[1] % 16 == 0
+
+
+def linear_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
+    if _int8pack_applies(x, weight):
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(),
+                                              scales.to(x.dtype)).view(*x.shape[:-1], weight.shape[0])
+        return y + bias if bias is not None else y
+    # gpt-fast's weight-only int8: widen the weights to x's dtype, then scale the outputs
+    y = F.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
+    return y + bias if bias is not None else y
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    if x.dtype == torch.bfloat16:
+        return F.linear(x, weight, bias)
+    return F.linear(x, weight.to(x.dtype), bias)

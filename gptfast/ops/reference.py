@@ -78,3 +78,24 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if logits.dtype in (torch.float16, torch.bfloat16):          # the loss and its lse in float32
         logits = logits.float()
     return cross_entropy(logits, targets, ignore_index)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ weight (N, K)^T + bias: each output is the dot product of a row of x with a row of weight."""
+    y = x @ weight.t()                                            # (..., N)
+    return y + bias if bias is not None else y
+
+
+def dequantize_int8(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 weight (N, K) * scales (N,) -> (N, K) in `dtype`: row n is weight[n] * scales[n]."""
+    return weight.to(dtype) * scales.to(dtype).unsqueeze(1)
+
+
+def linear_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
+    """Weight-only int8: dequantize the weights to x's dtype, then the plain linear layer."""
+    return linear(x, dequantize_int8(weight, scales, x.dtype), bias)
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """bfloat16 weights widened to x's dtype (exact), then the plain linear layer."""
+    return linear(x, weight.to(x.dtype), bias)

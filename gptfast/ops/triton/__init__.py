@@ -7,7 +7,7 @@ On a machine without a CUDA GPU the kernels run in Triton's interpreter on CPU t
 same kernel code. Importing this package needs Triton; `import gptfast` does not.
 
 This package is the `triton` op backend: `layer_norm`, `gelu`, `causal_attention`, `cross_entropy`,
-`linear_cross_entropy`.
+`linear_cross_entropy`, and the inference linear layers `linear`, `linear_int8`, `linear_bf16`.
 """
 import os
 
@@ -24,6 +24,7 @@ from .attention import attention_bwd, attention_fwd, supports_kv_cache  # noqa: 
 from .cross_entropy import cross_entropy_bwd, cross_entropy_fwd, linear_cross_entropy_fwd  # noqa: E402
 from .gelu import gelu_bwd, gelu_fwd  # noqa: E402
 from .layer_norm import layer_norm_bwd, layer_norm_fwd  # noqa: E402
+from .linear import linear_fwd  # noqa: E402
 
 
 # The backend functions. The interpreter computes bfloat16 wrongly (a Triton limitation), so on
@@ -63,6 +64,27 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, chunk_rows=
     return _cross_entropy.linear_cross_entropy(hidden, weight, targets, ignore_index, chunk_rows)
 
 
+def _linear(x, weight, scales, bias):
+    if _interpreted_bf16(x):
+        y = linear_fwd(x.float(), weight, scales, bias.float() if bias is not None else None)
+        return y.to(x.dtype)
+    return linear_fwd(x, weight, scales, bias)
+
+
+def linear(x, weight, bias=None):
+    if _interpreted_bf16(x):                  # float32 math on the widened weights, rounded back
+        return _linear(x, weight.float(), None, bias)
+    return _linear(x, weight, None, bias)
+
+
+def linear_int8(x, weight, scales, bias=None):
+    return _linear(x, weight, scales, bias)
+
+
+def linear_bf16(x, weight, bias=None):
+    return _linear(x, weight, None, bias)
+
+
 def build_info() -> dict:
     import triton
 
@@ -72,4 +94,5 @@ def build_info() -> dict:
 __all__ = ["layer_norm", "layer_norm_fwd", "layer_norm_bwd", "gelu", "gelu_fwd", "gelu_bwd",
            "causal_attention", "attention_fwd", "attention_bwd", "supports_kv_cache", "cross_entropy", "cross_entropy_fwd",
            "linear_cross_entropy", "linear_cross_entropy_fwd",
+           "linear", "linear_int8", "linear_bf16", "linear_fwd",
            "cross_entropy_bwd", "INTERPRET", "build_info"]
