@@ -64,19 +64,25 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, context_size:
     generator = torch.Generator(device=idx.device).manual_seed(seed) if seed is not None else None
     was_training = model.training
     model.eval()
-    finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
-    cache = model.new_kv_cache(idx.shape[0]) if use_cache else None
+    B, T0 = idx.shape
+    finished = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
+    cache = model.new_kv_cache(B) if use_cache else None
+    tokens = torch.empty(B, T0 + max_new_tokens, dtype=idx.dtype, device=idx.device)   # filled as we go
+    tokens[:, :T0] = idx
+    n = T0                                                       # tokens so far
     V = model.cfg.vocab_size                                     # padded logit columns are never sampled
     try:
-        window = idx[:, -context_size:]                          # crop to the context window
-        logits = model(window, cache=cache, start_pos=0)[:, -1, :V]              # prefill; (B, V) at the last position
+        # prefill: the prompt (cropped to the context window) in one forward; the LM head on the last position only
+        window = tokens[:, max(0, n - context_size):n]
+        logits = model(window, cache=cache, start_pos=0, last_position_only=True)[:, -1, :V]   # (B, V)
         pos = window.shape[1]                                    # positions held in the cache
         for step in range(max_new_tokens):
             idx_next = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             if eos_id is not None:
                 idx_next = idx_next.masked_fill(finished, eos_id)
                 finished |= idx_next == eos_id
-            idx = torch.cat((idx, idx_next), dim=1)
+            tokens[:, n] = idx_next[:, 0]
+            n += 1
             yield idx_next
             if step + 1 == max_new_tokens or (eos_id is not None and bool(finished.all())):
                 break
@@ -84,7 +90,8 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, context_size:
                 logits = model(idx_next, cache=cache, start_pos=pos)[:, -1, :V]
                 pos += 1
             else:                                                # textbook path, or a full window
-                logits = model(idx[:, -context_size:], cache=cache, start_pos=0)[:, -1, :V]
+                window = tokens[:, max(0, n - context_size):n]
+                logits = model(window, cache=cache, start_pos=0, last_position_only=True)[:, -1, :V]
     finally:
         model.train(was_training)
 
@@ -110,7 +117,7 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, **kwargs) ->
 
     A piece is held back while the tokens so far end inside a multi-byte character.
     """
-    device = model.tok_emb.weight.device
+    device = model.device
     idx = text_to_token_ids(prompt, tokenizer).to(device)
     ids, emitted = [], ""
     for tok in generate_tokens(model, idx, max_new_tokens, **kwargs):

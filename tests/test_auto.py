@@ -24,11 +24,9 @@ def table(monkeypatch):
     """Swap in a table of our own; the memo of earlier choices is cleared before and after."""
     def use(rows):
         monkeypatch.setattr(auto, "_TABLE", {"rows": rows})
-        auto._memo.clear()
-        auto._said.clear()
+        auto.forget_choices()
     yield use
-    auto._memo.clear()
-    auto._said.clear()
+    auto.forget_choices()
 
 
 def test_choice_follows_the_ranking_and_names_its_evidence(table):

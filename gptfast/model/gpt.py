@@ -14,7 +14,21 @@ import torch.nn as nn
 from .. import ops
 from .config import GPTConfig
 
-__all__ = ["GPTModel", "KVCache", "TransformerBlock", "CausalSelfAttention", "FeedForward", "LayerNorm", "GELU"]
+__all__ = ["GPTModel", "KVCache", "TransformerBlock", "CausalSelfAttention", "FeedForward", "LayerNorm", "GELU",
+           "Linear"]
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state-dict keys) through `ops.linear`: in training that is
+    F.linear on every backend; in inference the backend's kernel (the `extension` one on CPU reads
+    the weights once for the few rows of a decoding step)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, backend: str | None = None):
+        super().__init__(in_features, out_features, bias=bias)
+        self.backend = backend
+
+    def forward(self, x):                                        # (..., in) -> (..., out)
+        return ops.linear(x, self.weight, self.bias, backend=self.backend)
 
 
 class LayerNorm(nn.Module):
@@ -45,9 +59,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.fc = Linear(cfg.emb_dim, 4 * cfg.emb_dim, backend=cfg.backend)
         self.act = GELU(cfg.backend)
-        self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+        self.proj = Linear(4 * cfg.emb_dim, cfg.emb_dim, backend=cfg.backend)
 
     def forward(self, x):                                        # (B, T, C)
         return self.proj(self.act(self.fc(x)))                   # (B, T, 4C) inside
@@ -78,10 +92,10 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
-        self.W_query = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
-        self.W_key = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
-        self.W_value = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
-        self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)      # mixes the heads' outputs
+        self.W_query = Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias, backend=cfg.backend)
+        self.W_key = Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias, backend=cfg.backend)
+        self.W_value = Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias, backend=cfg.backend)
+        self.out_proj = Linear(cfg.emb_dim, cfg.emb_dim, backend=cfg.backend)   # mixes the heads' outputs
         self.drop_rate = cfg.drop_rate                           # on the attention weights
         self.backend = cfg.backend
 
@@ -134,12 +148,13 @@ class GPTModel(nn.Module):
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = LayerNorm(cfg.emb_dim, backend=cfg.backend)
-        self.out_head = nn.Linear(cfg.emb_dim, cfg.padded_vocab_size, bias=False)  # untied, as in the book...
+        self.out_head = Linear(cfg.emb_dim, cfg.padded_vocab_size, bias=False, backend=cfg.backend)  # untied (book)...
         if cfg.tie_embeddings:                                   # ...or shared with the embedding (GPT-2)
             # GPT-2's N(0, 0.02) for the shared matrix: nn.Embedding's N(0, 1) rows would make the
             # untrained logits huge (initial loss ~40 instead of ln V ~ 10.8)
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=0.02)
             self.out_head.weight = self.tok_emb.weight
+        self.quantization: str | None = None                     # "int8" / "bf16" after gptfast.quantize
 
     @property
     def backend(self) -> str:
@@ -157,12 +172,20 @@ class GPTModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @property
+    def device(self) -> torch.device:
+        return self.pos_emb.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (that of the position embedding, which quantization leaves as it is)."""
+        return self.pos_emb.weight.dtype
+
     def new_kv_cache(self, batch_size: int) -> KVCache:
-        w = self.tok_emb.weight
-        return KVCache(self.cfg, batch_size, device=w.device, dtype=w.dtype)
+        return KVCache(self.cfg, batch_size, device=self.device, dtype=self.dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
-                start_pos: int = 0) -> torch.Tensor:
+                start_pos: int = 0, last_position_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V) for token ids idx (B, T) at positions start_pos .. start_pos + T - 1; or, given
         `targets` (B, T), the mean next-token loss (ignore_index -100).
 
@@ -174,8 +197,13 @@ class GPTModel(nn.Module):
         `reference` keeps the book's two visible steps, logits then cross-entropy.
 
         With a `cache`, keys and values of these positions are stored in it and attention also sees
-        the cached positions before start_pos.
+        the cached positions before start_pos. `last_position_only`: logits (B, 1, V) of the last
+        position alone - all generation needs after a prompt, and the LM head (the largest matmul)
+        then runs on B rows instead of B * T.
         """
+        if self.quantization and self.training:
+            raise RuntimeError(f"this model's weights are quantized ({self.quantization}): it is for inference only "
+                               "(call model.eval()); train the float32 model and quantize it afterwards")
         B, T = idx.shape
         if start_pos + T > self.cfg.context_length:
             raise ValueError(f"sequence length {start_pos + T} exceeds the model's context_length "
@@ -187,9 +215,14 @@ class GPTModel(nn.Module):
         x = self.drop_emb(x)
         for i, block in enumerate(self.trf_blocks):
             x = block(x, cache.layers[i] if cache is not None else None, start_pos)
+        if last_position_only:
+            if targets is not None:
+                raise ValueError("last_position_only is for logits; the loss needs every position")
+            x = x[:, -1:, :]                                     # (B, 1, C)
         x = self.final_norm(x)                                   # (B, T, C)
         if targets is None:
             return self.out_head(x)                              # (B, T, V) logits
-        if self.cfg.backend == "reference":                      # the textbook: logits, then the loss
-            return ops.cross_entropy(self.out_head(x).flatten(0, 1), targets.flatten(), backend="reference")
+        if self.cfg.backend == "reference" or self.quantization:   # the textbook (or a quantized LM head):
+            logits = self.out_head(x).flatten(0, 1)              # logits, then the loss
+            return ops.cross_entropy(logits, targets.flatten(), backend=self.cfg.backend)
         return ops.linear_cross_entropy(x, self.out_head.weight, targets, backend=self.cfg.backend)

@@ -87,6 +87,7 @@ def _choose(op: str, device_type: str, dtype: str) -> Choice:
 
 
 _said: set = set()
+_picked: dict = {}       # (op, device type, torch dtype) -> backend module: one dict lookup a call
 
 
 def _pick(op: str, t: torch.Tensor) -> str:
@@ -100,6 +101,23 @@ def _pick(op: str, t: torch.Tensor) -> str:
     return choice.backend
 
 
+def _backend_for(op: str, t: torch.Tensor):
+    """The backend module that computes `op` for tensors like `t` (decoding calls ~150 ops a token:
+    the choice is made once per op, device type and dtype, then looked up)."""
+    key = (op, t.device.type, t.dtype)
+    module = _picked.get(key)
+    if module is None:
+        module = _picked[key] = _backend(_pick(op, t))
+    return module
+
+
+def forget_choices() -> None:
+    """Drop every choice made so far (after swapping the table, say): the next call chooses afresh."""
+    _memo.clear()
+    _said.clear()
+    _picked.clear()
+
+
 def _backend(name: str):
     from .registry import get_backend
 
@@ -107,37 +125,37 @@ def _backend(name: str):
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
-    return _backend(_pick("layer_norm", x)).layer_norm(x, weight, bias, eps)
+    return _backend_for("layer_norm", x).layer_norm(x, weight, bias, eps)
 
 
 def gelu(x):
-    return _backend(_pick("gelu", x)).gelu(x)
+    return _backend_for("gelu", x).gelu(x)
 
 
 def causal_attention(q, k, v, dropout_p=0.0, scale=None, seed=None):
-    return _backend(_pick("attention_dropout" if dropout_p > 0 else "attention", q)).causal_attention(
+    return _backend_for("attention_dropout" if dropout_p > 0 else "attention", q).causal_attention(
         q, k, v, dropout_p, scale, seed)
 
 
 def cross_entropy(logits, targets, ignore_index=-100):
-    return _backend(_pick("cross_entropy", logits)).cross_entropy(logits, targets, ignore_index)
+    return _backend_for("cross_entropy", logits).cross_entropy(logits, targets, ignore_index)
 
 
 def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, chunk_rows=256):
-    return _backend(_pick("linear_cross_entropy", hidden)).linear_cross_entropy(hidden, weight, targets,
+    return _backend_for("linear_cross_entropy", hidden).linear_cross_entropy(hidden, weight, targets,
                                                                               ignore_index, chunk_rows)
 
 
 def linear(x, weight, bias=None):
-    return _backend(_pick("linear", x)).linear(x, weight, bias)
+    return _backend_for("linear", x).linear(x, weight, bias)
 
 
 def linear_int8(x, weight, scales, bias=None):
-    return _backend(_pick("linear_int8", x)).linear_int8(x, weight, scales, bias)
+    return _backend_for("linear_int8", x).linear_int8(x, weight, scales, bias)
 
 
 def linear_bf16(x, weight, bias=None):
-    return _backend(_pick("linear_bf16", x)).linear_bf16(x, weight, bias)
+    return _backend_for("linear_bf16", x).linear_bf16(x, weight, bias)
 
 
 def supports_kv_cache(device: torch.device) -> bool:

@@ -15,7 +15,7 @@ import os
 import torch
 
 from ..files import atomic_write
-from ..model import GPTConfig, GPTModel
+from ..model import GPTConfig, GPTModel, prepare_quantized
 
 CHECKPOINT_NAME = "checkpoint.pt"
 WEIGHTS_NAME = "model.safetensors"
@@ -45,14 +45,18 @@ def save_checkpoint(path: str, model: GPTModel, optimizer=None, tokenizer=None, 
 
 def save_weights(path: str, model: GPTModel, tokenizer=None, model_state: dict | None = None) -> str:
     """The weights alone as safetensors, config and tokenizer in its metadata; written atomically.
-    A tied LM head is stored once (safetensors refuses shared tensors) and re-tied on reading."""
+    A tied LM head is stored once (safetensors refuses shared tensors) and re-tied on reading. A
+    quantized model (gptfast.quantize) stores its int8 / bfloat16 weights as they are, int8 scales
+    beside them (`<layer>.scales`), and its quantization in the metadata."""
     from safetensors.torch import save
 
     state = model_state if model_state is not None else model.state_dict()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()
-               if not (model.cfg.tie_embeddings and k == "out_head.weight")}
+               if not (model.cfg.tie_embeddings and not model.quantization and k == "out_head.weight")}
     meta = {"format": WEIGHTS_FORMAT, "version": 1, "config": model.cfg.to_dict(),
             "tokenizer": tokenizer.spec() if tokenizer is not None else None}
+    if model.quantization:
+        meta["quantization"] = model.quantization
     with atomic_write(path) as f:
         f.write(save(tensors, metadata={"format": "pt", "gptfast": json.dumps(meta)}))
     return path
@@ -75,7 +79,7 @@ def read_weights(path: str) -> dict:
     if meta["config"].get("tie_embeddings") and "out_head.weight" not in tensors:
         tensors["out_head.weight"] = tensors["tok_emb.weight"]
     return {"format": WEIGHTS_FORMAT, "version": meta.get("version"), "config": meta["config"], "model": tensors,
-            "tokenizer": meta.get("tokenizer")}
+            "tokenizer": meta.get("tokenizer"), "quantization": meta.get("quantization")}
 
 
 def rng_states() -> dict:
@@ -128,10 +132,13 @@ def resolve_checkpoint_path(path: str) -> str:
 
 
 def load_checkpoint(path: str, map_location="cpu", backend: str | None = None) -> tuple[GPTModel, dict]:
-    """Rebuild the model from a checkpoint (or weights file); returns (model, the raw checkpoint dict)."""
+    """Rebuild the model from a checkpoint (or weights file); returns (model, the raw checkpoint dict).
+    A quantized weights file gives the quantized model (state["quantization"] names how)."""
     state = read_checkpoint(path, map_location)
     cfg = GPTConfig.from_dict(state["config"])
     cfg.backend = backend  # a runtime choice, not a property of the weights: None -> env/default
     model = GPTModel(cfg)
+    if state.get("quantization"):
+        prepare_quantized(model, state["quantization"])
     model.load_state_dict(state["model"])
     return model, state

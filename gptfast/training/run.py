@@ -134,7 +134,10 @@ def initial_model(s: TrainSettings, cfg: GPTConfig, backend: str, tokenizer, ech
         model = load_gpt2(s.init_from, backend=backend)
         echo(f"initialized from GPT-2 weights in {s.init_from}")
     else:
-        model, _ = load_checkpoint(s.init_from, backend=backend)
+        model, state = load_checkpoint(s.init_from, backend=backend)
+        if state.get("quantization"):
+            raise ConfigError(f"--init-from {s.init_from}: its weights are quantized ({state['quantization']}), "
+                              "for inference only; train from the float32 weights")
         echo(f"initialized from gptfast checkpoint {s.init_from}")
     if model.cfg.vocab_size < tokenizer.n_vocab:
         raise ConfigError(f"--init-from model has {model.cfg.vocab_size} tokens but the tokenizer has "

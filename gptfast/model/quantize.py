@@ -1,0 +1,147 @@
+"""Weight-only quantization for inference: the linear layers' weights stored in fewer bytes.
+
+Decoding one token reads every weight once, so its speed is the speed at which the weights stream
+from memory: GPT-2 124M reads ~496 MB a token in float32, half that in bfloat16, a quarter in int8.
+`quantize(model, "int8" | "bf16")` replaces every linear layer of the blocks and the LM head:
+
+- int8: symmetric, one scale per output row (the row's largest |weight| / 127), so
+  weight ~= q * scale with q in [-127, 127]; the error of a weight is at most scale / 2.
+- bf16: the weights rounded to bfloat16 (8 bits of mantissa); the math stays float32.
+
+Activations, LayerNorm, attention and the KV cache keep the model's dtype; the products run through
+`ops.linear_int8` / `ops.linear_bf16` (our CPU kernel widens each weight in registers; no float32
+copy of the weights exists). A tied embedding shares the LM head's quantized rows: looking up a
+token dequantizes its row. The model is for inference from then on (training it raises).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+from .gpt import GPTModel
+
+QUANTIZATION_MODES = ("none", "bf16", "int8")
+__all__ = ["QUANTIZATION_MODES", "quantize", "prepare_quantized", "quantize_int8_rows", "WeightOnlyLinear", "QuantizedEmbedding"]
+
+
+def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (N, K) -> (q int8 (N, K), scales float32 (N,)): symmetric per row, scale = absmax / 127.
+    An all-zero row gets scale 1 (q = 0), not a division by zero."""
+    w = weight.detach().float()
+    absmax = w.abs().amax(dim=1)                                  # (N,)
+    scales = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+    q = torch.round(w / scales.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+class WeightOnlyLinear(nn.Module):
+    """A linear layer whose weight (out, in) is int8 (with `scales` (out,)) or bfloat16, kept as
+    buffers: nothing here is trained."""
+
+    def __init__(self, in_features: int, out_features: int, mode: str, bias: bool = True,
+                 backend: str | None = None, device=None, bias_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if mode not in ("int8", "bf16"):
+            raise ValueError(f"WeightOnlyLinear mode must be 'int8' or 'bf16', got {mode!r}")
+        self.in_features, self.out_features, self.mode, self.backend = in_features, out_features, mode, backend
+        dtype = torch.int8 if mode == "int8" else torch.bfloat16
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device)
+                             if mode == "int8" else None)
+        self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mode: str, convert: bool = True) -> "WeightOnlyLinear":
+        """The quantized twin of `linear` (its weights converted; with convert=False left empty, to be
+        filled by load_state_dict)."""
+        w = linear.weight
+        new = cls(linear.in_features, linear.out_features, mode, bias=linear.bias is not None,
+                  backend=getattr(linear, "backend", None), device=w.device, bias_dtype=w.dtype)
+        if convert:
+            with torch.no_grad():
+                if mode == "int8":
+                    q, scales = quantize_int8_rows(w)
+                    new.weight.copy_(q)
+                    new.scales.copy_(scales)
+                else:
+                    new.weight.copy_(w.detach())
+                if linear.bias is not None:
+                    new.bias.copy_(linear.bias.detach())
+        return new
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weights this layer multiplies by, as a (out, in) tensor of `dtype`."""
+        if self.mode == "int8":
+            return self.weight.to(dtype) * self.scales.to(dtype).unsqueeze(1)
+        return self.weight.to(dtype)
+
+    def forward(self, x):                                        # (..., in) -> (..., out)
+        if self.mode == "int8":
+            return ops.linear_int8(x, self.weight, self.scales, self.bias, backend=self.backend)
+        return ops.linear_bf16(x, self.weight, self.bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, " \
+               f"bias={self.bias is not None}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """The token embedding of a model whose LM head is tied to it and quantized: token t's vector is
+    row t of the head's weights, dequantized when looked up (no second, float32 copy of the matrix).
+    Holds no tensors of its own (the head's are saved once, under out_head.*)."""
+
+    def __init__(self, head: WeightOnlyLinear, dtype: torch.dtype):
+        super().__init__()
+        self._head = [head]                                      # a list: not a submodule, not saved twice
+        self.dtype = dtype
+
+    def forward(self, idx):                                      # (B, T) -> (B, T, C)
+        head = self._head[0]
+        rows = F.embedding(idx, head.weight).to(self.dtype)
+        if head.mode == "int8":
+            rows = rows * F.embedding(idx, head.scales.unsqueeze(1)).to(self.dtype)
+        return rows
+
+
+def _linears(model: GPTModel):
+    """(parent module, attribute name, layer) of every linear layer of the blocks, then the LM head."""
+    for block in model.trf_blocks:
+        for parent in (block.att, block.ff):
+            for name, child in parent.named_children():
+                if isinstance(child, nn.Linear):
+                    yield parent, name, child
+    yield model, "out_head", model.out_head
+
+
+def _replace(model: GPTModel, mode: str, convert: bool) -> GPTModel:
+    if mode not in QUANTIZATION_MODES:
+        raise ValueError(f"unknown quantization {mode!r}; choose one of: {', '.join(QUANTIZATION_MODES)}")
+    if not isinstance(model, GPTModel):
+        raise TypeError(f"quantize takes a gptfast GPTModel, got {type(model).__name__}")
+    if mode == "none":
+        return model
+    if model.quantization:
+        raise ValueError(f"the model is already quantized ({model.quantization})")
+    dtype = model.dtype
+    for parent, name, layer in list(_linears(model)):
+        setattr(parent, name, WeightOnlyLinear.from_linear(layer, mode, convert))
+    if model.cfg.tie_embeddings:
+        model.tok_emb = QuantizedEmbedding(model.out_head, dtype)
+    model.requires_grad_(False)                                  # what is left (LayerNorms, positions) is frozen too
+    model.quantization = mode
+    return model.eval()
+
+
+@torch.no_grad()
+def quantize(model: GPTModel, mode: str) -> GPTModel:
+    """Quantize `model`'s linear layers in place ("int8", "bf16"; "none" leaves it as it is) and
+    return it, in eval mode, for inference only."""
+    return _replace(model, mode, convert=True)
+
+
+def prepare_quantized(model: GPTModel, mode: str) -> GPTModel:
+    """`model` with the quantized layers of `mode` in place but their weights not yet set: the shape
+    a quantized model's state dict loads into (reading a saved quantized model)."""
+    return _replace(model, mode, convert=False)
