@@ -1,65 +1,209 @@
-"""Generation speed with and without the KV cache: tokens/s of greedy decoding.
+"""Decoding speed: tokens/s of greedy generation with the KV cache, against the memory it must read.
 
-    python benchmarks/bench_generate.py --device cpu      # book-124m and gpt2-124m, random weights
+    python benchmarks/bench_generate.py                      # gpt2-124m and book-124m, batch 1 and 8, 200 tokens
+    python benchmarks/bench_generate.py --presets gpt2-124m --batch-sizes 1 --quantize int8 --new-tokens 50
 
-Random weights decode as fast as trained ones (same shapes, same work). Each configuration first
-checks that cached and uncached decoding give the same tokens, then times one run of each.
+Decoding one token reads every weight once (plus the KV cache so far), so a step is bound by memory
+bandwidth: each row reports the bytes a step reads (weights + the average cache), the GB/s that
+makes, and its share of the read bandwidth measured in the same run (a sum over 256 MiB). Rows:
+
+- `baseline`: the generation loop as it was before this benchmark's kernels (the whole prompt
+  through the LM head, the sequence grown by torch.cat every token), `torch` backend, float32 weights;
+- one row per --quantize mode (none, bf16, int8) with --backend (default `auto`): `gptfast.generate`.
+
+Configurations take turns within each of --rounds rounds (the median is reported), so drift in the
+machine's speed hits them alike. Prefill (time to the first token) is timed apart from decoding.
+Random weights decode as fast as trained ones (same shapes, same work); the tokens each row picks are
+compared with the baseline's (agreement: the share of equal tokens up to the first difference).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
 import platform
+import statistics
+import sys
 import time
 
 import torch
 
-from gptfast.generate import generate
-from gptfast.model import GPTConfig, GPTModel
+from gptfast.generate import generate_tokens
+from gptfast.model import GPTConfig, GPTModel, quantize
+
+
+@torch.no_grad()
+def baseline_generate_tokens(model, idx, max_new_tokens):
+    """The greedy KV-cache loop of gptfast.generate before the decoding work (2026-12-03), kept as the
+    yardstick: the prefill computes (B, T, V) logits and keeps the last row; tokens are appended by
+    torch.cat."""
+    model.eval()
+    cache = model.new_kv_cache(idx.shape[0])
+    V = model.cfg.vocab_size
+    logits = model(idx, cache=cache, start_pos=0)[:, -1, :V]
+    pos = idx.shape[1]
+    for step in range(max_new_tokens):
+        idx_next = logits.argmax(dim=-1, keepdim=True)
+        idx = torch.cat((idx, idx_next), dim=1)
+        yield idx_next
+        if step + 1 == max_new_tokens:
+            break
+        logits = model(idx_next, cache=cache, start_pos=pos)[:, -1, :V]
+        pos += 1
+
+
+def timed_run(tokens_iter, sync) -> tuple[float, float, torch.Tensor]:
+    """(seconds to the first token, seconds for the rest, tokens (B, n))."""
+    t0 = time.perf_counter()
+    out = []
+    first = None
+    for tok in tokens_iter:
+        sync()
+        out.append(tok)
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return first - t0, end - first, torch.cat(out, dim=1)
+
+
+def bytes_per_step(model: GPTModel, batch: int, cache_positions: float) -> tuple[int, int]:
+    """(bytes of weights a decoding step reads, bytes of KV cache it reads at `cache_positions` positions).
+    Weights: every buffer and parameter but the embedding tables, of which a step reads `batch` rows
+    (position rows and, unless tied into the quantized head, token rows)."""
+    weights = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name in ("tok_emb.weight", "pos_emb.weight"):
+            weights += batch * t.shape[1] * t.element_size()
+        else:
+            weights += t.numel() * t.element_size()
+    if model.cfg.tie_embeddings and model.quantization is None:
+        weights += model.out_head.weight.numel() * model.out_head.weight.element_size()   # counted once above
+    cfg = model.cfg
+    cache = 2 * cfg.n_layers * batch * cache_positions * cfg.emb_dim * torch.finfo(model.dtype).bits // 8
+    return weights, int(cache)
+
+
+def read_bandwidth(device) -> float:
+    """GB/s of summing 256 MiB of float32 (reading alone), median of 10."""
+    x = torch.randn(1 << 26, device=device)
+    times = []
+    for _ in range(12):
+        t0 = time.perf_counter()
+        x.sum().item()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(times[2:]) / 1e9
+
+
+def environment(device) -> dict:
+    from gptfast import ops
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    if device.type == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    try:
+        isa = ops.get_backend("extension").build_info()["cpu_isa"]
+    except ops.BackendError:
+        isa = "none (extension unavailable)"
+    return {"device": name, "device_type": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_isa": isa, "date": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--presets", default="book-124m,gpt2-124m")
-    p.add_argument("--backend", default="torch")
+    p.add_argument("--presets", default="gpt2-124m,book-124m")
+    p.add_argument("--backend", default="auto", help="op backend of the gptfast rows (the baseline runs torch)")
+    p.add_argument("--quantize", default="none,bf16,int8", help="comma-separated: none, bf16, int8")
+    p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--prompt-tokens", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=100)
+    p.add_argument("--new-tokens", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=2, help="turns each configuration takes (median reported)")
+    p.add_argument("--no-baseline", action="store_true", help="leave out the baseline row (not for the record)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    modes = args.quantize.split(",")
+    env = environment(device)
+    env["read_GBps_before"] = read_bandwidth(device)
+    print(f"{env['device']} | {env['cpu_isa']} kernels | torch {env['torch']} | {env['threads']} threads | "
+          f"read ceiling {env['read_GBps_before']:.1f} GB/s | prompt {args.prompt_tokens}, {args.new_tokens} new tokens, "
+          f"greedy, median of {args.rounds} interleaved rounds")
+    header = (f"{'preset':<11}{'batch':>6}  {'path':<22}{'tokens/s':>10}{'prefill ms':>11}{'MB/step':>9}"
+              f"{'GB/s':>7}{'% read':>8}{'vs base':>8}{'agree':>7}")
+    print(header + "\n" + "-" * len(header))
     rows = []
-    print(f"{'preset':<12}{'cache':<7}{'tokens/s':>10}{'seconds':>9}")
     for preset in args.presets.split(","):
         torch.manual_seed(0)
-        model = GPTModel(GPTConfig.from_preset(preset, backend=args.backend)).to(device).eval()
-        prompt = torch.randint(0, model.cfg.vocab_size, (1, args.prompt_tokens), device=device)
-        outputs = {}
-        for use_cache in (False, True):
-            generate(model, prompt, 2, use_cache=use_cache)                 # warm-up
-            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-            sync()
+        fp32 = GPTModel(GPTConfig.from_preset(preset, backend=args.backend)).to(device).eval()
+        models = {}
+        if not args.no_baseline:
+            models["baseline"] = copy.deepcopy(fp32).set_backend("torch")
+        for mode in modes:
             t0 = time.perf_counter()
-            outputs[use_cache] = generate(model, prompt, args.new_tokens, use_cache=use_cache)
-            sync()
-            seconds = time.perf_counter() - t0
-            rows.append({"preset": preset, "cache": use_cache, "backend": args.backend, "new_tokens": args.new_tokens,
-                         "prompt_tokens": args.prompt_tokens, "seconds": seconds,
-                         "tokens_per_s": args.new_tokens / seconds})
-            print(f"{preset:<12}{str(use_cache):<7}{rows[-1]['tokens_per_s']:>10.1f}{seconds:>9.2f}")
-        assert torch.equal(outputs[False], outputs[True]), "cached and uncached decoding disagree"
-    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-           "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "date": datetime.datetime.now().isoformat(timespec="seconds")}
+            models[f"{args.backend} {mode}"] = quantize(copy.deepcopy(fp32), mode)
+            if mode != "none":
+                print(f"  ({preset}: quantize to {mode} took {time.perf_counter() - t0:.2f} s)")
+        del fp32
+        for batch in map(int, args.batch_sizes.split(",")):
+            prompt = torch.randint(0, 50257, (batch, args.prompt_tokens), device=device)
+            runs = {name: [] for name in models}
+            tokens = {}
+            for name, model in models.items():               # warm-up: load kernels, fill allocator caches
+                list(generate_tokens(model, prompt, 3) if name != "baseline" else baseline_generate_tokens(model, prompt, 3))
+            for _ in range(args.rounds):
+                for name, model in models.items():
+                    it = baseline_generate_tokens(model, prompt, args.new_tokens) if name == "baseline" else \
+                        generate_tokens(model, prompt, args.new_tokens)
+                    prefill, decode, toks = timed_run(it, sync)
+                    runs[name].append((prefill, decode))
+                    tokens[name] = toks
+            ref = tokens.get("baseline")
+            for name, model in models.items():
+                prefill = statistics.median(r[0] for r in runs[name])
+                decode = statistics.median(r[1] for r in runs[name])
+                steps = args.new_tokens - 1
+                tok_s = batch * steps / decode
+                w_bytes, c_bytes = bytes_per_step(model, batch, args.prompt_tokens + args.new_tokens / 2)
+                gbps = (w_bytes + c_bytes) * steps / decode / 1e9
+                agree = None
+                if ref is not None:
+                    same = (tokens[name] == ref).all(dim=0).long()
+                    agree = int(same.cumprod(0).sum()) / same.numel()
+                row = {"preset": preset, "batch": batch, "path": name, "backend": "torch" if name == "baseline" else args.backend,
+                       "quantize": "none" if name == "baseline" else name.split()[1], "prompt_tokens": args.prompt_tokens,
+                       "new_tokens": args.new_tokens, "tokens_per_s": tok_s, "prefill_ms": prefill * 1e3,
+                       "decode_s": decode, "weight_bytes_per_step": w_bytes, "cache_bytes_per_step": c_bytes,
+                       "GBps": gbps, "agreement_with_baseline": agree}
+                rows.append(row)
+            base = next((r["tokens_per_s"] for r in rows if r["preset"] == preset and r["batch"] == batch
+                         and r["path"] == "baseline"), None)
+            for r in (r for r in rows if r["preset"] == preset and r["batch"] == batch):
+                r["vs_baseline"] = r["tokens_per_s"] / base if base else None
+    env["read_GBps_after"] = read_bandwidth(device)
+    ceiling = max(env["read_GBps_before"], env["read_GBps_after"])
+    for r in rows:
+        r["percent_of_read"] = 100 * r["GBps"] / ceiling
+        vs = f"{r['vs_baseline']:.2f}x" if r.get("vs_baseline") else "-"
+        agree = f"{r['agreement_with_baseline']:.2f}" if r["agreement_with_baseline"] is not None else "-"
+        print(f"{r['preset']:<11}{r['batch']:>6}  {r['path']:<22}{r['tokens_per_s']:>10.1f}{r['prefill_ms']:>11.1f}"
+              f"{(r['weight_bytes_per_step'] + r['cache_bytes_per_step']) / 1e6:>9.0f}{r['GBps']:>7.1f}"
+              f"{r['percent_of_read']:>7.0f}%{vs:>8}{agree:>7}")
+    print(f"read ceiling after: {env['read_GBps_after']:.1f} GB/s (the % column uses the higher of the two)")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"bench_generate_{device.type}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"environment": env, "results": rows}, f, indent=1)
+        json.dump({"environment": env, "args": vars(args), "results": rows}, f, indent=1)
     print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

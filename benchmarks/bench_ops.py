@@ -4,7 +4,9 @@
     python benchmarks/bench_ops.py --device cpu --quick    # small shapes, well under a minute
     python benchmarks/bench_ops.py --device cuda --sweep   # plus C up to 4096 and T from 128 to 4096
 
-For every op (LayerNorm, GELU, causal attention, cross-entropy), mode (forward, forward+backward), shape and
+For every op (LayerNorm, GELU, causal attention, cross-entropy, the LM head + loss; and the inference-only
+linear layers with float32, int8 or bfloat16 weights, forward only, weights read from memory), mode
+(forward, forward+backward), shape and
 backend: the median time over repeated runs after warm-up, the throughput (GB/s for the memory-bound
 LayerNorm/GELU counting each input read once and each output written once; GFLOP/s for attention
 counting 4*B*H*T^2*D * 0.5 causal, x3.5 with the backward), the speed-up against `reference`, the
@@ -110,7 +112,13 @@ def attention_with_dropout(q, k, v, backend=None):
 
 OP_FUNCS = {"attention": ops.causal_attention, "attention_dropout": attention_with_dropout,
             "layer_norm": ops.layer_norm, "gelu": ops.gelu, "cross_entropy": ops.cross_entropy,
-            "linear_cross_entropy": ops.linear_cross_entropy}
+            "linear_cross_entropy": ops.linear_cross_entropy,
+            "linear": ops.linear, "linear_int8": ops.linear_int8, "linear_bf16": ops.linear_bf16}
+# inference-only (no backward), timed forward only; shapes (M, K, N): M rows of x (a decoding step's
+# batch), weight (N, K). Bound by reading the weights, so they are read from memory, not cache: each
+# call takes the next of enough copies to overflow the last-level cache (WEIGHT_POOL_BYTES).
+LINEAR_OPS = ("linear", "linear_int8", "linear_bf16")
+WEIGHT_POOL_BYTES = 256 << 20
 UNTIMED_REFERENCE = ("linear_cross_entropy",)   # its float64 reference (3 GEMMs of N x V x C) is run once, for
                                                 # the error column, not timed over and over
 ATTENTION_OPS = ("attention", "attention_dropout")
@@ -189,6 +197,11 @@ def make_case(op, shape, device, seed=0):
         inputs = [torch.randn(N, C, generator=g, dtype=torch.float64),
                   torch.randn(V, C, generator=g, dtype=torch.float64) * 0.05]
         extra = (torch.randint(0, min(V, 50257), (N,), generator=g).to(device),)
+    elif op in LINEAR_OPS:
+        M, K, N = shape                                          # x (M, K), weight (N, K), bias (N,)
+        inputs = [torch.randn(M, K, generator=g, dtype=torch.float64),
+                  torch.randn(N, K, generator=g, dtype=torch.float64) * 0.05,
+                  torch.randn(N, generator=g, dtype=torch.float64)]
     elif op == "layer_norm":
         N, C = shape
         inputs = [torch.randn(N, C, generator=g, dtype=torch.float64) * 2 + 1,
@@ -209,6 +222,10 @@ def forward_work(op, shape, dtype, mode) -> float:
     elif op == "linear_cross_entropy":
         N, C, V = shape
         work = 2 * N * C * V                                     # the logits GEMM; backward: two more
+    elif op in LINEAR_OPS:
+        M, K, N = shape                                          # the weights, x, bias and y once each
+        weight_size = {"linear": size, "linear_int8": 1, "linear_bf16": 2}[op]
+        work = N * K * weight_size + (N * 4 if op == "linear_int8" else 0) + (M * K + N + M * N) * size
     else:
         work = 2 * shape[0] * shape[1] * size                    # read x, write y
     if mode == "fwd+bwd":
@@ -218,7 +235,66 @@ def forward_work(op, shape, dtype, mode) -> float:
     return work
 
 
+def linear_args(op, inputs64, dtype):
+    """(args at `dtype` for `op`, float64 args of the reference on the same - quantized - weights)."""
+    from gptfast.model.quantize import quantize_int8_rows
+
+    x, w, b = inputs64
+    if op == "linear_int8":
+        q, scales = quantize_int8_rows(w)
+        return [x.to(dtype), q, scales, b.to(dtype)], [x, q, scales.double(), b]
+    if op == "linear_bf16":
+        wb = w.to(torch.bfloat16)
+        return [x.to(dtype), wb, b.to(dtype)], [x, wb, b]
+    return [x.to(dtype), w.to(dtype), b.to(dtype)], [x, w, b]
+
+
+def run_linear_case(op, shape, device, dtype, repeats, backends):
+    """One inference-only linear op at shape (M, K, N): the forward of each backend against the float64
+    reference on the same quantized weights, each call reading the next weight copy of a pool larger
+    than the caches."""
+    from gptfast.ops import reference
+
+    inputs64, _ = make_case(op, shape, device)
+    args, ref_args = linear_args(op, inputs64, dtype)
+    ref_out = getattr(reference, op)(*ref_args)
+    work = forward_work(op, shape, dtype, "fwd")
+    weight_bytes = args[1].numel() * args[1].element_size()
+    copies = max(2, -(-WEIGHT_POOL_BYTES // max(weight_bytes, 1)))
+    pool = [args[1]] + [args[1].clone() for _ in range(copies - 1)]
+    steps, rows = {}, []
+    for backend in backends:
+        if backend not in ops.known_backends():
+            continue
+
+        def step(backend=backend, turn=[0]):
+            turn[0] = (turn[0] + 1) % copies
+            return OP_FUNCS[op](args[0], pool[turn[0]], *args[2:], backend=backend)
+        with torch.no_grad():
+            try:
+                out = step()
+            except Exception as err:
+                print(f"  {op} {backend}: skipped ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
+                continue
+        steps[backend] = step
+        rows.append({"op": op, "mode": "fwd", "shape": list(shape), "backend": backend, "dtype": str(dtype),
+                     "max_rel_error": rel_error(out, ref_out), "unit": "GB/s"})
+    with torch.no_grad():
+        seconds = timed_interleaved(steps, device, repeats)
+    for r in rows:
+        median, p20, p80 = seconds[r["backend"]]
+        r.update(median_ms=median * 1e3, p20_ms=p20 * 1e3, p80_ms=p80 * 1e3, throughput=work / median / 1e9)
+    ref_ms = next((r["median_ms"] for r in rows if r["backend"] == "reference"), math.nan)
+    torch_ms = next((r["median_ms"] for r in rows if r["backend"] == "torch"), None)
+    for r in rows:
+        r["speedup_vs_reference"] = ref_ms / r["median_ms"]
+        r["speedup_vs_best_pytorch"] = torch_ms / r["median_ms"] if torch_ms else None
+    return rows
+
+
 def run_case(op, shape, mode, device, dtype, repeats, backends):
+    if op in LINEAR_OPS:
+        return run_linear_case(op, shape, device, dtype, repeats, backends)
     inputs64, extra = make_case(op, shape, device)
     work = forward_work(op, shape, dtype, mode)
     ref_in = [t.clone().requires_grad_(mode == "fwd+bwd") for t in inputs64]
@@ -344,13 +420,15 @@ def measure_ceilings(device, dtype) -> dict:
     src = torch.randn(n, dtype=dtype, device=device)
     dst = torch.empty_like(src)
     copy_s = timed_interleaved({"copy": lambda: dst.copy_(src)}, device, 10)["copy"][0]
+    read_s = timed_interleaved({"read": lambda: src.sum()}, device, 10)["read"][0]   # reading alone (the linear ops)
     m = 8192 if device.type == "cuda" else 2048
     # CPU: the float32 rate even for 16-bit runs - a CPU without bf16 matrix instructions emulates
     # 16-bit matmuls ~50x slower, which is no yardstick (our kernels compute in float32 there)
     mm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float64 if dtype == torch.float64 else torch.float32
     a, b = (torch.randn(m, m, device=device).to(mm_dtype) for _ in range(2))
     mm_s = timed_interleaved({"mm": lambda: a @ b}, device, 5)["mm"][0]
-    return {"copy_GBps": 2 * n * src.element_size() / copy_s / 1e9, "matmul_GFLOPps": 2 * m ** 3 / mm_s / 1e9,
+    return {"copy_GBps": 2 * n * src.element_size() / copy_s / 1e9, "read_GBps": n * src.element_size() / read_s / 1e9,
+            "matmul_GFLOPps": 2 * m ** 3 / mm_s / 1e9,
             "matmul": f"{m}^3 {mm_dtype}".replace("torch.", "")}
 
 
@@ -374,13 +452,16 @@ def shapes(quick: bool, sweep: bool, device) -> dict:
     if quick:
         return {"layer_norm": [(8 * 64, 768)], "gelu": [(8 * 64, 768)], "attention": [(2, 4, 128, 64)],
                 "attention_dropout": [(2, 4, 128, 64)], "linear_cross_entropy": [(256, 64, 4096)],
-                "cross_entropy": [(64, 50257)]}
+                "cross_entropy": [(64, 50257)], **{op: [(1, 256, 512)] for op in LINEAR_OPS}}
+    # a GPT-2 decoding step: batch 1 and 8 through the MLP's two layers and the LM head
+    decode = [(1, 768, 3072), (1, 3072, 768), (1, 768, 50257), (8, 768, 3072), (8, 768, 50257)]
     rows = [(8 * 256, 768), (8 * 1024, 768)]
     attention = [(2, 12, 256, 64), (8, 12, 256, 64), (2, 12, 1024, 64), (8, 12, 1024, 64)]
     table = {"layer_norm": list(rows), "gelu": list(rows), "attention": list(attention),
              "attention_dropout": list(attention),
              "linear_cross_entropy": [(8 * 1024, 768, 50257), (8 * 1024, 768, 50304), (16 * 1024, 768, 50257)],
-             "cross_entropy": [(8 * 128, 50257)] if device.type == "cpu" else [(8 * 1024, 50304)]}
+             "cross_entropy": [(8 * 128, 50257)] if device.type == "cpu" else [(8 * 1024, 50304)],
+             **{op: list(decode) for op in LINEAR_OPS}}
     if sweep:   # throughput against size: C up to 4096 at 8K rows; T from 128 to 4096 at B*H = 12
         for C in (1024, 1600, 2048, 4096):
             table["layer_norm"].append((8 * 1024, C))
@@ -488,7 +569,7 @@ def main(argv=None):
     env["ceilings"] = ceilings = measure_ceilings(device, dtype)
     print(f"device {env['device']} | torch {env['torch']} | triton {env['triton']} | threads {env['cpu_threads']} | "
           f"our CPU kernels {env['cpu_isa']} | {env['dtype']} | median of {repeats} after warm-up")
-    print(f"ceilings measured now: copy {ceilings['copy_GBps']:.1f} GB/s, matmul {ceilings['matmul_GFLOPps']:.0f} "
+    print(f"ceilings measured now: copy {ceilings['copy_GBps']:.1f} GB/s, read {ceilings.get('read_GBps', math.nan):.1f} GB/s, matmul {ceilings['matmul_GFLOPps']:.0f} "
           f"GFLOP/s ({ceilings['matmul']})")
     header = (f"{'op':<18}{'mode':<9}{'shape':<20}{'backend':<15}{'median ms':>11}{'p20-p80 ms':>18}{'throughput':>18}"
               f"{'% ceil':>8}{'vs ref':>8}{'vs torch':>9}{'rel err':>10}")
@@ -503,12 +584,13 @@ def main(argv=None):
         if op not in wanted:
             continue
         for shape in op_shapes:
-            for mode in ("fwd", "fwd+bwd"):
+            for mode in ("fwd",) if op in LINEAR_OPS else ("fwd", "fwd+bwd"):
                 reps = repeats if op not in FLOP_OPS or device.type == "cuda" else \
                     3 if op == "linear_cross_entropy" else max(3, repeats // 3)
                 rows = run_case(op, shape, mode, device, dtype, reps, backends)
                 for r in rows:
-                    ceiling = ceilings["matmul_GFLOPps"] if op in FLOP_OPS else ceilings["copy_GBps"]
+                    ceiling = ceilings["matmul_GFLOPps"] if op in FLOP_OPS else \
+                        ceilings.get("read_GBps", ceilings["copy_GBps"]) if op in LINEAR_OPS else ceilings["copy_GBps"]
                     r["percent_of_ceiling"] = 100 * r["throughput"] / ceiling
                     vs_torch = f"{r['speedup_vs_best_pytorch']:.2f}x" if r["speedup_vs_best_pytorch"] else "-"
                     print(f"{op:<18}{mode:<9}{'x'.join(map(str, shape)):<20}{r['backend']:<15}{r['median_ms']:>11.3f}"

@@ -98,6 +98,7 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = Linear(cfg.emb_dim, cfg.emb_dim, backend=cfg.backend)   # mixes the heads' outputs
         self.drop_rate = cfg.drop_rate                           # on the attention weights
         self.backend = cfg.backend
+        self.W_qkv = None        # quantized models: Q, K, V stacked in one layer (one weight read, one call)
 
     def split_heads(self, x):                                    # (B, T, C) -> (B, nh, T, hs)
         B, T, _ = x.shape
@@ -105,17 +106,24 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, kv: LayerKV | None = None, start_pos: int = 0):  # (B, T, C)
         B, T, C = x.shape
-        q = self.split_heads(self.W_query(x))                    # (B, nh, T, hs)
-        k = self.split_heads(self.W_key(x))
-        v = self.split_heads(self.W_value(x))
+        if self.W_qkv is not None:
+            q, k, v = (self.split_heads(t) for t in self.W_qkv(x).split(C, dim=-1))
+        else:
+            q = self.split_heads(self.W_query(x))                # (B, nh, T, hs)
+            k = self.split_heads(self.W_key(x))
+            v = self.split_heads(self.W_value(x))
         if kv is not None:                                       # decoding: remember, then attend to all so far
-            kv.k[:, :, start_pos:start_pos + T] = k
-            kv.v[:, :, start_pos:start_pos + T] = v
-            k, v = kv.k[:, :, :start_pos + T], kv.v[:, :, :start_pos + T]   # (B, nh, start_pos + T, hs)
+            kv.k.narrow(2, start_pos, T).copy_(k)                # (narrow: cheaper than slicing, per token)
+            kv.v.narrow(2, start_pos, T).copy_(v)
+            k, v = kv.k.narrow(2, 0, start_pos + T), kv.v.narrow(2, 0, start_pos + T)   # (B, nh, start_pos + T, hs)
         dropout_p = self.drop_rate if self.training else 0.0
         y = ops.causal_attention(q, k, v, dropout_p=dropout_p, backend=self.backend)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)                   # heads side by side again
         return self.out_proj(y)
+
+
+def _identity(x):
+    return x
 
 
 class TransformerBlock(nn.Module):
@@ -130,11 +138,12 @@ class TransformerBlock(nn.Module):
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x, kv: LayerKV | None = None, start_pos: int = 0):  # (B, T, C)
+        drop = self.drop_shortcut if self.training else _identity   # (eval: not even a module call)
         shortcut = x
-        x = self.drop_shortcut(self.att(self.norm1(x), kv, start_pos))
+        x = drop(self.att(self.norm1(x), kv, start_pos))
         x = x + shortcut                                         # add the input back: residual
         shortcut = x
-        x = self.drop_shortcut(self.ff(self.norm2(x)))
+        x = drop(self.ff(self.norm2(x)))
         return x + shortcut
 
 
@@ -212,7 +221,8 @@ class GPTModel(nn.Module):
             raise ValueError("start_pos > 0 needs the cache holding the earlier positions")
         pos = torch.arange(start_pos, start_pos + T, device=idx.device)   # (T,)
         x = self.tok_emb(idx) + self.pos_emb(pos)                # (B, T, C), pos broadcast over B
-        x = self.drop_emb(x)
+        if self.training:
+            x = self.drop_emb(x)
         for i, block in enumerate(self.trf_blocks):
             x = block(x, cache.layers[i] if cache is not None else None, start_pos)
         if last_position_only:

@@ -8,7 +8,9 @@ from memory: GPT-2 124M reads ~496 MB a token in float32, half that in bfloat16,
   weight ~= q * scale with q in [-127, 127]; the error of a weight is at most scale / 2.
 - bf16: the weights rounded to bfloat16 (8 bits of mantissa); the math stays float32.
 
-Activations, LayerNorm, attention and the KV cache keep the model's dtype; the products run through
+Each block's Q, K and V projections become one stacked layer (`att.W_qkv`, rows Q then K then V;
+per-row scales make that the same quantization as three layers): one weight read and one call a
+token instead of three. Activations, LayerNorm, attention and the KV cache keep the model's dtype; the products run through
 `ops.linear_int8` / `ops.linear_bf16` (our CPU kernel widens each weight in registers; no float32
 copy of the weights exists). A tied embedding shares the LM head's quantized rows: looking up a
 token dequantizes its row. The model is for inference from then on (training it raises).
@@ -115,6 +117,20 @@ def _linears(model: GPTModel):
     yield model, "out_head", model.out_head
 
 
+def _stack_qkv(att) -> nn.Linear:
+    """One nn.Linear (3C, C) holding att's Q, K and V projections, rows in that order: per-row
+    quantization of the stack is that of each part, and decoding makes one call instead of three."""
+    parts = (att.W_query, att.W_key, att.W_value)
+    w = parts[0].weight
+    stacked = nn.Linear(w.shape[1], 3 * w.shape[0], bias=parts[0].bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        stacked.weight.copy_(torch.cat([p.weight for p in parts]))
+        if stacked.bias is not None:
+            stacked.bias.copy_(torch.cat([p.bias for p in parts]))
+    stacked.backend = att.backend
+    return stacked
+
+
 def _replace(model: GPTModel, mode: str, convert: bool) -> GPTModel:
     if mode not in QUANTIZATION_MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of: {', '.join(QUANTIZATION_MODES)}")
@@ -125,6 +141,11 @@ def _replace(model: GPTModel, mode: str, convert: bool) -> GPTModel:
     if model.quantization:
         raise ValueError(f"the model is already quantized ({model.quantization})")
     dtype = model.dtype
+    for block in model.trf_blocks:                               # Q, K, V as one layer: W_qkv
+        att = block.att
+        stacked = _stack_qkv(att)
+        del att.W_query, att.W_key, att.W_value
+        att.W_qkv = stacked
     for parent, name, layer in list(_linears(model)):
         setattr(parent, name, WeightOnlyLinear.from_linear(layer, mode, convert))
     if model.cfg.tie_embeddings:

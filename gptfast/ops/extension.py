@@ -120,11 +120,14 @@ def supports_kv_cache(device: torch.device) -> bool:
     return True                          # CPU and CUDA kernels take Tk >= Tq (queries = the last positions)
 
 
+_NO_SEED = torch.zeros(1, dtype=torch.int64)     # read only when dropout_p > 0: never, here
+
+
 def causal_attention(q, k, v, dropout_p=0.0, scale=None, seed=None):
     _check_device(q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if seed is None:                               # the interface draws one when dropout_p > 0
-        seed = torch.zeros(1, dtype=torch.int64)
+        seed = _NO_SEED
     return OPS.attention_fwd(q, k, v, True, scale, dropout_p, seed)[0]
 
 
