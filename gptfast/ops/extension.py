@@ -120,7 +120,8 @@ def supports_kv_cache(device: torch.device) -> bool:
     return True                          # CPU and CUDA kernels take Tk >= Tq (queries = the last positions)
 
 
-_NO_SEED = torch.zeros(1, dtype=torch.int64)     # read only when dropout_p > 0: never, here
+with torch.inference_mode(False):      # this module may first load inside inference mode (generation),
+    _NO_SEED = torch.zeros(1, dtype=torch.int64)   # and training saves the seed: a normal tensor. Read only when dropout_p > 0
 
 
 def causal_attention(q, k, v, dropout_p=0.0, scale=None, seed=None):
