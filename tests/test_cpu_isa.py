@@ -80,6 +80,15 @@ for fn, args in cases:
     out = fn(ext, ours_in)
     out.backward(torch.ones_like(out) if out.dim() else None)
     worst = max(worst, rel(out, ref.detach()), *(rel(o.grad, r.grad) for o, r in zip(ours_in, ref_in)))
+# the inference linear layers (no backward): float32, bfloat16 and int8 weights, 1 and 5 rows of x
+wl, bl = torch.randn(77, 1023, dtype=torch.float64), torch.randn(77, dtype=torch.float64)
+wq, sq = torch.randint(-127, 128, (77, 1023), dtype=torch.int8), torch.rand(77) + 0.01
+with torch.no_grad():
+    for rows in (1, 5):
+        xl = torch.randn(rows, 1023, dtype=torch.float64)
+        worst = max(worst, rel(ext.linear(xl.float(), wl.float(), bl.float()), reference.linear(xl, wl, bl)),
+                    rel(ext.linear_bf16(xl.float(), wl.bfloat16(), bl.float()), reference.linear_bf16(xl, wl.bfloat16(), bl)),
+                    rel(ext.linear_int8(xl.float(), wq, sq, bl.float()), reference.linear_int8(xl, wq, sq.double(), bl)))
 print(cpu_kernels_isa(), worst)
 """
 

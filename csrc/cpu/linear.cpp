@@ -34,6 +34,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -164,7 +165,9 @@ void tile(const float* x, int64_t ldx, const W* w, int64_t K, int64_t n0, float*
     GPTFAST_UNROLL
     for (int m = 0; m < MB; ++m) {
       float s = sum_lanes(acc[i][m]);
-      for (int64_t kk = k; kk < K; ++kk) s += static_cast<float>(wr[kk]) * x[m * ldx + kk];   // the tail
+      // the tail, as explicit FMAs: left to the compiler, `s += w * x` is contracted in some
+      // instantiations and not in others, and a row's bits would depend on the path it took
+      for (int64_t kk = k; kk < K; ++kk) s = std::fma(static_cast<float>(wr[kk]), x[m * ldx + kk], s);
       if (ep.scales) s *= ep.scales[n];
       if (ep.bias) s += ep.bias[n];
       y[m * ldy + n] = s;
