@@ -51,8 +51,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 # the kernel modules themselves (the package's names `gelu`, `layer_norm`, ... are its backend functions)
-attention, cross_entropy, gelu, layer_norm = (importlib.import_module(f"gptfast.ops.triton.{name}")  # noqa: E402
-                                              for name in ("attention", "cross_entropy", "gelu", "layer_norm"))
+attention, cross_entropy, gelu, layer_norm, linear = (importlib.import_module(f"gptfast.ops.triton.{name}")  # noqa: E402
+                                                      for name in ("attention", "cross_entropy", "gelu", "layer_norm",
+                                                                   "linear"))
 
 # target -> (compute capability, max shared memory per block, shared memory per SM), bytes
 TARGETS = {"sm_80": (80, 164 * 1024, 164 * 1024), "sm_90": (90, 227 * 1024, 228 * 1024)}
@@ -147,6 +148,25 @@ def rowwise_cases(full: bool) -> list[Case]:
     return cases
 
 
+def linear_cases(full: bool) -> list[Case]:
+    """The decoding linear layer: each weight type at the tile shapes of 1, 4 and 16 rows of x
+    (float32 activations; bfloat16 ones in --full)."""
+    fn = jit_fn(linear._linear_kernel)
+    cases = []
+    for xt in (["float32", "bfloat16"] if full else ["float32"]):
+        for wt in ("fp32", "bf16", "i8"):
+            for rows in (1, 4, 16):
+                block_m, block_n, block_k = linear.launch_shape(rows)
+                const = {"HAS_SCALES": wt == "i8", "HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                         "BLOCK_K": block_k}
+                x = TRITON_DTYPES[xt]
+                types = {"x_ptr": f"*{x}", "w_ptr": f"*{wt}", "scales_ptr": "*fp32", "bias_ptr": f"*{x}", "y_ptr": f"*{x}",
+                         "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32"}
+                cases.append(Case("linear", fn, signature(fn, types, const), const,
+                                  label=f"x {xt} w {wt} M{block_m} N{block_n} K{block_k}"))
+    return cases
+
+
 def resource_usage(cubin: bytes) -> dict:
     """REG, STACK, SHARED, LOCAL of the cubin's kernel, from cuobjdump -res-usage."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -231,7 +251,7 @@ def _work(args):
 
 
 def all_cases(full: bool) -> list[Case]:
-    return attention_cases(full) + rowwise_cases(full)
+    return attention_cases(full) + rowwise_cases(full) + linear_cases(full)
 
 
 def table(rows: list[dict], markdown: bool) -> str:

@@ -191,6 +191,50 @@ void test_gelu(int64_t n) {
   report(name, rel_error(ddx.get(), dx), 1e-5, ms, 3.0 * n * 4, "GB/s");
 }
 
+// The linear layer of decoding: M rows of float32 x against an (N, K) weight of float32, bfloat16 or
+// int8 (with per-row scales), plus a bias; reference in double on the same (rounded) weights.
+void test_linear(int64_t M, int64_t N, int64_t K, WDType wt) {
+  auto x = randn(M * K, 21), w = randn(N * K, 22, 0.05f), bias = randn(N, 23), scales = randn(N, 24, 0.01f, 0.03f);
+  std::vector<uint8_t> wbytes;
+  std::vector<double> wref(N * K);
+  if (wt == kWI8) {
+    wbytes.resize(N * K);
+    for (int64_t i = 0; i < N * K; ++i) {
+      const int q = std::max(-127, std::min(127, static_cast<int>(std::lround(w[i] * 2000))));
+      wbytes[i] = static_cast<uint8_t>(static_cast<int8_t>(q));
+      wref[i] = double(q) * scales[i / K];
+    }
+  } else if (wt == kWBF16) {
+    auto bits = to_bits16(w, kBF16);
+    wbytes.resize(N * K * 2);
+    std::memcpy(wbytes.data(), bits.data(), wbytes.size());
+    for (int64_t i = 0; i < N * K; ++i) {          // a bfloat16 is the top half of a float32
+      const uint32_t word = static_cast<uint32_t>(bits[i]) << 16;
+      float f;
+      std::memcpy(&f, &word, 4);
+      wref[i] = f;
+    }
+  } else {
+    wbytes.resize(N * K * 4);
+    std::memcpy(wbytes.data(), w.data(), wbytes.size());
+    for (int64_t i = 0; i < N * K; ++i) wref[i] = w[i];
+  }
+  std::vector<double> y(M * N);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double s = 0;
+      for (int64_t k = 0; k < K; ++k) s += double(x[m * K + k]) * wref[n * K + k];
+      y[m * N + n] = s + bias[n];
+    }
+  DeviceBuffer dx(x), dw(wbytes.data(), wbytes.size()), db(bias), ds(scales), dy(M * N * 4);
+  const float* sp = wt == kWI8 ? ds.f() : nullptr;
+  const double ms = median_ms([&] { return linear_fwd(kF32, wt, dx.ptr, K, dw.ptr, sp, db.ptr, dy.ptr, M, N, K, nullptr); });
+  char name[96];
+  static const char* kinds[] = {"float32", "bfloat16", "int8"};
+  std::snprintf(name, sizeof name, "linear M=%lld N=%lld K=%lld %s w", (long long)M, (long long)N, (long long)K, kinds[wt]);
+  report(name, rel_error(dy.get(), y), 1e-5, ms, double(wbytes.size()), "GB/s");
+}
+
 // Causal or full attention with dropout p (the shared counter-based mask of dropout_hash.h);
 // Tk > T: the T queries are the last of Tk positions (a KV cache).
 void test_attention(int64_t BH, int64_t T, int64_t D, bool causal = true, float p = 0.f, int64_t Tk = 0) {
@@ -325,6 +369,11 @@ int main() {
   test_attention(2, 1, 64, true, 0.f, 77);       // one new token against a KV cache
   test_attention(1, 20, 80, true, 0.1f, 150);    // a chunk of new tokens, dropout at their positions
   test_cross_entropy(6, 50257);
+  for (WDType wt : {kWF32, kWBF16, kWI8}) {
+    test_linear(1, 37, 768, wt);       // packed rows
+    test_linear(5, 9, 100, wt);        // unaligned rows: one element at a time
+    test_linear(16, 6, 64, wt);
+  }
 #else
   test_layer_norm(8 * 1024, 768);
   test_layer_norm(37, 1023);      // generic (unaligned) path
@@ -340,6 +389,12 @@ int main() {
   test_attention(2, 200, 80, false, 0.f);
   test_attention(8, 1, 64, true, 0.f, 1000);
   test_cross_entropy(64, 50257);
+  for (WDType wt : {kWF32, kWBF16, kWI8}) {
+    test_linear(1, 50257, 768, wt);    // GPT-2's LM head, one token
+    test_linear(1, 3072, 768, wt);
+    test_linear(8, 50257, 768, wt);
+    test_linear(3, 77, 1001, wt);      // unaligned rows
+  }
 #endif
   std::printf("%s\n", g_ok ? "all kernels within tolerance" : "SOME KERNELS FAILED");
   return g_ok ? 0 : 1;
