@@ -9,7 +9,9 @@ makes, and its share of the read bandwidth measured in the same run (a sum over 
 
 - `baseline`: the generation loop as it was before this benchmark's kernels (the whole prompt
   through the LM head, the sequence grown by torch.cat every token), `torch` backend, float32 weights;
-- one row per --quantize mode (none, bf16, int8) with --backend (default `auto`): `gptfast.generate`.
+- one row per --quantize mode (none, bf16, int8) with --backend (default `auto`): `gptfast.generate`;
+- with --compile MODES, those modes again with the one-token step compiled (torch.compile; the
+  compilation happens in the warm-up and is reported apart).
 
 Configurations take turns within each of --rounds rounds (the median is reported), so drift in the
 machine's speed hits them alike. Prefill (time to the first token) is timed apart from decoding.
@@ -124,6 +126,8 @@ def main(argv=None):
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--rounds", type=int, default=2, help="turns each configuration takes (median reported)")
+    p.add_argument("--compile", default="", help="comma-separated quantize modes to run again with compile=True "
+                   "(the one-token step as a torch.compile graph; its compile time is reported, not timed)")
     p.add_argument("--no-baseline", action="store_true", help="leave out the baseline row (not for the record)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -146,21 +150,31 @@ def main(argv=None):
         if not args.no_baseline:
             models["baseline"] = copy.deepcopy(fp32).set_backend("torch")
         for mode in modes:
+            model = copy.deepcopy(fp32)
             t0 = time.perf_counter()
-            models[f"{args.backend} {mode}"] = quantize(copy.deepcopy(fp32), mode)
+            models[f"{args.backend} {mode}"] = quantize(model, mode)
             if mode != "none":
                 print(f"  ({preset}: quantize to {mode} took {time.perf_counter() - t0:.2f} s)")
+        compiled = [m for m in args.compile.split(",") if m]
+        for mode in compiled:
+            models[f"{args.backend} {mode} compiled"] = models[f"{args.backend} {mode}"]
         del fp32
         for batch in map(int, args.batch_sizes.split(",")):
             prompt = torch.randint(0, 50257, (batch, args.prompt_tokens), device=device)
             runs = {name: [] for name in models}
             tokens = {}
-            for name, model in models.items():               # warm-up: load kernels, fill allocator caches
-                list(generate_tokens(model, prompt, 3) if name != "baseline" else baseline_generate_tokens(model, prompt, 3))
+            compile_s = {}
+            for name, model in models.items():               # warm-up: load kernels, fill allocator caches, compile
+                t0 = time.perf_counter()
+                list(generate_tokens(model, prompt, 4, compile=name.endswith("compiled")) if name != "baseline"
+                     else baseline_generate_tokens(model, prompt, 4))
+                if name.endswith("compiled"):
+                    compile_s[name] = time.perf_counter() - t0
+                    print(f"  ({preset} batch {batch}: {name}: compiling and 4 tokens took {compile_s[name]:.1f} s)")
             for _ in range(args.rounds):
                 for name, model in models.items():
                     it = baseline_generate_tokens(model, prompt, args.new_tokens) if name == "baseline" else \
-                        generate_tokens(model, prompt, args.new_tokens)
+                        generate_tokens(model, prompt, args.new_tokens, compile=name.endswith("compiled"))
                     prefill, decode, toks = timed_run(it, sync)
                     runs[name].append((prefill, decode))
                     tokens[name] = toks
@@ -180,7 +194,8 @@ def main(argv=None):
                        "quantize": "none" if name == "baseline" else name.split()[1], "prompt_tokens": args.prompt_tokens,
                        "new_tokens": args.new_tokens, "tokens_per_s": tok_s, "prefill_ms": prefill * 1e3,
                        "decode_s": decode, "weight_bytes_per_step": w_bytes, "cache_bytes_per_step": c_bytes,
-                       "GBps": gbps, "agreement_with_baseline": agree}
+                       "GBps": gbps, "agreement_with_baseline": agree, "compiled": name.endswith("compiled"),
+                       "compile_s": compile_s.get(name)}
                 rows.append(row)
             base = next((r["tokens_per_s"] for r in rows if r["preset"] == preset and r["batch"] == batch
                          and r["path"] == "baseline"), None)

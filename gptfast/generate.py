@@ -51,7 +51,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     eos_id: int | None = None, seed: int | None = None,
-                    use_cache: bool | None = None) -> Iterator[torch.Tensor]:
+                    use_cache: bool | None = None, compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B, 1) one step at a time (see `generate`)."""
     check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:
@@ -87,7 +87,7 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, context_size:
             if step + 1 == max_new_tokens or (eos_id is not None and bool(finished.all())):
                 break
             if cache is not None and pos < context_size:         # room left: feed just the new token
-                logits = model(idx_next, cache=cache, start_pos=pos)[:, -1, :V]
+                logits = decode_step(model, idx_next, cache, pos, compile)[:, -1, :V]
                 pos += 1
             else:                                                # textbook path, or a full window
                 window = tokens[:, max(0, n - context_size):n]
@@ -96,19 +96,51 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, context_size:
         model.train(was_training)
 
 
+def _forward_one_token(model, idx, cache, start_pos):
+    return model(idx, cache=cache, start_pos=start_pos)
+
+
+_compiled_forward_one_token = None
+_warm: dict = {}          # (id(model), batch) -> compiled steps taken with every guard checked
+
+
+def decode_step(model, idx: torch.Tensor, cache, start_pos: int, compile: bool = False) -> torch.Tensor:
+    """Logits (B, 1, V) for the new tokens idx (B, 1) at position start_pos, the cache holding the earlier ones.
+
+    With `compile`, the step runs as one torch.compile graph (dynamic shapes: one compilation serves
+    every position; the first call compiles, ~20-30 s on 2 CPU cores, cached on disk after). A step
+    then pays for its kernels, not for ~250 Python-level op calls; guards are checked only where
+    they tell compiled graphs apart (skip_guard_eval_unsafe: within one generation nothing else
+    changes). It pays off only over many tokens - see benchmarks/NOTES.md, "Fast generation".
+    """
+    global _compiled_forward_one_token
+    if not compile:
+        return model(idx, cache=cache, start_pos=start_pos)
+    if _compiled_forward_one_token is None:
+        _compiled_forward_one_token = torch.compile(_forward_one_token, dynamic=True, fullgraph=True)
+    key = (id(model), idx.shape[0])
+    if _warm.get(key, 0) < 2:       # the first steps compile (and may recompile once) with every guard on
+        _warm[key] = _warm.get(key, 0) + 1
+        return _compiled_forward_one_token(model, idx, cache, start_pos)
+    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+        return _compiled_forward_one_token(model, idx, cache, start_pos)
+
+
 def generate(model, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             eos_id: int | None = None, seed: int | None = None, use_cache: bool | None = None) -> torch.Tensor:
+             eos_id: int | None = None, seed: int | None = None, use_cache: bool | None = None,
+             compile: bool = False) -> torch.Tensor:
     """Extend `idx` (B, T) by up to `max_new_tokens` tokens; returns (B, T + n).
 
     Only the last `context_size` tokens (default: the model's context length) are seen by the
     model. Generation stops early once every row has produced `eos_id`; a row that finished keeps
     receiving `eos_id` while the others go on. `seed` makes sampling reproducible. `use_cache`:
     KV cache on/off; None = on where the op backend supports it (identical tokens either way).
+    `compile`: run each one-token step as a compiled graph (see `decode_step`; worth it for long runs).
     The model runs in eval mode (no dropout) and is put back in its previous mode afterwards.
     """
     new = list(generate_tokens(model, idx, max_new_tokens, context_size, temperature, top_k, top_p, eos_id,
-                               seed, use_cache))
+                               seed, use_cache, compile))
     return torch.cat([idx, *new], dim=1) if new else idx
 
 
