@@ -33,6 +33,20 @@ def test_run_case_rows(op, shape):
         assert set(r) >= {"op", "mode", "shape", "dtype", "unit", "speedup_vs_reference"}
 
 
+def test_linear_work_and_rows():
+    """Bytes of a decoding linear layer: the weights in their storage type (+ int8 scales), x, bias, y."""
+    f32 = torch.float32
+    M, K, N = 2, 768, 3072
+    activations = (M * K + N + M * N) * 4
+    assert bench_ops.forward_work("linear", (M, K, N), f32, "fwd") == N * K * 4 + activations
+    assert bench_ops.forward_work("linear_bf16", (M, K, N), f32, "fwd") == N * K * 2 + activations
+    assert bench_ops.forward_work("linear_int8", (M, K, N), f32, "fwd") == N * K + N * 4 + activations
+    rows = bench_ops.run_case("linear_int8", (3, 64, 40), "fwd", torch.device("cpu"), f32, 2,
+                              ["reference", "torch", "extension"])
+    assert [r["backend"] for r in rows] == ["reference", "torch", "extension"]
+    assert all(r["mode"] == "fwd" and r["max_rel_error"] < 1e-5 and r["throughput"] > 0 for r in rows)
+
+
 def test_percentiles():
     assert bench_ops.percentiles([5, 1, 4, 2, 3]) == (3, 2, 4)
 
@@ -46,13 +60,15 @@ def test_quick_run_writes_json(tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     assert {"device", "torch", "date", "ceilings", "backends"} <= set(data["environment"])
     ops_seen = {r["op"] for r in data["results"]}
-    every_op = ("attention", "attention_dropout", "cross_entropy", "gelu", "layer_norm", "linear_cross_entropy")
+    trained = ("attention", "attention_dropout", "cross_entropy", "gelu", "layer_norm", "linear_cross_entropy")
+    inference = ("linear", "linear_int8", "linear_bf16")          # forward only
+    every_op = trained + inference
     assert ops_seen == set(every_op)
     table = (tmp_path / "b.md").read_text()
     assert table.count("\n| ") >= 6 * 2 * 3 and "| attention | fwd+bwd |" in table
     assert "| linear_cross_entropy | fwd+bwd | 256×64×4096 | extension |" in table
     assert sorted(p.name for p in tmp_path.glob("b_*.png")) == sorted(
-        f"b_{op}_{mode}.png" for op in every_op for mode in ("fwd", "fwd_bwd"))
+        [f"b_{op}_{mode}.png" for op in trained for mode in ("fwd", "fwd_bwd")] + [f"b_{op}_fwd.png" for op in inference])
     memory = {(r["op"], r["backend"]) for r in data["results"] if r["mode"] == "peak_memory"}
     assert {("attention", "extension"), ("linear_cross_entropy", "extension"), ("linear_cross_entropy", "torch")} <= memory
     for r in data["results"]:

@@ -105,8 +105,17 @@ def test_training_a_quantized_model_is_a_clear_error():
         assert torch.isfinite(model(idx, idx))                   # an evaluation loss is fine
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """A clean torch.compile cache before and after: GPTModel.forward compiled for every backend here
+    must not use up the recompilation budget (8 per function) of the compile tests that follow."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("backend", ["extension", "torch", "reference"])
-def test_compiled_quantized_model(backend):
+def test_compiled_quantized_model(backend, fresh_dynamo):
     model = quantize(tiny(backend=backend), "int8")
     idx = torch.randint(0, 300, (2, 12))
     with torch.no_grad():

@@ -139,10 +139,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Whenever autograd needs the result (training), under autocast, or for a weight that is not a plain
     tensor (a DTensor of FSDP), every backend runs `F.linear`, so training is PyTorch's own GEMM whatever
     the backend."""
-    check_linear_inputs(x, weight, None, bias, None)
     if (_needs_autograd(x, weight, bias) or torch.is_autocast_enabled(x.device.type)
             or type(weight) not in (torch.Tensor, torch.nn.Parameter)):
-        return F.linear(x, weight, bias)
+        return F.linear(x, weight, bias)                         # (autocast: x and weight may differ in dtype)
+    check_linear_inputs(x, weight, None, bias, None)
     return get_backend(backend).linear(x, weight, bias)
 
 
