@@ -6,7 +6,9 @@
 # builds gptfast with its CUDA kernels (offline), runs the GPU tests, the standalone CUDA kernel
 # checks and both benchmarks at their default sizes, writing every log, JSON, Markdown table and
 # plot into OUT_DIR plus a SUMMARY.md. Stages (default: all but `tests`, in this order):
-#   build  compare  gpu_tests  bench_ops  auto_table  bench_train  cuda_kernels  cpu_isa  tests (the whole suite)
+#   build  compare  gpu_tests  bench_ops  auto_table  bench_train  bench_generate  cuda_kernels  cpu_isa  tests (the whole suite)
+# `bench_generate`: gpt2-124m decoding at batch 1 with float32, bf16 and int8 weights on our CUDA
+# kernels (`extension`) and Triton's, tokens/s against the HBM floor (bytes a step / measured read bandwidth).
 # `cpu_isa` is for the GPU host's CPU: where it has AVX-512 (our CI machine may not), the CPU kernels'
 # AVX-512 build runs against the reference and against the AVX2 build (tests/test_cpu_isa.py plus
 # the extension's CPU tests with GPTFAST_CPU_ISA=avx512).
@@ -78,7 +80,13 @@ cuda_kernels() {   # the standalone checks: kernels vs CPU references, errors an
   nvcc -o "$out/gptfast_cuda_test" "${objs[@]}" && rm -f "${objs[@]}" \
     && "$out/gptfast_cuda_test" && GPTFAST_CUDA_ATTENTION=simt "$out/gptfast_cuda_test"
 }
-gpu_tests() {   # the tests with GPU paths first: CUDA kernels, Triton kernels, the op interface
+gpu_bench_generate() {   # decoding: our CUDA linear kernels, then the Triton ones (the auto table has no GPU rows yet)
+  python benchmarks/bench_generate.py --device cuda --presets gpt2-124m --batch-sizes 1,8 --quantize none,bf16,int8 \
+    --backend extension --rounds 2 --out "$out/bench_generate_cuda_extension.json" || return 1
+  python benchmarks/bench_generate.py --device cuda --presets gpt2-124m --batch-sizes 1 --quantize bf16,int8 \
+    --backend triton --rounds 2 --no-baseline --out "$out/bench_generate_cuda_triton.json"
+}
+tests() {   # the tests with GPU paths first: CUDA kernels, Triton kernels, the op interface
   python -m pytest -q -ra -p no:cacheprovider --junitxml="$out/gpu_tests.xml" tests/test_extension_cuda.py \
     tests/test_triton.py tests/test_ops.py
 }
@@ -88,6 +96,12 @@ cpu_isa() {   # the CPU kernels per instruction set this host has (AVX-512 is ne
   if grep -q -w avx512bw /proc/cpuinfo; then
     GPTFAST_CPU_ISA=avx512 python -m pytest -q -ra -p no:cacheprovider -x tests/test_extension.py -k "not cuda"
   fi
+}
+bench_generate() {   # decoding: our CUDA linear kernels, then the Triton ones (the auto table has no GPU rows yet)
+  python benchmarks/bench_generate.py --device cuda --presets gpt2-124m --batch-sizes 1,8 --quantize none,bf16,int8 \
+    --backend extension --rounds 2 --out "$out/bench_generate_cuda_extension.json" || return 1
+  python benchmarks/bench_generate.py --device cuda --presets gpt2-124m --batch-sizes 1 --quantize bf16,int8 \
+    --backend triton --rounds 2 --no-baseline --out "$out/bench_generate_cuda_triton.json"
 }
 tests() {
   python -m pytest -q -ra -p no:cacheprovider --junitxml="$out/tests.xml"
@@ -109,7 +123,7 @@ auto_table() {   # the committed CPU measurements plus this run's GPU ones
 }
 
 export out
-export -f build compare cuda_kernels gpu_tests tests auto_table cpu_isa
+export -f build compare cuda_kernels gpu_tests tests auto_table cpu_isa bench_generate
 budget=${GPU_CHECK_BUDGET:-540}
 gpu=$(python -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 run() {   # run NAME LIMIT COMMAND...: stage with LIMIT cut to the budget left
@@ -123,7 +137,7 @@ run() {   # run NAME LIMIT COMMAND...: stage with LIMIT cut to the budget left
   stage "$name" $(( limit < left ? limit : left )) "$@"
 }
 stages=("${@:2}")
-[ ${#stages[@]} -eq 0 ] && stages=(build compare gpu_tests bench_ops auto_table bench_train cuda_kernels cpu_isa)
+[ ${#stages[@]} -eq 0 ] && stages=(build compare gpu_tests bench_ops auto_table bench_train bench_generate cuda_kernels cpu_isa)
 for s in "${stages[@]}"; do
   case $s in
     build) run build 150 build ;;
@@ -134,10 +148,11 @@ for s in "${stages[@]}"; do
     bench_train) run bench_train 100 python benchmarks/bench_train.py --device cuda --preset gpt2-124m --dtype bfloat16 \
                    --compile both --backends auto,torch,extension,triton --steps 10 --pad-vocab \
                    --out "$out/bench_train_cuda.json" ;;
+    bench_generate) run bench_generate 90 bench_generate ;;
     cuda_kernels) run cuda_kernels 45 cuda_kernels ;;
     cpu_isa) run cpu_isa 90 cpu_isa ;;
     tests) run tests 400 tests ;;
-    *) echo "unknown stage $s (build compare gpu_tests bench_ops auto_table bench_train cuda_kernels cpu_isa tests)"; exit 2 ;;
+    *) echo "unknown stage $s (build compare gpu_tests bench_ops auto_table bench_train bench_generate cuda_kernels cpu_isa tests)"; exit 2 ;;
   esac
 done
 
