@@ -95,3 +95,17 @@ def test_wheel_ships_the_default_corpus_and_gpt2_bpe_files(tmp_path):
     for name in ["gptfast/data/corpora/the-verdict.txt", "gptfast/tokenizer/gpt2/vocab.bpe",
                  "gptfast/tokenizer/gpt2/encoder.json"]:
         assert sizes.get(name) == (ROOT / name).stat().st_size, name
+
+
+def test_cmake_builds_every_cuda_kernel_file():
+    """CMakeLists.txt names the CUDA kernel files of its static library one by one: a new .cu left
+    out links nowhere (the standalone check and the torch glue would miss its symbols)."""
+    import re
+
+    from conftest import ROOT
+
+    text = (ROOT / "CMakeLists.txt").read_text()
+    listed = set(re.findall(r"csrc/cuda/(\w+\.cu)", re.search(r"add_library\(gptfast_cuda_kernels(.*?)\)", text,
+                                                             re.S).group(1)))
+    on_disk = {p.name for p in (ROOT / "csrc" / "cuda").glob("*.cu") if not p.name.startswith("test_")}
+    assert listed == on_disk
