@@ -175,3 +175,30 @@ def test_attention_kernels_are_sanitizer_clean(tool, dtype):
     result = subprocess.run(["compute-sanitizer", f"--tool={tool}", "--error-exitcode=9", sys.executable, "-c", code],
                             capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("x_dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["float32", "bf16", "int8"])
+@pytest.mark.parametrize("M,K,N", [(1, 768, 50257), (1, 768, 3072), (8, 3072, 768), (3, 100, 9), (16, 64, 7),
+                                   (20, 64, 7)])
+@pytest.mark.parametrize("backend", ["extension", "triton"])
+def test_decoding_linear(backend, M, K, N, kind, x_dtype):
+    """The linear layer of decoding (csrc/cuda/linear.cu; gptfast/ops/triton/linear.py) against float64
+    on the same quantized weights: 1-16 rows take the kernel, 20 a GEMM; K = 100 the unaligned path."""
+    from gptfast.model.quantize import quantize_int8_rows
+
+    x64, w64, b64 = rand(M, K, seed=31), rand(N, K, seed=32) * 0.05, rand(N, seed=33)
+    if kind == "int8":
+        q, s = quantize_int8_rows(w64)
+        fn, args, ref = ops.linear_int8, (q, s), reference.linear_int8(x64, q, s.double(), b64)
+    elif kind == "bf16":
+        wb = w64.to(torch.bfloat16)
+        fn, args, ref = ops.linear_bf16, (wb,), reference.linear_bf16(x64, wb, b64)
+    else:
+        if x_dtype != torch.float32:
+            pytest.skip("float32 weights go with float32 activations (ops.linear takes x's dtype)")
+        fn, args, ref = ops.linear, (w64.float(),), reference.linear(x64, w64, b64)
+    with torch.no_grad():
+        out = fn(x64.to(x_dtype), *args, b64.to(x_dtype), backend=backend)
+    assert out.dtype == x_dtype and out.device.type == "cuda"
+    assert rel_error(out, ref) < (1e-5 if x_dtype == torch.float32 else 1e-2)

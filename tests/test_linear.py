@@ -10,6 +10,16 @@ from gptfast.model.quantize import quantize_int8_rows
 from gptfast.ops import reference
 
 BACKENDS = ["reference", "torch", "extension", "triton", "auto"]
+# Triton kernels run where Triton runs: on the GPU when there is one, else in its CPU interpreter
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_for(backend: str) -> str:
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
+def to(device, *tensors):
+    return [t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors]
 WEIGHT_KINDS = ["float32", "bf16", "int8"]
 
 
@@ -41,8 +51,9 @@ def layer(kind, N, K, seed=1, bias=True):
 
 def check(kind, backend, x64, N, bias=True, tol=1e-5, x=None):
     fn, args, ref_fn, ref_args = layer(kind, N, x64.shape[-1], bias=bias)
+    dev = device_for(backend)
     with torch.no_grad():
-        out = fn(x64.float() if x is None else x, *args, backend=backend)
+        out = fn(*to(dev, x64.float() if x is None else x, *args), backend=backend).cpu()
     ref = ref_fn(x64, *ref_args)
     assert out.dtype == torch.float32 and out.shape == ref.shape
     assert torch.isfinite(out).all()
@@ -113,7 +124,7 @@ def test_bfloat16_activations(backend):
     bias_bf16 = args[2].to(torch.bfloat16)
     ref = ref_fn(x64, *ref_args)
     with torch.no_grad():
-        out = fn(x64.to(torch.bfloat16), args[0], args[1], bias_bf16, backend=backend)
+        out = fn(*to(device_for(backend), x64.to(torch.bfloat16), args[0], args[1], bias_bf16), backend=backend).cpu()
         torch_out = torch.nn.functional.linear(x64.to(torch.bfloat16), reference.dequantize_int8(
             args[0], args[1], torch.bfloat16), bias_bf16)
     assert out.dtype == torch.bfloat16
@@ -177,7 +188,7 @@ def test_opcheck():
              (torch.randn(20, 33), q.to(torch.bfloat16), None, torch.randn(9))]
     for args in cases:
         torch.library.opcheck(torch.ops.gptfast.linear_fwd.default, args)
-        torch.library.opcheck(triton_linear, args)
+        torch.library.opcheck(triton_linear, to(TRITON_DEVICE, *args))
 
 
 def test_the_extension_kernel_runs_on_cpu_only_where_it_should():
