@@ -8,6 +8,7 @@ from the cropped window every step - the same work as the textbook path, and the
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -101,7 +102,8 @@ def _forward_one_token(model, idx, cache, start_pos):
 
 
 _compiled_forward_one_token = None
-_warm: dict = {}          # (id(model), batch) -> compiled steps taken with every guard checked
+_warm: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> {batch: steps taken with every
+                                                                     # guard checked}; gone with the model
 
 
 def decode_step(model, idx: torch.Tensor, cache, start_pos: int, compile: bool = False) -> torch.Tensor:
@@ -118,9 +120,10 @@ def decode_step(model, idx: torch.Tensor, cache, start_pos: int, compile: bool =
         return model(idx, cache=cache, start_pos=start_pos)
     if _compiled_forward_one_token is None:
         _compiled_forward_one_token = torch.compile(_forward_one_token, dynamic=True, fullgraph=True)
-    key = (id(model), idx.shape[0])
-    if _warm.get(key, 0) < 2:       # the first steps compile (and may recompile once) with every guard on
-        _warm[key] = _warm.get(key, 0) + 1
+    warm = _warm.setdefault(model, {})
+    batch = idx.shape[0]
+    if warm.get(batch, 0) < 2:      # the first steps compile (and may recompile once) with every guard on
+        warm[batch] = warm.get(batch, 0) + 1
         return _compiled_forward_one_token(model, idx, cache, start_pos)
     with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
         return _compiled_forward_one_token(model, idx, cache, start_pos)

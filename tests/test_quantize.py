@@ -222,3 +222,6 @@ def test_cli_quantize_then_generate_and_no_training_from_it(trained, tmp_path, g
                             "--max-steps", "1", "--out", str(tmp_path / "run")],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert train.returncode == 2 and "quantized (int8), for inference only" in train.stderr, train.stderr
+    export = subprocess.run([sys.executable, "scripts/export.py", "--checkpoint", str(tmp_path / "q.safetensors"),
+                             "--out", str(tmp_path / "hf")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert export.returncode == 2 and "export the float32 checkpoint" in export.stderr, export.stderr

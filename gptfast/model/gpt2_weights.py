@@ -162,6 +162,9 @@ def export_hf(model: GPTModel, folder: str, tokenizer=None, force: bool = False)
     An existing non-empty folder is an error unless `force`."""
     from safetensors.torch import save_file
 
+    if getattr(model, "quantization", None):
+        raise ValueError(f"the model's weights are quantized ({model.quantization}); the GPT-2 format holds float "
+                         "weights: export the float32 checkpoint")
     if os.path.isfile(folder) or (os.path.isdir(folder) and os.listdir(folder) and not force):
         raise FileExistsError(f"{folder} already exists and is not an empty folder (force / --force overwrites)")
     os.makedirs(folder, exist_ok=True)
