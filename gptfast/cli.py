@@ -18,6 +18,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    if not text.lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    if int(text) < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return int(text)
+
+
 def _float_flag(text: str, requirement: str, ok) -> float:
     try:
         value = float(text)

@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, rel_error, verdict_path, wait_for_step
 from gptfast.data import RankStridedBatches
 from gptfast.training import ConfigError, TrainSettings, load_checkpoint, run_training
-from gptfast.training.distributed import SINGLE, DistInfo, per_rank_accum
+from gptfast.training.parallel import SINGLE, Parallelism
 
 # 72 micro-batches of 2 x 32 tokens per epoch in the-verdict's train split: 18 steps of 4.
 RUN = ["--preset", "tiny", "--epochs", "2", "--batch-size", "2", "--context-length", "32", "--grad-accum", "4",
@@ -138,10 +138,10 @@ def test_rank_strided_batches_cover_an_epoch_once_and_evenly():
 
 
 def test_grad_accum_must_split_evenly_across_processes(tmp_path):
-    assert per_rank_accum(8, DistInfo(rank=1, world_size=4)) == 2
-    assert per_rank_accum(3, SINGLE) == 3
+    assert Parallelism(rank=1, world_size=4).per_rank_accum(8) == 2
+    assert SINGLE.per_rank_accum(3) == 3
     with pytest.raises(ValueError, match="--grad-accum 3 must be a multiple of the number of processes \\(2\\)"):
-        per_rank_accum(3, DistInfo(world_size=2))
+        Parallelism(world_size=2).per_rank_accum(3)
 
 
 def test_torchrun_with_an_indivisible_grad_accum_says_so_once(tmp_path):

@@ -148,7 +148,7 @@ def test_weights_only_file_is_read_like_a_checkpoint(tmp_path):
 def test_init_from_takes_an_exported_folder_and_a_weights_file(tmp_path):
     """--init-from: the exported Hugging Face folder and a run's model.safetensors give the same model."""
     from gptfast.training import TrainSettings
-    from gptfast.training.run import initial_model
+    from gptfast.training.run import pretrained_model
 
     model = trained_looking(GPTConfig(**GPT2_TIED, backend="reference"), seed=8)
     tok = get_tokenizer("gpt2")
@@ -157,7 +157,7 @@ def test_init_from_takes_an_exported_folder_and_a_weights_file(tmp_path):
     said = []
     for source in ("hf", "model.safetensors"):
         s = TrainSettings(init_from=str(tmp_path / source))
-        again = initial_model(s, GPTConfig(), "reference", tok, said.append)
+        again = pretrained_model(s, "reference", tok, said.append)
         assert again.cfg.tie_embeddings and again.cfg.vocab_multiple == 64
         x = torch.randint(0, 50257, (1, 20))
         with torch.no_grad():

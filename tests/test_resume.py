@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, wait_for_step
 from gptfast.training import (ConfigError, NonFiniteLoss, StopOnSignal, TrainSettings, load_checkpoint,
                               run_training)
-from gptfast.training.distributed import SINGLE
+from gptfast.training.parallel import SINGLE
 
 
 def settings(tmp_path, text, out, **kw):
@@ -143,7 +143,7 @@ def test_a_second_signal_stops_at_once(tmp_path):
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with StopOnSignal(announce=lambda text: None) as stop:
         os.kill(os.getpid(), signal.SIGINT)
-        assert stop.signum == signal.SIGINT and stop.agreed(SINGLE) == signal.SIGINT
+        assert stop.signum == signal.SIGINT and SINGLE.agreed_stop(stop.signum) == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before    # handlers given back

@@ -6,9 +6,19 @@ import torch
 
 from gptfast.data import create_dataloaders
 from gptfast.model import GPTConfig, GPTModel
-from gptfast.training import (ConfigError, MetricsLog, TrainSettings, calc_loss_loader,
-                              load_checkpoint, plot_losses, run_training, save_checkpoint,
-                              train_model)
+from gptfast.training import (ConfigError, MetricsLog, TrainSettings, TrainingState, calc_loss_loader,
+                              load_checkpoint, plot_losses, run_training, save_checkpoint, train)
+from gptfast.training.data import TrainingData
+from gptfast.training.parallel import SINGLE
+
+
+def train_directly(model, train_loader, val_loader, tokenizer, optimizer=None, **settings):
+    """The loop on its own (no run folder): the state started fresh for `model`, optionally another optimizer."""
+    s = TrainSettings(progress=False, **settings)
+    state = TrainingState.start(s, model, SINGLE, None, total_steps=s.epochs * len(train_loader))
+    if optimizer is not None:
+        state.optimizer = optimizer
+    return train(s, state, TrainingData(tokenizer, train_loader, val_loader, 32, ""))
 
 
 def tiny_model(vocab_size=50257, seed=123):
@@ -22,12 +32,11 @@ def test_thirty_steps_lower_the_loss(verdict_text, gpt2_tokenizer):
     model = tiny_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     before = calc_loss_loader(train, model, "cpu", num_batches=8)
-    hist = train_model(model, train, val, optimizer, "cpu", num_epochs=1, eval_freq=10, eval_iter=2,
-                       start_context="Every effort moves you", tokenizer=gpt2_tokenizer,
-                       progress=False, sample_tokens=5)
+    hist = train_directly(model, train, val, gpt2_tokenizer, optimizer, epochs=1, eval_freq=10, eval_iter=2,
+                          start_context="Every effort moves you", sample_tokens=5)
     after = calc_loss_loader(train, model, "cpu", num_batches=8)
     assert hist.step == len(train) >= 30
-    assert hist.steps == list(range(0, hist.step, 10))
+    assert hist.eval_steps == list(range(0, hist.step, 10))
     assert hist.tokens == hist.step * 4 * 32
     assert before > 10.0                                    # ~ln(50257) = 10.8 at initialization
     assert after < before - 2.0

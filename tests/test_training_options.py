@@ -7,7 +7,8 @@ import torch
 
 from gptfast.data import create_dataloaders
 from gptfast.model import GPTConfig, GPTModel
-from gptfast.training import ConfigError, TrainSettings, lr_at, make_optimizer, run_training, train_model
+from gptfast.training import ConfigError, TrainSettings, lr_at, make_optimizer, run_training
+from test_training import train_directly
 
 
 def tiny(seed=0, **kw):
@@ -27,8 +28,8 @@ def test_gradient_accumulation_equals_the_bigger_batch(verdict_text, gpt2_tokeni
         model = tiny()
         opt = make_optimizer(model, 1e-3, 0.1, "cpu") if optimizer == "adamw" else \
             torch.optim.SGD(model.parameters(), lr=0.5)
-        hist = train_model(model, train, val, opt, "cpu", 1, eval_freq=1000, eval_iter=1, start_context="a",
-                           tokenizer=gpt2_tokenizer, progress=False, sample_tokens=1, grad_accum=accum)
+        hist = train_directly(model, train, val, gpt2_tokenizer, opt, epochs=1, eval_freq=1000, eval_iter=1,
+                              start_context="a", sample_tokens=1, grad_accum=accum)
         return hist, torch.cat([p.detach().flatten() for p in model.parameters()])
 
     hist_big, big = final_weights(4, 1)

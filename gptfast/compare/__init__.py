@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .. import ops
+from ..device import resolve_device
 from .model_check import compare_model, compare_training_run, seeded_model, verdict_batches
 from .op_cases import op_cases
 from .op_check import Row, compare_ops
@@ -50,14 +51,6 @@ class CompareReport:
 
     def json(self) -> str:
         return to_json({**self.env, "seconds": round(self.seconds, 1)}, self.rows, self.curves)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here")
-    return torch.device(name)
 
 
 def default_backends() -> list[str]:

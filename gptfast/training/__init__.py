@@ -1,13 +1,26 @@
-"""Training: the loop, losses, checkpoints, metrics and plots, and a whole run from settings."""
+"""Training: a whole run from settings, in stages (run.py), each in the module that owns its concept.
+
+    settings.py   TrainSettings: every flag's default, help and rules (`validate`)
+    parallel.py   Parallelism: one process, DDP or FSDP - every distributed decision
+    data.py       corpus -> tokenizer -> loaders
+    state.py      TrainingState (model, optimizer, scaler, history, data position), fresh or resumed
+    loop.py       train(): steps, evaluations, checkpoints, samples
+    evaluate.py   losses of a batch and of a loader     optim.py    AdamW, schedule, precision
+    checkpoint.py checkpoint and weights files            stop.py     Ctrl-C / SIGTERM at a step boundary
+    metrics.py    metrics.jsonl and the loss plot         run.py      the stages in order: run_training()
+"""
 from .checkpoint import load_checkpoint, resolve_checkpoint_path, save_checkpoint
 from .evaluate import calc_loss_batch, calc_loss_loader, evaluate_model
-from .loop import History, NonFiniteLoss, generate_sample, train_model
+from .loop import NonFiniteLoss, generate_sample, train
 from .metrics import MetricsLog, plot_losses
 from .optim import lr_at, make_optimizer
-from .run import USER_ERRORS, ConfigError, TrainSettings, run_training
+from .parallel import Parallelism
+from .run import USER_ERRORS, run_training
+from .settings import ConfigError, TrainSettings
+from .state import History, Position, TrainingState
 from .stop import StopOnSignal, TrainingStopped
 
-__all__ = ["train_model", "History", "NonFiniteLoss", "generate_sample", "calc_loss_batch", "calc_loss_loader",
-           "evaluate_model", "save_checkpoint", "load_checkpoint", "resolve_checkpoint_path",
-           "MetricsLog", "plot_losses", "lr_at", "make_optimizer", "TrainSettings", "run_training", "ConfigError", "USER_ERRORS",
-           "StopOnSignal", "TrainingStopped"]
+__all__ = ["run_training", "TrainSettings", "ConfigError", "USER_ERRORS", "Parallelism", "TrainingState", "History",
+           "Position", "train", "NonFiniteLoss", "generate_sample", "calc_loss_batch", "calc_loss_loader",
+           "evaluate_model", "save_checkpoint", "load_checkpoint", "resolve_checkpoint_path", "MetricsLog",
+           "plot_losses", "lr_at", "make_optimizer", "StopOnSignal", "TrainingStopped"]

@@ -18,6 +18,7 @@ from ..files import atomic_write
 from ..model import GPTConfig, GPTModel, prepare_quantized
 
 CHECKPOINT_NAME = "checkpoint.pt"
+PERIODIC_PREFIX = "ckpt-step"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_FORMAT = "gptfast-weights"
 
@@ -80,6 +81,34 @@ def read_weights(path: str) -> dict:
         tensors["out_head.weight"] = tensors["tok_emb.weight"]
     return {"format": WEIGHTS_FORMAT, "version": meta.get("version"), "config": meta["config"], "model": tensors,
             "tokenizer": meta.get("tokenizer"), "quantization": meta.get("quantization")}
+
+
+def periodic_checkpoint_path(out: str, step: int) -> str:
+    """Where `--checkpoint-every` (and a stop on a signal) writes the checkpoint after `step` steps."""
+    return os.path.join(out, f"{PERIODIC_PREFIX}{step:07d}.pt")
+
+
+def periodic_checkpoints(out: str) -> list[str]:
+    """The run folder's ckpt-step*.pt files, oldest first."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(os.path.join(out, f) for f in os.listdir(out) if f.startswith(PERIODIC_PREFIX) and f.endswith(".pt"))
+
+
+def prune_checkpoints(out: str, keep: int) -> None:
+    """Delete all but the newest `keep` (at least one) periodic checkpoints."""
+    for old in periodic_checkpoints(out)[:-max(1, keep)]:
+        os.remove(old)
+
+
+def find_resume_checkpoint(resume: str, out: str) -> str:
+    """`--resume`: a path as given, or `auto`: the newest periodic checkpoint in the run folder."""
+    if resume != "auto":
+        return resume
+    found = periodic_checkpoints(out)
+    if not found:
+        raise FileNotFoundError(f"--resume auto: no {PERIODIC_PREFIX}*.pt in {out}")
+    return found[-1]
 
 
 def rng_states() -> dict:

@@ -1,30 +1,32 @@
-"""The training loop: forward, loss, backward, AdamW step; periodic evaluation; a sample per epoch."""
+"""The training loop: micro-batches -> optimizer steps, with evaluations, checkpoints and a sample per epoch.
+
+    history = train(settings, state, data, parallel, log, stop)
+
+One optimizer step = `grad_accum` micro-batches (gradients summed, each loss divided by the number of
+this process's micro-batches per step; an epoch's last, shorter group is rescaled to a mean too), then
+`--grad-clip`, the learning-rate schedule and the AdamW step. Every `--eval-freq` steps (from step 0)
+the model is evaluated on `--eval-iter` batches of each split; every `--checkpoint-every` steps, and
+when a stop signal arrived (stop.py), a checkpoint is written that continues the run exactly. A
+non-finite loss raises NonFiniteLoss before its step is applied. Several processes (parallel.py): each
+trains on its share of the micro-batches; losses and token counts are global; rank 0 prints and logs.
+"""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from ..generate import generate, text_to_token_ids, token_ids_to_text
-from .distributed import SINGLE, DistInfo, maybe_no_sync, mean_over_ranks
+from .checkpoint import periodic_checkpoint_path, prune_checkpoints
+from .data import TrainingData
 from .evaluate import calc_loss_batch, evaluate_model
 from .metrics import MetricsLog
-from .optim import autocast, grad_scaler, set_lr
+from .optim import autocast, set_lr
+from .parallel import SINGLE, Parallelism
+from .settings import TrainSettings
+from .state import EpochBatches, History, Position, TrainingState
 from .stop import StopOnSignal, TrainingStopped
-
-
-@dataclass
-class History:
-    steps: list = field(default_factory=list)
-    tokens_seen: list = field(default_factory=list)
-    train_losses: list = field(default_factory=list)
-    val_losses: list = field(default_factory=list)
-    samples: list = field(default_factory=list)
-    batch_losses: list = field(default_factory=list)   # (step, mean micro-batch loss) of every step
-    step: int = 0            # optimizer steps taken
-    tokens: int = 0          # training tokens consumed
 
 
 class NonFiniteLoss(RuntimeError):
@@ -38,131 +40,135 @@ def generate_sample(model, tokenizer, device, start_context: str, max_new_tokens
     return token_ids_to_text(out, tokenizer).replace("\n", " ")
 
 
-def train_model(model, train_loader, val_loader, optimizer, device, num_epochs: int, eval_freq: int,
-                eval_iter: int, start_context: str, tokenizer, log: MetricsLog | None = None,
-                progress: bool = True, sample_tokens: int = 50, grad_accum: int = 1, grad_clip: float = 0.0,
-                lr_schedule=None, dtype: str = "float32", train_model_fn=None, scaler=None,
-                checkpoint_every: int = 0, on_checkpoint=None, max_steps: int | None = None,
-                resume: dict | None = None, dist_info: DistInfo = SINGLE, stop: StopOnSignal | None = None) -> History:
-    """Train for `num_epochs`; evaluate every `eval_freq` optimizer steps (from step 0) on `eval_iter`
-    batches.
+def train(settings: TrainSettings, state: TrainingState, data: TrainingData, parallel: Parallelism = SINGLE,
+          log: MetricsLog | None = None, stop: StopOnSignal | None = None) -> History:
+    """Train `state` on `data` for `settings.epochs` (or up to `settings.max_steps`); returns its history.
+    A fresh state starts with an evaluation; a resumed one continues at its position as if never stopped."""
+    return _Loop(settings, state, data, parallel, log or MetricsLog(None), stop).run()
 
-    One optimizer step = `grad_accum` micro-batches (gradients summed, each loss divided by
-    grad_accum; an epoch's last, shorter group is rescaled to a mean too). `grad_clip` > 0 clips the
-    global gradient norm. `lr_schedule(step) -> lr` sets the rate before each step. `dtype`:
-    autocast precision of the forward pass. `train_model_fn`: what runs the training forward
-    (e.g. a torch.compile'd model); evaluation and samples use `model` itself.
 
-    Fault tolerance: every `checkpoint_every` steps `on_checkpoint(hist, position)` is called with
-    everything needed to continue exactly (epoch, micro-batches consumed in it, the train loader's
-    generator states); `resume` (such a position plus `hist`) continues a run as if never stopped.
-    `max_steps` stops after that many steps in total. A non-finite loss raises NonFiniteLoss before
-    the step is applied. `stop` (see stop.py): once it has caught SIGINT/SIGTERM, the loop ends after
-    the step in progress, calls `on_checkpoint` (unless this step's periodic one was just written) and
-    raises TrainingStopped naming the checkpoint that `on_checkpoint` returned.
+class _Loop:
+    def __init__(self, s: TrainSettings, state: TrainingState, data: TrainingData, parallel: Parallelism,
+                 log: MetricsLog, stop: StopOnSignal | None):
+        self.s, self.state, self.data, self.parallel, self.log, self.stop = s, state, data, parallel, log, stop
+        self.hist = state.history
+        self.accum = parallel.per_rank_accum(s.grad_accum)       # this process's micro-batches per step
+        self.say = parallel.quiet(tqdm.write)
+        self.params = [p for p in state.model.parameters() if p.requires_grad]
 
-    Several processes (`dist_info`, see distributed.py): `train_loader` yields this process's share
-    of the batches, `grad_accum` is this process's share of the micro-batches, `train_model_fn` is
-    the DDP-wrapped (or FSDP-sharded) model; losses and token counts are global (evaluation splits
-    its batches across the processes); only rank 0 prints, logs and samples. `on_checkpoint` is
-    called on every process (a sharded model gathers its state collectively) and writes on rank 0.
-    Positions count micro-batches of all processes, so a run can resume on another number of
-    processes that divides --grad-accum.
-    """
-    world, main = dist_info.world_size, dist_info.is_main
-    say = tqdm.write if main else (lambda *args, **kwargs: None)
-    log = (log if main else None) or MetricsLog(None)
-    progress = progress and main
-    forward = model if train_model_fn is None else train_model_fn
-    scaler = scaler or grad_scaler(dtype, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    gen = getattr(train_loader, "generator", None)
-    if resume is None:
-        hist, start_epoch, skip = History(), 1, 0
-        # Where we start from: an untrained model predicts close to uniformly, loss ~ ln(vocab_size).
-        train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter, dist_info)
-        say(f"Before training: Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-        log.write("initial_eval", step=0, tokens_seen=0, train_loss=train_loss, val_loss=val_loss)
-    else:
-        hist, start_epoch, skip = resume["hist"], resume["epoch"], resume["micro_in_epoch"] // world
-        say(f"Resuming at epoch {start_epoch}, step {hist.step} ({hist.tokens:,} tokens seen)")
-    for epoch in range(start_epoch, num_epochs + 1):
-        if max_steps is not None and hist.step >= max_steps:
-            break
-        model.train()
-        resumed_epoch = resume is not None and epoch == start_epoch
-        if resumed_epoch and gen is not None:
-            gen.set_state(resume["epoch_gen_state"])             # replay this epoch's shuffle
-        epoch_gen_state = gen.get_state() if gen is not None else None
-        n_micro = len(train_loader)
-        bar = tqdm(total=-(-n_micro // grad_accum), initial=(skip if resumed_epoch else 0) // grad_accum,
-                   desc=f"epoch {epoch}/{num_epochs}", unit="step", disable=not progress, dynamic_ncols=True)
-        micro_losses = []
-        for i, (inputs, targets) in enumerate(train_loader):
-            if resumed_epoch and i < skip:                       # consumed before the stop
-                if i + 1 == skip and gen is not None:
-                    gen.set_state(resume["gen_state"])
-                continue
-            last_micro = len(micro_losses) + 1 == grad_accum or i + 1 == n_micro
-            with maybe_no_sync(forward, sync=last_micro):    # DDP: all-reduce once per step
-                with autocast(dtype, device):
-                    loss = calc_loss_batch(inputs, targets, forward, device)
-                scaler.scale(loss / grad_accum).backward()
-            micro_losses.append(loss.detach())
-            hist.tokens += inputs.numel() * world
-            if len(micro_losses) < grad_accum and i + 1 < n_micro:
-                continue
-            loss_value = mean_over_ranks(torch.stack(micro_losses).float().mean(), dist_info).item()
-            if not math.isfinite(loss_value):
-                raise NonFiniteLoss(f"non-finite loss ({loss_value}) at step {hist.step} (epoch {epoch}); "
-                                    "the step was not applied")
-            if len(micro_losses) < grad_accum:                   # short last group: make it a mean
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.mul_(grad_accum / len(micro_losses))
-            if lr_schedule is not None:
-                set_lr(optimizer, lr_schedule(hist.step))
-            if grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            micro_losses = []
-            hist.batch_losses.append((hist.step, loss_value))
-            log.write("step", epoch=epoch, step=hist.step, loss=loss_value, lr=optimizer.param_groups[0]["lr"])
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}")
-            if hist.step % eval_freq == 0:
-                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter, dist_info)
-                hist.steps.append(hist.step)
-                hist.tokens_seen.append(hist.tokens)
-                hist.train_losses.append(train_loss)
-                hist.val_losses.append(val_loss)
-                say(f"Ep {epoch} (Step {hist.step:06d}): "
-                           f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-                log.write("eval", epoch=epoch, step=hist.step, tokens_seen=hist.tokens,
-                          train_loss=train_loss, val_loss=val_loss, batch_loss=loss_value)
-            hist.step += 1
-            # where we are: enough to continue exactly (positions count every process's micro-batches)
-            position = {"epoch": epoch, "micro_in_epoch": (i + 1) * world, "epoch_gen_state": epoch_gen_state,
-                        "gen_state": gen.get_state() if gen is not None else None}
-            written = None
-            if on_checkpoint is not None and checkpoint_every and hist.step % checkpoint_every == 0:
-                written = on_checkpoint(hist, position)
-            if stop is not None and (signum := stop.agreed(dist_info)):
-                if written is None and on_checkpoint is not None:
-                    written = on_checkpoint(hist, position)
-                bar.close()
-                raise TrainingStopped(signum, hist.step, epoch, written)
-            if max_steps is not None and hist.step >= max_steps:
+    def run(self) -> History:
+        resume = self.state.position
+        if resume is None:
+            # where we start from: an untrained model predicts close to uniformly, loss ~ ln(vocab_size)
+            self.evaluate(epoch=None)
+        else:
+            self.say(f"Resuming at epoch {resume.epoch}, step {self.hist.step} ({self.hist.tokens:,} tokens seen)")
+        first = resume.epoch if resume is not None else 1
+        for epoch in range(first, self.s.epochs + 1):
+            if self.reached_max_steps():
                 break
-        bar.close()
-        if max_steps is not None and hist.step >= max_steps and i + 1 < n_micro:
-            break                                                # stopped mid-epoch: no sample
-        if main or dist_info.fsdp:          # a sharded model generates on every process together
-            sample = generate_sample(model, tokenizer, device, start_context, sample_tokens)
-            hist.samples.append(sample)
-            say(f"Ep {epoch} sample: {sample}")
-            log.write("sample", epoch=epoch, step=hist.step, text=sample)
-    return hist
+            batches = EpochBatches(self.data.train_loader, epoch, self.parallel.world_size,
+                                   resume if epoch == first else None)
+            if not self.epoch(batches):
+                break                                            # stopped mid-epoch at --max-steps: no sample
+            if self.parallel.samples_here:     # a sharded model generates on every process together
+                self.sample(epoch)
+        return self.hist
+
+    def reached_max_steps(self) -> bool:
+        return self.s.max_steps is not None and self.hist.step >= self.s.max_steps
+
+    def epoch(self, batches: EpochBatches) -> bool:
+        """One epoch's steps; False if --max-steps ended it early."""
+        self.state.model.train()
+        n_micro = len(batches)
+        bar = tqdm(total=-(-n_micro // self.accum), initial=batches.skip // self.accum, unit="step",
+                   desc=f"epoch {batches.epoch}/{self.s.epochs}", disable=not self.parallel.progress(self.s.progress),
+                   dynamic_ncols=True)
+        losses = []                                              # this step's micro-batch losses so far
+        with bar:
+            for i, inputs, targets in batches:
+                last = len(losses) + 1 == self.accum or i + 1 == n_micro
+                losses.append(self.micro_step(inputs, targets, sync=last))
+                if not last:
+                    continue
+                loss = self.optimizer_step(losses, batches.epoch)
+                losses = []
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+                if self.hist.step % self.s.eval_freq == 0:
+                    self.evaluate(batches.epoch, loss)
+                self.hist.step += 1
+                self.checkpoint_or_stop(batches.position(i))
+                if self.reached_max_steps():
+                    return i + 1 == n_micro
+        return True
+
+    def micro_step(self, inputs: torch.Tensor, targets: torch.Tensor, sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; gradients add up until the optimizer step."""
+        forward, device = self.state.forward, self.parallel.device
+        with self.parallel.sync_gradients(forward, sync):      # all-reduce once per step
+            with autocast(self.s.dtype, device):
+                loss = calc_loss_batch(inputs, targets, forward, device)
+            self.state.scaler.scale(loss / self.accum).backward()
+        self.hist.tokens += inputs.numel() * self.parallel.world_size
+        return loss.detach()
+
+    def optimizer_step(self, losses: list[torch.Tensor], epoch: int) -> float:
+        """Apply the accumulated gradients; returns the step's loss (mean over micro-batches and processes)."""
+        opt, scaler, hist = self.state.optimizer, self.state.scaler, self.hist
+        loss = self.parallel.mean(torch.stack(losses).float().mean()).item()
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"non-finite loss ({loss}) at step {hist.step} (epoch {epoch}); the step was not applied")
+        if len(losses) < self.accum:                             # short last group: make it a mean
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(self.accum / len(losses))
+        if self.state.schedule is not None:
+            set_lr(opt, self.state.schedule(hist.step))
+        if self.s.grad_clip > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(self.params, self.s.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        hist.batch_losses.append((hist.step, loss))
+        self.log.write("step", epoch=epoch, step=hist.step, loss=loss, lr=opt.param_groups[0]["lr"])
+        return loss
+
+    def evaluate(self, epoch: int | None, batch_loss: float | None = None) -> None:
+        """Train and validation loss now; `epoch` None: before training (not part of the history)."""
+        train_loss, val_loss = evaluate_model(self.state.model, self.data.train_loader, self.data.val_loader,
+                                              self.parallel.device, self.s.eval_iter, self.parallel)
+        if epoch is None:
+            self.say(f"Before training: Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+            self.log.write("initial_eval", step=0, tokens_seen=0, train_loss=train_loss, val_loss=val_loss)
+            return
+        self.hist.record_eval(train_loss, val_loss)
+        self.say(f"Ep {epoch} (Step {self.hist.step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+        self.log.write("eval", epoch=epoch, step=self.hist.step, tokens_seen=self.hist.tokens,
+                       train_loss=train_loss, val_loss=val_loss, batch_loss=batch_loss)
+
+    def sample(self, epoch: int) -> None:
+        text = generate_sample(self.state.model, self.data.tokenizer, self.parallel.device, self.s.start_context,
+                               self.s.sample_tokens)
+        self.hist.samples.append(text)
+        self.say(f"Ep {epoch} sample: {text}")
+        self.log.write("sample", epoch=epoch, step=self.hist.step, text=text)
+
+    def checkpoint(self, position: Position) -> str:
+        """A periodic checkpoint (the oldest beyond --keep-checkpoints removed); every process calls it."""
+        path = self.state.save(periodic_checkpoint_path(self.s.out, self.hist.step), position, self.parallel,
+                               self.data.tokenizer, self.s)
+        self.parallel.on_main(prune_checkpoints, self.s.out, self.s.keep_checkpoints)
+        return path
+
+    def checkpoint_or_stop(self, position: Position) -> None:
+        """After a step: the periodic checkpoint when due; on an agreed stop signal, a checkpoint (unless this
+        step's was just written) and TrainingStopped naming it."""
+        written = None
+        if self.s.checkpoint_every and self.hist.step % self.s.checkpoint_every == 0:
+            written = self.checkpoint(position)
+        if self.stop is None or not (signum := self.parallel.agreed_stop(self.stop.signum)):
+            return
+        raise TrainingStopped(signum, self.hist.step, position.epoch, written or self.checkpoint(position))

@@ -9,19 +9,14 @@ checkpoints are written to a temporary file and renamed.
 
 Under torchrun every process gets the signal (torchrun forwards SIGTERM; a terminal's Ctrl-C
 reaches the whole process group) but not necessarily between the same two steps, so after each
-step the processes agree by an all-reduce (max) of their flags: they stop at the same step, all
-take part in gathering a sharded model's state, and rank 0 writes.
+step the processes agree (`Parallelism.agreed_stop`, an all-reduce of their flags): they stop at the
+same step, all take part in gathering a sharded model's state, and rank 0 writes.
 """
 from __future__ import annotations
 
 import signal
 import sys
 import threading
-
-import torch
-import torch.distributed as dist
-
-from .distributed import DistInfo
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -71,13 +66,3 @@ class StopOnSignal:
         self.signum = signum
         self._announce(f"{name} received: finishing the step in progress, then writing a checkpoint "
                        f"({'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'} again stops at once)")
-
-    def agreed(self, info: DistInfo) -> int | None:
-        """The signal to stop on if any process got one (all processes return the same), else None.
-        One small all-reduce per step when several processes run; none when alone."""
-        if not info.enabled:
-            return self.signum
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        flag = torch.tensor([self.signum or 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item()) or None
