@@ -16,7 +16,7 @@ from gptfast.compare import rules
 from gptfast.compare.op_cases import attention_case, gelu_case
 from gptfast.compare.op_check import compare_case
 from gptfast.model import GPTConfig, GPTModel
-from gptfast.ops import native, reference, registry
+from gptfast.ops import reference, registry, torch_builtins
 from scripts.compare import main as compare_main
 
 
@@ -43,7 +43,7 @@ def broken_backends():
 
     ops.register_backend("gelu-off", module("_gelu_off", reference, gelu=lambda x: reference.gelu(x) * (1 + 1e-3)),
                          "broken")
-    ops.register_backend("no-mask", module("_no_mask", native, causal_attention=unmasked), "broken")
+    ops.register_backend("no-mask", module("_no_mask", torch_builtins, causal_attention=unmasked), "broken")
     yield
     for name in ("gelu-off", "no-mask"):
         registry._BACKENDS.pop(name)
@@ -111,7 +111,7 @@ def test_half_precision_rule_uses_pytorchs_own_error():
     assert rules.errors(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 2.0]))[1] == math.inf
 
     ops.register_backend("coarse", "_coarse", "broken")
-    sys.modules["_coarse"] = types.SimpleNamespace(gelu=lambda x: (native.gelu(x.float()) * (1 + 8e-3)).to(x.dtype))
+    sys.modules["_coarse"] = types.SimpleNamespace(gelu=lambda x: (torch_builtins.gelu(x.float()) * (1 + 8e-3)).to(x.dtype))
     try:
         rows = compare_case(gelu_case((64, 256)), ["torch", "coarse"], torch.bfloat16, torch.device("cpu"), seed=0)
     finally:

@@ -15,7 +15,7 @@ from gptfast.ops import reference
 from gptfast.ops.dropout_rng import dropout_keep_mask
 
 _C = load_extension()   # the suite builds it; a failure here says why
-OPS = torch.ops.gptfast
+KERNELS = torch.ops.gptfast
 
 
 @pytest.fixture(autouse=True)
@@ -80,23 +80,23 @@ def test_layer_norm_large_offset_rows():
 def test_layer_norm_noncontiguous_and_stats():
     x = rand(40, 24, seed=7).t()                      # (24, 40), non-contiguous
     w, b = rand(40, seed=8), rand(40, seed=9)
-    y, mean, rstd = OPS.layer_norm_fwd(x, w, b, 1e-5)
+    y, mean, rstd = KERNELS.layer_norm_fwd(x, w, b, 1e-5)
     assert rel_error(y, reference.layer_norm(x, w, b)) < 1e-12
     assert rel_error(mean, x.mean(-1)) < 1e-12
     assert rel_error(rstd, 1 / torch.sqrt(x.var(-1, unbiased=False) + 1e-5)) < 1e-12
-    _, mean32, rstd32 = OPS.layer_norm_fwd(x.float(), w.float(), b.float(), 1e-5)
+    _, mean32, rstd32 = KERNELS.layer_norm_fwd(x.float(), w.float(), b.float(), 1e-5)
     assert mean32.dtype == rstd32.dtype == torch.float32
 
 
 def test_layer_norm_backward_is_deterministic():
     x, w = rand(1000, 768, seed=10), rand(768, seed=11)
     dy = rand(1000, 768, seed=12)
-    y, mean, rstd = OPS.layer_norm_fwd(x.float(), w.float(), w.float(), 1e-5)
-    first = OPS.layer_norm_bwd(dy.float(), x.float(), w.float(), mean, rstd)
+    y, mean, rstd = KERNELS.layer_norm_fwd(x.float(), w.float(), w.float(), 1e-5)
+    first = KERNELS.layer_norm_bwd(dy.float(), x.float(), w.float(), mean, rstd)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        second = OPS.layer_norm_bwd(dy.float(), x.float(), w.float(), mean, rstd)
+        second = KERNELS.layer_norm_bwd(dy.float(), x.float(), w.float(), mean, rstd)
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
@@ -104,8 +104,8 @@ def test_layer_norm_backward_is_deterministic():
 
 def layer_norm_grads(x, w, dy, dtype):
     """(dx, dweight, dbias) from our backward op at `dtype`, and from float64 autograd."""
-    y, mean, rstd = OPS.layer_norm_fwd(x.to(dtype), w.to(dtype), w.to(dtype), 1e-5)
-    ours = OPS.layer_norm_bwd(dy.to(dtype), x.to(dtype), w.to(dtype), mean, rstd)
+    y, mean, rstd = KERNELS.layer_norm_fwd(x.to(dtype), w.to(dtype), w.to(dtype), 1e-5)
+    ours = KERNELS.layer_norm_bwd(dy.to(dtype), x.to(dtype), w.to(dtype), mean, rstd)
     ins = [t.clone().requires_grad_() for t in (x, w, w)]
     ref = torch.autograd.grad(reference.layer_norm(*ins), ins, dy)
     return ours, ref
@@ -140,8 +140,8 @@ def test_layer_norm_backward_partial_sums_reused_safely():
         t.join()
     assert not errors, errors
     x = torch.randn(0, 768)
-    _, mean, rstd = OPS.layer_norm_fwd(x, torch.ones(768), torch.zeros(768), 1e-5)
-    dx, dw, db = OPS.layer_norm_bwd(x, x, torch.ones(768), mean, rstd)
+    _, mean, rstd = KERNELS.layer_norm_fwd(x, torch.ones(768), torch.zeros(768), 1e-5)
+    dx, dw, db = KERNELS.layer_norm_bwd(x, x, torch.ones(768), mean, rstd)
     assert dx.shape == (0, 768) and torch.equal(dw, torch.zeros(768)) and torch.equal(db, torch.zeros(768))
 
 
@@ -155,7 +155,7 @@ def test_gelu_matches_reference(dtype, shape):
 
 def test_gelu_noncontiguous():
     x = rand(30, 50, seed=14).t()
-    assert rel_error(OPS.gelu_fwd(x), reference.gelu(x)) < 1e-12
+    assert rel_error(KERNELS.gelu_fwd(x), reference.gelu(x)) < 1e-12
 
 
 # ----------------------------------------------------------------------------- attention
@@ -174,14 +174,14 @@ def test_causal_attention_matches_reference(dtype, B, H, T, D):
 @pytest.mark.parametrize("T", [1, 7, 100])
 def test_full_attention_matches_reference(T):
     scale = 0.3
-    compare(lambda q, k, v: OPS.attention_fwd(q, k, v, False, scale, 0.0, torch.zeros(1, dtype=torch.long))[0],
+    compare(lambda q, k, v: KERNELS.attention_fwd(q, k, v, False, scale, 0.0, torch.zeros(1, dtype=torch.long))[0],
             lambda q, k, v: reference.attention(q, k, v, causal=False, scale=scale),
             qkv(2, 2, T, 32, seed=20), torch.float64, 1e-10)
 
 
 def test_lse_is_the_log_normalizer():
     q, k, v = qkv(1, 2, 50, 16, seed=30)
-    _, lse = OPS.attention_fwd(q, k, v, True, 0.25, 0.0, torch.zeros(1, dtype=torch.long))
+    _, lse = KERNELS.attention_fwd(q, k, v, True, 0.25, 0.0, torch.zeros(1, dtype=torch.long))
     scores = (q @ k.transpose(-2, -1)) * 0.25
     scores = scores.masked_fill(torch.triu(torch.ones(50, 50, dtype=torch.bool), 1), float("-inf"))
     assert rel_error(lse, torch.logsumexp(scores, -1)) < 1e-12
@@ -197,7 +197,7 @@ def test_attention_noncontiguous_inputs():
 def test_dropout_drops_exactly_the_reference_weights(T, causal):
     q, k, v = qkv(2, 3, T, 16, seed=50)
     seed = torch.tensor([987654321987], dtype=torch.int64)
-    compare(lambda *a: OPS.attention_fwd(*a, causal, 0.25, 0.3, seed)[0],
+    compare(lambda *a: KERNELS.attention_fwd(*a, causal, 0.25, 0.3, seed)[0],
             lambda *a: reference.attention(*a, causal=causal, scale=0.25, dropout_p=0.3, seed=seed),
             [q, k, v], torch.float64, 1e-10)
 
@@ -209,7 +209,7 @@ def test_kernel_drops_bit_for_bit_the_same_weights(T):
     q = torch.zeros(1, 2, T, T, dtype=torch.float64)
     v = torch.eye(T, dtype=torch.float64).expand(1, 2, T, T).contiguous()
     seed = torch.tensor([2024], dtype=torch.int64)
-    out, _ = OPS.attention_fwd(q, q, v, True, 1.0, 0.4, seed)
+    out, _ = KERNELS.attention_fwd(q, q, v, True, 1.0, 0.4, seed)
     causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
     expected_keep = dropout_keep_mask(seed, 2, T, T, 0.4).view(1, 2, T, T) & causal
     assert torch.equal(out != 0, expected_keep)
@@ -279,12 +279,12 @@ def test_decoding_reads_the_cache_in_place():
     k, v = cache_slices(2, 12, 257, 64, torch.float32, seed=151)
     seed, q9 = torch.zeros(1, dtype=torch.long), rand(2, 12, 9, 64, seed=152, dtype=torch.float32)
     with torch.profiler.profile() as prof:
-        OPS.attention_fwd(q, k, v, True, 0.125, 0.0, seed)
+        KERNELS.attention_fwd(q, k, v, True, 0.125, 0.0, seed)
     names = {e.name for e in prof.events()}
     assert "gptfast::attention_fwd" in names, names
     assert not names & {"aten::copy_", "aten::clone", "aten::contiguous", "aten::zeros"}, names
     with torch.profiler.profile() as prof:               # the check can see copies: 9 rows take the tiled kernel
-        OPS.attention_fwd(q9, k, v, True, 0.125, 0.0, seed)
+        KERNELS.attention_fwd(q9, k, v, True, 0.125, 0.0, seed)
     assert "aten::copy_" in {e.name for e in prof.events()}
 
 
@@ -303,18 +303,18 @@ def test_gradcheck_float64():
 def opcheck_cases():
     x, w, b = rand(4, 5, 32, seed=110, dtype=torch.float32), rand(32, seed=111, dtype=torch.float32), \
         rand(32, seed=112, dtype=torch.float32)
-    y, mean, rstd = OPS.layer_norm_fwd(x, w, b, 1e-5)
+    y, mean, rstd = KERNELS.layer_norm_fwd(x, w, b, 1e-5)
     q, k, v = [rand(2, 2, 19, 16, seed=120 + i, dtype=torch.float32) for i in range(3)]
     seed = torch.tensor([42], dtype=torch.int64)
-    o, lse = OPS.attention_fwd(q, k, v, True, 0.25, 0.1, seed)
+    o, lse = KERNELS.attention_fwd(q, k, v, True, 0.25, 0.1, seed)
     g = lambda t: t.clone().requires_grad_()  # noqa: E731
     return {
-        "layer_norm_fwd": (OPS.layer_norm_fwd.default, (g(x), g(w), g(b), 1e-5)),
-        "layer_norm_bwd": (OPS.layer_norm_bwd.default, (rand(4, 5, 32, seed=113, dtype=torch.float32), x, w, mean, rstd)),
-        "gelu_fwd": (OPS.gelu_fwd.default, (g(x),)),
-        "gelu_bwd": (OPS.gelu_bwd.default, (y, x)),
-        "attention_fwd": (OPS.attention_fwd.default, (g(q), g(k), g(v), True, 0.25, 0.1, seed)),
-        "attention_bwd": (OPS.attention_bwd.default, (rand(2, 2, 19, 16, seed=125, dtype=torch.float32), q, k, v,
+        "layer_norm_fwd": (KERNELS.layer_norm_fwd.default, (g(x), g(w), g(b), 1e-5)),
+        "layer_norm_bwd": (KERNELS.layer_norm_bwd.default, (rand(4, 5, 32, seed=113, dtype=torch.float32), x, w, mean, rstd)),
+        "gelu_fwd": (KERNELS.gelu_fwd.default, (g(x),)),
+        "gelu_bwd": (KERNELS.gelu_bwd.default, (y, x)),
+        "attention_fwd": (KERNELS.attention_fwd.default, (g(q), g(k), g(v), True, 0.25, 0.1, seed)),
+        "attention_bwd": (KERNELS.attention_bwd.default, (rand(2, 2, 19, 16, seed=125, dtype=torch.float32), q, k, v,
                                                       o, lse, True, 0.25, 0.1, seed)),
     }
 
@@ -327,27 +327,27 @@ def test_opcheck(name):
 
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("call,message", [
-    (lambda: OPS.attention_fwd(rand(2, 3, 4), rand(2, 3, 4), rand(2, 3, 4), True, 1.0, 0.0,
+    (lambda: KERNELS.attention_fwd(rand(2, 3, 4), rand(2, 3, 4), rand(2, 3, 4), True, 1.0, 0.0,
                                torch.zeros(1, dtype=torch.long)), "q must have rank 4"),
-    (lambda: OPS.attention_fwd(rand(1, 1, 4, 8), rand(1, 1, 4, 8, dtype=torch.float32), rand(1, 1, 4, 8), True,
+    (lambda: KERNELS.attention_fwd(rand(1, 1, 4, 8), rand(1, 1, 4, 8, dtype=torch.float32), rand(1, 1, 4, 8), True,
                                1.0, 0.0, torch.zeros(1, dtype=torch.long)), "k has dtype Float but q has Double"),
-    (lambda: OPS.attention_fwd(rand(1, 1, 4, 300), rand(1, 1, 4, 300), rand(1, 1, 4, 300), True, 1.0, 0.0,
+    (lambda: KERNELS.attention_fwd(rand(1, 1, 4, 300), rand(1, 1, 4, 300), rand(1, 1, 4, 300), True, 1.0, 0.0,
                                torch.zeros(1, dtype=torch.long)), "head dim D=300 is unsupported"),
-    (lambda: OPS.attention_fwd(rand(1, 1, 4, 8), rand(1, 1, 4, 8), rand(1, 1, 5, 8), True, 1.0, 0.0,
+    (lambda: KERNELS.attention_fwd(rand(1, 1, 4, 8), rand(1, 1, 4, 8), rand(1, 1, 5, 8), True, 1.0, 0.0,
                                torch.zeros(1, dtype=torch.long)), "v must have k's shape"),
-    (lambda: OPS.attention_fwd(rand(1, 1, 4, 8), rand(1, 1, 4, 8), rand(1, 1, 4, 8), True, 1.0, 0.0,
+    (lambda: KERNELS.attention_fwd(rand(1, 1, 4, 8), rand(1, 1, 4, 8), rand(1, 1, 4, 8), True, 1.0, 0.0,
                                torch.zeros(1)), "seed must be a one-element int64 tensor"),
-    (lambda: OPS.attention_fwd(torch.ones(1, 1, 4, 8, dtype=torch.int32), rand(1, 1, 4, 8), rand(1, 1, 4, 8), True,
+    (lambda: KERNELS.attention_fwd(torch.ones(1, 1, 4, 8, dtype=torch.int32), rand(1, 1, 4, 8), rand(1, 1, 4, 8), True,
                                1.0, 0.0, torch.zeros(1, dtype=torch.long)), "q must be a floating-point tensor"),
-    (lambda: OPS.layer_norm_fwd(rand(2, 8), rand(4), rand(8), 1e-5), r"weight must have shape \(8,\)"),
-    (lambda: OPS.layer_norm_fwd(rand(2, 8), rand(8), rand(8), -1.0), "eps must be positive"),
-    (lambda: OPS.layer_norm_bwd(rand(2, 8), rand(2, 8), rand(8), rand(2, dtype=torch.float32), rand(2)),
+    (lambda: KERNELS.layer_norm_fwd(rand(2, 8), rand(4), rand(8), 1e-5), r"weight must have shape \(8,\)"),
+    (lambda: KERNELS.layer_norm_fwd(rand(2, 8), rand(8), rand(8), -1.0), "eps must be positive"),
+    (lambda: KERNELS.layer_norm_bwd(rand(2, 8), rand(2, 8), rand(8), rand(2, dtype=torch.float32), rand(2)),
      "mean must have dtype Double"),
-    (lambda: OPS.gelu_fwd(torch.arange(4)), "x must be a floating-point tensor"),
-    (lambda: OPS.gelu_bwd(rand(3), rand(4)), "dy must have x's shape"),
-    (lambda: OPS.layer_norm_fwd(rand(2, 8, dtype=torch.bfloat16), rand(8, dtype=torch.float32), rand(8), 1e-5),
+    (lambda: KERNELS.gelu_fwd(torch.arange(4)), "x must be a floating-point tensor"),
+    (lambda: KERNELS.gelu_bwd(rand(3), rand(4)), "dy must have x's shape"),
+    (lambda: KERNELS.layer_norm_fwd(rand(2, 8, dtype=torch.bfloat16), rand(8, dtype=torch.float32), rand(8), 1e-5),
      "weight has dtype Float but x has BFloat16"),
-    (lambda: OPS.gelu_fwd(rand(4).to(torch.int32)), "x must be a floating-point tensor"),
+    (lambda: KERNELS.gelu_fwd(rand(4).to(torch.int32)), "x must be a floating-point tensor"),
 ])
 def test_bad_inputs_raise_naming_the_argument(call, message):
     with pytest.raises(RuntimeError, match=message):

@@ -17,6 +17,7 @@ from .. import ops
 from ..data import VERDICT_PATH
 from ..model import GPTConfig, GPTModel
 from ..tokenizer import get_tokenizer
+from ..training.optim import grad_scaler, make_optimizer
 from .op_check import Row, dtype_name
 from .rules import HALF, errors, model_tolerance, passes
 
@@ -60,20 +61,21 @@ def _copy(base: GPTModel, backend: str, dtype: torch.dtype, device: torch.device
     return model.set_backend(backend)
 
 
-def _loss(model: GPTModel, x, y, backend: str, dtype: torch.dtype, device: torch.device):
+def _loss(model: GPTModel, x, y, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The loss as training computes it: `model(inputs, targets)`, the LM head fused with the loss."""
     with _precision(dtype, device):
-        logits = model(x.to(device))                                        # (B, T, V)
-        loss = ops.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), backend=backend)
-    return logits, loss
+        return model(x.to(device), y.to(device))
 
 
 def forward_backward(base: GPTModel, backend: str, dtype: torch.dtype, device: torch.device, x, y) -> dict:
-    """{"logits", "loss", "grad <param>"...} of one forward and backward of a copy of `base`."""
+    """{"logits", "loss", "grad <param>"...} of a copy of `base`: the loss and its gradients through the path
+    training runs (`model(x, y)`), the logits from the forward that generation and evaluation run (`model(x)`)."""
     model = _copy(base, backend, dtype, device)
-    logits, loss = _loss(model, x, y, backend, dtype, device)
+    loss = _loss(model, x, y, dtype, device)
     loss.backward()
-    return {"logits": logits.detach(), "loss": loss.detach(),
-            **{f"grad {n}": p.grad for n, p in model.named_parameters()}}
+    with torch.no_grad(), _precision(dtype, device):
+        logits = model(x.to(device))                                        # (B, T, V)
+    return {"logits": logits, "loss": loss.detach(), **{f"grad {n}": p.grad for n, p in model.named_parameters()}}
 
 
 def run_dtype(backend: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -114,19 +116,21 @@ def compare_model(base: GPTModel, backends: list[str], dtype: torch.dtype, devic
 
 def training_losses(base: GPTModel, backend: str, dtype: torch.dtype, device: torch.device,
                     batches: list, seed: int, lr: float = 1e-3) -> list[float]:
-    """Per-step losses of AdamW steps from `base`'s weights, dropout on, the same RNG draws for every
-    backend (torch.manual_seed before the first step: nn.Dropout masks and attention seeds match)."""
+    """Per-step losses of training steps from `base`'s weights as train.py takes them (the fused loss,
+    make_optimizer's AdamW with its decay groups and fused kernel, the loss scaler of the precision),
+    dropout on, the same RNG draws for every backend (torch.manual_seed before the first step: dropout
+    masks and attention seeds match)."""
     model = _copy(base, backend, dtype, device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    opt = make_optimizer(model, lr, weight_decay=0.1, device=device)      # what training uses
+    scaler = grad_scaler(dtype_name(dtype), device)
     torch.manual_seed(seed)
     losses = []
     for x, y in batches:
-        _, loss = _loss(model, x, y, backend, dtype, device)
-        opt.zero_grad(set_to_none=True)
+        loss = _loss(model, x, y, dtype, device)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
+        opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return losses
 

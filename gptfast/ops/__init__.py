@@ -16,8 +16,8 @@ from . import auto
 import torch.nn.functional as F
 
 from .checks import check_attention_inputs, check_floating, check_like, check_linear_inputs, check_targets
-from .registry import (DEFAULT_BACKEND, BackendError, available_backends, get_backend,
-                       known_backends, register_backend, resolve_backend_name, shares_dropout_rng)
+from .registry import (DEFAULT_BACKEND, BackendError, available_backends, get_backend, known_backends,
+                       register_backend, resolve_backend_name, shares_dropout_rng, supports_kv_cache)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
@@ -63,13 +63,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
         elif not isinstance(seed, torch.Tensor):
             seed = torch.tensor([seed], dtype=torch.int64)
     return get_backend(backend).causal_attention(q, k, v, dropout_p, scale, seed)
-
-
-def supports_kv_cache(backend: str | None, device) -> bool:
-    """Whether `backend` can attend fewer queries than keys (KV-cache decoding) on `device`."""
-    module = get_backend(backend)
-    check = getattr(module, "supports_kv_cache", None)
-    return bool(check(torch.device(device))) if check else True
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,

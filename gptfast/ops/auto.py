@@ -17,9 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
+from . import registry
+
 TABLE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "auto_table.json")
-OPS = ("layer_norm", "gelu", "attention", "attention_dropout", "cross_entropy", "linear_cross_entropy",
-       "linear", "linear_int8", "linear_bf16")
+# The table's op keys: the ops of gptfast.ops, attention split by whether it drops out (different kernels)
+TABLE_OPS = ("layer_norm", "gelu", "attention", "attention_dropout", "cross_entropy", "linear_cross_entropy",
+             "linear", "linear_int8", "linear_bf16")
 INFERENCE_OPS = ("linear", "linear_int8", "linear_bf16")    # ranked by their forward (they have no backward)
 FALLBACK = "torch"
 
@@ -48,11 +51,9 @@ def table() -> dict:
 
 
 def _runnable(name: str, device_type: str) -> bool:
-    from . import registry
-
     if name == "triton" and device_type != "cuda":
         return False                                   # the interpreter: correct, but ~1000x slower
-    return name in registry.known_backends() and registry._load(name) is not None
+    return registry.can_run(name)
 
 
 def choose(op: str, device_type: str, dtype: str) -> Choice:
@@ -77,10 +78,8 @@ def _choose(op: str, device_type: str, dtype: str) -> Choice:
                 mode = "fwd" if op in INFERENCE_OPS else "fwd+bwd"
                 return Choice(entry["backend"], f"{why} ({mode}, {row['shapes']}; {row['measured_on']}, {row['date']})")
             if entry["backend"] != "triton" or device_type == "cuda":   # the CPU interpreter is never a candidate
-                from .registry import unavailable_reason
-
                 skipped.append(f"{entry['backend']} ({entry['vs_torch']:.2f}x torch) cannot: "
-                               f"{unavailable_reason(entry['backend'])}")
+                               f"{registry.unavailable_reason(entry['backend'])}")
         break
     return Choice(FALLBACK, f"no measurement for {device_type} {dtype} in the auto table: torch until one is added "
                             "(benchmarks/bench_ops.py, then benchmarks/make_auto_table.py)")
@@ -119,9 +118,7 @@ def forget_choices() -> None:
 
 
 def _backend(name: str):
-    from .registry import get_backend
-
-    return get_backend(name)
+    return registry.get_backend(name)
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
@@ -159,15 +156,12 @@ def linear_bf16(x, weight, bias=None):
 
 
 def supports_kv_cache(device: torch.device) -> bool:
-    from . import supports_kv_cache as backend_supports
-
-    name = choose("attention", device.type, "float32").backend
-    return backend_supports(name, device)
+    return registry.supports_kv_cache(choose("attention", device.type, "float32").backend, device)
 
 
 def choices(device_type: str, dtype: str) -> dict[str, Choice]:
     """What `auto` runs for every op on `device_type` at `dtype`."""
-    return {op: choose(op, device_type, dtype) for op in OPS}
+    return {op: choose(op, device_type, dtype) for op in TABLE_OPS}
 
 
 def describe(device_type: str, dtypes=("float32",)) -> list[str]:

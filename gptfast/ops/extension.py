@@ -14,10 +14,10 @@ import torch
 from .. import compiled
 from ..compiled import load_extension
 from . import autograd_formulas as formulas
-from . import native
+from . import torch_builtins
 
 _C = load_extension()   # ImportError with the reason when it cannot be built or loaded
-OPS = torch.ops.gptfast
+KERNELS = torch.ops.gptfast
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -90,7 +90,7 @@ def _(x, weight, scales, bias):
 # ----------------------------------------------------------------------------- autograd
 for _name, _formula in (("layer_norm", formulas.layer_norm), ("gelu", formulas.gelu),
                         ("attention", formulas.attention), ("cross_entropy", formulas.cross_entropy)):
-    formulas.register(f"gptfast::{_name}_fwd", _formula, getattr(OPS, f"{_name}_bwd"))
+    formulas.register(f"gptfast::{_name}_fwd", _formula, getattr(KERNELS, f"{_name}_bwd"))
 formulas.register("gptfast::linear_cross_entropy_fwd", formulas.linear_cross_entropy, None)
 
 
@@ -108,12 +108,12 @@ def _check_device(t: torch.Tensor) -> None:
 
 def layer_norm(x, weight, bias, eps=1e-5):
     _check_device(x)
-    return OPS.layer_norm_fwd(x, weight, bias, eps)[0]
+    return KERNELS.layer_norm_fwd(x, weight, bias, eps)[0]
 
 
 def gelu(x):
     _check_device(x)
-    return OPS.gelu_fwd(x)
+    return KERNELS.gelu_fwd(x)
 
 
 def supports_kv_cache(device: torch.device) -> bool:
@@ -129,20 +129,20 @@ def causal_attention(q, k, v, dropout_p=0.0, scale=None, seed=None):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if seed is None:                               # the interface draws one when dropout_p > 0
         seed = _NO_SEED
-    return OPS.attention_fwd(q, k, v, True, scale, dropout_p, seed)[0]
+    return KERNELS.attention_fwd(q, k, v, True, scale, dropout_p, seed)[0]
 
 
 def cross_entropy(logits, targets, ignore_index=-100):
     _check_device(logits)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss_rows = OPS.cross_entropy_fwd(logits, targets, ignore_index, compute_grad)[0]
+    loss_rows = KERNELS.cross_entropy_fwd(logits, targets, ignore_index, compute_grad)[0]
     return loss_rows.sum() / (targets != ignore_index).sum()
 
 
 def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, chunk_rows=256):
     _check_device(hidden)
     compute_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return OPS.linear_cross_entropy_fwd(hidden, weight, targets, ignore_index, chunk_rows, compute_grad)[0]
+    return KERNELS.linear_cross_entropy_fwd(hidden, weight, targets, ignore_index, chunk_rows, compute_grad)[0]
 
 
 def _linear_kernel_takes(x: torch.Tensor) -> bool:
@@ -154,20 +154,20 @@ def _linear_kernel_takes(x: torch.Tensor) -> bool:
 
 def linear(x, weight, bias=None):
     if not _linear_kernel_takes(x):
-        return native.linear(x, weight, bias)
-    return OPS.linear_fwd(x, weight, None, bias)
+        return torch_builtins.linear(x, weight, bias)
+    return KERNELS.linear_fwd(x, weight, None, bias)
 
 
 def linear_int8(x, weight, scales, bias=None):
     if not _linear_kernel_takes(x):                 # e.g. bfloat16 activations on CPU: PyTorch's int8 op
-        return native.linear_int8(x, weight, scales, bias)
-    return OPS.linear_fwd(x, weight, scales, bias)
+        return torch_builtins.linear_int8(x, weight, scales, bias)
+    return KERNELS.linear_fwd(x, weight, scales, bias)
 
 
 def linear_bf16(x, weight, bias=None):
     if not _linear_kernel_takes(x):
-        return native.linear_bf16(x, weight, bias)
-    return OPS.linear_fwd(x, weight, None, bias)
+        return torch_builtins.linear_bf16(x, weight, bias)
+    return KERNELS.linear_fwd(x, weight, None, bias)
 
 
 def build_info() -> dict:

@@ -1,8 +1,10 @@
 """Op backends by name: which exist, which can run here, and which one is in use.
 
-A backend is a module-like object with `layer_norm`, `gelu`, `causal_attention` and `cross_entropy`.
-Backends are loaded lazily, so a missing compiled extension or Triton only matters when that backend
-is asked for. The default, `auto`, picks one of the others per op (see auto.py).
+A backend is a module-like object defining every op of `gptfast.ops` (`layer_norm`, `gelu`,
+`causal_attention`, `cross_entropy`, `linear_cross_entropy`, `linear`, `linear_int8`, `linear_bf16`):
+`reference` (reference.py), `torch` (torch_builtins.py), `extension` (extension.py), `triton`
+(triton/) and `auto` (auto.py, which picks one of the others per op). Backends are loaded lazily, so
+a missing compiled extension or Triton only matters when that backend is asked for.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ ENV_VAR = "GPTFAST_BACKEND"
 # name -> (module path, one-line description)
 _BACKENDS: dict[str, tuple[str, str]] = {
     "reference": ("gptfast.ops.reference", "explicit PyTorch math (the textbook; the truth in tests)"),
-    "torch": ("gptfast.ops.native", "PyTorch built-ins: F.layer_norm, F.gelu, SDPA"),
+    "torch": ("gptfast.ops.torch_builtins", "PyTorch built-ins: F.layer_norm, F.gelu, SDPA"),
     "extension": ("gptfast.ops.extension", "our compiled C++ kernels (csrc/) as torch custom ops"),
     "triton": ("gptfast.ops.triton", "our Triton kernels as torch custom ops"),
     "auto": ("gptfast.ops.auto", "per op, the backend measured fastest for this device and dtype (auto_table.json)"),
@@ -48,6 +50,19 @@ def _load(name: str) -> ModuleType | None:
         return None
     _loaded[name] = module
     return module
+
+
+def can_run(name: str) -> bool:
+    """Whether backend `name` is known and loads here (loading it if need be)."""
+    return name in _BACKENDS and _load(name) is not None
+
+
+def supports_kv_cache(backend: str | None, device) -> bool:
+    """Whether `backend` can attend fewer queries than keys (KV-cache decoding) on `device`."""
+    import torch
+
+    check = getattr(get_backend(backend), "supports_kv_cache", None)
+    return bool(check(torch.device(device))) if check else True
 
 
 def unavailable_reason(name: str) -> str | None:

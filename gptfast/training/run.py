@@ -151,9 +151,9 @@ def backend_choices(backend: str, device: torch.device, dtype: str) -> dict[str,
     measured table, at float32 and, under autocast, at the autocast dtype (matmul outputs - attention,
     GELU, logits - arrive in it; the residual stream that LayerNorm reads stays float32)."""
     if backend != "auto":
-        return {op: (backend, "--backend") for op in ops.auto.OPS}
+        return {op: (backend, "--backend") for op in ops.auto.TABLE_OPS}
     out = {}
-    for op in ops.auto.OPS:
+    for op in ops.auto.TABLE_OPS:
         at = "float32" if op == "layer_norm" or dtype == "float32" else dtype
         c = ops.auto.choose(op, device.type, at)
         out[f"{op} ({at})" if at != "float32" else op] = (c.backend, c.reason)
