@@ -18,6 +18,7 @@ import sys
 
 from gptfast.cli import OneLineParser
 from gptfast.training import USER_ERRORS, NonFiniteLoss, TrainingStopped, run_training
+from gptfast.training.parallel import launched_world_size, main_process_echo
 from gptfast.training.settings import add_arguments, from_flags
 
 
@@ -31,7 +32,7 @@ def resume_command(argv: list[str]) -> str:
             skip = True
         elif not a.startswith("--resume="):
             args.append(a)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     launcher = ["torchrun", f"--nproc_per_node={world}"] if world > 1 else ["python"]
     return shlex.join(launcher + [os.path.relpath(sys.argv[0]), *args, "--resume", "auto"])
 
@@ -42,7 +43,7 @@ def build_parser() -> OneLineParser:
 
 def main(argv=None) -> int:
     settings = from_flags(build_parser().parse_args(argv))
-    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)  # torchrun: rank 0 speaks
+    say = main_process_echo(print)                     # under torchrun, rank 0 speaks for all
     try:
         run_training(settings)
     except USER_ERRORS as err:

@@ -42,6 +42,12 @@ def _silent(*args, **kwargs) -> None:
     return None
 
 
+def main_process_echo(echo=print):
+    """`echo` in the process torchrun ranked 0 (or a plain run), silence in the others - for what is said
+    before a run's `Parallelism` exists or after it is gone (the script's error lines)."""
+    return echo if int(os.environ.get("RANK", "0")) == 0 else _silent
+
+
 @dataclass(frozen=True)
 class Parallelism:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
