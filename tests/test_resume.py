@@ -152,3 +152,23 @@ def test_a_second_signal_stops_at_once(tmp_path):
             "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGTERM and "SIGTERM again: stopping now" in proc.stdout
+
+
+def test_a_checkpoint_with_the_old_history_names_still_resumes(tmp_path, verdict_text):
+    """Checkpoints written before the training package was staged named History's lists `steps` and
+    `tokens_seen`; they load into `eval_steps` / `eval_tokens` and the run continues."""
+    quiet = lambda _: None  # noqa: E731
+    run = tmp_path / "run"
+    run_training(settings(tmp_path, verdict_text, run, epochs=1, checkpoint_every=4, max_steps=8, eval_freq=3),
+                 echo=quiet)
+    path = run / "ckpt-step0000008.pt"
+    ckpt = torch.load(path, weights_only=True)
+    history = ckpt["history"]
+    history["steps"], history["tokens_seen"] = history.pop("eval_steps"), history.pop("eval_tokens")
+    torch.save(ckpt, path)
+    lines = []
+    summary = run_training(settings(tmp_path, verdict_text, run, epochs=1, resume="auto", eval_freq=3),
+                           echo=lines.append)
+    assert summary["steps"] > 8 and summary["final_val_loss"] is not None
+    resumed = torch.load(summary["checkpoint"], weights_only=True)["history"]
+    assert resumed["eval_steps"][:3] == [0, 3, 6] and len(resumed["eval_tokens"]) == len(resumed["eval_steps"])
