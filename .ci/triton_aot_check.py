@@ -51,9 +51,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 # the kernel modules themselves (the package's names `gelu`, `layer_norm`, ... are its backend functions)
-attention, cross_entropy, gelu, layer_norm, linear = (importlib.import_module(f"gptfast.ops.triton.{name}")  # noqa: E402
-                                                      for name in ("attention", "cross_entropy", "gelu", "layer_norm",
-                                                                   "linear"))
+attention, cross_entropy, dropout, gelu, layer_norm, linear = (  # noqa: E402
+    importlib.import_module(f"gptfast.ops.triton.{name}")
+    for name in ("attention", "cross_entropy", "dropout", "gelu", "layer_norm", "linear"))
 
 # target -> (compute capability, max shared memory per block, shared memory per SM), bytes
 TARGETS = {"sm_80": (80, 164 * 1024, 164 * 1024), "sm_90": (90, 227 * 1024, 228 * 1024)}
@@ -135,6 +135,14 @@ def rowwise_cases(full: bool) -> list[Case]:
             const = {"BLOCK": gelu.BLOCK}
             types = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "dy_ptr": f"*{t}", "dx_ptr": f"*{t}", "n": "i32"}
             cases.append(Case(name, fn, signature(fn, types, const), const, label=f"{dt} BLOCK{gelu.BLOCK}"))
+        fn = jit_fn(dropout._dropout_kernel)
+        for out, residual in ((t, True), ("fp32", True), (t, False)):   # a 16-bit branch into a float32 stream
+            block_r, block_c = dropout.launch_shape(GPT2_ROWS[0])
+            const = {"HAS_RESIDUAL": residual, "BLOCK_R": block_r, "BLOCK_C": block_c}
+            types = {"x_ptr": f"*{t}", "res_ptr": f"*{out}", "y_ptr": f"*{out}", "seed_ptr": "*i64", "rows": "i32",
+                     "C": "i32", "threshold": "i32", "scale": "fp32"}
+            cases.append(Case("dropout_add", fn, signature(fn, types, const), const,
+                              label=f"{dt} -> {out}{' + residual' if residual else ''} R{block_r} C{block_c}"))
         for width in sorted({triton.next_power_of_2(c): c for c in GPT2_ROWS}.values()):
             rows, block_c, warps = layer_norm.launch_shape(8192, width)
             const = {"ROWS": rows, "BLOCK_C": block_c}

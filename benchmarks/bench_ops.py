@@ -110,7 +110,12 @@ def attention_with_dropout(q, k, v, backend=None):
     return ops.causal_attention(q, k, v, dropout_p=0.1, seed=DROPOUT_SEED, backend=backend)
 
 
-OP_FUNCS = {"attention": ops.causal_attention, "attention_dropout": attention_with_dropout,
+def dropout_add(x, residual, backend=None):
+    """The residual dropout of training: residual + dropout(x), p = 0.1 (the seed fixed, as above)."""
+    return ops.dropout_add(x, residual, 0.1, seed=DROPOUT_SEED, backend=backend)
+
+
+OP_FUNCS = {"attention": ops.causal_attention, "attention_dropout": attention_with_dropout, "dropout_add": dropout_add,
             "layer_norm": ops.layer_norm, "gelu": ops.gelu, "cross_entropy": ops.cross_entropy,
             "linear_cross_entropy": ops.linear_cross_entropy,
             "linear": ops.linear, "linear_int8": ops.linear_int8, "linear_bf16": ops.linear_bf16}
@@ -202,6 +207,8 @@ def make_case(op, shape, device, seed=0):
         inputs = [torch.randn(M, K, generator=g, dtype=torch.float64),
                   torch.randn(N, K, generator=g, dtype=torch.float64) * 0.05,
                   torch.randn(N, generator=g, dtype=torch.float64)]
+    elif op == "dropout_add":
+        inputs = [torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(2)]   # x, residual
     elif op == "layer_norm":
         N, C = shape
         inputs = [torch.randn(N, C, generator=g, dtype=torch.float64) * 2 + 1,
@@ -226,6 +233,10 @@ def forward_work(op, shape, dtype, mode) -> float:
         M, K, N = shape                                          # the weights, x, bias and y once each
         weight_size = {"linear": size, "linear_int8": 1, "linear_bf16": 2}[op]
         work = N * K * weight_size + (N * 4 if op == "linear_int8" else 0) + (M * K + N + M * N) * size
+    elif op == "dropout_add":
+        # forward: read x and the residual, write y; backward: read dy, write dx (the residual's gradient is
+        # dy itself, no copy; no mask is read - it is regenerated)
+        return shape[0] * shape[1] * size * (5 if mode == "fwd+bwd" else 3)
     else:
         work = 2 * shape[0] * shape[1] * size                    # read x, write y
     if mode == "fwd+bwd":
@@ -340,7 +351,7 @@ def run_case(op, shape, mode, device, dtype, repeats, backends):
         err = max([rel_error(out, ref_out)] + [rel_error(a, b) for a, b in zip(grads, ref_grads)])
         own_rng = backend in SDPA_PINNED or (backend in ops.known_backends() and not ops.shares_dropout_rng(
             backend, device.type, str(dtype).replace("torch.", "")))
-        if op == "attention_dropout" and own_rng:
+        if op in ("attention_dropout", "dropout_add") and own_rng:
             err = float("nan")                       # its own dropout RNG: another function, no error to show
         steps[backend] = step
         rows.append({"op": op, "mode": mode, "shape": list(shape), "backend": backend, "dtype": str(dtype),
@@ -450,14 +461,15 @@ def environment(device, dtype, repeats) -> dict:
 
 def shapes(quick: bool, sweep: bool, device) -> dict:
     if quick:
-        return {"layer_norm": [(8 * 64, 768)], "gelu": [(8 * 64, 768)], "attention": [(2, 4, 128, 64)],
+        return {"layer_norm": [(8 * 64, 768)], "gelu": [(8 * 64, 768)], "dropout_add": [(8 * 64, 768)],
+                "attention": [(2, 4, 128, 64)],
                 "attention_dropout": [(2, 4, 128, 64)], "linear_cross_entropy": [(256, 64, 4096)],
                 "cross_entropy": [(64, 50257)], **{op: [(1, 256, 512)] for op in LINEAR_OPS}}
     # a GPT-2 decoding step: batch 1 and 8 through the MLP's two layers and the LM head
     decode = [(1, 768, 3072), (1, 3072, 768), (1, 768, 50257), (8, 768, 3072), (8, 768, 50257)]
     rows = [(8 * 256, 768), (8 * 1024, 768)]
     attention = [(2, 12, 256, 64), (8, 12, 256, 64), (2, 12, 1024, 64), (8, 12, 1024, 64)]
-    table = {"layer_norm": list(rows), "gelu": list(rows), "attention": list(attention),
+    table = {"layer_norm": list(rows), "gelu": list(rows), "dropout_add": list(rows), "attention": list(attention),
              "attention_dropout": list(attention),
              "linear_cross_entropy": [(8 * 1024, 768, 50257), (8 * 1024, 768, 50304), (16 * 1024, 768, 50257)],
              "cross_entropy": [(8 * 128, 50257)] if device.type == "cpu" else [(8 * 1024, 50304)],

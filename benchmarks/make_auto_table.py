@@ -30,7 +30,8 @@ INFERENCE_OPS = ("linear", "linear_int8", "linear_bf16")      # no backward: ran
 COMPARE_OPS = {"layer_norm": ["layer_norm"], "gelu": ["gelu"], "cross_entropy": ["cross_entropy"],
                "linear_cross_entropy": ["linear_cross_entropy"],
                "causal_attention": ["attention", "attention_dropout"],
-               "linear": ["linear"], "linear_int8": ["linear_int8"], "linear_bf16": ["linear_bf16"]}
+               "linear": ["linear"], "linear_int8": ["linear_int8"], "linear_bf16": ["linear_bf16"],
+               "dropout_add": ["dropout_add"]}
 
 
 def device_type(env: dict) -> str:

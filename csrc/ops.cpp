@@ -32,5 +32,12 @@ TORCH_LIBRARY(gptfast, m) {
   // (weight-only quantization; int8 needs the per-row scales); x, scales, bias and y are float32 on CPU.
   // Built for decoding, where x has a few rows and the weights are read once (csrc/cpu/linear.cpp).
   m.def("linear_fwd(Tensor x, Tensor weight, Tensor? scales, Tensor? bias) -> Tensor");
+  // Dropout fused with the residual add: y = residual + dropout(x). x is read as rows of its last dim C; element
+  // (row, col) is kept with probability 1 - p (then scaled by 1 / (1 - p)) by the counter-based RNG of
+  // csrc/dropout_hash.h keyed by (seed, 0, row, col), so no mask is stored. residual absent: plain dropout. y
+  // has residual's dtype (x's without one): x bfloat16/float16 may add into a float32 residual. dropout_bwd:
+  // dx = dy * keep / (1 - p), the same mask, written in `dtype` (x's).
+  m.def("dropout_add_fwd(Tensor x, Tensor? residual, float p, Tensor seed) -> Tensor");
+  m.def("dropout_bwd(Tensor dy, float p, Tensor seed, ScalarType dtype) -> Tensor");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, float scale, float dropout_p, Tensor seed) -> (Tensor dq, Tensor dk, Tensor dv)");
 }

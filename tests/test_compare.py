@@ -33,7 +33,7 @@ def broken_backends():
     def module(name, base, **overrides):
         m = types.ModuleType(name)
         m.SHARES_DROPOUT_RNG = getattr(base, "SHARES_DROPOUT_RNG", True)
-        for op in ("layer_norm", "gelu", "causal_attention", "cross_entropy", "linear_cross_entropy"):
+        for op in ("layer_norm", "gelu", "causal_attention", "cross_entropy", "linear_cross_entropy", "dropout_add"):
             setattr(m, op, overrides.get(op, getattr(base, op)))
         sys.modules[name] = m
         return name

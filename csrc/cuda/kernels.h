@@ -27,6 +27,11 @@ int layer_norm_bwd(DType dt, const void* dy, const void* x, const void* w, const
 int gelu_fwd(DType dt, const void* x, void* y, int64_t n, void* stream);
 int gelu_bwd(DType dt, const void* dy, const void* x, void* dx, int64_t n, void* stream);
 
+// y = residual + dropout(x) over n values seen as rows of C (residual may be null: plain dropout); x in
+// dtype `in`, residual and y in `out`. Also dropout's backward (x = dy, residual null, out = dx's dtype).
+int dropout_add(DType in, DType out, const void* x, const void* residual, void* y, int64_t n, int64_t C,
+                uint64_t seed, float p, void* stream);
+
 // Attention on contiguous q (BH, T, D) and k, v (BH, Tk, D), Tk >= T, D <= 128; lse (BH, T) float32.
 // With Tk > T the queries are the last T of Tk positions (a KV cache): query row r sits at position
 // r + Tk - T, which is also the row its dropout decisions use. Dropout (p > 0) uses the

@@ -191,6 +191,29 @@ void test_gelu(int64_t n) {
   report(name, rel_error(ddx.get(), dx), 1e-5, ms, 3.0 * n * 4, "GB/s");
 }
 
+// Dropout fused with the residual add (float32): the mask from the shared hash on the host, per (row, col);
+// also the backward form (no residual). A dropped element must come out exactly the residual.
+void test_dropout_add(int64_t rows, int64_t C, float p) {
+  const int64_t n = rows * C;
+  auto x = randn(n, 31), res = randn(n, 32);
+  std::vector<double> y(n), dx(n);
+  const uint32_t head = gptfast::dropout_head_key(987654321ull, 0), thr = gptfast::dropout_threshold(p);
+  for (int64_t i = 0; i < n; ++i) {
+    const bool keep = gptfast::dropout_keep(gptfast::dropout_row_key(head, static_cast<uint32_t>(i / C)),
+                                           static_cast<uint32_t>(i % C), thr);
+    dx[i] = keep ? double(x[i]) / (1.0 - p) : 0.0;
+    y[i] = res[i] + dx[i];
+  }
+  DeviceBuffer dxin(x), dres(res), dout(n * 4), dgrad(n * 4);
+  char name[64];
+  std::snprintf(name, sizeof name, "dropout_add %lldx%lld p=%.2f", (long long)rows, (long long)C, p);
+  report(name, rel_error(dout.get(), y), 1e-6, median_ms([&] {
+    return dropout_add(kF32, kF32, dxin.ptr, dres.ptr, dout.ptr, n, C, 987654321ull, p, nullptr); }), 3.0 * n * 4, "GB/s");
+  std::snprintf(name, sizeof name, "dropout_bwd %lldx%lld p=%.2f", (long long)rows, (long long)C, p);
+  report(name, rel_error(dgrad.get(), dx), 1e-6, median_ms([&] {
+    return dropout_add(kF32, kF32, dxin.ptr, nullptr, dgrad.ptr, n, C, 987654321ull, p, nullptr); }), 2.0 * n * 4, "GB/s");
+}
+
 // The linear layer of decoding: M rows of float32 x against an (N, K) weight of float32, bfloat16 or
 // int8 (with per-row scales), plus a bias; reference in double on the same (rounded) weights.
 void test_linear(int64_t M, int64_t N, int64_t K, WDType wt) {
@@ -369,6 +392,8 @@ int main() {
   test_attention(2, 1, 64, true, 0.f, 77);       // one new token against a KV cache
   test_attention(1, 20, 80, true, 0.1f, 150);    // a chunk of new tokens, dropout at their positions
   test_cross_entropy(6, 50257);
+  test_dropout_add(7, 1023, 0.1f);
+  test_dropout_add(3, 80, 0.5f);
   for (WDType wt : {kWF32, kWBF16, kWI8}) {
     test_linear(1, 37, 768, wt);       // packed rows
     test_linear(5, 9, 100, wt);        // unaligned rows: one element at a time
@@ -389,6 +414,8 @@ int main() {
   test_attention(2, 200, 80, false, 0.f);
   test_attention(8, 1, 64, true, 0.f, 1000);
   test_cross_entropy(64, 50257);
+  test_dropout_add(8 * 1024, 768, 0.1f);
+  test_dropout_add(7, 1023, 0.5f);
   for (WDType wt : {kWF32, kWBF16, kWI8}) {
     test_linear(1, 50257, 768, wt);    // GPT-2's LM head, one token
     test_linear(1, 3072, 768, wt);

@@ -155,7 +155,7 @@ def compare_training_run(base: GPTModel, backends: list[str], dtype: torch.dtype
         curves[f"{backend} ({dtype_name(rd)})"] = losses
         if not ops.shares_dropout_rng(backend, device.type, dtype_name(rd)):
             rows.append(Row(**head, quantity="losses", max_abs=None, rel=None, tol=None, status="SKIP",
-                            note="its attention dropout has its own RNG: its curve is shown, not judged"))
+                            note="its dropout has its own RNG: its curve is shown, not judged"))
             continue
         if rd != torch.float64 and rd not in baseline_dev:
             own = training_losses(base, "reference", rd, device, batches, seed)

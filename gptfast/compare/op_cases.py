@@ -18,12 +18,13 @@ GPT2_VOCAB = 50257
 
 @dataclass
 class OpCase:
-    op: str                                   # layer_norm | gelu | causal_attention | cross_entropy | linear_cross_entropy
+    op: str                                   # layer_norm | gelu | causal_attention | cross_entropy |
+                                              # linear_cross_entropy | dropout_add
     label: str                                # shape and variant, as the table shows it
     build: Callable[[torch.Generator], dict]  # generator -> {name: float64 CPU leaf tensor}
     call: Callable[[str, dict], torch.Tensor]  # (backend, leaves on the device at the dtype) -> output
     small: bool = True                        # cheap enough for Triton's CPU interpreter
-    random: bool = False                      # attention dropout: only backends sharing the reference's
+    random: bool = False                      # dropout: only backends sharing the reference's
                                               # counter-based RNG compute the same function
     extra: dict = field(default_factory=dict)  # non-differentiable inputs (targets), kept as built
 
@@ -129,6 +130,26 @@ def linear_cross_entropy_case(N: int, C: int, V: int, ignored: float = 0.0, chun
     return OpCase("linear_cross_entropy", label, build, call, small, extra={"targets": targets})
 
 
+def dropout_add_case(shape: tuple, residual: bool = True, transposed: bool = False, p: float = 0.1,
+                     small: bool = True) -> OpCase:
+    """residual + dropout(x) with a fixed seed: backends sharing the counter-based RNG drop the same
+    elements as the reference; `transposed`: x is a leaf of the reversed shape seen through .t()."""
+    seed = torch.tensor([4321], dtype=torch.int64)
+
+    def build(g):
+        leaves = {"x": _randn(g, *(shape[::-1] if transposed else shape))}
+        if residual:
+            leaves["residual"] = _randn(g, *shape)
+        return leaves
+
+    def call(backend, t):
+        x = t["x"].t() if transposed else t["x"]
+        return ops.dropout_add(x, t.get("residual"), p, seed=seed, backend=backend)
+    label = "x".join(map(str, shape)) + ("" if residual else " no residual") + \
+        (" non-contiguous" if transposed else "") + f" p {p:g}"
+    return OpCase("dropout_add", label, build, call, small, random=True)
+
+
 def op_cases(device: torch.device, quick: bool) -> list[OpCase]:
     """Every case for this run. `quick`: the edge shapes at small sizes only. Otherwise also GPT-2's
     shapes (B8 x T1024 rows on a GPU; B2 on a CPU, where the float64 reference is slow); cases marked
@@ -145,7 +166,9 @@ def op_cases(device: torch.device, quick: bool) -> list[OpCase]:
              cross_entropy_case(1, 1023), cross_entropy_case(7, GPT2_VOCAB), cross_entropy_case(64, 1023, ignored=0.25),
              cross_entropy_case(16, 1023, transposed=True),
              linear_cross_entropy_case(7, 32, 1003, chunk_rows=3), linear_cross_entropy_case(1, 64, 257),
-             linear_cross_entropy_case(100, 48, 2000, ignored=0.2, chunk_rows=32)]
+             linear_cross_entropy_case(100, 48, 2000, ignored=0.2, chunk_rows=32),
+             dropout_add_case((2, 7, 768)), dropout_add_case((33, 1023), residual=False),
+             dropout_add_case((129, 80), transposed=True, p=0.5)]
     if quick:
         return cases
     rows = 8 * 1024 if gpu else 2 * 1024
@@ -160,5 +183,6 @@ def op_cases(device: torch.device, quick: bool) -> list[OpCase]:
               cross_entropy_case(4096 if gpu else 256, GPT2_VOCAB, ignored=0.1, **big),
               cross_entropy_case(1024 if gpu else 128, 50304, **big),
               linear_cross_entropy_case(4096 if gpu else 512, 768, GPT2_VOCAB, ignored=0.05, **big),
-              linear_cross_entropy_case(1000, 768, 50304, **big)]
+              linear_cross_entropy_case(1000, 768, 50304, **big),
+              dropout_add_case((rows, 768), **big), dropout_add_case((rows, 1600), residual=False, **big)]
     return cases

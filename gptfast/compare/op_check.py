@@ -102,7 +102,7 @@ def compare_case(case: OpCase, backends: list[str], dtype: torch.dtype, device: 
         base = dict(part="op", name=case.op, case=case.label, backend=backend, dtype=dtype_name(dtype))
         if case.random and not ops.shares_dropout_rng(backend, device.type, dtype_name(dtype)):
             rows.append(Row(**base, quantity="all", max_abs=None, rel=None, tol=None, status="SKIP",
-                            note="its attention dropout has its own RNG: a different function, nothing to compare"))
+                            note="its dropout has its own RNG: a different function, nothing to compare"))
             continue
         if backend == "triton" and device.type == "cpu" and not case.small:
             rows.append(Row(**base, quantity="all", max_abs=None, rel=None, tol=None, status="SKIP",

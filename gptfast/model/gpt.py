@@ -122,8 +122,16 @@ class CausalSelfAttention(nn.Module):
         return self.out_proj(y)
 
 
-def _identity(x):
-    return x
+class DropoutAdd(nn.Module):
+    """residual + dropout(x) in one op (ops.dropout_add): the mask is regenerated from a seed in the
+    backward, never stored; without a residual, plain dropout. In eval mode: residual + x."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.p, self.backend = cfg.drop_rate, cfg.backend
+
+    def forward(self, x, residual=None):                         # (B, T, C) each
+        return ops.dropout_add(x, residual, self.p if self.training else 0.0, backend=self.backend)
 
 
 class TransformerBlock(nn.Module):
@@ -135,16 +143,11 @@ class TransformerBlock(nn.Module):
         self.att = CausalSelfAttention(cfg)
         self.norm2 = LayerNorm(cfg.emb_dim, backend=cfg.backend)
         self.ff = FeedForward(cfg)
-        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+        self.drop_shortcut = DropoutAdd(cfg)
 
     def forward(self, x, kv: LayerKV | None = None, start_pos: int = 0):  # (B, T, C)
-        drop = self.drop_shortcut if self.training else _identity   # (eval: not even a module call)
-        shortcut = x
-        x = drop(self.att(self.norm1(x), kv, start_pos))
-        x = x + shortcut                                         # add the input back: residual
-        shortcut = x
-        x = drop(self.ff(self.norm2(x)))
-        return x + shortcut
+        x = self.drop_shortcut(self.att(self.norm1(x), kv, start_pos), x)   # dropout, then add the input back
+        return self.drop_shortcut(self.ff(self.norm2(x)), x)
 
 
 class GPTModel(nn.Module):
@@ -154,7 +157,7 @@ class GPTModel(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.emb_dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
-        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.drop_emb = DropoutAdd(cfg)
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = LayerNorm(cfg.emb_dim, backend=cfg.backend)
         self.out_head = Linear(cfg.emb_dim, cfg.padded_vocab_size, bias=False, backend=cfg.backend)  # untied (book)...
@@ -220,9 +223,7 @@ class GPTModel(nn.Module):
         if start_pos and cache is None:
             raise ValueError("start_pos > 0 needs the cache holding the earlier positions")
         pos = torch.arange(start_pos, start_pos + T, device=idx.device)   # (T,)
-        x = self.tok_emb(idx) + self.pos_emb(pos)                # (B, T, C), pos broadcast over B
-        if self.training:
-            x = self.drop_emb(x)
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C), pos broadcast over B
         for i, block in enumerate(self.trf_blocks):
             x = block(x, cache.layers[i] if cache is not None else None, start_pos)
         if last_position_only:

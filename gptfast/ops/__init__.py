@@ -77,6 +77,39 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     return get_backend(backend).cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index)
 
 
+def dropout_add(x: torch.Tensor, residual: torch.Tensor | None = None, p: float = 0.0,
+                seed: torch.Tensor | int | None = None, backend: str | None = None) -> torch.Tensor:
+    """residual + dropout(x): each element of x kept with probability 1 - p and scaled by 1 / (1 - p),
+    the residual added in the same pass (None: plain dropout). y has residual's dtype - x may be a
+    bfloat16/float16 branch output added into a float32 residual stream, as under autocast.
+
+    `seed` keys the shared counter-based RNG (dropout_rng.py) by each element's (row, col) in x's
+    (rows, last dim) view: the backward regenerates the mask instead of storing it, and every backend
+    but `torch` (F.dropout's own RNG) drops the same elements. None draws a seed from torch's generator
+    (so torch.manual_seed makes runs repeatable)."""
+    check_floating("x", x)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"p must be in [0, 1), got {p}")
+    if x.ndim == 0:
+        raise ValueError("x must have at least one dimension, got a 0-dim tensor")
+    if residual is not None:
+        check_floating("residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if residual.device != x.device:
+            raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
+        if residual.dtype != x.dtype and not (residual.dtype == torch.float32 and x.dtype in (torch.bfloat16,
+                                                                                               torch.float16)):
+            raise TypeError(f"residual must have x's dtype {x.dtype} (or float32 for a 16-bit x), got {residual.dtype}")
+    if p == 0.0:
+        return x if residual is None else residual + x
+    if seed is None:
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    elif not isinstance(seed, torch.Tensor):
+        seed = torch.tensor([seed], dtype=torch.int64)
+    return get_backend(backend).dropout_add(x, residual, p, seed)
+
+
 LCE_BUDGET_ENV = "GPTFAST_LCE_BUDGET_MB"
 LCE_DEFAULT_BUDGET_MB = 64
 

@@ -22,7 +22,7 @@ from . import registry
 TABLE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "auto_table.json")
 # The table's op keys: the ops of gptfast.ops, attention split by whether it drops out (different kernels)
 TABLE_OPS = ("layer_norm", "gelu", "attention", "attention_dropout", "cross_entropy", "linear_cross_entropy",
-             "linear", "linear_int8", "linear_bf16")
+             "dropout_add", "linear", "linear_int8", "linear_bf16")
 INFERENCE_OPS = ("linear", "linear_int8", "linear_bf16")    # ranked by their forward (they have no backward)
 FALLBACK = "torch"
 
@@ -143,6 +143,10 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, chunk_rows=
                                                                               ignore_index, chunk_rows)
 
 
+def dropout_add(x, residual, p, seed):
+    return _backend_for("dropout_add", x).dropout_add(x, residual, p, seed)
+
+
 def linear(x, weight, bias=None):
     return _backend_for("linear", x).linear(x, weight, bias)
 
@@ -173,9 +177,9 @@ def describe(device_type: str, dtypes=("float32",)) -> list[str]:
     return lines
 
 
-def dropout_backend(device_type: str, dtype: str) -> str:
-    """The backend that computes attention with dropout here (whose RNG decides the mask)."""
-    return choose("attention_dropout", device_type, dtype).backend
+def dropout_backends(device_type: str, dtype: str) -> list[str]:
+    """The backends whose RNGs decide what drops here: attention's with dropout, the residual dropout's."""
+    return sorted({choose(op, device_type, dtype).backend for op in ("attention_dropout", "dropout_add")})
 
 
 def build_info() -> dict:

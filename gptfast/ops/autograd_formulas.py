@@ -59,6 +59,24 @@ def attention(bwd):
     return setup, backward
 
 
+def dropout_add(bwd):
+    """y = residual + dropout(x): dx regenerates the mask from the seed (nothing else is saved),
+    dresidual is dy itself."""
+    def setup(ctx, inputs, output):
+        x, residual, p, seed = inputs
+        ctx.save_for_backward(seed)
+        ctx.p, ctx.x_dtype, ctx.has_residual = p, x.dtype, residual is not None
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, dy):
+        if dy is None:
+            return None, None, None, None
+        (seed,) = ctx.saved_tensors
+        return bwd(dy, ctx.p, seed, ctx.x_dtype), (dy if ctx.has_residual else None), None, None
+
+    return setup, backward
+
+
 def cross_entropy(bwd):
     def setup(ctx, inputs, output):
         ctx.compute_grad = inputs[3]

@@ -87,11 +87,22 @@ def _(x, weight, scales, bias):
     return _empty((*x.shape[:-1], weight.shape[0]), x)
 
 
+@torch.library.register_fake("gptfast::dropout_add_fwd")
+def _(x, residual, p, seed):
+    return _empty(x.shape, x, residual.dtype if residual is not None else x.dtype)
+
+
+@torch.library.register_fake("gptfast::dropout_bwd")
+def _(dy, p, seed, dtype):
+    return _empty(dy.shape, dy, dtype)
+
+
 # ----------------------------------------------------------------------------- autograd
 for _name, _formula in (("layer_norm", formulas.layer_norm), ("gelu", formulas.gelu),
                         ("attention", formulas.attention), ("cross_entropy", formulas.cross_entropy)):
     formulas.register(f"gptfast::{_name}_fwd", _formula, getattr(KERNELS, f"{_name}_bwd"))
 formulas.register("gptfast::linear_cross_entropy_fwd", formulas.linear_cross_entropy, None)
+formulas.register("gptfast::dropout_add_fwd", formulas.dropout_add, KERNELS.dropout_bwd)
 
 
 # ----------------------------------------------------------------------------- backend functions
@@ -114,6 +125,11 @@ def layer_norm(x, weight, bias, eps=1e-5):
 def gelu(x):
     _check_device(x)
     return KERNELS.gelu_fwd(x)
+
+
+def dropout_add(x, residual, p, seed):
+    _check_device(x)
+    return KERNELS.dropout_add_fwd(x, residual, p, seed)
 
 
 def supports_kv_cache(device: torch.device) -> bool:

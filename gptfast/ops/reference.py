@@ -70,6 +70,17 @@ def causal_attention(q, k, v, dropout_p: float = 0.0, scale: float | None = None
     return attention(q, k, v, causal=True, scale=scale, dropout_p=dropout_p, seed=seed)
 
 
+def dropout_add(x: torch.Tensor, residual: torch.Tensor | None, p: float, seed) -> torch.Tensor:
+    """residual + dropout(x), spelled out: the keep-mask from the shared counter-based RNG over x's
+    (rows, last dim) view - the attention dropout's hash with a single "head" - then x * keep / (1 - p),
+    in the output's dtype (residual's, else x's)."""
+    C = x.shape[-1]
+    keep = dropout_keep_mask(seed, 1, x.numel() // max(C, 1), C, p, device=x.device)[0].view(x.shape)
+    out_dtype = residual.dtype if residual is not None else x.dtype
+    y = x.to(out_dtype) * keep.to(out_dtype) / (1.0 - p)
+    return y if residual is None else y + residual
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                          chunk_rows: int | None = None) -> torch.Tensor:
     """The LM head, then the loss: logits = hidden (N, C) @ weight (V, C)^T, all (N, V) of them, then the

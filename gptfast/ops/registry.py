@@ -108,13 +108,13 @@ def get_backend(name: str | None = None) -> ModuleType:
 
 
 def shares_dropout_rng(name: str, device_type: str = "cpu", dtype: str = "float32") -> bool:
-    """Whether `name`'s attention dropout drops the same weights as `reference` for the same seed
+    """Whether `name`'s dropouts (attention weights, `dropout_add`) drop what `reference` drops for the same seed
     (the shared counter-based RNG) on `device_type` at `dtype`. A backend says it does not with
-    SHARES_DROPOUT_RNG = False; one that delegates (auto) names its delegate with dropout_backend()."""
+    SHARES_DROPOUT_RNG = False; one that delegates (auto) names its delegates with dropout_backends()."""
     module = get_backend(name)
-    delegate = getattr(module, "dropout_backend", None)
-    if delegate is not None:
-        return shares_dropout_rng(delegate(device_type, dtype), device_type, dtype)
+    delegates = getattr(module, "dropout_backends", None)
+    if delegates is not None:
+        return all(shares_dropout_rng(d, device_type, dtype) for d in delegates(device_type, dtype))
     return getattr(module, "SHARES_DROPOUT_RNG", True)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Attention dropout comes from SDPA's own RNG, not the shared counter-based one (dropout_rng.py):
+# Dropout comes from SDPA's and F.dropout's own RNG, not the shared counter-based one (dropout_rng.py):
 # with dropout this backend computes a different random function than the others (compare skips it).
 SHARES_DROPOUT_RNG = False
 
@@ -47,6 +47,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     # bottom-right one - query r sees keys 0 .. r + Tk - Tq - so pass the mask explicitly
     allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale)
+
+
+def dropout_add(x: torch.Tensor, residual: torch.Tensor | None, p: float, seed) -> torch.Tensor:
+    """What the model did before the fused op: nn.Dropout's F.dropout (its own RNG: `seed` unused, a
+    stored mask), then the add."""
+    y = F.dropout(x, p, training=True)
+    return y if residual is None else residual + y
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

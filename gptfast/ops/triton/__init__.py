@@ -7,7 +7,7 @@ On a machine without a CUDA GPU the kernels run in Triton's interpreter on CPU t
 same kernel code. Importing this package needs Triton; `import gptfast` does not.
 
 This package is the `triton` op backend: `layer_norm`, `gelu`, `causal_attention`, `cross_entropy`,
-`linear_cross_entropy`, and the inference linear layers `linear`, `linear_int8`, `linear_bf16`.
+`linear_cross_entropy`, `dropout_add`, and the inference linear layers `linear`, `linear_int8`, `linear_bf16`.
 """
 import os
 
@@ -20,6 +20,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 from . import attention as _attention, cross_entropy as _cross_entropy, gelu as _gelu  # noqa: E402
 from . import layer_norm as _layer_norm  # noqa: E402
+from .dropout import dropout_add_fwd, dropout_bwd  # noqa: E402
 from .attention import attention_bwd, attention_fwd, supports_kv_cache  # noqa: E402
 from .cross_entropy import cross_entropy_bwd, cross_entropy_fwd, linear_cross_entropy_fwd  # noqa: E402
 from .gelu import gelu_bwd, gelu_fwd  # noqa: E402
@@ -64,6 +65,13 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, chunk_rows=
     return _cross_entropy.linear_cross_entropy(hidden, weight, targets, ignore_index, chunk_rows)
 
 
+def dropout_add(x, residual, p, seed):
+    if _interpreted_bf16(x) or (residual is not None and _interpreted_bf16(residual)):
+        out = residual.dtype if residual is not None else x.dtype
+        return dropout_add_fwd(x.float(), residual.float() if residual is not None else None, p, seed).to(out)
+    return dropout_add_fwd(x, residual, p, seed)
+
+
 def _linear(x, weight, scales, bias):
     if _interpreted_bf16(x):
         y = linear_fwd(x.float(), weight, scales, bias.float() if bias is not None else None)
@@ -94,5 +102,5 @@ def build_info() -> dict:
 __all__ = ["layer_norm", "layer_norm_fwd", "layer_norm_bwd", "gelu", "gelu_fwd", "gelu_bwd",
            "causal_attention", "attention_fwd", "attention_bwd", "supports_kv_cache", "cross_entropy", "cross_entropy_fwd",
            "linear_cross_entropy", "linear_cross_entropy_fwd",
-           "linear", "linear_int8", "linear_bf16", "linear_fwd",
+           "linear", "linear_int8", "linear_bf16", "linear_fwd", "dropout_add", "dropout_add_fwd", "dropout_bwd",
            "cross_entropy_bwd", "INTERPRET", "build_info"]
