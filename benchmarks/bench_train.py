@@ -28,6 +28,7 @@ import torch
 from gptfast import ops
 from gptfast.model import GPTConfig, GPTModel
 from gptfast.training import make_optimizer
+from gptfast.training.optim import resolve_precision
 
 # Vendor dense peaks in TFLOP/s (no sparsity): (name substring, bf16/fp16, tf32). First match wins.
 PEAKS = [("H100 PCIe", 756.0, 378.0), ("H100", 989.4, 494.7), ("H200", 989.4, 494.7), ("GH200", 989.4, 494.7),
@@ -138,8 +139,9 @@ def main(argv=None):
     p.add_argument("--preset", default=None, help="default: gpt2-124m on CUDA, cpu-small on CPU")
     p.add_argument("--backends", default=None, help="comma-separated; default: auto,torch,extension (+triton on CUDA)")
     p.add_argument("--compile", default="both", choices=["off", "on", "both"])
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="autocast dtype (default bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="autocast dtype; auto (the default, as train.py): bfloat16 where the hardware has bf16 "
+                        "matrix instructions (CUDA sm_80+, avx512_bf16 / AMX CPUs), else float32")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--context-length", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
@@ -152,7 +154,9 @@ def main(argv=None):
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     preset = args.preset or ("gpt2-124m" if cuda else "cpu-small")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    precision, why = resolve_precision(args.dtype, device)
+    print(f"precision: {precision} ({why})")
+    dtype = getattr(torch, precision)
     backends = args.backends.split(",") if args.backends else (["auto", "torch", "extension", "triton"] if cuda
                                                                 else ["auto", "torch", "extension"])
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]

@@ -15,7 +15,7 @@ from gptfast.training import ConfigError, TrainSettings, load_checkpoint, run_tr
 from gptfast.training.parallel import SINGLE, Parallelism
 
 # 72 micro-batches of 2 x 32 tokens per epoch in the-verdict's train split: 18 steps of 4.
-RUN = ["--preset", "tiny", "--epochs", "2", "--batch-size", "2", "--context-length", "32", "--grad-accum", "4",
+RUN = ["--preset", "tiny", "--dtype", "float32", "--epochs", "2", "--batch-size", "2", "--context-length", "32", "--grad-accum", "4",
        "--eval-freq", "4", "--eval-iter", "3", "--no-progress", "--checkpoint-every", "10", "--keep-checkpoints", "9"]
 
 
@@ -24,7 +24,7 @@ def records(out, event):
 
 
 def one_process_settings(out, **kw):
-    return TrainSettings(data=str(verdict_path()), preset="tiny", epochs=2, batch_size=2,
+    return TrainSettings(data=str(verdict_path()), preset="tiny", dtype="float32", epochs=2, batch_size=2,
                          context_length=32, grad_accum=4, eval_freq=4, eval_iter=3, progress=False,
                          checkpoint_every=10, keep_checkpoints=9, out=str(out), **kw)
 

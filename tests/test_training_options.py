@@ -1,4 +1,5 @@
 """Single-device training options: accumulation, schedule, decay groups, precision, compile, clipping."""
+import json
 import math
 from unittest import mock
 
@@ -61,8 +62,8 @@ def test_weight_decay_only_on_matrices():
 def settings(tmp_path, verdict_text, **kw):
     data = tmp_path / "v.txt"
     data.write_text(verdict_text)
-    base = dict(data=str(data), preset="tiny", epochs=1, batch_size=4, context_length=32, eval_freq=100, eval_iter=1,
-                out=str(tmp_path / "run"), progress=False)
+    base = dict(data=str(data), preset="tiny", dtype="float32", epochs=1, batch_size=4, context_length=32,
+                eval_freq=100, eval_iter=1, out=str(tmp_path / "run"), progress=False)
     return TrainSettings(**{**base, **kw})
 
 
@@ -135,3 +136,31 @@ def test_bfloat16_on_a_cpu_without_bf16_matmul_instructions_gets_a_note():
     assert precision_note("bfloat16", "cpu", flags={"amx_bf16"}) is None
     assert precision_note("float32", "cpu", flags={"avx2"}) is None
     assert precision_note("bfloat16", "cpu", flags=set()) is not None
+
+
+def test_auto_precision_follows_the_hardware():
+    from gptfast.training.optim import resolve_precision
+
+    assert resolve_precision("auto", "cpu", flags={"avx2", "fma"}) == (
+        "float32", "auto: this CPU has no bf16 matrix instructions (avx512_bf16, amx_bf16)")
+    assert resolve_precision("auto", "cpu", flags={"avx512f", "avx512_bf16"}) == ("bfloat16", "auto: this CPU has avx512_bf16")
+    assert resolve_precision("auto", "cpu", flags={"amx_bf16", "amx_tile"})[0] == "bfloat16"
+    assert resolve_precision("float32", "cpu", flags={"avx512_bf16"}) == ("float32", "--dtype")
+    assert resolve_precision("bfloat16", "cpu", flags={"avx2"}) == ("bfloat16", "--dtype")
+    assert TrainSettings().dtype == "auto"
+
+
+def test_the_run_says_which_precision_and_why(tmp_path, verdict_text):
+    """The default (auto) on this machine: the banner line names the choice and the reason, the loop
+    autocasts to it, and the metrics log records it; the checkpoint's weights stay float32."""
+    from gptfast.training.optim import resolve_precision
+
+    lines = []
+    s = settings(tmp_path, verdict_text, dtype="auto", max_steps=2)
+    summary = run_training(s, echo=lines.append)
+    want, why = resolve_precision("auto", "cpu")
+    assert any(line.startswith(f"precision: {want} ({why})") for line in lines), lines
+    config = json.loads(open(summary["metrics"]).readline())
+    assert config["precision"] == want and config["settings"]["dtype"] == "auto"
+    model, _ = __import__("gptfast.training", fromlist=["load_checkpoint"]).load_checkpoint(summary["checkpoint"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -108,7 +108,7 @@ class _Loop:
         """Forward and backward of one micro-batch; gradients add up until the optimizer step."""
         forward, device = self.state.forward, self.parallel.device
         with self.parallel.sync_gradients(forward, sync):      # all-reduce once per step
-            with autocast(self.s.dtype, device):
+            with autocast(self.state.precision, device):
                 loss = calc_loss_batch(inputs, targets, forward, device)
             self.state.scaler.scale(loss / self.accum).backward()
         self.hist.tokens += inputs.numel() * self.parallel.world_size

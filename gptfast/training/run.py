@@ -29,7 +29,7 @@ from .checkpoint import (CHECKPOINT_NAME, WEIGHTS_NAME, find_resume_checkpoint, 
 from .data import TrainingData, load_training_data
 from .loop import NonFiniteLoss, train
 from .metrics import MetricsLog, plot_losses
-from .optim import precision_note
+from .optim import precision_note, resolve_precision
 from .parallel import Parallelism
 from .settings import ConfigError, TrainSettings
 from .state import Position, TrainingState
@@ -56,7 +56,7 @@ def _run(s: TrainSettings, parallel: Parallelism, echo) -> dict:
     data = load_training_data(s, parallel, echo)
     model, checkpoint = build_model(s, data, parallel, echo)
     total_steps = s.epochs * -(-len(data.train_loader) // parallel.per_rank_accum(s.grad_accum))
-    choices = backend_choices(model.cfg.backend, parallel.device, s.dtype)
+    choices = backend_choices(model.cfg.backend, parallel.device, resolve_precision(s.dtype, parallel.device)[0])
     header = banner(s, model, data, parallel, choices, total_steps)    # before FSDP shards the model
     parameters = model.num_parameters()
     try:
@@ -67,7 +67,7 @@ def _run(s: TrainSettings, parallel: Parallelism, echo) -> dict:
         echo(line)
     log = parallel.on_main(MetricsLog, os.path.join(s.out, "metrics.jsonl"), append=checkpoint is not None)
     log = log or MetricsLog(None)
-    log.write("config", settings=asdict(s), model=model.cfg.to_dict(), parameters=parameters,
+    log.write("config", settings=asdict(s), precision=state.precision, model=model.cfg.to_dict(), parameters=parameters,
               device=str(parallel.device), torch=torch.__version__, world_size=parallel.world_size,
               backends={op: name for op, (name, _) in choices.items()})
     try:
@@ -175,11 +175,12 @@ def banner(s: TrainSettings, model: GPTModel, data: TrainingData, parallel: Para
     lines.append(f"data: {describe_source(s.data)} | {data.size} | train batches/epoch: "
                  f"{len(data.train_loader) * parallel.world_size} | val batches: {len(data.val_loader)} | tokens/step: "
                  f"{s.batch_size * data.context_length * s.grad_accum:,} ({s.batch_size} x {data.context_length}{accum})")
-    lines.append(f"precision: {s.dtype} | compile: {s.compile} | steps: {total_steps} | lr {s.lr:g}"
+    precision, why = resolve_precision(s.dtype, parallel.device)
+    lines.append(f"precision: {precision} ({why}) | compile: {s.compile} | steps: {total_steps} | lr {s.lr:g}"
                  f"{f' warm-up {s.warmup_steps}' if s.warmup_steps else ''}"
                  f"{f' cosine to {s.min_lr:g}' if s.min_lr is not None else ''}"
                  f"{f' | grad clip {s.grad_clip:g}' if s.grad_clip else ''}")
-    return lines + [note for note in [precision_note(s.dtype, parallel.device)] if note]
+    return lines + [note for note in [precision_note(precision, parallel.device)] if note]
 
 
 def finish(s: TrainSettings, state: TrainingState, data: TrainingData, parallel: Parallelism, log: MetricsLog,

@@ -20,7 +20,7 @@ from ..data import DEFAULT_CORPUS
 from ..device import DEVICE_CHOICES, resolve_device
 from ..model import PRESETS, GPTConfig
 from ..tokenizer import TOKENIZERS
-from .optim import PRECISIONS, check_precision
+from .optim import DTYPE_CHOICES, check_precision
 from .parallel import launched_world_size
 
 
@@ -63,8 +63,10 @@ class TrainSettings:
     # how it computes
     backend: str | None = setting(None, backend_help)
     device: str = setting("auto", "device", choices=DEVICE_CHOICES)
-    dtype: str = setting("float32", "autocast precision of the forward pass (float16: CUDA only, with loss "
-                                    "scaling)", choices=tuple(PRECISIONS))
+    dtype: str = setting("auto", "autocast precision of the forward pass: auto = bfloat16 where the hardware has "
+                                 "bfloat16 matrix instructions (CUDA sm_80+, CPUs with avx512_bf16 or AMX-BF16), else "
+                                 "float32; float16: CUDA only, with loss scaling. Weights, optimizer state and "
+                                 "checkpoints stay float32", choices=DTYPE_CHOICES)
     compile: bool = setting(False, "torch.compile the training forward")
     fsdp: bool = setting(False, "under torchrun: shard weights, gradients and optimizer state across processes "
                                 "(FSDP) instead of replicating the model (DDP)")

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .checkpoint import rng_states, save_checkpoint, save_weights, set_rng_states
-from .optim import grad_scaler, lr_at, make_optimizer
+from .optim import grad_scaler, lr_at, make_optimizer, resolve_precision
 from .parallel import Parallelism
 
 
@@ -98,6 +98,7 @@ class TrainingState:
     schedule: object                    # step -> learning rate, or None (constant)
     history: History
     position: Position | None           # where a resumed run continues; None: a fresh run
+    precision: str = "float32"          # the forward's autocast dtype (--dtype, `auto` resolved for the device)
 
     @classmethod
     def start(cls, s, model, parallel: Parallelism, checkpoint: dict | None, total_steps: int) -> "TrainingState":
@@ -110,7 +111,9 @@ class TrainingState:
             schedule = lambda step: lr_at(step, total_steps, s.lr, s.warmup_steps, s.min_lr)  # noqa: E731
         if s.compile:
             forward = torch.compile(forward)
-        state = cls(model, forward, optimizer, grad_scaler(s.dtype, parallel.device), schedule, History(), None)
+        precision, _ = resolve_precision(s.dtype, parallel.device)
+        state = cls(model, forward, optimizer, grad_scaler(precision, parallel.device), schedule, History(), None,
+                    precision)
         if checkpoint is not None:
             state.restore(checkpoint, parallel)
             set_rng_states(checkpoint["rng"])              # exactly where the stopped run was
