@@ -563,6 +563,9 @@ def main(argv=None):
     p.add_argument("--backends", default=None, help="comma-separated; default: reference,torch,extension on CPU; "
                    "on CUDA also torch.compile (compiled), sdpa-flash/efficient/cudnn and triton; flash-attn and "
                    "liger rows are added when those packages are installed")
+    p.add_argument("--shape", action="append", default=[], metavar="OP=AxBxC",
+                   help="measure OP at this shape instead of its default shapes (repeatable), e.g. "
+                        "linear_cross_entropy=128x768x50257 where the default shapes would take hours")
     p.add_argument("--ops", default=None, help="comma-separated subset of: " + ", ".join(OP_FUNCS))
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_ops_<device>.json)")
@@ -592,7 +595,13 @@ def main(argv=None):
     unknown = [op for op in wanted if op not in OP_FUNCS]
     if unknown:
         p.error(f"unknown op {unknown[0]!r}; choose from {', '.join(OP_FUNCS)}")
-    for op, op_shapes in shapes(args.quick, args.sweep, device).items():
+    table, given = shapes(args.quick, args.sweep, device), {}
+    for op, text in (item.split("=", 1) for item in args.shape):
+        if op not in OP_FUNCS:
+            p.error(f"--shape: unknown op {op!r}; choose from {', '.join(OP_FUNCS)}")
+        given.setdefault(op, []).append(tuple(int(v) for v in text.split("x")))
+    table.update(given)                                          # given shapes replace an op's defaults
+    for op, op_shapes in table.items():
         if op not in wanted:
             continue
         for shape in op_shapes:
@@ -612,7 +621,7 @@ def main(argv=None):
                 results += rows
     print("\npeak memory of one forward+backward:")
     for op in [op for op in PEAK_MEMORY_OPS if op in wanted]:
-        for shape in shapes(args.quick, False, device)[op]:
+        for shape in table[op]:
             for backend in [b for b in backends if b in ops.known_backends()]:
                 if backend == "reference" and not args.quick and (
                         op == "linear_cross_entropy" or (device.type == "cpu" and dtype != torch.float32)):

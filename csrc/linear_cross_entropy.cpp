@@ -58,8 +58,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd(
   const bool wide = h.scalar_type() != stat;               // float16/bfloat16 GEMMs, float32 softmax
   at::Tensor loss_rows = at::empty({N}, h.options().dtype(stat));
   at::Tensor grad_h = compute_grad ? at::empty_like(h) : at::empty({0}, h.options());
-  at::Tensor grad_w = compute_grad ? at::zeros({V, C}, w.options().dtype(stat)) : at::empty({0}, w.options());
-  maybe_poison(loss_rows), maybe_poison(grad_h);                // every chunk writes all of its rows
+  // not zero-filled: the first chunk writes it, the others add to it (a V x C fill saved per step)
+  at::Tensor grad_w = compute_grad ? at::empty({V, C}, w.options().dtype(stat)) : at::empty({0}, w.options());
+  maybe_poison(loss_rows), maybe_poison(grad_h), maybe_poison(grad_w);   // every chunk writes all of its rows
+  if (compute_grad && N == 0) grad_w.zero_();              // no chunk at all: no rows, no gradient
   // one chunk's logits, allocated once and reused: the only logits that ever exist
   at::Tensor chunk = at::empty({std::min(chunk_rows, N), V}, h.options());
   for (int64_t r0 = 0; r0 < N; r0 += chunk_rows) {
@@ -74,8 +76,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd(
     const at::Tensor dl = wide ? logits.to(h.scalar_type()) : logits;
     at::Tensor gh = grad_h.narrow(0, r0, n);
     at::mm_out(gh, dl, w);                                  // dH_c = dL_c W
-    if (wide) {
-      grad_w.add_(at::mm(dl.t(), hc));                      // half GEMM, float32 accumulation
+    if (wide && r0 == 0) {
+      grad_w.copy_(at::mm(dl.t(), hc));                     // half GEMM, widened into the float32 sum
+    } else if (wide) {
+      grad_w.add_(at::mm(dl.t(), hc));                      // float32 accumulation
+    } else if (r0 == 0) {
+      at::mm_out(grad_w, dl.t(), hc);                       // dW = dL_0^T h_0
     } else {
       grad_w.addmm_(dl.t(), hc);                            // dW += dL_c^T h_c
     }

@@ -92,6 +92,21 @@ def test_table_maker_vetoes_incorrect_backends_and_needs_a_real_win(tmp_path):
     assert "extension" not in [e["backend"] for e in vetoed["rows"][0]["ranking"]]
 
 
+def test_the_fused_lm_head_loss_is_kept_unless_measurably_slower(tmp_path):
+    """linear_cross_entropy's point is memory (no (N, V) logits): a fused backend ranks above the unfused
+    torch path at a tie, and loses its place only below FUSED_MIN of torch's speed."""
+    def bench(path, times):
+        results = [{"op": "linear_cross_entropy", "mode": "fwd+bwd", "shape": [8, 8, 8], "backend": b, "median_ms": ms}
+                   for b, ms in times.items()]
+        path.write_text(json.dumps({"environment": {"device": "CPU X", "device_type": "cpu", "dtype": "torch.bfloat16",
+                                                    "date": "2026-12-01T00:00:00"}, "results": results}))
+        return str(path)
+    tie = bench(tmp_path / "tie.json", {"torch": 10.0, "extension": 10.4})            # 0.96x: noise
+    assert make_auto_table.build([tie], [])["rows"][0]["ranking"][0]["backend"] == "extension"
+    slow = bench(tmp_path / "slow.json", {"torch": 10.0, "extension": 12.0})          # 0.83x: measurably slower
+    assert make_auto_table.build([slow], [])["rows"][0]["ranking"][0]["backend"] == "torch"
+
+
 def test_training_prints_and_records_the_choices(tmp_path, verdict_text):
     from gptfast.training import TrainSettings, run_training
 

@@ -164,3 +164,47 @@ def test_the_run_says_which_precision_and_why(tmp_path, verdict_text):
     assert config["precision"] == want and config["settings"]["dtype"] == "auto"
     model, _ = __import__("gptfast.training", fromlist=["load_checkpoint"]).load_checkpoint(summary["checkpoint"])
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_bf16_working_copies_train_exactly_like_autocast_without_casting_weights():
+    """The 16-bit working copies of the linear weights (refreshed after each step) give bit-for-bit the
+    losses and weights of plain autocast, while no forward casts a float32 weight any more."""
+    import copy
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    base = GPTModel(GPTConfig.from_preset("tiny", drop_rate=0.0, backend="extension")).train()
+    batch = torch.randint(0, 50257, (2, 17))
+    shapes = {tuple(m.weight.shape) for m in base.modules() if isinstance(m, torch.nn.Linear)}
+
+    class WeightCasts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32 and \
+                    tuple(args[0].shape) in shapes and (kwargs or {}).get("dtype") == torch.bfloat16:
+                WeightCasts.count += 1
+            return func(*args, **(kwargs or {}))
+
+    def run(working: bool):
+        model = copy.deepcopy(base)
+        if working:
+            model.keep_working_copies(torch.bfloat16)
+        opt = make_optimizer(model, 1e-3, 0.1, "cpu")
+        losses, WeightCasts.count = [], 0
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16), WeightCasts():
+                loss = model(batch[:, :-1], batch[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            model.refresh_working_copies()
+            losses.append(loss.item())
+        return losses, [p.detach().clone() for p in model.parameters()], WeightCasts.count
+
+    plain, plain_weights, plain_casts = run(False)
+    kept, kept_weights, kept_casts = run(True)
+    assert plain == kept and all(torch.equal(a, b) for a, b in zip(plain_weights, kept_weights))
+    assert plain_casts >= 3 * len(shapes) and kept_casts == 0
+    assert all(p.dtype == torch.float32 for p in kept_weights)            # the masters stay float32

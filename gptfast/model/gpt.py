@@ -18,17 +18,41 @@ __all__ = ["GPTModel", "KVCache", "TransformerBlock", "CausalSelfAttention", "Fe
            "Linear"]
 
 
+class _WorkingCopy(torch.autograd.Function):
+    """The float32 master weight as its 16-bit working copy: forward returns the copy (no cast), backward
+    hands the 16-bit gradient to the master in float32 - what autocast's per-forward cast does, minus the
+    cast. The copy is refreshed once per optimizer step (GPTModel.refresh_working_copies)."""
+
+    @staticmethod
+    def forward(ctx, master, working):
+        return working.view_as(working)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(torch.float32), None
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state-dict keys) through `ops.linear`: in training that is
     F.linear on every backend; in inference the backend's kernel (the `extension` one on CPU reads
-    the weights once for the few rows of a decoding step)."""
+    the weights once for the few rows of a decoding step). Under autocast, a 16-bit working copy of
+    the weight (GPTModel.keep_working_copies) stands in for autocast's cast of it on every forward."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, backend: str | None = None):
         super().__init__(in_features, out_features, bias=bias)
         self.backend = backend
+        self.working: torch.Tensor | None = None                 # the weight in the autocast dtype (not saved)
+
+    def working_weight(self, like: torch.Tensor) -> torch.Tensor:
+        """The weight as autocast would use it for inputs like `like`: the working copy where one is kept."""
+        kind = like.device.type
+        if self.working is None or not torch.is_autocast_enabled(kind) or \
+                torch.get_autocast_dtype(kind) != self.working.dtype:
+            return self.weight
+        return _WorkingCopy.apply(self.weight, self.working)
 
     def forward(self, x):                                        # (..., in) -> (..., out)
-        return ops.linear(x, self.weight, self.bias, backend=self.backend)
+        return ops.linear(x, self.working_weight(x), self.bias, backend=self.backend)
 
 
 class LayerNorm(nn.Module):
@@ -193,6 +217,21 @@ class GPTModel(nn.Module):
         """The activations' dtype (that of the position embedding, which quantization leaves as it is)."""
         return self.pos_emb.weight.dtype
 
+    def keep_working_copies(self, dtype: torch.dtype) -> None:
+        """Keep a `dtype` copy of every linear layer's weight (the LM head's too) for autocast at `dtype` to
+        use instead of casting the float32 weights on every forward; refresh_working_copies() after each
+        change of the weights (the optimizer step). Training under bfloat16 autocast calls this."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.working = m.weight.detach().to(dtype)
+
+    @torch.no_grad()
+    def refresh_working_copies(self) -> None:
+        """The working copies = the float32 weights, rounded: one multi-tensor pass."""
+        pairs = [(m.working, m.weight) for m in self.modules() if isinstance(m, Linear) and m.working is not None]
+        if pairs:
+            torch._foreach_copy_([w for w, _ in pairs], [m for _, m in pairs])
+
     def new_kv_cache(self, batch_size: int) -> KVCache:
         return KVCache(self.cfg, batch_size, device=self.device, dtype=self.dtype)
 
@@ -236,4 +275,4 @@ class GPTModel(nn.Module):
         if self.cfg.backend == "reference" or self.quantization:   # the textbook (or a quantized LM head):
             logits = self.out_head(x).flatten(0, 1)              # logits, then the loss
             return ops.cross_entropy(logits, targets.flatten(), backend=self.cfg.backend)
-        return ops.linear_cross_entropy(x, self.out_head.weight, targets, backend=self.cfg.backend)
+        return ops.linear_cross_entropy(x, self.out_head.working_weight(x), targets, backend=self.cfg.backend)

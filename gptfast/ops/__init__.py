@@ -133,7 +133,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     Under autocast the products run in the autocast dtype and the log-sum-exp and loss in float32.
     """
     check_floating("hidden", hidden)
-    check_like("weight", weight, "hidden", hidden)
+    if torch.is_autocast_enabled(hidden.device.type):         # both go to the autocast dtype below
+        check_floating("weight", weight)
+        if weight.device != hidden.device:
+            raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    else:
+        check_like("weight", weight, "hidden", hidden)
     if hidden.ndim < 2 or weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"hidden must have shape (..., C) and weight (V, C) with the same C, got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")

@@ -131,6 +131,7 @@ class _Loop:
             torch.nn.utils.clip_grad_norm_(self.params, self.s.grad_clip)
         scaler.step(opt)
         scaler.update()
+        self.state.after_step()                                  # the 16-bit working copies of the weights
         opt.zero_grad(set_to_none=True)
         hist.batch_losses.append((hist.step, loss))
         self.log.write("step", epoch=epoch, step=hist.step, loss=loss, lr=opt.param_groups[0]["lr"])

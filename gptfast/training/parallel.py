@@ -94,6 +94,12 @@ class Parallelism:
         """fn(...) on rank 0 (its result), None on the others."""
         return fn(*args, **kwargs) if self.is_main else None
 
+    @property
+    def keeps_weight_copies(self) -> bool:
+        """Whether the model may keep 16-bit working copies of its weights: not when FSDP shards them (its
+        parameters are gathered anew for every forward)."""
+        return not self.fsdp
+
     def progress(self, wanted: bool) -> bool:
         """Whether this process draws progress bars: rank 0, when they are wanted."""
         return wanted and self.is_main

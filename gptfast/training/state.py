@@ -1,7 +1,9 @@
 """Training state: what a run carries from step to step, and what a checkpoint must hold to continue it.
 
 `TrainingState` = model (and what runs its training forward) + optimizer + loss scaler + learning-rate
-schedule + `History` + where a resumed run continues (`Position`). `TrainingState.start` makes it
+schedule + `History` + where a resumed run continues (`Position`). Under bfloat16/float16 autocast the
+model keeps 16-bit working copies of its linear weights, refreshed after each optimizer step
+(`after_step`), so no forward casts the float32 master weights again. `TrainingState.start` makes it
 fresh or from a checkpoint, in one place and in the order bitwise resume depends on; `save` writes it.
 `EpochBatches` is one epoch's micro-batches; on the epoch a run was stopped in, it replays the shuffle and
 skips what was already consumed.
@@ -114,11 +116,17 @@ class TrainingState:
         precision, _ = resolve_precision(s.dtype, parallel.device)
         state = cls(model, forward, optimizer, grad_scaler(precision, parallel.device), schedule, History(), None,
                     precision)
+        if precision != "float32" and parallel.keeps_weight_copies:
+            model.keep_working_copies(getattr(torch, precision))   # instead of autocast casting every forward
         if checkpoint is not None:
             state.restore(checkpoint, parallel)
             set_rng_states(checkpoint["rng"])              # exactly where the stopped run was
         parallel.seed_dropout(s.seed, state.history.step)
         return state
+
+    def after_step(self) -> None:
+        """What follows each optimizer step: the 16-bit working copies of the weights catch up (one pass)."""
+        self.model.refresh_working_copies()
 
     def restore(self, checkpoint: dict, parallel: Parallelism) -> None:
         """Optimizer, scaler, history and position from a training checkpoint (ValueError if it has none)."""
