@@ -145,7 +145,7 @@ for s in "${stages[@]}"; do
     gpu_tests) run gpu_tests 120 gpu_tests ;;
     bench_ops) run bench_ops 90 python benchmarks/bench_ops.py --device cuda --repeats 20 --out "$out/bench_ops_cuda.json" ;;
     auto_table) run auto_table 20 auto_table ;;
-    bench_train) run bench_train 100 python benchmarks/bench_train.py --device cuda --preset gpt2-124m --dtype bfloat16 \
+    bench_train) run bench_train 100 python benchmarks/bench_train.py --device cuda --preset gpt2-124m --dtype auto \
                    --compile both --backends auto,torch,extension,triton --steps 10 --pad-vocab \
                    --out "$out/bench_train_cuda.json" ;;
     bench_generate) run bench_generate 90 bench_generate ;;
