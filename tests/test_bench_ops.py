@@ -60,7 +60,8 @@ def test_quick_run_writes_json(tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     assert {"device", "torch", "date", "ceilings", "backends"} <= set(data["environment"])
     ops_seen = {r["op"] for r in data["results"]}
-    trained = ("attention", "attention_dropout", "cross_entropy", "gelu", "layer_norm", "linear_cross_entropy")
+    trained = ("attention", "attention_dropout", "cross_entropy", "gelu", "layer_norm", "linear_cross_entropy",
+               "dropout_add")
     inference = ("linear", "linear_int8", "linear_bf16")          # forward only
     every_op = trained + inference
     assert ops_seen == set(every_op)
@@ -92,3 +93,16 @@ def test_simt_row_runs_the_extension_with_the_plain_kernels_switch(monkeypatch):
     assert "simt" in seen and seen[0] is None                        # only the simt row sets the switch...
     assert "GPTFAST_CUDA_ATTENTION" not in os.environ   # ...and puts it back
     assert bench_ops.backend_call("gelu", "extension-simt") is None  # an attention-only row
+
+
+def test_given_shapes_replace_the_defaults(tmp_path, monkeypatch):
+    out = tmp_path / "s.json"
+    monkeypatch.setattr(bench_ops, "measure_ceilings",
+                        lambda *a: {"copy_GBps": 10.0, "matmul_GFLOPps": 100.0, "matmul": "2048^3 float32"})
+    bench_ops.main(["--ops", "gelu,dropout_add", "--shape", "gelu=4x8", "--shape", "gelu=3x5", "--repeats", "1",
+                    "--backends", "torch,extension", "--no-plots", "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert sorted({tuple(r["shape"]) for r in rows if r["op"] == "gelu"}) == [(3, 5), (4, 8)]
+    assert {tuple(r["shape"]) for r in rows if r["op"] == "dropout_add"} == {(2048, 768), (8192, 768)}
+    with pytest.raises(SystemExit):
+        bench_ops.main(["--shape", "nope=1x2", "--out", str(out)])

@@ -220,7 +220,8 @@ class GPTModel(nn.Module):
     def keep_working_copies(self, dtype: torch.dtype) -> None:
         """Keep a `dtype` copy of every linear layer's weight (the LM head's too) for autocast at `dtype` to
         use instead of casting the float32 weights on every forward; refresh_working_copies() after each
-        change of the weights (the optimizer step). Training under bfloat16 autocast calls this."""
+        change of the weights (the optimizer step). Training under bfloat16 autocast calls this, once the
+        model is on its device (the copies are plain attributes: `.to()` does not move them)."""
         for m in self.modules():
             if isinstance(m, Linear):
                 m.working = m.weight.detach().to(dtype)
