@@ -1,6 +1,6 @@
 """The book experiment end to end, per backend, precision and loss path: wall time and printed losses.
 
-    python benchmarks/bench_book.py                                   # auto, float32, fused loss
+    python benchmarks/bench_book.py                                   # auto backend, default precision, fused loss
     python benchmarks/bench_book.py --backends auto,torch --loss fused,unfused --dtypes float32,bfloat16
 
 The experiment is Raschka's chapter 5 run (README): book-124m (162M parameters), The Verdict,
@@ -63,7 +63,9 @@ def run_book(backend: str, dtype: str, loss: str, epochs: int) -> dict:
         with open(os.path.join(out, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
     evals = [(r["step"], r["train_loss"], r["val_loss"]) for r in rows if r["event"] in ("initial_eval", "eval")]
-    return {"backend": backend, "dtype": dtype, "loss": loss, "epochs": epochs, "seconds": round(seconds, 1),
+    precision = next(r.get("precision", dtype) for r in rows if r["event"] == "config")
+    return {"backend": backend, "dtype": dtype, "precision": precision, "loss": loss, "epochs": epochs,
+            "seconds": round(seconds, 1),
             "steps": summary["steps"], "evals": evals, "samples": [r["text"] for r in rows if r["event"] == "sample"],
             "auto": [line.strip() for line in lines if line.strip().startswith("auto:")]}
 
@@ -71,7 +73,7 @@ def run_book(backend: str, dtype: str, loss: str, epochs: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backends", default="auto")
-    p.add_argument("--dtypes", default="float32")
+    p.add_argument("--dtypes", default="auto", help="comma-separated --dtype values (auto: train.py's default)")
     p.add_argument("--loss", default="fused", help="fused, unfused or both (comma-separated)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--out", default=os.path.join(HERE, "results", "bench_book_cpu.json"))

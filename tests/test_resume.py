@@ -180,19 +180,19 @@ def test_bf16_runs_resume_bitwise_and_across_the_precision_choice(tmp_path, verd
     checkpoints are float32 whatever the precision)."""
     quiet = lambda _: None  # noqa: E731
     short = dict(epochs=1, drop_rate=0.1, dtype="bfloat16", grad_accum=1, eval_freq=1000)
-    full = run_training(settings(tmp_path, verdict_text, tmp_path / "full", max_steps=6, **short), echo=quiet)
+    full = run_training(settings(tmp_path, verdict_text, tmp_path / "full", max_steps=4, **short), echo=quiet)
     cut = tmp_path / "cut"
-    run_training(settings(tmp_path, verdict_text, cut, max_steps=3, checkpoint_every=3, **short), echo=quiet)
-    resumed = run_training(settings(tmp_path, verdict_text, cut, max_steps=6, resume="auto", **short), echo=quiet)
+    run_training(settings(tmp_path, verdict_text, cut, max_steps=2, checkpoint_every=2, **short), echo=quiet)
+    resumed = run_training(settings(tmp_path, verdict_text, cut, max_steps=4, resume="auto", **short), echo=quiet)
     a, b = step_losses(tmp_path / "full"), step_losses(cut)
-    assert sorted(b) == list(range(6)) and all(a[k] == b[k] for k in a)
+    assert sorted(b) == list(range(4)) and all(a[k] == b[k] for k in a)
     model_a, _ = load_checkpoint(full["checkpoint"])
     model_b, _ = load_checkpoint(resumed["checkpoint"])
     assert all(torch.equal(x, y) for x, y in zip(model_a.state_dict().values(), model_b.state_dict().values()))
     assert all(v.dtype == torch.float32 for v in model_b.state_dict().values() if v.is_floating_point())
     other = tmp_path / "fp32"
-    run_training(settings(tmp_path, verdict_text, other, max_steps=2, checkpoint_every=2,
+    run_training(settings(tmp_path, verdict_text, other, max_steps=1, checkpoint_every=1,
                           **{**short, "dtype": "float32"}), echo=quiet)
     lines = []
-    again = run_training(settings(tmp_path, verdict_text, other, max_steps=4, resume="auto", **short), echo=lines.append)
-    assert again["steps"] == 4 and any(line.startswith("precision: bfloat16 (--dtype)") for line in lines)
+    again = run_training(settings(tmp_path, verdict_text, other, max_steps=2, resume="auto", **short), echo=lines.append)
+    assert again["steps"] == 2 and any(line.startswith("precision: bfloat16 (--dtype)") for line in lines)
