@@ -1,5 +1,6 @@
 """The op interface the model calls: `layer_norm`, `gelu`, `causal_attention`, `cross_entropy`,
-`linear_cross_entropy` (the LM head fused with the loss), and the linear layers of inference:
+`linear_cross_entropy` (the LM head fused with the loss), `dropout_add` (residual + dropout, the mask
+regenerated from a seed), and the linear layers of inference:
 `linear` (float32 weights) and `linear_int8` / `linear_bf16` (weight-only quantized weights).
 
 Each op is computed by a selectable backend (`reference`, `torch`, `extension`, `triton`, `auto`),
@@ -205,5 +206,5 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return get_backend(backend).linear_bf16(x, weight, bias)
 
 
-__all__ = ["linear", "linear_int8", "linear_bf16", "layer_norm", "cross_entropy", "linear_cross_entropy", "linear_cross_entropy_chunk_rows", "gelu", "causal_attention", "available_backends", "resolve_backend_name",
+__all__ = ["linear", "linear_int8", "linear_bf16", "layer_norm", "cross_entropy", "linear_cross_entropy", "linear_cross_entropy_chunk_rows", "gelu", "causal_attention", "dropout_add", "available_backends", "resolve_backend_name",
            "register_backend", "get_backend", "known_backends", "shares_dropout_rng", "supports_kv_cache", "BackendError", "DEFAULT_BACKEND"]
