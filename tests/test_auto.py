@@ -113,7 +113,7 @@ def test_training_prints_and_records_the_choices(tmp_path, verdict_text):
     data = tmp_path / "v.txt"
     data.write_text(verdict_text)
     lines = []
-    run_training(TrainSettings(data=str(data), preset="tiny", epochs=1, batch_size=4, context_length=32,
+    run_training(TrainSettings(data=str(data), preset="tiny", dtype="float32", epochs=1, batch_size=4, context_length=32,
                                max_steps=1, eval_freq=5, eval_iter=1, out=str(tmp_path / "run"), progress=False),
                  echo=lines.append)
     assert any("backend: auto" in line for line in lines)

@@ -163,7 +163,7 @@ def test_training_losses_match_the_unfused_path(tmp_path, verdict_text):
 
     def losses(backend):
         out = tmp_path / backend
-        run_training(TrainSettings(data=str(data), preset="tiny", epochs=1, batch_size=4, context_length=32,
+        run_training(TrainSettings(data=str(data), preset="tiny", dtype="float32", epochs=1, batch_size=4, context_length=32,
                                    max_steps=8, eval_freq=100, eval_iter=1, out=str(out), backend=backend,
                                    progress=False), echo=lambda *_: None)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
