@@ -89,7 +89,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd(
   const at::Tensor n_valid = (t != ignore_index).sum().to(stat);
   at::Tensor loss = loss_rows.sum() / n_valid;             // NaN when every target is ignored, as F.cross_entropy
   if (compute_grad) {
-    const at::Tensor inv = n_valid.reciprocal();
+    // every target ignored: the loss is NaN but the gradient is zero, as F.cross_entropy's (no 0 * inf)
+    const at::Tensor inv = at::where(n_valid > 0, n_valid.reciprocal(), at::zeros_like(n_valid));
     grad_h.mul_(inv.to(grad_h.scalar_type()));
     grad_w = grad_w.mul_(inv).to(w.scalar_type());          // in place: no second V x C buffer
   }

@@ -64,9 +64,15 @@ def test_triton_float16_within_twice_torch_error():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_all_ignored_gives_nan_like_torch(backend):
+def test_all_ignored_gives_nan_like_torch_with_a_zero_gradient(backend):
+    """A batch whose every target is ignored: NaN loss, as F.cross_entropy, but - also as PyTorch - a zero
+    gradient, so that a loss scaled by 0 (gradient accumulation over tokens) leaves the weights finite."""
     logits, targets = logits_targets(3, 10, ignore=(0, 1, 2))
-    assert math.isnan(ops.cross_entropy(logits.float(), targets, backend=backend).item())
+    x = logits.float().requires_grad_()
+    loss = ops.cross_entropy(x, targets, backend=backend)
+    assert math.isnan(loss.item())
+    (loss.nan_to_num() * 0.0).backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

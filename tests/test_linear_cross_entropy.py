@@ -51,6 +51,9 @@ def test_all_ignored_gives_nan_like_pytorch_and_ignored_rows_get_no_gradient(bac
     loss = ops.linear_cross_entropy(hidden.float(), weight.float(), targets, chunk_rows=4, backend=backend)
     assert torch.isnan(loss) and torch.isnan(torch.nn.functional.cross_entropy(hidden.float() @ weight.float().t(),
                                                                               targets))
+    h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()    # ... with a zero gradient, as torch
+    (ops.linear_cross_entropy(h, w, targets, chunk_rows=4, backend=backend).nan_to_num() * 0.0).backward()
+    assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
     hidden, weight, targets = case(6, 40, ignored=[1, 4])
     h = hidden.float().requires_grad_()
     ops.linear_cross_entropy(h, weight.float(), targets, chunk_rows=4, backend=backend).backward()

@@ -10,6 +10,8 @@ and written on every backward, only to be ignored.
 """
 from __future__ import annotations
 
+import torch
+
 
 def layer_norm(bwd):
     def setup(ctx, inputs, output):
@@ -119,6 +121,19 @@ def linear_cross_entropy(_bwd=None):
                 None, None, None, None)
 
     return setup, backward
+
+
+def inverse_count(n_kept: torch.Tensor) -> torch.Tensor:
+    """1 / n_kept, or 0 when every target is ignored: the mean loss is then NaN (as F.cross_entropy's) but
+    its gradient zero, as PyTorch's is - not 0 * inf = NaN in every gradient."""
+    return torch.where(n_kept > 0, 1.0 / n_kept, torch.zeros_like(n_kept))
+
+
+def mean_over_kept(loss_rows: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The mean of the per-row losses over the rows whose target is not ignore_index (see inverse_count)."""
+    n_kept = (targets != ignore_index).sum().to(loss_rows.dtype)
+    mean = loss_rows.sum() * inverse_count(n_kept)
+    return torch.where(n_kept > 0, mean, torch.full_like(mean, float("nan")))
 
 
 def register(fwd, formula, bwd) -> None:

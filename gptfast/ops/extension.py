@@ -152,7 +152,7 @@ def cross_entropy(logits, targets, ignore_index=-100):
     _check_device(logits)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     loss_rows = KERNELS.cross_entropy_fwd(logits, targets, ignore_index, compute_grad)[0]
-    return loss_rows.sum() / (targets != ignore_index).sum()
+    return formulas.mean_over_kept(loss_rows, targets, ignore_index)
 
 
 def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, chunk_rows=256):

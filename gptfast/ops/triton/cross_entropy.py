@@ -111,7 +111,7 @@ formulas.register(cross_entropy_fwd, formulas.cross_entropy, cross_entropy_bwd)
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     loss_rows, _lse, _dl = cross_entropy_fwd(logits, targets, ignore_index, torch.is_grad_enabled() and logits.requires_grad)
-    return loss_rows.sum() / (targets != ignore_index).sum()
+    return formulas.mean_over_kept(loss_rows, targets, ignore_index)
 
 
 @torch.library.custom_op("gptfast_triton::linear_cross_entropy_fwd", mutates_args=())
@@ -136,11 +136,11 @@ def linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets
             dl = dl.to(h.dtype)
             torch.mm(dl, w, out=grad_h[r0:r0 + chunk_rows])            # dH_c = dL_c W
             grad_w += (dl.t() @ hc).float()                            # dW += dL_c^T h_c, float32 accumulation
-    n_valid = (t != ignore_index).sum().float()
-    loss = loss_rows.sum() / n_valid
+    loss = formulas.mean_over_kept(loss_rows, t, ignore_index)
     if compute_grad:
-        grad_h.mul_((1.0 / n_valid).to(grad_h.dtype))
-        grad_w = grad_w.div_(n_valid).to(w.dtype)                      # in place: no second V x C buffer
+        inv = formulas.inverse_count((t != ignore_index).sum().float())
+        grad_h.mul_(inv.to(grad_h.dtype))
+        grad_w = grad_w.mul_(inv).to(w.dtype)                          # in place: no second V x C buffer
     return loss, grad_h, grad_w
 
 
