@@ -6,9 +6,12 @@
 # builds gptfast with its CUDA kernels (offline), runs the GPU tests, the standalone CUDA kernel
 # checks and both benchmarks at their default sizes, writing every log, JSON, Markdown table and
 # plot into OUT_DIR plus a SUMMARY.md. Stages (default: all but `tests`, in this order):
-#   build  compare  gpu_tests  bench_ops  auto_table  bench_train  bench_generate  cuda_kernels  cpu_isa  tests (the whole suite)
+#   build  compare  gpu_tests  bench_ops  auto_table  bench_train  bench_generate  bench_hf  cuda_kernels  cpu_isa  tests (the whole suite)
 # `bench_generate`: gpt2-124m decoding at batch 1 with float32, bf16 and int8 weights on our CUDA
 # kernels (`extension`) and Triton's, tokens/s against the HBM floor (bytes a step / measured read bandwidth).
+# `bench_hf`: a transformers GPT-2 124M training step (bf16 autocast, batch 8 x 1024): transformers' sdpa (and
+# flash_attention_2 where flash-attn is installed) against attn_implementation="gptfast" and apply_gptfast
+# (skipped, saying so, where transformers is not installed).
 # `cpu_isa` is for the GPU host's CPU: where it has AVX-512 (our CI machine may not), the CPU kernels'
 # AVX-512 build runs against the reference and against the AVX2 build (tests/test_cpu_isa.py plus
 # the extension's CPU tests with GPTFAST_CPU_ISA=avx512).
@@ -103,6 +106,13 @@ bench_generate() {   # decoding: our CUDA linear kernels, then the Triton ones (
   python benchmarks/bench_generate.py --device cuda --presets gpt2-124m --batch-sizes 1 --quantize bf16,int8 \
     --backend triton --rounds 2 --no-baseline --out "$out/bench_generate_cuda_triton.json"
 }
+bench_hf() {   # our kernels inside transformers' GPT-2, against its own attentions
+  python -c "import transformers" 2>/dev/null || { echo "skipped: transformers is not installed here"; return 0; }
+  local configs=unpatched,attention,patched
+  python -c "import flash_attn" 2>/dev/null && configs=$configs,flash_attention_2
+  python benchmarks/bench_hf.py --device cuda --dtype bfloat16 --batch 8 --rounds 1 --warmup 3 --steps 10 \
+    --configs $configs --out "$out/bench_hf_cuda"
+}
 tests() {
   python -m pytest -q -ra -p no:cacheprovider --junitxml="$out/tests.xml"
 }
@@ -123,7 +133,7 @@ auto_table() {   # the committed CPU measurements plus this run's GPU ones
 }
 
 export out
-export -f build compare cuda_kernels gpu_tests tests auto_table cpu_isa bench_generate
+export -f build compare cuda_kernels gpu_tests tests auto_table cpu_isa bench_generate bench_hf
 budget=${GPU_CHECK_BUDGET:-540}
 gpu=$(python -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 run() {   # run NAME LIMIT COMMAND...: stage with LIMIT cut to the budget left
@@ -137,7 +147,7 @@ run() {   # run NAME LIMIT COMMAND...: stage with LIMIT cut to the budget left
   stage "$name" $(( limit < left ? limit : left )) "$@"
 }
 stages=("${@:2}")
-[ ${#stages[@]} -eq 0 ] && stages=(build compare gpu_tests bench_ops auto_table bench_train bench_generate cuda_kernels cpu_isa)
+[ ${#stages[@]} -eq 0 ] && stages=(build compare gpu_tests bench_ops auto_table bench_train bench_generate bench_hf cuda_kernels cpu_isa)
 for s in "${stages[@]}"; do
   case $s in
     build) run build 150 build ;;
@@ -149,10 +159,11 @@ for s in "${stages[@]}"; do
                    --compile both --backends auto,torch,extension,triton --steps 10 --pad-vocab \
                    --out "$out/bench_train_cuda.json" ;;
     bench_generate) run bench_generate 90 bench_generate ;;
+    bench_hf) run bench_hf 60 bench_hf ;;
     cuda_kernels) run cuda_kernels 45 cuda_kernels ;;
     cpu_isa) run cpu_isa 90 cpu_isa ;;
     tests) run tests 400 tests ;;
-    *) echo "unknown stage $s (build compare gpu_tests bench_ops auto_table bench_train bench_generate cuda_kernels cpu_isa tests)"; exit 2 ;;
+    *) echo "unknown stage $s (build compare gpu_tests bench_ops auto_table bench_train bench_generate bench_hf cuda_kernels cpu_isa tests)"; exit 2 ;;
   esac
 done
 
@@ -163,7 +174,7 @@ done
   for t in compare gpu_tests tests; do
     [ -f "$out/$t.log" ] && { echo "## $t"; tail -n 25 "$out/$t.log" | sed 's/^/    /'; }
   done
-  for f in bench_ops_cuda bench_train_cuda; do
+  for f in bench_ops_cuda bench_train_cuda bench_hf_cuda; do
     [ -f "$out/$f.md" ] && { echo; echo "## $f"; cat "$out/$f.md"; }
   done
 } >> "$summary"

@@ -6,8 +6,8 @@ import torch
 
 from conftest import ROOT
 
-STAGES = ("build", "compare", "gpu_tests", "bench_ops", "auto_table", "bench_train", "bench_generate", "cuda_kernels",
-          "cpu_isa")
+STAGES = ("build", "compare", "gpu_tests", "bench_ops", "auto_table", "bench_train", "bench_generate", "bench_hf",
+          "cuda_kernels", "cpu_isa")
 
 
 def test_dry_run_without_a_gpu_skips_every_stage_and_still_writes_the_summary(tmp_path):
