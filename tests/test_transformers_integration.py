@@ -319,3 +319,22 @@ def test_a_prefill_that_continues_a_cache_is_causal_at_the_last_positions(attent
     assert rel_error(handed_on, mine) < 1e-5
     scores = (q @ k.transpose(-1, -2) / 8.0).masked_fill(~torch.ones(3, 8, dtype=torch.bool).tril(5), float("-inf"))
     assert rel_error(mine, (scores.softmax(-1) @ v).transpose(1, 2)) < 1e-5
+
+
+def test_other_models_use_the_attention_and_grouped_query_attention_falls_back(attention_calls):
+    """The attention interface is model-agnostic: a tiny Llama (rotary positions applied before it) on
+    "gptfast" computes what it computes on SDPA; with fewer key/value heads it hands the call back."""
+    for kv_heads, ours_runs in ((2, True), (1, False)):
+        torch.manual_seed(12)
+        config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=kv_heads, attention_dropout=0.0)
+        theirs = transformers.LlamaForCausalLM(config).eval()
+        ours = copy.deepcopy(theirs)
+        ours.set_attn_implementation("gptfast")
+        x = tokens(2, 11, vocab=64)
+        attention_calls.clear()
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            assert rel_error(ours(x).logits, theirs(x).logits) < 1e-5
+        assert bool(attention_calls) == ours_runs
+        assert any("grouped-query" in str(w.message) for w in caught) == (not ours_runs)

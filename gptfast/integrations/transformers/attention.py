@@ -10,7 +10,9 @@ a mask builder by the same name (`AttentionMaskInterface`) once per forward. Bot
   `apply_gptfast`, else gptfast's default) on a None mask, with the layer's attention dropout in training.
   What the op cannot do goes to transformers' own SDPA attention, with a one-time warning that says why:
   a mask with holes (padding, a static cache, packed sequences, a custom 4D mask), cross-attention, head
-  masks; `output_attentions=True` goes to the model's eager attention, the one path that forms the weights.
+  masks, grouped-query attention; `output_attentions=True` goes to the model's eager attention, the one
+  path that forms the weights. Any model that calls transformers' attention interface can use it (the
+  GPT-2 patches of gpt2.py are GPT-2 only).
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def _attentions_requested(module, kwargs: dict) -> bool:
     """Whether this forward must return attention weights (output_attentions=True)."""
     if kwargs.get("output_attentions"):
         return True
-    if getattr(module.config, "output_attentions", False):
+    if getattr(getattr(module, "config", None), "output_attentions", False):
         return True
     if torch.compiler.is_compiling():                 # transformers records outputs in eager mode only
         return False
@@ -72,6 +74,8 @@ def fallback_reason(module, query: torch.Tensor, key: torch.Tensor, attention_ma
     for name in ("position_bias", "softcap", "sliding_window", "s_aux"):
         if kwargs.get(name) is not None:
             return f"{name}"
+    if key.shape[1] != query.shape[1]:
+        return "grouped-query attention (fewer key/value heads than query heads)"
     if query.shape[-2] > key.shape[-2]:
         return "more queries than keys"
     return None
