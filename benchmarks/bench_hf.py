@@ -121,20 +121,21 @@ def run_rounds(args) -> dict:
 
 
 def table(env: dict, pooled: dict) -> tuple[list, str]:
-    rows, base = [], None
+    rows = []
+    base = statistics.median(pooled["unpatched"]["step_s"]) if "unpatched" in pooled else None
     for c, p in pooled.items():
         med = statistics.median(p["step_s"])
-        base = base or med
         rows.append({"config": c, "median_step_s": med, "min_step_s": min(p["step_s"]), "n": len(p["step_s"]),
                      "tokens_per_s": env["batch"] * env["seq"] / med, "peak_mb": max(p["peak_mb"]),
-                     "speedup_vs_unpatched": base / med, "first_losses": p["losses"]})
+                     "speedup_vs_unpatched": base / med if base else None, "first_losses": p["losses"]})
     lines = [f"Device: {env['device']} | torch {env['torch']} | transformers {env['transformers']} | threads "
              f"{env['threads']} | GPT2Config({'' if env['layers'] == 12 else 'n_layer=' + str(env['layers'])}), batch {env['batch']} x {env['seq']}, {env['dtype']}, dropout 0.1 | "
              f"backend {env['backend']} | {env['date']}", "",
              "| configuration | median s/step (n) | tokens/s | vs unpatched | peak memory |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['median_step_s']:.2f} ({r['n']}) | {r['tokens_per_s']:.0f} | "
-                     f"{r['speedup_vs_unpatched']:.2f}x | {r['peak_mb'] / 1024:.2f} GB |")
+                     + (f"{r['speedup_vs_unpatched']:.2f}x" if r["speedup_vs_unpatched"] else "(not run)")
+                     + f" | {r['peak_mb'] / 1024:.2f} GB |")
     return rows, "\n".join(lines)
 
 
