@@ -39,7 +39,6 @@
 #include <cstring>
 #include <optional>
 #include <type_traits>
-#include <vector>
 
 #include "../common.h"
 #include "kernels.h"
@@ -178,47 +177,29 @@ void tile(const float* x, int64_t ldx, const W* w, int64_t K, int64_t n0, float*
   }
 }
 
-// Output columns [n_begin, n_end) for all M rows of x. With more rows of x than one pass takes
-// (M > kMB), an int8 or bfloat16 tile is widened once into `wide` (kNB x K floats, in L2) and the
-// passes read that: each weight is converted once, not once per pass - and the products are the
-// same (the conversion is exact), so the math order stays that of the single-pass kernel.
+// Output columns [n_begin, n_end) for all M rows of x: each tile of kNB weight rows is multiplied with
+// the rows of x in passes of kMB, every pass widening the tile's int8/bfloat16 weights again in registers
+// (the tile is in L1 after the first). A version that widened each tile once into a float32 buffer for
+// the passes to read was 1.3-1.5x slower at M = 8 and 16 (the 2-core EPYC, AVX2, 2026-12-03: the
+// buffer's stores and reloads cost more than the conversions they save; benchmarks/NOTES.md).
 template <typename W>
 void rows_kernel(const float* x, int64_t ldx, int64_t M, const W* w, int64_t K, float* y, int64_t N,
-                 int64_t n_begin, int64_t n_end, const Epilogue& ep, float* wide) {
+                 int64_t n_begin, int64_t n_end, const Epilogue& ep) {
   int64_t n = n_begin;
   if (M == 1)
     for (; n + kNB1 <= n_end; n += kNB1) tile<W, kNB1, 1>(x, ldx, w + n * K, K, n, y, N, ep, true);
   for (; n + kNB <= n_end; n += kNB) {
     const W* wt = w + n * K;
-    const W* tw = wt;                             // what the passes read: the weights, or their widened copy
-    if constexpr (!std::is_same_v<W, float>) {
-      if (M > kMB) {
-        const char* next = reinterpret_cast<const char*>(wt + kNB * K);
-        for (int64_t off = 0; off < kNB * K * static_cast<int64_t>(sizeof(W)); off += 64) prefetch_l2(next + off);
-        for (int64_t i = 0; i < kNB * K; ++i) wide[i] = static_cast<float>(wt[i]);
-      }
-    }
     int64_t m = 0;
     bool first = true;                            // prefetch on the first pass over the tile only
-    auto passes = [&](auto* tile_w) {
-      using TW = std::remove_const_t<std::remove_pointer_t<decltype(tile_w)>>;
-      for (; m + kMB <= M; m += kMB, first = false)
-        tile<TW, kNB, kMB>(x + m * ldx, ldx, tile_w, K, n, y + m * N, N, ep, first);
-      switch (M - m) {                            // the last 1-3 rows of x in one pass
-        case 3: tile<TW, kNB, 3>(x + m * ldx, ldx, tile_w, K, n, y + m * N, N, ep, first); break;
-        case 2: tile<TW, kNB, 2>(x + m * ldx, ldx, tile_w, K, n, y + m * N, N, ep, first); break;
-        case 1: tile<TW, kNB, 1>(x + m * ldx, ldx, tile_w, K, n, y + m * N, N, ep, first); break;
-        default: break;
-      }
-    };
-    if constexpr (!std::is_same_v<W, float>) {
-      if (M > kMB) {
-        first = false;                            // (the next tile was prefetched while widening)
-        passes(static_cast<const float*>(wide));
-        continue;
-      }
+    for (; m + kMB <= M; m += kMB, first = false)
+      tile<W, kNB, kMB>(x + m * ldx, ldx, wt, K, n, y + m * N, N, ep, first);
+    switch (M - m) {                              // the last 1-3 rows of x in one pass
+      case 3: tile<W, kNB, 3>(x + m * ldx, ldx, wt, K, n, y + m * N, N, ep, first); break;
+      case 2: tile<W, kNB, 2>(x + m * ldx, ldx, wt, K, n, y + m * N, N, ep, first); break;
+      case 1: tile<W, kNB, 1>(x + m * ldx, ldx, wt, K, n, y + m * N, N, ep, first); break;
+      default: break;
     }
-    passes(tw);
   }
   for (; n < n_end; ++n)                          // fewer than kNB rows left
     for (int64_t m = 0; m < M; ++m) tile<W, 1, 1>(x + m * ldx, ldx, w + n * K, K, n, y + m * N, N, ep, false);
@@ -256,10 +237,8 @@ void run_rows(const at::Tensor& x2, const at::Tensor& w, at::Tensor& y, const Ep
   // weights (scaled by the rows of x, which multiply the work per byte)
   const int64_t block_bytes = kRowBlock * K * static_cast<int64_t>(sizeof(W)) * (1 + (M - 1) / kMB);
   const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / std::max<int64_t>(block_bytes, 1));
-  const bool widen = !std::is_same_v<W, float> && M > kMB;
   at::parallel_for(0, (N + kRowBlock - 1) / kRowBlock, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> wide(widen ? kNB * K : 0);
-    rows_kernel<W>(px, x2.stride(0), M, pw, K, py, N, b0 * kRowBlock, std::min(N, b1 * kRowBlock), ep, wide.data());
+    rows_kernel<W>(px, x2.stride(0), M, pw, K, py, N, b0 * kRowBlock, std::min(N, b1 * kRowBlock), ep);
   });
 }
 
