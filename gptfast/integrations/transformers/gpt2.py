@@ -174,7 +174,7 @@ def _fused_loss_forward(original, backend: str):
         named.pop("self")
         loss_kw = {k: extra.pop(k) for k in LOSS_KWARGS if k in extra}
         return_dict = extra.pop("return_dict", None)
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict
         if not (self.training if skip_logits is None else skip_logits):
             out = original(self, **named, **extra, return_dict=True)           # logits, no loss
             loss = causal_lm_loss(labels, logits=out.logits, backend=backend, **loss_kw)
