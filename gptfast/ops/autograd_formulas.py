@@ -130,7 +130,8 @@ def inverse_count(n_kept: torch.Tensor) -> torch.Tensor:
 
 
 def mean_over_kept(loss_rows: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """The mean of the per-row losses over the rows whose target is not ignore_index (see inverse_count)."""
+    """The mean of the per-row losses over the rows whose target is not ignore_index; NaN when none is kept
+    (as F.cross_entropy), with a zero gradient then (as PyTorch's), not NaN."""
     n_kept = (targets != ignore_index).sum()           # int64: the division promotes, no widened copy
     mean = loss_rows.sum() / n_kept.clamp_min(1)
     return torch.where(n_kept > 0, mean, torch.full_like(mean, float("nan")))
