@@ -44,17 +44,11 @@ def build(config: str, backend: str, device: str, layers: int = 12):
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=layers)).to(device)
     if config == "flash_attention_2":
         model.set_attn_implementation("flash_attention_2")
-    elif config == "attention":
-        import gptfast.integrations.transformers  # noqa: F401  (registers "gptfast")
-
-        model.set_attn_implementation("gptfast")
-        for m in model.modules():
-            if hasattr(m, "c_attn"):
-                m.gptfast_backend = backend
-    elif config == "patched":
+    elif config in ("attention", "patched"):
         from gptfast.integrations.transformers import apply_gptfast
 
-        apply_gptfast(model, backend=backend)
+        patched = config == "patched"               # attention alone: the other patches off
+        apply_gptfast(model, backend=backend, layer_norm=patched, gelu=patched, loss=patched)
     return model.train()
 
 

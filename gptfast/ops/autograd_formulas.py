@@ -139,7 +139,5 @@ def mean_over_kept(loss_rows: torch.Tensor, targets: torch.Tensor, ignore_index:
 
 def register(fwd, formula, bwd) -> None:
     """Attach `formula(bwd)` to the forward op `fwd` (a "ns::name" string or a custom_op)."""
-    import torch
-
     setup, backward = formula(bwd)
     torch.library.register_autograd(fwd, backward, setup_context=setup)

@@ -26,6 +26,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from gptfast import ops
 
+try:   # transformers 5 pops output_attentions before the layers and collects the weights through hooks
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:                                   # (private: other versions may not have it)
+    _active_collector = None
+
 NAME = "gptfast"
 
 
@@ -51,11 +56,7 @@ def _attentions_requested(module, kwargs: dict) -> bool:
         return True
     if getattr(getattr(module, "config", None), "output_attentions", False):
         return True
-    if torch.compiler.is_compiling():                 # transformers records outputs in eager mode only
-        return False
-    try:   # transformers 5 pops output_attentions before the layers and collects them through hooks
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:
+    if _active_collector is None or torch.compiler.is_compiling():   # outputs are recorded in eager mode only
         return False
     collecting = _active_collector.get()
     return bool(collecting) and ("attentions" in collecting or "cross_attentions" in collecting)
