@@ -11,7 +11,9 @@ makes, and its share of the read bandwidth measured in the same run (a sum over 
   through the LM head, the sequence grown by torch.cat every token), `torch` backend, float32 weights;
 - one row per --quantize mode (none, bf16, int8) with --backend (default `auto`): `gptfast.generate`;
 - with --compile MODES, those modes again with the one-token step compiled (torch.compile; the
-  compilation happens in the warm-up and is reported apart).
+  compilation happens in the warm-up and is reported apart);
+- with --op-by-op MODES, those modes again with each block's decoding step run op by op instead of
+  as one fused op (ops.decode_block, where the backend has it): what the fusion buys.
 
 Configurations take turns within each of --rounds rounds (the median is reported), so drift in the
 machine's speed hits them alike. Prefill (time to the first token) is timed apart from decoding.
@@ -127,6 +129,8 @@ def main(argv=None):
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--rounds", type=int, default=2, help="turns each configuration takes (median reported)")
+    p.add_argument("--op-by-op", default="", help="comma-separated quantize modes to run again with the fused "
+                   "decoding block off (GPTModel.set_fused_decoding(False))")
     p.add_argument("--compile", default="", help="comma-separated quantize modes to run again with compile=True "
                    "(the one-token step as a torch.compile graph; its compile time is reported, not timed)")
     p.add_argument("--no-baseline", action="store_true", help="leave out the baseline row (not for the record)")
@@ -135,12 +139,16 @@ def main(argv=None):
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     modes = args.quantize.split(",")
+    for flag, value in (("--compile", args.compile), ("--op-by-op", args.op_by_op)):
+        extra = [m for m in value.split(",") if m and m not in modes]
+        if extra:
+            p.error(f"{flag} {','.join(extra)}: each mode must also be in --quantize ({args.quantize})")
     env = environment(device)
     env["read_GBps_before"] = read_bandwidth(device)
     print(f"{env['device']} | {env['cpu_isa']} kernels | torch {env['torch']} | {env['threads']} threads | "
           f"read ceiling {env['read_GBps_before']:.1f} GB/s | prompt {args.prompt_tokens}, {args.new_tokens} new tokens, "
           f"greedy, median of {args.rounds} interleaved rounds")
-    header = (f"{'preset':<11}{'batch':>6}  {'path':<22}{'tokens/s':>10}{'prefill ms':>11}{'MB/step':>9}"
+    header = (f"{'preset':<11}{'batch':>6}  {'path':<26}{'tokens/s':>10}{'prefill ms':>11}{'MB/step':>9}"
               f"{'GB/s':>7}{'% read':>8}{'vs base':>8}{'agree':>7}{'floor':>8}")
     print(header + "\n" + "-" * len(header))
     rows = []
@@ -156,6 +164,8 @@ def main(argv=None):
             models[f"{args.backend} {mode}"] = quantize(model, mode)
             if mode != "none":
                 print(f"  ({preset}: quantize to {mode} took {time.perf_counter() - t0:.2f} s)")
+        for mode in (m for m in args.op_by_op.split(",") if m):
+            models[f"{args.backend} {mode} op-by-op"] = copy.deepcopy(models[f"{args.backend} {mode}"]).set_fused_decoding(False)
         compiled = [m for m in args.compile.split(",") if m]
         for mode in compiled:
             models[f"{args.backend} {mode} compiled"] = models[f"{args.backend} {mode}"]
@@ -196,6 +206,7 @@ def main(argv=None):
                        "new_tokens": args.new_tokens, "tokens_per_s": tok_s, "prefill_ms": prefill * 1e3,
                        "decode_s": decode, "weight_bytes_per_step": w_bytes, "cache_bytes_per_step": c_bytes,
                        "GBps": gbps, "agreement_with_baseline": agree, "compiled": name.endswith("compiled"),
+                       "fused_decoding": not name.endswith("op-by-op") and name != "baseline",
                        "compile_s": compile_s.get(name)}
                 rows.append(row)
             base = next((r["tokens_per_s"] for r in rows if r["preset"] == preset and r["batch"] == batch
@@ -210,7 +221,7 @@ def main(argv=None):
         r["floor_tokens_per_s"] = r["batch"] * ceiling * 1e9 / (r["weight_bytes_per_step"] + r["cache_bytes_per_step"])
         vs = f"{r['vs_baseline']:.2f}x" if r.get("vs_baseline") else "-"
         agree = f"{r['agreement_with_baseline']:.2f}" if r["agreement_with_baseline"] is not None else "-"
-        print(f"{r['preset']:<11}{r['batch']:>6}  {r['path']:<22}{r['tokens_per_s']:>10.1f}{r['prefill_ms']:>11.1f}"
+        print(f"{r['preset']:<11}{r['batch']:>6}  {r['path']:<26}{r['tokens_per_s']:>10.1f}{r['prefill_ms']:>11.1f}"
               f"{(r['weight_bytes_per_step'] + r['cache_bytes_per_step']) / 1e6:>9.0f}{r['GBps']:>7.1f}"
               f"{r['percent_of_read']:>7.0f}%{vs:>8}{agree:>7}{r['floor_tokens_per_s']:>8.0f}")
     print(f"read ceiling after: {env['read_GBps_after']:.1f} GB/s (the % column uses the higher of the two)")

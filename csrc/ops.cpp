@@ -39,5 +39,11 @@ TORCH_LIBRARY(gptfast, m) {
   // dx = dy * keep / (1 - p), the same mask, written in `dtype` (x's).
   m.def("dropout_add_fwd(Tensor x, Tensor? residual, float p, Tensor seed) -> Tensor");
   m.def("dropout_bwd(Tensor dy, float p, Tensor seed, ScalarType dtype) -> Tensor");
+  // One transformer block's decoding step (csrc/cpu/decode_block.cpp): x (B, 1, C), one new position per
+  // sequence at start_pos, through y = x1 + proj(gelu(fc(ln2(x1)))), x1 = x + out(attention(ln1(x))), writing
+  // the new keys and values into k_cache/v_cache (B, n_heads, context, head_dim) at start_pos and attending
+  // over positions 0..start_pos. The linear layers are (weight, scales?, bias?) as for linear_fwd;
+  // qkv_weights: one stacked (3C, C) weight (rows Q, K, V) or three (C, C). Inference only (no backward).
+  m.def("decode_block(Tensor x, Tensor ln1_weight, Tensor ln1_bias, Tensor[] qkv_weights, Tensor?[] qkv_scales, Tensor?[] qkv_biases, Tensor out_weight, Tensor? out_scales, Tensor? out_bias, Tensor ln2_weight, Tensor ln2_bias, Tensor fc_weight, Tensor? fc_scales, Tensor? fc_bias, Tensor proj_weight, Tensor? proj_scales, Tensor? proj_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, SymInt start_pos, float eps) -> Tensor");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, float scale, float dropout_p, Tensor seed) -> (Tensor dq, Tensor dk, Tensor dv)");
 }

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "decode_parts.h"
 #include "kernels.h"
 #include "vec_io.h"
 #include "../dropout_hash.h"
@@ -521,49 +522,54 @@ void row_weighted_sum(const T* w, const S* v, int64_t n, int64_t D, T* out) {
   }
 }
 
+// One head (index bh) of attention_fwd_rows_kernel: its query rows against the keys and values at k
+// and v (rows D apart), into o (that head's Tq x D) and lse (Tq). Scratch s (Tq * Tk), q and acc (Tq * D).
+template <typename S, typename T = acc_t<S>>
+void attention_rows_head(const AttnArgs<S>& a, int64_t bh, const S* k, const S* v, const S* q_in, S* o, T* lse,
+                         T* s, T* q, T* acc) {
+  const int64_t Tq = a.Tq, Tk = a.Tk, off = a.Tk - a.Tq, D = a.D;
+  for (int64_t i = 0; i < Tq * D; ++i) q[i] = static_cast<T>(q_in[i]);
+  int64_t n[kRowsKernelMaxQ] = {};                                   // visible keys per row, >= 1
+  for (int64_t r = 0; r < Tq; ++r) n[r] = std::min(Tk, visible_cols(a, r));
+  for (int64_t k0 = 0; k0 < n[Tq - 1]; k0 += kBK)                  // S = scale Q K^T
+    for (int64_t r = 0; r < Tq; ++r)
+      if (k0 < n[r]) row_scores(q + r * D, k + k0 * D, std::min(kBK, n[r] - k0), D, a.scale, s + r * Tk + k0);
+  T l[kRowsKernelMaxQ];
+  for (int64_t r = 0; r < Tq; ++r) {                                 // softmax numerators, lse
+    T* srow = s + r * Tk;
+    const T m = row_max(srow, n[r], -std::numeric_limits<T>::infinity());
+    l[r] = exp_shifted(srow, n[r], m);
+    lse[r] = m + std::log(l[r]);
+    if (a.threshold) {                                               // dropout after softmax
+      const uint32_t row_key = dropout_row_key(dropout_head_key(a.seed, static_cast<uint32_t>(bh)),
+                                               static_cast<uint32_t>(r + off));
+      for (int64_t j = 0; j < n[r]; ++j)
+        srow[j] = dropout_keep(row_key, static_cast<uint32_t>(j), a.threshold) ? srow[j] * a.keep_scale : T(0);
+    }
+  }
+  std::fill(acc, acc + Tq * D, T(0));
+  for (int64_t k0 = 0; k0 < n[Tq - 1]; k0 += kBK)                  // O = P V
+    for (int64_t r = 0; r < Tq; ++r)
+      if (k0 < n[r]) row_weighted_sum(s + r * Tk + k0, v + k0 * D, std::min(kBK, n[r] - k0), D, acc + r * D);
+  for (int64_t r = 0; r < Tq; ++r) {
+    const T inv_l = T(1) / l[r];
+    S* out = o + r * D;
+    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<S>(acc[r * D + d] * inv_l);
+  }
+}
+
 template <typename S, typename T = acc_t<S>>
 void attention_fwd_rows_kernel(const AttnArgs<S>& a, int64_t B, int64_t H, HeadStrides ks, HeadStrides vs,
                                S* o, T* lse) {
-  const int64_t Tq = a.Tq, Tk = a.Tk, off = a.Tk - a.Tq, D = a.D;
+  const int64_t Tq = a.Tq, Tk = a.Tk, D = a.D;
   // One task per head, its (up to kRowsKernelMaxQ) query rows together, keys in chunks of kBK: each
   // chunk of K (then of V) comes from memory once and from L1 for the head's other rows.
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     ScratchTile<T> s(Tq * Tk), q(Tq * D), acc(Tq * D);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      const S* k = a.k + b * ks.b + h * ks.h;
-      const S* v = a.v + b * vs.b + h * vs.h;
-      const S* q_in = a.q + bh * Tq * D;
-      for (int64_t i = 0; i < Tq * D; ++i) q[i] = static_cast<T>(q_in[i]);
-      int64_t n[kRowsKernelMaxQ];                                        // visible keys per row, >= 1
-      for (int64_t r = 0; r < Tq; ++r) n[r] = std::min(Tk, visible_cols(a, r));
-      for (int64_t k0 = 0; k0 < n[Tq - 1]; k0 += kBK)                  // S = scale Q K^T
-        for (int64_t r = 0; r < Tq; ++r)
-          if (k0 < n[r])
-            row_scores(q.data() + r * D, k + k0 * D, std::min(kBK, n[r] - k0), D, a.scale, s.data() + r * Tk + k0);
-      T l[kRowsKernelMaxQ];
-      for (int64_t r = 0; r < Tq; ++r) {                                 // softmax numerators, lse
-        T* srow = s.data() + r * Tk;
-        const T m = row_max(srow, n[r], -std::numeric_limits<T>::infinity());
-        l[r] = exp_shifted(srow, n[r], m);
-        lse[bh * Tq + r] = m + std::log(l[r]);
-        if (a.threshold) {                                               // dropout after softmax
-          const uint32_t row_key = dropout_row_key(dropout_head_key(a.seed, static_cast<uint32_t>(bh)),
-                                                   static_cast<uint32_t>(r + off));
-          for (int64_t j = 0; j < n[r]; ++j)
-            srow[j] = dropout_keep(row_key, static_cast<uint32_t>(j), a.threshold) ? srow[j] * a.keep_scale : T(0);
-        }
-      }
-      std::fill(acc.begin(), acc.end(), T(0));
-      for (int64_t k0 = 0; k0 < n[Tq - 1]; k0 += kBK)                  // O = P V
-        for (int64_t r = 0; r < Tq; ++r)
-          if (k0 < n[r])
-            row_weighted_sum(s.data() + r * Tk + k0, v + k0 * D, std::min(kBK, n[r] - k0), D, acc.data() + r * D);
-      for (int64_t r = 0; r < Tq; ++r) {
-        const T inv_l = T(1) / l[r];
-        S* out = o + (bh * Tq + r) * D;
-        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<S>(acc[r * D + d] * inv_l);
-      }
+      attention_rows_head(a, bh, a.k + b * ks.b + h * ks.h, a.v + b * vs.b + h * vs.h, a.q + bh * Tq * D,
+                          o + bh * Tq * D, lse + bh * Tq, s.data(), q.data(), acc.data());
     }
   });
 }
@@ -661,6 +667,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 }
 
 }  // namespace
+
+void attention_last_row_f32(const float* q, const float* k, const float* v, int64_t n_keys, int64_t D, float scale,
+                            float* out, float* scratch) {
+  AttnArgs<float> a{q, k, v, nullptr, 0, /*Tq=*/1, /*Tk=*/n_keys, D, /*causal=*/true, scale, 0.0, 1.0f, 0u, 0};
+  float lse;
+  attention_rows_head<float>(a, 0, k, v, q, out, &lse, scratch, scratch + n_keys, scratch + n_keys + D);
+}
 
 void register_attention_cpu(torch::Library& m) {
   m.impl("attention_fwd", &attention_fwd_cpu);

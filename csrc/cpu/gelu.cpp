@@ -16,6 +16,7 @@
 #include <cmath>
 
 #include "../common.h"
+#include "decode_parts.h"
 #include "kernels.h"
 #include "vec_io.h"
 
@@ -110,6 +111,8 @@ at::Tensor gelu_bwd_cpu(const at::Tensor& dy_in, const at::Tensor& x_in) {
 }
 
 }  // namespace
+
+void gelu_span_f32(const float* x, float* y, int64_t n) { gelu_fwd_span<float>(x, y, n); }
 
 void register_gelu_cpu(torch::Library& m) {
   m.impl("gelu_fwd", &gelu_fwd_cpu);

@@ -10,6 +10,7 @@ namespace gptfast {
 
 void register_attention_cpu(torch::Library& m);
 void register_cross_entropy_cpu(torch::Library& m);
+void register_decode_block_cpu(torch::Library& m);
 void register_gelu_cpu(torch::Library& m);
 void register_dropout_cpu(torch::Library& m);
 void register_layer_norm_cpu(torch::Library& m);

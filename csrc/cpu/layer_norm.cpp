@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "decode_parts.h"
 #include "kernels.h"
 #include "vec_io.h"
 
@@ -270,6 +271,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
 }
 
 }  // namespace
+
+void layer_norm_row_f32(const float* x, const float* weight, const float* bias, float* y, int64_t C, double eps) {
+  float mean, rstd;
+  layer_norm_fwd_row<float>(x, weight, bias, y, &mean, &rstd, C, eps, /*stream=*/false);
+}
 
 void register_layer_norm_cpu(torch::Library& m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd_cpu);

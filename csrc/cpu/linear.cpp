@@ -41,6 +41,7 @@
 #include <type_traits>
 
 #include "../common.h"
+#include "decode_parts.h"
 #include "kernels.h"
 #include "vec_io.h"
 
@@ -61,6 +62,7 @@ constexpr int kNB = 3;                         // of 16 ymm: 12 accumulators + 4
 #endif
 constexpr int64_t kRowBlock = 24;              // rows a thread takes at a time: a multiple of kNB1 and kNB
 constexpr int64_t kMinBytesPerThread = 64 * 1024;   // below this a thread is not worth waking
+static_assert(kDecodeColumnBlock % kRowBlock == 0, "the fused block's column spans must be whole row blocks");
 
 // kV weights at p, widened to float32 lanes
 template <typename W>
@@ -274,6 +276,19 @@ at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight_in, cons
 }
 
 }  // namespace
+
+void linear_columns(const float* x, int64_t ldx, int64_t M, const at::Tensor& w, const float* scales,
+                    const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
+  const Epilogue ep{scales, bias};
+  const int64_t K = w.size(1);
+  switch (w.scalar_type()) {      // rows_kernel reads its `N` argument as y's row stride only
+    case at::kFloat: rows_kernel<float>(x, ldx, M, w.const_data_ptr<float>(), K, y, ldy, n_begin, n_end, ep); break;
+    case at::kBFloat16:
+      rows_kernel<c10::BFloat16>(x, ldx, M, w.const_data_ptr<c10::BFloat16>(), K, y, ldy, n_begin, n_end, ep);
+      break;
+    default: rows_kernel<int8_t>(x, ldx, M, w.const_data_ptr<int8_t>(), K, y, ldy, n_begin, n_end, ep); break;
+  }
+}
 
 void register_linear_cpu(torch::Library& m) { m.impl("linear_fwd", &linear_fwd_cpu); }
 

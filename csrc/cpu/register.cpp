@@ -26,6 +26,7 @@ static std::unique_ptr<torch::Library> g_cpu_library;
 static void register_all(torch::Library& m) {
   register_attention_cpu(m);
   register_cross_entropy_cpu(m);
+  register_decode_block_cpu(m);
   register_dropout_cpu(m);
   register_gelu_cpu(m);
   register_layer_norm_cpu(m);

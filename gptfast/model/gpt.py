@@ -170,10 +170,29 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg.emb_dim, backend=cfg.backend)
         self.ff = FeedForward(cfg)
         self.drop_shortcut = DropoutAdd(cfg)
+        self.backend = cfg.backend                               # of the fused decoding step (decode_weights)
+        self.fused_decoding = True                               # off: decode op by op (GPTModel.set_fused_decoding)
 
     def forward(self, x, kv: LayerKV | None = None, start_pos: int = 0):  # (B, T, C)
+        if kv is not None and x.shape[1] == 1 and not self.training and self.fused_decoding:   # one position: one call
+            weights = self.decode_weights()                              # where the backend fuses the block
+            if weights is not None and ops.fuses_decode_block(x, weights, kv.k, backend=self.backend):
+                return ops.decode_block(x, weights, kv.k, kv.v, start_pos, backend=self.backend)
         x = self.drop_shortcut(self.att(self.norm1(x), kv, start_pos), x)   # dropout, then add the input back
         return self.drop_shortcut(self.ff(self.norm2(x)), x)
+
+    def decode_weights(self) -> ops.BlockWeights | None:
+        """The block's tensors as ops.decode_block reads them (None where autograd would need the result:
+        the fused block has no backward)."""
+        att, ff = self.att, self.ff
+        if torch.is_grad_enabled() and self.norm1.weight.requires_grad or self.norm1.eps != self.norm2.eps:
+            return None
+        qkv = (att.W_qkv,) if att.W_qkv is not None else (att.W_query, att.W_key, att.W_value)
+
+        def layer(m):                                            # nn.Linear, or a quantized WeightOnlyLinear
+            return ops.LinearWeights(m.weight, getattr(m, "scales", None), m.bias)
+        return ops.BlockWeights(self.norm1.weight, self.norm1.bias, tuple(layer(m) for m in qkv), layer(att.out_proj),
+                                self.norm2.weight, self.norm2.bias, layer(ff.fc), layer(ff.proj), self.norm1.eps)
 
 
 class GPTModel(nn.Module):
@@ -205,6 +224,13 @@ class GPTModel(nn.Module):
         for module in self.modules():
             if hasattr(module, "backend") and module is not self:
                 module.backend = name
+        return self
+
+    def set_fused_decoding(self, on: bool) -> "GPTModel":
+        """Whether a decoding step runs each block as one fused op where the backend has one (the default;
+        ops.decode_block) or op by op (to compare: the results are the same)."""
+        for block in self.trf_blocks:
+            block.fused_decoding = bool(on)
         return self
 
     def num_parameters(self) -> int:

@@ -1,7 +1,8 @@
 """The op interface the model calls: `layer_norm`, `gelu`, `causal_attention`, `cross_entropy`,
 `linear_cross_entropy` (the LM head fused with the loss), `dropout_add` (residual + dropout, the mask
 regenerated from a seed), and the linear layers of inference:
-`linear` (float32 weights) and `linear_int8` / `linear_bf16` (weight-only quantized weights).
+`linear` (float32 weights) and `linear_int8` / `linear_bf16` (weight-only quantized weights), and
+`decode_block`, a whole block's one-token decoding step in one call where a backend fuses it (decode.py).
 
 Each op is computed by a selectable backend (`reference`, `torch`, `extension`, `triton`, `auto`),
 chosen per call by `backend=`, which the model takes from its config, `--backend` or
@@ -16,6 +17,7 @@ import torch
 from . import auto
 import torch.nn.functional as F
 
+from .decode import BlockWeights, LinearWeights, decode_block, fuses_decode_block
 from .checks import check_attention_inputs, check_floating, check_like, check_linear_inputs, check_targets
 from .registry import (DEFAULT_BACKEND, BackendError, available_backends, get_backend, known_backends,
                        register_backend, resolve_backend_name, shares_dropout_rng, supports_kv_cache)
@@ -206,5 +208,5 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return get_backend(backend).linear_bf16(x, weight, bias)
 
 
-__all__ = ["linear", "linear_int8", "linear_bf16", "layer_norm", "cross_entropy", "linear_cross_entropy", "linear_cross_entropy_chunk_rows", "gelu", "causal_attention", "dropout_add", "available_backends", "resolve_backend_name",
+__all__ = ["linear", "linear_int8", "linear_bf16", "decode_block", "fuses_decode_block", "BlockWeights", "LinearWeights", "layer_norm", "cross_entropy", "linear_cross_entropy", "linear_cross_entropy_chunk_rows", "gelu", "causal_attention", "dropout_add", "available_backends", "resolve_backend_name",
            "register_backend", "get_backend", "known_backends", "shares_dropout_rng", "supports_kv_cache", "BackendError", "DEFAULT_BACKEND"]

@@ -159,6 +159,24 @@ def linear_bf16(x, weight, bias=None):
     return _backend_for("linear_bf16", x).linear_bf16(x, weight, bias)
 
 
+_LINEAR_OP_BY_DTYPE = {torch.int8: "linear_int8", torch.bfloat16: "linear_bf16"}
+
+
+def _decode_block_backend(x, weights):
+    # The fused block runs the linear kernel of the backend picked for the block's linear layers (which
+    # are most of its time); where that backend has no fused block, the model goes op by op.
+    return _backend_for(_LINEAR_OP_BY_DTYPE.get(weights.qkv[0].weight.dtype, "linear"), x)
+
+
+def fuses_decode_block(x, weights, k_cache) -> bool:
+    check = getattr(_decode_block_backend(x, weights), "fuses_decode_block", None)
+    return bool(check is not None and check(x, weights, k_cache))
+
+
+def decode_block(x, weights, k_cache, v_cache, start_pos):
+    return _decode_block_backend(x, weights).decode_block(x, weights, k_cache, v_cache, start_pos)
+
+
 def supports_kv_cache(device: torch.device) -> bool:
     return registry.supports_kv_cache(choose("attention", device.type, "float32").backend, device)
 

@@ -87,6 +87,12 @@ def _(x, weight, scales, bias):
     return _empty((*x.shape[:-1], weight.shape[0]), x)
 
 
+@torch.library.register_fake("gptfast::decode_block")
+def _(x, ln1_weight, ln1_bias, qkv_weights, qkv_scales, qkv_biases, out_weight, out_scales, out_bias, ln2_weight,
+      ln2_bias, fc_weight, fc_scales, fc_bias, proj_weight, proj_scales, proj_bias, k_cache, v_cache, start_pos, eps):
+    return _empty(x.shape, x)
+
+
 @torch.library.register_fake("gptfast::dropout_add_fwd")
 def _(x, residual, p, seed):
     return _empty(x.shape, x, residual.dtype if residual is not None else x.dtype)
@@ -184,6 +190,30 @@ def linear_bf16(x, weight, bias=None):
     if not _linear_kernel_takes(x):
         return torch_builtins.linear_bf16(x, weight, bias)
     return KERNELS.linear_fwd(x, weight, None, bias)
+
+
+DECODE_BLOCK_MAX_BATCH = 16     # sequences the fused block takes: the linear kernel's few-rows range (linear.cpp)
+_DECODE_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
+
+
+def fuses_decode_block(x, weights, k_cache) -> bool:
+    """The fused decoding block (csrc/cpu/decode_block.cpp) takes float32 activations and cache on CPU,
+    up to DECODE_BLOCK_MAX_BATCH sequences, float32/bfloat16/int8 weights (plain tensors)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or k_cache.dtype != torch.float32 \
+            or not k_cache.is_contiguous() or not 1 <= x.shape[0] <= DECODE_BLOCK_MAX_BATCH or "cpu" not in _COMPILED_FOR:
+        return False
+    layers = (*weights.qkv, weights.out, weights.fc, weights.proj)
+    return all(type(L.weight) in (torch.Tensor, torch.nn.Parameter) and L.weight.dtype in _DECODE_WEIGHT_DTYPES
+               for L in layers)
+
+
+def decode_block(x, weights, k_cache, v_cache, start_pos):
+    w = weights
+    return KERNELS.decode_block(
+        x.contiguous(), w.ln1_weight, w.ln1_bias, [L.weight for L in w.qkv], [L.scales for L in w.qkv],
+        [L.bias for L in w.qkv], w.out.weight, w.out.scales, w.out.bias, w.ln2_weight, w.ln2_bias,
+        w.fc.weight, w.fc.scales, w.fc.bias, w.proj.weight, w.proj.scales, w.proj.bias, k_cache, v_cache,
+        start_pos, w.eps)
 
 
 def build_info() -> dict:

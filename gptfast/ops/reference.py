@@ -110,3 +110,25 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """bfloat16 weights widened to x's dtype (exact), then the plain linear layer."""
     return linear(x, weight.to(x.dtype), bias)
+
+
+def _linear_weights(x: torch.Tensor, layer) -> torch.Tensor:
+    """x @ W^T [+ b] for a LinearWeights of any storage type, in x's precision."""
+    if layer.weight.dtype == torch.int8:
+        return linear_int8(x, layer.weight, layer.scales, layer.bias)
+    return linear(x, layer.weight.to(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
+
+
+def decode_block(x: torch.Tensor, weights, k_cache: torch.Tensor, v_cache: torch.Tensor, start_pos: int) -> torch.Tensor:
+    """One pre-LN block for one new position per sequence (x (B, 1, C)) with a KV cache (ops/decode.py)."""
+    w = weights
+    B, _, C = x.shape
+    H, D = k_cache.shape[1], k_cache.shape[3]
+    h = layer_norm(x, w.ln1_weight, w.ln1_bias, w.eps)
+    qkv = torch.cat([_linear_weights(h, layer) for layer in w.qkv], dim=-1)           # (B, 1, 3C)
+    q, k, v = (t.reshape(B, 1, H, D).transpose(1, 2) for t in qkv.split(C, dim=-1))   # (B, H, 1, D) each
+    k_cache[:, :, start_pos] = k[:, :, 0]
+    v_cache[:, :, start_pos] = v[:, :, 0]
+    a = causal_attention(q, k_cache[:, :, :start_pos + 1], v_cache[:, :, :start_pos + 1])   # (B, H, 1, D)
+    x1 = x + _linear_weights(a.transpose(1, 2).reshape(B, 1, C), w.out)
+    return x1 + _linear_weights(gelu(_linear_weights(layer_norm(x1, w.ln2_weight, w.ln2_bias, w.eps), w.fc)), w.proj)

@@ -1,0 +1,36 @@
+// The pieces of the CPU kernels that the fused decoding block (decode_block.cpp) runs inside one
+// parallel region: each is the very loop the standalone op runs, on a part of the work a caller
+// chooses, so the fused block computes every element with the same instructions in the same order as
+// the ops one by one (bit-for-bit the same results: tested).
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace gptfast {
+
+// Threads of the fused block split a linear layer's output columns in blocks of this many: a multiple
+// of the linear kernel's row block (linear.cpp checks) and of 16 floats, so each thread's span of a
+// row starts on a whole vector of the widest ISA (the GELU over it then takes no scalar tail that the
+// standalone op would compute in its vector loop).
+constexpr int64_t kDecodeColumnBlock = 48;
+
+// y[m * ldy + n] = (x[m] . w[n]) [* scales[n]] [+ bias[n]] for m < M, n in [n_begin, n_end): the
+// decoding linear kernel (linear.cpp) on float32 x (row stride ldx) and w (N, K) contiguous in
+// float32, bfloat16 or int8; scales and bias may be null.
+void linear_columns(const float* x, int64_t ldx, int64_t M, const at::Tensor& w, const float* scales,
+                    const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end);
+
+// One row of LayerNorm in float32 (layer_norm.cpp's row loop, without its statistics outputs).
+void layer_norm_row_f32(const float* x, const float* weight, const float* bias, float* y, int64_t C, double eps);
+
+// y[i] = gelu(x[i]) for i < n, tanh approximation (gelu.cpp's loop); y may be x.
+void gelu_span_f32(const float* x, float* y, int64_t n);
+
+// Causal attention of one query row, the newest of n_keys positions, over keys and values stored
+// row-major (n_keys x D) at k and v: out (D) = softmax(scale q K^T) V, as the attention op's
+// few-rows kernel computes it (attention.cpp). scratch: n_keys + 2 * D floats.
+void attention_last_row_f32(const float* q, const float* k, const float* v, int64_t n_keys, int64_t D, float scale,
+                            float* out, float* scratch);
+
+}  // namespace gptfast
