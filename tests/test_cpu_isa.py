@@ -89,6 +89,21 @@ with torch.no_grad():
         worst = max(worst, rel(ext.linear(xl.float(), wl.float(), bl.float()), reference.linear(xl, wl, bl)),
                     rel(ext.linear_bf16(xl.float(), wl.bfloat16(), bl.float()), reference.linear_bf16(xl, wl.bfloat16(), bl)),
                     rel(ext.linear_int8(xl.float(), wq, sq, bl.float()), reference.linear_int8(xl, wq, sq.double(), bl)))
+# a whole block's decoding step in one op (int8 weights, head dim 80, a hidden width off the vector width)
+from gptfast.model.quantize import quantize_int8_rows
+def lw(N, K):
+    q, s = quantize_int8_rows(torch.randn(N, K) * K ** -0.5)
+    return ops.LinearWeights(q, s, torch.randn(N) * 0.1)
+C, F = 160, 400
+blk = ops.BlockWeights(1 + 0.1 * torch.randn(C), 0.1 * torch.randn(C), (lw(3 * C, C),), lw(C, C), 1 + 0.1 * torch.randn(C),
+                       0.1 * torch.randn(C), lw(F, C), lw(C, F))
+as64 = lambda L: ops.LinearWeights(L.weight, L.scales.double(), L.bias.double())
+blk64 = ops.BlockWeights(*(t.double() for t in (blk.ln1_weight, blk.ln1_bias)), (as64(blk.qkv[0]),), as64(blk.out),
+                         *(t.double() for t in (blk.ln2_weight, blk.ln2_bias)), as64(blk.fc), as64(blk.proj))
+xb, kc, vc = torch.randn(3, 1, C), torch.randn(3, 2, 12, 80), torch.randn(3, 2, 12, 80)
+ref = reference.decode_block(xb.double(), blk64, kc.double(), vc.double(), 9)
+with torch.no_grad():
+    worst = max(worst, rel(ext.decode_block(xb, blk, kc, vc, 9), ref))
 print(cpu_kernels_isa(), worst)
 """
 

@@ -96,9 +96,9 @@ def test_set_backend_reaches_every_op_module(monkeypatch):
     model = GPTModel(small_config(backend="reference"))
     model.set_backend("torch")
     holders = [m for m in model.modules() if m is not model and hasattr(m, "backend")]
-    # per block: 2 LayerNorms, attention, GELU, 6 linear layers (Q, K, V, out, fc, proj), the residual dropout;
-    # the embedding dropout, the final LN, the LM head
-    assert len(holders) == 2 * 11 + 3
+    # per block: 2 LayerNorms, attention, GELU, 6 linear layers (Q, K, V, out, fc, proj), the residual dropout,
+    # the block itself (its fused decoding step); the embedding dropout, the final LN, the LM head
+    assert len(holders) == 2 * 12 + 3
     assert {m.backend for m in holders} == {"torch"} and model.backend == "torch"
     monkeypatch.setenv("GPTFAST_BACKEND", "reference")
     assert GPTModel(small_config()).backend == "reference"
