@@ -80,6 +80,17 @@ std::pair<int64_t, int64_t> column_share(int64_t N, int64_t t, int64_t nt) {
   return {std::min(N, blocks * t / nt * kDecodeColumnBlock), std::min(N, blocks * (t + 1) / nt * kDecodeColumnBlock)};
 }
 
+// This thread's share of y (B x N) = a (B x K, row stride lda) W^T + residual (B x N): the residual added to
+// the columns the thread computed, so no barrier in between.
+void linear_plus_residual(const float* a, int64_t lda, int64_t B, const LinearArgs& L, const float* residual,
+                          float* y, int64_t t, int64_t nt) {
+  const int64_t N = L.N;
+  const auto [c0, c1] = column_share(N, t, nt);
+  linear_columns(a, lda, B, L.w, L.scales, L.bias, y, N, c0, c1);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = c0; c < c1; ++c) y[b * N + c] += residual[b * N + c];
+}
+
 at::Tensor decode_block_cpu(const at::Tensor& x, const at::Tensor& ln1_weight, const at::Tensor& ln1_bias,
                             at::TensorList qkv_weights, const c10::List<std::optional<at::Tensor>>& qkv_scales,
                             const c10::List<std::optional<at::Tensor>>& qkv_biases, const at::Tensor& out_weight,
@@ -174,12 +185,7 @@ at::Tensor decode_block_cpu(const at::Tensor& x, const at::Tensor& ln1_weight, c
       attention_last_row_f32(q, kh, vh, n_keys, D, scale, att + b * C + hd * D, pscratch + t * (n_keys + 2 * D));
     }
 #pragma omp barrier
-    {                                                                     // x1 = att W_out^T + x
-      const auto [c0, c1] = column_share(C, t, n);
-      linear_columns(att, C, B, out.w, out.scales, out.bias, x1, C, c0, c1);
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t c = c0; c < c1; ++c) x1[b * C + c] += px[b * C + c];
-    }
+    linear_plus_residual(att, C, B, out, px, x1, t, n);                  // x1 = att W_out^T + x
 #pragma omp barrier
     for (int64_t b = t; b < B; b += n)                                    // h = ln2(x1)
       layer_norm_row_f32(x1 + b * C, ln2_weight.data_ptr<float>(), ln2_bias.data_ptr<float>(), h + b * C, C, eps);
@@ -190,12 +196,7 @@ at::Tensor decode_block_cpu(const at::Tensor& x, const at::Tensor& ln1_weight, c
       for (int64_t b = 0; b < B; ++b) gelu_span_f32(f + b * F + c0, f + b * F + c0, c1 - c0);
     }
 #pragma omp barrier
-    {                                                                     // y = f W_proj^T + x1
-      const auto [c0, c1] = column_share(C, t, n);
-      linear_columns(f, F, B, proj.w, proj.scales, proj.bias, py, C, c0, c1);
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t c = c0; c < c1; ++c) py[b * C + c] += x1[b * C + c];
-    }
+    linear_plus_residual(f, F, B, proj, x1, py, t, n);                   // y = f W_proj^T + x1
   }
   return y;
 }
