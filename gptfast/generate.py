@@ -10,6 +10,7 @@ the `extension` backend on CPU), instead of ~12 op calls a block.
 """
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Iterator
 
@@ -150,16 +151,24 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, context_size: int | 
     return torch.cat([idx, *new], dim=1) if new else idx
 
 
-def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, **kwargs) -> Iterator[str]:
+def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, stats: dict | None = None,
+                **kwargs) -> Iterator[str]:
     """Yield the continuation of `prompt` as text pieces, as the tokens are produced.
 
-    A piece is held back while the tokens so far end inside a multi-byte character.
+    A piece is held back while the tokens so far end inside a multi-byte character. `stats`, if given,
+    is filled as the tokens come: "tokens" so far, "first_token_s" (the prompt's forward and the first
+    token) and "decode_s" (the tokens after it), in seconds.
     """
     device = model.device
     idx = text_to_token_ids(prompt, tokenizer).to(device)
     ids, emitted = [], ""
+    t0 = time.perf_counter()
     for tok in generate_tokens(model, idx, max_new_tokens, **kwargs):
-        ids.append(int(tok[0, 0]))
+        ids.append(int(tok[0, 0]))                               # (int(): the token is computed by now)
+        if stats is not None:
+            elapsed = time.perf_counter() - t0
+            stats.setdefault("first_token_s", elapsed)
+            stats.update(tokens=len(ids), decode_s=elapsed - stats["first_token_s"])
         text = tokenizer.decode(ids)
         if not text.endswith("\ufffd") and len(text) > len(emitted):
             yield text[len(emitted):]

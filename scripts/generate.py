@@ -93,13 +93,26 @@ def main(argv=None) -> int:
         print(f"wrote {args.save_quantized}", file=sys.stderr)
     for prompt in args.prompt or ["Every effort moves you"]:
         print(prompt, end="", flush=True)
-        for piece in stream_text(model, tokenizer, prompt, args.max_new_tokens, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        stats = {}
+        for piece in stream_text(model, tokenizer, prompt, args.max_new_tokens, stats=stats,
+                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                  eos_id=tokenizer.eot_id if args.stop_at_eos else None,
                                  use_cache=False if args.no_cache else None):
             print(piece, end="", flush=True)
         print()
+        print(speed_line(stats), file=sys.stderr)
     return 0
+
+
+def speed_line(stats: dict) -> str:
+    """'(N tokens: the first after X s, then Y tokens/s)' - the prompt's forward apart from the decoding rate."""
+    n = stats.get("tokens", 0)
+    if n == 0:
+        return "(no tokens generated)"
+    line = f"({n} token{'s' * (n != 1)}: the first after {stats['first_token_s']:.2f} s"
+    if n > 1 and stats["decode_s"] > 0:
+        line += f", then {(n - 1) / stats['decode_s']:.1f} tokens/s"
+    return line + ")"
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The scripts as a user runs them: subprocesses, exit codes, what they print."""
 import os
+import re
 import subprocess
 import sys
 
@@ -80,6 +81,7 @@ def test_train_then_generate(tmp_path):
               "--max-new-tokens", "8", "--temperature", "0.8", "--top-k", "20", "--seed", "3")
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.startswith("I had always") and len(gen.stdout) > len("I had always")
+    assert re.search(r"\(8 tokens: the first after \d+\.\d\d s, then \d+\.\d tokens/s\)", gen.stderr), gen.stderr
     again = run("scripts/generate.py", "--checkpoint", str(out / "model.safetensors"), "--prompt",
                 "I had always", "--max-new-tokens", "8", "--temperature", "0.8", "--top-k", "20",
                 "--seed", "3")

@@ -133,6 +133,17 @@ def test_stream_text_yields_the_same_text_as_generate(gpt2_tokenizer):
 
     torch.manual_seed(0)
     m = GPTModel(GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_heads=2, n_layers=1))
-    pieces = list(stream_text(m, gpt2_tokenizer, "Hello", 12))
+    stats = {}
+    pieces = list(stream_text(m, gpt2_tokenizer, "Hello", 12, stats=stats))
     whole = token_ids_to_text(generate(m, text_to_token_ids("Hello", gpt2_tokenizer), 12), gpt2_tokenizer)
     assert len(pieces) > 1 and "Hello" + "".join(pieces) == whole
+    assert stats["tokens"] == 12 and stats["first_token_s"] > 0 and stats["decode_s"] > 0
+
+
+def test_generate_script_speed_line():
+    from scripts.generate import speed_line
+
+    assert speed_line({}) == "(no tokens generated)"
+    assert speed_line({"tokens": 1, "first_token_s": 0.25, "decode_s": 0.0}) == "(1 token: the first after 0.25 s)"
+    assert speed_line({"tokens": 11, "first_token_s": 0.5, "decode_s": 0.2}) == \
+        "(11 tokens: the first after 0.50 s, then 50.0 tokens/s)"
