@@ -59,7 +59,7 @@ def to_float64(weights):
 # (B, n_heads, head_dim, F, context, start_pos): head dims 16-128 incl. 80, F off the vector width,
 # the first position, a cache one short of full, batch 1 and the kernel's largest batch
 SHAPES = [(1, 2, 80, 640, 8, 0), (3, 3, 16, 100, 130, 129), (16, 1, 128, 512, 20, 6), (7, 4, 64, 1024, 1001, 999),
-          (2, 5, 24, 360, 9, 4)]
+          (2, 5, 24, 360, 9, 4), (2, 1, 33, 70, 5, 3)]   # the last: C = 33, no whole vector in a row
 
 
 @pytest.mark.parametrize("kind", ["float32", "bf16", "int8"])
@@ -82,6 +82,20 @@ def test_against_float64_reference(kind, shape):
     others[p] = False                                             # every other cache row untouched
     assert torch.equal(k_cache[:, :, others], k_before[:, :, others])
     assert torch.equal(v_cache[:, :, others], v_before[:, :, others])
+
+
+def test_strided_x():
+    """x as a view with gaps (every other element of a wider tensor) gives what its contiguous copy gives."""
+    weights = make_block("int8", 48, 192, stacked=True, seed=4)
+    wide = rand(3, 1, 96, seed=5)
+    x = wide[:, :, ::2]
+    assert not x.is_contiguous()
+    k, v = rand(3, 2, 7, 24, seed=6), rand(3, 2, 7, 24, seed=7)
+    k2, v2 = k.clone(), v.clone()
+    with torch.no_grad():
+        y = ops.decode_block(x, weights, k, v, 5, backend="extension")
+        assert torch.equal(y, ops.decode_block(x.contiguous(), weights, k2, v2, 5, backend="extension"))
+    assert rel_error(y, reference.decode_block(x.double(), to_float64(weights), k.double(), v.double(), 5)) < 1e-5
 
 
 def tiny_config(**kw):
