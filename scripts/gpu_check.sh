@@ -83,13 +83,7 @@ cuda_kernels() {   # the standalone checks: kernels vs CPU references, errors an
   nvcc -o "$out/gptfast_cuda_test" "${objs[@]}" && rm -f "${objs[@]}" \
     && "$out/gptfast_cuda_test" && GPTFAST_CUDA_ATTENTION=simt "$out/gptfast_cuda_test"
 }
-gpu_bench_generate() {   # decoding: our CUDA linear kernels, then the Triton ones (the auto table has no GPU rows yet)
-  python benchmarks/bench_generate.py --device cuda --presets gpt2-124m --batch-sizes 1,8 --quantize none,bf16,int8 \
-    --backend extension --rounds 2 --out "$out/bench_generate_cuda_extension.json" || return 1
-  python benchmarks/bench_generate.py --device cuda --presets gpt2-124m --batch-sizes 1 --quantize bf16,int8 \
-    --backend triton --rounds 2 --no-baseline --out "$out/bench_generate_cuda_triton.json"
-}
-tests() {   # the tests with GPU paths first: CUDA kernels, Triton kernels, the op interface
+gpu_tests() {   # the tests with GPU paths first: CUDA kernels, Triton kernels, the op interface
   python -m pytest -q -ra -p no:cacheprovider --junitxml="$out/gpu_tests.xml" tests/test_extension_cuda.py \
     tests/test_triton.py tests/test_ops.py
 }

@@ -1,4 +1,5 @@
 """scripts/gpu_check.sh, the one command of a GPU session, dry-run here: every GPU stage skips with its reason."""
+import re
 import subprocess
 
 import pytest
@@ -16,6 +17,7 @@ def test_dry_run_without_a_gpu_skips_every_stage_and_still_writes_the_summary(tm
     done = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "not a function" not in done.stderr and "command not found" not in done.stderr, done.stderr
     summary = (tmp_path / "SUMMARY.md").read_text()
     assert summary.startswith("# gptfast GPU check")
     for stage in STAGES:           # in the documented order, each with its reason
@@ -28,3 +30,17 @@ def test_an_unknown_stage_is_refused(tmp_path):
     done = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path), "bench_opps"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "unknown stage bench_opps" in done.stdout
+
+
+def test_every_stage_runs_a_function_defined_once():
+    """Each stage's command is python or a shell function defined exactly once and exported to the stage's
+    child shell (a rename once left `gpu_tests` undefined and `tests` defined twice; the dry run skips
+    every stage, so only this reads what a GPU run would call)."""
+    text = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    defined = re.findall(r"^([a-z_]+)\(\) \{", text, flags=re.M)
+    assert len(defined) == len(set(defined)), defined
+    exported = re.search(r"^export -f (.+)$", text, flags=re.M).group(1).split()
+    assert set(exported) <= set(defined), set(exported) - set(defined)
+    for stage in (*STAGES, "tests"):
+        command = re.search(rf"^\s+{stage}\) run {stage} \d+ (\S+)", text, flags=re.M).group(1)
+        assert command == "python" or command in exported, (stage, command)
