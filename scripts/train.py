@@ -18,7 +18,7 @@ import sys
 
 from gptfast.cli import OneLineParser
 from gptfast.training import USER_ERRORS, NonFiniteLoss, TrainingStopped, run_training
-from gptfast.training.parallel import launched_world_size, main_process_echo
+from gptfast.training.parallel import launched_world_size, let_the_main_process_speak, main_process_echo
 from gptfast.training.settings import add_arguments, from_flags
 
 
@@ -48,6 +48,7 @@ def main(argv=None) -> int:
         run_training(settings)
     except USER_ERRORS as err:
         say(f"train.py: error: {err}", file=sys.stderr)
+        let_the_main_process_speak()
         return 2
     except NonFiniteLoss as err:
         say(f"train.py: stopped: {err}", file=sys.stderr)

@@ -152,7 +152,7 @@ def test_torchrun_with_an_indivisible_grad_accum_says_so_once(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode != 0
     assert done.stderr.count("train.py: error: --grad-accum 3 must be a multiple of the number of "
-                             "processes (2)") == 1                                  # said once, by rank 0
+                             "processes (2)") == 1, done.stderr                     # said once, by rank 0
     assert f"{ROOT / 'gptfast'}{os.sep}" not in done.stderr   # no traceback through our code (torchrun adds its own)
 
 

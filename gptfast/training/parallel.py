@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,15 @@ def main_process_echo(echo=print):
     """`echo` in the process torchrun ranked 0 (or a plain run), silence in the others - for what is said
     before a run's `Parallelism` exists or after it is gone (the script's error lines)."""
     return echo if int(os.environ.get("RANK", "0")) == 0 else _silent
+
+
+def let_the_main_process_speak(seconds: float = 5.0) -> None:
+    """Before a process torchrun ranked above 0 exits on an error every process hits (a bad flag, say): wait.
+    torchrun stops all processes as soon as one fails, so a fast rank 1 could otherwise stop rank 0 before it
+    has printed why (seen on CI). Rank 0, or a plain run, returns at once; a rank still waiting is stopped by
+    torchrun when rank 0 exits."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        time.sleep(seconds)
 
 
 @dataclass(frozen=True)
