@@ -65,5 +65,43 @@ def isa_extensions(meta, src_hash, CppExtension):
             for isa in meta.extra_isas()]
 
 
+def reusing_build_ext(BuildExtension, meta):
+    """build_ext that reuses a module already in the package folder when it was built from the same sources,
+    flags and torch (the build record's key): the second `pip install -e .` of a fresh clone (the test extras
+    after the first line) copies it instead of compiling both CPU builds again. Anything changed: it compiles."""
+    import torch
+
+    src_hash = meta.source_hash(ROOT)
+
+    class ReusingBuildExt(BuildExtension):
+        def _in_tree(self, ext):
+            return os.path.join(ROOT, *ext.name.split(".")[:-1], os.path.basename(self.get_ext_filename(ext.name)))
+
+        def run(self):
+            # each module's key from its flags as given (torch's BuildExtension adds its own while building)
+            self._keys = {ext.name: meta.build_key(ext.name, ext.sources, ext.extra_compile_args, torch.__version__,
+                                                   src_hash) for ext in self.extensions}
+            super().run()
+            if self.inplace:                # an editable install: the package folder now holds what was built
+                for ext in self.extensions:
+                    if os.path.isfile(self._in_tree(ext)):
+                        meta.record_built(ext.name, self._keys[ext.name])
+
+        def build_extension(self, ext):
+            in_tree, target = self._in_tree(ext), self.get_ext_fullpath(ext.name)
+            if os.path.isfile(in_tree) and meta.built_key(ext.name) == self._keys[ext.name] \
+                    and os.path.abspath(in_tree) != os.path.abspath(target):
+                print(f"gptfast: {ext.name} is up to date (same sources, flags and torch): reused, not recompiled")
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                self.copy_file(in_tree, target)
+                return
+            super().build_extension(ext)
+
+    return ReusingBuildExt
+
+
 ext_modules, cmdclass = extension_modules()
+if cmdclass:
+    from torch.utils.cpp_extension import BuildExtension
+    cmdclass["build_ext"] = reusing_build_ext(BuildExtension, load_build_meta())
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

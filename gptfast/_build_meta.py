@@ -134,9 +134,30 @@ def cxx_flags(src_hash: str | None, isa: str | None = None) -> list[str]:
 
 
 def write_build_info(torch_version: str, src_hash: str | None, path: str = BUILD_INFO_FILE) -> None:
+    """The record of the build now starting; `built` keeps, per module, the build key of the module file
+    already in the package folder when it was made by this same build (see record_built)."""
+    old = read_build_info(path) or {}
     with open(path, "w") as f:
         json.dump({"torch_version": torch_version, "source_hash": src_hash, "cpu_isa": cpu_isa(),
-                   "extra_isas": extra_isas()}, f)
+                   "extra_isas": extra_isas(), "built": old.get("built", {})}, f)
+
+
+def build_key(module: str, sources: list[str], flags: dict, torch_version: str, src_hash: str | None) -> str:
+    """What a compiled module depends on: its sources' fingerprint, its compiler flags and torch's version."""
+    text = json.dumps([module, sorted(sources), flags, torch_version, src_hash], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def record_built(module: str, key: str, path: str = BUILD_INFO_FILE) -> None:
+    """Note that the module file now in the package folder was built with `key`."""
+    info = read_build_info(path) or {}
+    info.setdefault("built", {})[module] = key
+    with open(path, "w") as f:
+        json.dump(info, f)
+
+
+def built_key(module: str, path: str = BUILD_INFO_FILE) -> str | None:
+    return (read_build_info(path) or {}).get("built", {}).get(module)
 
 
 def read_build_info(path: str = BUILD_INFO_FILE) -> dict | None:

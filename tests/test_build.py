@@ -109,3 +109,20 @@ def test_cmake_builds_every_cuda_kernel_file():
                                                              re.S).group(1)))
     on_disk = {p.name for p in (ROOT / "csrc" / "cuda").glob("*.cu") if not p.name.startswith("test_")}
     assert listed == on_disk
+
+
+def test_a_build_is_reused_only_under_the_same_key(tmp_path):
+    """setup.py copies a module already in the package folder instead of compiling it again when the build
+    record holds the key of the same sources, flags and torch (the README's second install line)."""
+    record = str(tmp_path / "_C_build.json")
+    key = meta.build_key("gptfast._C", ["csrc/a.cpp"], {"cxx": ["-O3"]}, "2.13.0", "abc")
+    meta.write_build_info("2.13.0", "abc", path=record)
+    assert meta.built_key("gptfast._C", path=record) is None
+    meta.record_built("gptfast._C", key, path=record)
+    meta.write_build_info("2.13.0", "abc", path=record)            # a new build starting keeps what was built
+    assert meta.built_key("gptfast._C", path=record) == key
+    for changed in (meta.build_key("gptfast._C", ["csrc/a.cpp"], {"cxx": ["-O2"]}, "2.13.0", "abc"),
+                    meta.build_key("gptfast._C", ["csrc/a.cpp"], {"cxx": ["-O3"]}, "2.12.0", "abc"),
+                    meta.build_key("gptfast._C", ["csrc/a.cpp"], {"cxx": ["-O3"]}, "2.13.0", "abd"),
+                    meta.build_key("gptfast._C_avx512", ["csrc/a.cpp"], {"cxx": ["-O3"]}, "2.13.0", "abc")):
+        assert changed != key

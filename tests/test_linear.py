@@ -209,3 +209,25 @@ def test_cuda_kernel_in_emulation_is_part_of_the_standalone_check():
     standalone check (csrc/cuda/test_kernels.cu), which calls its test."""
     text = (ROOT / "csrc" / "cuda" / "test_kernels.cu").read_text()
     assert (ROOT / "csrc" / "cuda" / "linear.cu").is_file() and "test_linear(" in text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["int8", "float32"])
+def test_strided_scales_bias_and_weight_are_read_by_their_strides(backend, kind):
+    """Views into larger tensors (every other element, a transposed weight): the Triton kernel once read
+    scales and bias as if packed - linear_int8 of ones with scales [1, 100, 2, 100][::2] gave [[2, 200]]."""
+    device = device_for(backend)
+    x = torch.ones(1, 2, device=device)
+    if kind == "int8":
+        w = torch.ones(2, 2, dtype=torch.int8, device=device)
+        scales = torch.tensor([1.0, 100.0, 2.0, 100.0], device=device)[::2]
+        assert not scales.is_contiguous()
+        out = ops.linear_int8(x, w, scales, None, backend=backend)
+        assert torch.equal(out.cpu(), torch.tensor([[2.0, 4.0]]))
+        bias = torch.tensor([0.5, -7.0, 1.5, -7.0], device=device)[::2]
+        assert torch.equal(ops.linear_int8(x, w, scales, bias, backend=backend).cpu(), torch.tensor([[2.5, 5.5]]))
+    else:
+        wt = torch.tensor([[1.0, 3.0], [2.0, 4.0]], device=device).t()        # (N, K) = [[1, 2], [3, 4]], strided
+        bias = torch.tensor([10.0, -1.0, 20.0, -1.0], device=device)[::2]
+        out = ops.linear(x, wt, bias, backend=backend)
+        assert torch.equal(out.cpu(), torch.tensor([[13.0, 27.0]]))

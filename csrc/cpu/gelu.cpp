@@ -13,7 +13,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include <cmath>
+#include <algorithm>
 
 #include "../common.h"
 #include "decode_parts.h"
@@ -28,45 +28,53 @@ constexpr double kK0 = 0.7978845608028654;  // sqrt(2 / pi)
 constexpr double kK1 = 0.044715;
 constexpr int64_t kGrain = 32768;
 
+// The math of one vector of GELU, forward and backward. The last, partial vector of a span goes
+// through the same code (padded with zeros), never through a scalar loop: std::exp and the vector exp
+// round differently, and an element's result must not depend on where it sits in the tensor (a row
+// alone gives the same bits as that row in a batch, and the fused decoding block as the op).
+template <typename A>
+inline at::vec::Vectorized<A> gelu_vec(const at::vec::Vectorized<A>& x) {
+  using Vec = at::vec::Vectorized<A>;
+  const Vec one(1), m2k0(-2 * kK0), k1(kK1);
+  const Vec e = (m2k0 * at::vec::fmadd(k1 * x * x, x, x)).exp();     // exp(-2u)
+  return x / (one + e);
+}
+
+template <typename A>
+inline at::vec::Vectorized<A> gelu_grad_vec(const at::vec::Vectorized<A>& dy, const at::vec::Vectorized<A>& x) {
+  using Vec = at::vec::Vectorized<A>;
+  const Vec one(1), two(2), m2k0(-2 * kK0), k1(kK1), k0(kK0), three_k1(3 * kK1);
+  const Vec x2 = x * x;
+  const Vec sg = one / (one + (m2k0 * at::vec::fmadd(k1 * x2, x, x)).exp());   // sigmoid(2u)
+  const Vec du = k0 * at::vec::fmadd(three_k1, x2, one);                      // u'
+  return dy * (sg + two * x * sg * (one - sg) * du);
+}
+
 // T: the storage type; the math runs in A = acc_t<T> (float32 for bfloat16/float16 storage)
 template <typename T>
 void gelu_fwd_span(const T* x, T* y, int64_t n) {
-  using A = acc_t<T>;
-  using Vec = Vectorized<A>;
-  constexpr int64_t V = Vec::size();
-  const Vec one(1), m2k0(-2 * kK0), k1(kK1);
+  constexpr int64_t V = at::vec::Vectorized<acc_t<T>>::size();
   int64_t i = 0;
-  for (; i + V <= n; i += V) {
-    Vec xv = load_acc(x + i);
-    Vec e = (m2k0 * at::vec::fmadd(k1 * xv * xv, xv, xv)).exp();      // exp(-2u)
-    store_acc(xv / (one + e), y + i);
-  }
-  for (; i < n; ++i) {
-    const A xv = x[i];
-    y[i] = static_cast<T>(xv / (A(1) + std::exp(A(-2 * kK0) * (xv + A(kK1) * xv * xv * xv))));
+  for (; i + V <= n; i += V) store_acc(gelu_vec(load_acc(x + i)), y + i);
+  if (i < n) {                                                      // the tail: one padded vector
+    T xs[V] = {}, ys[V];
+    std::copy(x + i, x + n, xs);
+    store_acc(gelu_vec(load_acc(xs)), ys);
+    std::copy(ys, ys + (n - i), y + i);
   }
 }
 
 template <typename T>
 void gelu_bwd_span(const T* dy, const T* x, T* dx, int64_t n) {
-  using A = acc_t<T>;
-  using Vec = Vectorized<A>;
-  constexpr int64_t V = Vec::size();
-  const Vec one(1), two(2), m2k0(-2 * kK0), k1(kK1), k0(kK0), three_k1(3 * kK1);
+  constexpr int64_t V = at::vec::Vectorized<acc_t<T>>::size();
   int64_t i = 0;
-  for (; i + V <= n; i += V) {
-    Vec xv = load_acc(x + i);
-    Vec x2 = xv * xv;
-    Vec sg = one / (one + (m2k0 * at::vec::fmadd(k1 * x2, xv, xv)).exp());   // sigmoid(2u)
-    Vec du = k0 * at::vec::fmadd(three_k1, x2, one);                         // u'
-    Vec grad = sg + two * xv * sg * (one - sg) * du;
-    store_acc(load_acc(dy + i) * grad, dx + i);
-  }
-  for (; i < n; ++i) {
-    const A xv = x[i], x2 = xv * xv;
-    const A sg = A(1) / (A(1) + std::exp(A(-2 * kK0) * (xv + A(kK1) * x2 * xv)));
-    const A du = A(kK0) * (A(1) + A(3 * kK1) * x2);
-    dx[i] = static_cast<T>(A(dy[i]) * (sg + A(2) * xv * sg * (A(1) - sg) * du));
+  for (; i + V <= n; i += V) store_acc(gelu_grad_vec(load_acc(dy + i), load_acc(x + i)), dx + i);
+  if (i < n) {
+    T dys[V] = {}, xs[V] = {}, dxs[V];
+    std::copy(dy + i, dy + n, dys);
+    std::copy(x + i, x + n, xs);
+    store_acc(gelu_grad_vec(load_acc(dys), load_acc(xs)), dxs);
+    std::copy(dxs, dxs + (n - i), dx + i);
   }
 }
 

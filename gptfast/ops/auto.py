@@ -181,6 +181,18 @@ def supports_kv_cache(device: torch.device) -> bool:
     return registry.supports_kv_cache(choose("attention", device.type, "float32").backend, device)
 
 
+def table_picks(device_type: str, dtype: str) -> dict[str, str]:
+    """The table's first choice per op on `device_type` at `dtype` (Triton's CPU interpreter never), read from
+    the shipped table alone: no backend is loaded or compiled (`--help` shows it). A run may take the next one
+    where that backend cannot run here; `choices` says what it takes."""
+    picks = {}
+    for row in _TABLE.get("rows", []):
+        if (row["device"], row["dtype"]) == (device_type, dtype):
+            runnable = [e["backend"] for e in row["ranking"] if e["backend"] != "triton" or device_type == "cuda"]
+            picks[row["op"]] = runnable[0] if runnable else FALLBACK
+    return {op: picks.get(op, FALLBACK) for op in TABLE_OPS}
+
+
 def choices(device_type: str, dtype: str) -> dict[str, Choice]:
     """What `auto` runs for every op on `device_type` at `dtype`."""
     return {op: choose(op, device_type, dtype) for op in TABLE_OPS}

@@ -36,9 +36,11 @@ def setting(default, help: str, *, type=None, choices=None, nargs=None):
 def backend_help() -> str:
     from ..ops import auto
 
-    picks = ", ".join(f"{op} {c.backend}" for op, c in auto.choices("cpu", "float32").items())
+    # from the shipped table alone: printing help loads (and compiles) no backend
+    picks = ", ".join(f"{op} {backend}" for op, backend in auto.table_picks("cpu", "float32").items())
     return (f"op backend: {', '.join(ops.known_backends())} (default: $GPTFAST_BACKEND or auto, which picks per op "
-            f"what measurably wins on this device; on this CPU at float32: {picks})")
+            f"what measurably wins on this device; on a CPU at float32 its table says: {picks}; a run prints what "
+            "it takes)")
 
 
 @dataclass

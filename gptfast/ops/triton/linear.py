@@ -80,7 +80,11 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | Non
         return (y + bias if bias is not None else y).view(*x.shape[:-1], N)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    # every operand is read with its rows packed (the kernel takes x's row stride only): a strided view of
+    # the weight, the scales or the bias is made contiguous first
     weight = weight.contiguous()
+    scales = scales.contiguous() if scales is not None else None
+    bias = bias.contiguous() if bias is not None else None
     if INTERPRET and weight.dtype == torch.bfloat16:             # the interpreter cannot load bfloat16
         weight = weight.float()
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
