@@ -13,13 +13,10 @@ stack), needs more shared memory than one block may have (A100 164 KB, H100 227 
 kernels built on `tl.dot` - shows no tensor-core instruction in its PTX (`mma` on sm_80; `wgmma` on
 sm_90, or `mma` where tiles under 64 rows cannot use wgmma - the table says which).
 
-Which specializations: every launch config - the attention kernels' configs of each tile class
-(`attention.GPU_TILES`: 16-bit or float32 inputs x head dim up to 64 or 128, what the autotuner
-may pick for such a launch), the row widths and block sizes the other launchers choose. In the
-default mode each class is compiled with dropout on (usually more registers), bfloat16 at head dim
-64 also without it (GPT-2 evaluation and generation: every forward config; the backward kernels'
-first config); float16 has bfloat16's resources. `--full` compiles the whole product (float32,
-bfloat16, float16 x head dims 64, 128 x dropout off/on). Builds leave out source-line info unless
+Which specializations: what each kernel file of gptfast/ops/triton/ lists in its `aot_specializations(full)` -
+every launch config (the attention kernels' configs of each tile class, `attention.GPU_TILES`: 16-bit or float32
+inputs x head dim up to 64 or 128, what the autotuner may pick; the row widths and block sizes the other
+launchers choose); `--full` the whole product of dtypes, head dims and dropout settings. Builds leave out source-line info unless
 `--line-info` (see below), ~30% faster: the default run takes 47-85 s on 2 cores with a cold cache
 (median 56 s over the six runs of 2026-12-02's third session; this VM's speed moves from hour to hour).
 
@@ -50,16 +47,11 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-# the kernel modules themselves (the package's names `gelu`, `layer_norm`, ... are its backend functions)
-attention, cross_entropy, dropout, gelu, layer_norm, linear = (  # noqa: E402
-    importlib.import_module(f"gptfast.ops.triton.{name}")
-    for name in ("attention", "cross_entropy", "dropout", "gelu", "layer_norm", "linear"))
+# every Triton kernel file of gptfast (each says, in its aot_specializations, what to compile)
+from gptfast.ops.triton import KERNEL_FILES  # noqa: E402
 
 # target -> (compute capability, max shared memory per block, shared memory per SM), bytes
 TARGETS = {"sm_80": (80, 164 * 1024, 164 * 1024), "sm_90": (90, 227 * 1024, 228 * 1024)}
-TRITON_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-GPT2_ROWS = (768, 1024, 1600)          # LayerNorm widths: GPT-2 small, medium, xl
-VOCAB = 50257
 
 
 class Case:
@@ -75,7 +67,7 @@ def jit_fn(kernel):
 
 
 def signature(fn, types: dict, constexprs: dict) -> dict:
-    """Every argument's Triton type, in order; `types` maps names (or name suffixes) to types."""
+    """Every argument's Triton type, in order."""
     out = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -87,91 +79,13 @@ def signature(fn, types: dict, constexprs: dict) -> dict:
     return out
 
 
-def attention_cases(full: bool) -> list[Case]:
-    """Each kernel's tile classes (attention.GPU_TILES) with every config of the class."""
-    variants = ([(dt, d, drop) for dt in TRITON_DTYPES for d in (64, 128) for drop in (False, True)] if full
-                else [("bfloat16", 64, True), ("bfloat16", 64, False), ("bfloat16", 128, True),
-                      ("float32", 64, True), ("float32", 128, True)])
+def all_cases(full: bool) -> list[Case]:
     cases = []
-    for kernel, kind, extra in ((attention._attn_fwd_kernel, "fwd", {"o_ptr": "*{dt}", "lse_ptr": "*fp32"}),
-                                (attention._attn_bwd_dkdv_kernel, "dkdv", {"dk_ptr": "*{dt}", "dv_ptr": "*{dt}"}),
-                                (attention._attn_bwd_dq_kernel, "dq", {"dq_ptr": "*{dt}"})):
-        fn = jit_fn(kernel)
-        for dt, d, drop in variants:
-            tiles = attention.gpu_tiles(kind, 4 if dt == "float32" else 2, d)
-            if not full and not drop and kind != "fwd":
-                # dropout off: every config of the forward (evaluation and generation run it), the
-                # backward kernels' first config only (training with dropout 0), to keep the run short
-                tiles = tiles[:1]
-            t = TRITON_DTYPES[dt]
-            types = {"q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "do_ptr": f"*{t}", "lse_ptr": "*fp32",
-                     "delta_ptr": "*fp32", "seed_ptr": "*i64", "TQ": "i32", "TK": "i32", "D": "i32",
-                     "qk_scale": "fp32", "sm_scale": "fp32", "threshold": "i32", "keep_scale": "fp32",
-                     **{k: v.format(dt=t) for k, v in extra.items()}}
-            for bm, bn, warps, stages in tiles:
-                const = {"CAUSAL": True, "DROPOUT": drop, "BLOCK_D": d, "BLOCK_M": bm, "BLOCK_N": bn}
-                cases.append(Case(f"attn_{kind}", fn, signature(fn, types, const), const, warps, stages, dot=True,
-                                  label=f"{dt} D{d} drop{int(drop)} M{bm} N{bn} w{warps} s{stages}"))
-    return cases
-
-
-def rowwise_cases(full: bool) -> list[Case]:
-    dtypes = list(TRITON_DTYPES) if full else ["float32"]   # float32: the widest loads and registers
-    cases = []
-    for dt in dtypes:
-        t = TRITON_DTYPES[dt]
-        block_v = cross_entropy._block_v(VOCAB)
-        fn = jit_fn(cross_entropy._ce_fwd_kernel)
-        const = {"COMPUTE_GRAD": True, "BLOCK_V": block_v}
-        types = {"logits_ptr": f"*{t}", "targets_ptr": "*i64", "loss_ptr": "*fp32", "lse_ptr": "*fp32",
-                 "dlogits_ptr": f"*{t}", "V": "i32", "ignore_index": "i32"}
-        cases.append(Case("ce_fwd", fn, signature(fn, types, const), const, label=f"{dt} V{VOCAB} BV{block_v}"))
-        fn = jit_fn(cross_entropy._scale_rows_kernel)
-        const = {"BLOCK_V": block_v}
-        types = {"dlogits_ptr": f"*{t}", "grad_ptr": "*fp32", "out_ptr": f"*{t}", "V": "i32"}
-        cases.append(Case("ce_scale_rows", fn, signature(fn, types, const), const, label=f"{dt} BV{block_v}"))
-        for kernel, name in ((gelu._gelu_fwd_kernel, "gelu_fwd"), (gelu._gelu_bwd_kernel, "gelu_bwd")):
-            fn = jit_fn(kernel)
-            const = {"BLOCK": gelu.BLOCK}
-            types = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "dy_ptr": f"*{t}", "dx_ptr": f"*{t}", "n": "i32"}
-            cases.append(Case(name, fn, signature(fn, types, const), const, label=f"{dt} BLOCK{gelu.BLOCK}"))
-        fn = jit_fn(dropout._dropout_kernel)
-        for out, residual in ((t, True), ("fp32", True), (t, False)):   # a 16-bit branch into a float32 stream
-            block_r, block_c = dropout.launch_shape(GPT2_ROWS[0])
-            const = {"HAS_RESIDUAL": residual, "BLOCK_R": block_r, "BLOCK_C": block_c}
-            types = {"x_ptr": f"*{t}", "res_ptr": f"*{out}", "y_ptr": f"*{out}", "seed_ptr": "*i64", "rows": "i32",
-                     "C": "i32", "threshold": "i32", "scale": "fp32"}
-            cases.append(Case("dropout_add", fn, signature(fn, types, const), const,
-                              label=f"{dt} -> {out}{' + residual' if residual else ''} R{block_r} C{block_c}"))
-        for width in sorted({triton.next_power_of_2(c): c for c in GPT2_ROWS}.values()):
-            rows, block_c, warps = layer_norm.launch_shape(8192, width)
-            const = {"ROWS": rows, "BLOCK_C": block_c}
-            types = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "y_ptr": f"*{t}", "dy_ptr": f"*{t}",
-                     "dx_ptr": f"*{t}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dw_part_ptr": "*fp32",
-                     "db_part_ptr": "*fp32", "n_rows": "i32", "C": "i32", "eps": "fp32"}
-            for kernel, name in ((layer_norm._ln_fwd_kernel, "ln_fwd"), (layer_norm._ln_bwd_kernel, "ln_bwd")):
-                fn = jit_fn(kernel)
-                cases.append(Case(name, fn, signature(fn, types, const), const, num_warps=warps,
-                                  label=f"{dt} C{width} ROWS{rows} w{warps}"))
-    return cases
-
-
-def linear_cases(full: bool) -> list[Case]:
-    """The decoding linear layer: each weight type at the tile shapes of 1, 4 and 16 rows of x
-    (float32 activations; bfloat16 ones in --full)."""
-    fn = jit_fn(linear._linear_kernel)
-    cases = []
-    for xt in (["float32", "bfloat16"] if full else ["float32"]):
-        for wt in ("fp32", "bf16", "i8"):
-            for rows in (1, 4, 16):
-                block_m, block_n, block_k = linear.launch_shape(rows)
-                const = {"HAS_SCALES": wt == "i8", "HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                         "BLOCK_K": block_k}
-                x = TRITON_DTYPES[xt]
-                types = {"x_ptr": f"*{x}", "w_ptr": f"*{wt}", "scales_ptr": "*fp32", "bias_ptr": f"*{x}", "y_ptr": f"*{x}",
-                         "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32"}
-                cases.append(Case("linear", fn, signature(fn, types, const), const,
-                                  label=f"x {xt} w {wt} M{block_m} N{block_n} K{block_k}"))
+    for module in KERNEL_FILES:
+        for sp in module.aot_specializations(full):
+            fn = jit_fn(sp.fn)
+            cases.append(Case(sp.kernel, fn, signature(fn, sp.types, sp.constexprs), sp.constexprs, sp.num_warps,
+                              sp.num_stages, sp.dot, sp.label))
     return cases
 
 
@@ -243,7 +157,7 @@ def loop_bodies(ptx: str) -> list[int]:
 def loop_profile() -> int:
     """The causal split's effect on the instruction stream: the forward kernel's loop bodies (bf16,
     D 64, BLOCK_M 128, BLOCK_N 64, 8 warps, no dropout) per target; the unmasked loop comes first."""
-    case = next(c for c in attention_cases(False) if c.kernel == "attn_fwd" and c.label.startswith("bfloat16 D64 drop0")
+    case = next(c for c in all_cases(False) if c.kernel == "attn_fwd" and c.label.startswith("bfloat16 D64 drop0")
                 and "M128 N64" in c.label)
     for target, (cc, _, _) in TARGETS.items():
         compiled = triton.compile(ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs),
@@ -256,10 +170,6 @@ def loop_profile() -> int:
 def _work(args):
     index, full, target = args
     return compile_case(all_cases(full)[index], target)
-
-
-def all_cases(full: bool) -> list[Case]:
-    return attention_cases(full) + rowwise_cases(full) + linear_cases(full)
 
 
 def table(rows: list[dict], markdown: bool) -> str:

@@ -22,6 +22,8 @@ import math
 import os
 from collections import defaultdict
 
+from gptfast.ops.spec import OPS
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 TABLE = os.path.join(os.path.dirname(HERE), "gptfast", "ops", "auto_table.json")
@@ -32,12 +34,10 @@ MIN_WIN = 1.03
 # unfused `torch` path unless measurably slower: below FUSED_MIN of its speed.
 MEMORY_OPS = ("linear_cross_entropy",)
 FUSED_MIN = 0.9
-INFERENCE_OPS = ("linear", "linear_int8", "linear_bf16")      # no backward: ranked by the forward
-COMPARE_OPS = {"layer_norm": ["layer_norm"], "gelu": ["gelu"], "cross_entropy": ["cross_entropy"],
-               "linear_cross_entropy": ["linear_cross_entropy"],
-               "causal_attention": ["attention", "attention_dropout"],
-               "linear": ["linear"], "linear_int8": ["linear_int8"], "linear_bf16": ["linear_bf16"],
-               "dropout_add": ["dropout_add"]}
+# from the op modules: the inference-only ops' rows (no backward: ranked by the forward), and which table rows a
+# `compare` row of an op vetoes (attention's: both of its rows)
+INFERENCE_OPS = tuple(op.name for op in OPS.values() if op.inference_only and op.bench is not None)
+COMPARE_OPS = {op.name: list(op.table_keys) for op in OPS.values() if op.bench is not None}
 
 
 def device_type(env: dict) -> str:

@@ -1,5 +1,5 @@
 // The Python module gptfast._C (pybind11): everything that is not an op. The ops themselves are
-// registered with the dispatcher (TORCH_LIBRARY in ops.cpp) and reached as torch.ops.gptfast.*.
+// registered with the dispatcher (each kernel file's TORCH_LIBRARY_FRAGMENT) and reached as torch.ops.gptfast.*.
 // Kept in its own file, including only pybind11, so it compiles quickly.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

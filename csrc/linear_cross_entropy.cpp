@@ -18,6 +18,14 @@
 #include "common.h"
 #include "cpu/cross_entropy.h"
 
+TORCH_LIBRARY_FRAGMENT(gptfast, m) {
+  // The LM head fused with the loss: mean cross-entropy of hidden (N, C) @ weight (V, C)^T against
+  // targets (N,), rows in chunks of chunk_rows so the (N, V) logits never exist; loss is a 0-dim float32
+  // (float64 for float64 inputs). With compute_grad, also the gradients of that mean loss for hidden and
+  // weight, which the backward only scales by the upstream gradient.
+  m.def("linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor targets, int ignore_index, int chunk_rows, bool compute_grad) -> (Tensor loss, Tensor grad_hidden, Tensor grad_weight)");
+}
+
 namespace gptfast {
 namespace {
 

@@ -19,7 +19,7 @@ BUILD_INFO_FILE = os.path.join(PACKAGE_DIR, "_C_build.json")
 
 
 def cpu_sources(root: str = ROOT) -> list[str]:
-    """C++ sources of the CPU build, relative to `root`: the schemas, the kernels, the bindings."""
+    """C++ sources of the CPU build, relative to `root`: the kernels with their schemas, the bindings."""
     found = glob.glob(os.path.join(root, "csrc", "*.cpp")) + glob.glob(os.path.join(root, "csrc", "cpu", "*.cpp"))
     return sorted(os.path.relpath(p, root) for p in found)
 
@@ -126,8 +126,11 @@ ISA_MODULES = {"avx512": "gptfast._C_avx512"}    # the others live in gptfast._C
 
 
 def cxx_flags(src_hash: str | None, isa: str | None = None) -> list[str]:
+    extra_module = isa in ISA_MODULES                 # the AVX-512 module: kernels for schemas gptfast._C defines
     isa = isa or cpu_isa()
     flags = ["-O3", "-g0", "-fopenmp", "-Wno-unknown-pragmas"] + ISA_FLAGS[isa]
+    if extra_module:
+        flags.append("-DGPTFAST_KERNELS_ONLY")
     if src_hash:
         flags.append(f"-DGPTFAST_SOURCE_HASH_HEX=0x{src_hash}ULL")
     return flags

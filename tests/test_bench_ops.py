@@ -10,22 +10,30 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_ops  # noqa: E402
+from gptfast import ops  # noqa: E402
+from gptfast.ops import OPS  # noqa: E402
+
+
+def work(key, shape, dtype, mode):
+    return bench_ops.find_bench(key, shape)[1].work(dtype, mode)
 
 
 def test_work_counts_by_hand():
+    """Each op module's count of one call's bytes or FLOPs."""
     f32 = torch.float32
-    assert bench_ops.forward_work("layer_norm", (8, 768), f32, "fwd") == 2 * 8 * 768 * 4
-    assert bench_ops.forward_work("gelu", (8, 768), f32, "fwd+bwd") == 2 * 2 * 8 * 768 * 4
-    assert bench_ops.forward_work("cross_entropy", (4, 50257), f32, "fwd") == 4 * 50257 * 4
+    assert work("layer_norm", (8, 768), f32, "fwd") == 2 * 8 * 768 * 4
+    assert work("gelu", (8, 768), f32, "fwd+bwd") == 2 * 2 * 8 * 768 * 4
+    assert work("cross_entropy", (4, 50257), f32, "fwd") == 4 * 50257 * 4
     # B=8, H=12, T=1024, D=64: 4 * 96 * 1024^2 * 64 / 2 = 12.88 GFLOP forward, x3.5 with the backward
-    assert bench_ops.forward_work("attention", (8, 12, 1024, 64), f32, "fwd") == 12_884_901_888
-    assert bench_ops.forward_work("attention", (8, 12, 1024, 64), f32, "fwd+bwd") == 12_884_901_888 * 3.5
+    assert work("attention", (8, 12, 1024, 64), f32, "fwd") == 12_884_901_888
+    assert work("attention_dropout", (8, 12, 1024, 64), f32, "fwd+bwd") == 12_884_901_888 * 3.5
 
 
-@pytest.mark.parametrize("op,shape", [("layer_norm", (4, 32)), ("gelu", (3, 40)), ("attention", (1, 2, 20, 16)),
-                                      ("cross_entropy", (3, 50))])
-def test_run_case_rows(op, shape):
-    rows = bench_ops.run_case(op, shape, "fwd+bwd", torch.device("cpu"), torch.float32, 1,
+@pytest.mark.parametrize("key,shape", [("layer_norm", (4, 32)), ("gelu", (3, 40)), ("attention", (1, 2, 20, 16)),
+                                       ("cross_entropy", (3, 50))])
+def test_run_case_rows(key, shape):
+    op, bench = bench_ops.find_bench(key, shape)
+    rows = bench_ops.run_case(op, bench, "fwd+bwd", torch.device("cpu"), torch.float32, 1,
                               ["reference", "torch", "extension", "triton"])
     assert [r["backend"] for r in rows] == ["reference", "torch", "extension", "triton"]
     for r in rows:
@@ -38,11 +46,11 @@ def test_linear_work_and_rows():
     f32 = torch.float32
     M, K, N = 2, 768, 3072
     activations = (M * K + N + M * N) * 4
-    assert bench_ops.forward_work("linear", (M, K, N), f32, "fwd") == N * K * 4 + activations
-    assert bench_ops.forward_work("linear_bf16", (M, K, N), f32, "fwd") == N * K * 2 + activations
-    assert bench_ops.forward_work("linear_int8", (M, K, N), f32, "fwd") == N * K + N * 4 + activations
-    rows = bench_ops.run_case("linear_int8", (3, 64, 40), "fwd", torch.device("cpu"), f32, 2,
-                              ["reference", "torch", "extension"])
+    assert work("linear", (M, K, N), f32, "fwd") == N * K * 4 + activations
+    assert work("linear_bf16", (M, K, N), f32, "fwd") == N * K * 2 + activations
+    assert work("linear_int8", (M, K, N), f32, "fwd") == N * K + N * 4 + activations
+    op, bench = bench_ops.find_bench("linear_int8", (3, 64, 40))
+    rows = bench_ops.run_case(op, bench, "fwd", torch.device("cpu"), f32, 2, ["reference", "torch", "extension"])
     assert [r["backend"] for r in rows] == ["reference", "torch", "extension"]
     assert all(r["mode"] == "fwd" and r["max_rel_error"] < 1e-5 and r["throughput"] > 0 for r in rows)
 
@@ -60,11 +68,9 @@ def test_quick_run_writes_json(tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     assert {"device", "torch", "date", "ceilings", "backends"} <= set(data["environment"])
     ops_seen = {r["op"] for r in data["results"]}
-    trained = ("attention", "attention_dropout", "cross_entropy", "gelu", "layer_norm", "linear_cross_entropy",
-               "dropout_add")
-    inference = ("linear", "linear_int8", "linear_bf16")          # forward only
-    every_op = trained + inference
-    assert ops_seen == set(every_op)
+    inference = tuple(op.name for op in OPS.values() if op.inference_only and op.bench)   # forward only
+    trained = tuple(k for k in bench_ops.table_keys() if k not in inference)
+    assert ops_seen == set(bench_ops.table_keys())
     table = (tmp_path / "b.md").read_text()
     assert table.count("\n| ") >= 6 * 2 * 3 and "| attention | fwd+bwd |" in table
     assert "| linear_cross_entropy | fwd+bwd | 256×64×4096 | extension |" in table
@@ -83,16 +89,17 @@ def test_quick_run_writes_json(tmp_path, monkeypatch):
 
 def test_simt_row_runs_the_extension_with_the_plain_kernels_switch(monkeypatch):
     seen = []
-    real = bench_ops.OP_FUNCS["attention"]
-    monkeypatch.setitem(bench_ops.OP_FUNCS, "attention",
+    real = ops.get_backend("extension").causal_attention
+    monkeypatch.setattr(ops.get_backend("extension"), "causal_attention",
                         lambda *a, **k: seen.append(os.environ.get("GPTFAST_CUDA_ATTENTION")) or real(*a, **k))
     monkeypatch.delenv("GPTFAST_CUDA_ATTENTION", raising=False)
-    rows = bench_ops.run_case("attention", (1, 2, 9, 16), "fwd", torch.device("cpu"), torch.float32, 1,
-                              ["reference", "extension-simt"])
+    op, bench = bench_ops.find_bench("attention", (1, 2, 9, 16))
+    rows = bench_ops.run_case(op, bench, "fwd", torch.device("cpu"), torch.float32, 1, ["reference", "extension-simt"])
     assert [r["backend"] for r in rows] == ["reference", "extension-simt"] and rows[1]["max_rel_error"] < 1e-5
-    assert "simt" in seen and seen[0] is None                        # only the simt row sets the switch...
+    assert seen and set(seen) == {"simt"}                            # the simt row sets the switch...
     assert "GPTFAST_CUDA_ATTENTION" not in os.environ   # ...and puts it back
-    assert bench_ops.backend_call("gelu", "extension-simt") is None  # an attention-only row
+    gelu_op, gelu_bench = bench_ops.find_bench("gelu", (2, 8))
+    assert bench_ops.implementation(gelu_op, gelu_bench, "extension-simt") is None   # an attention-only row
 
 
 def test_given_shapes_replace_the_defaults(tmp_path, monkeypatch):

@@ -6,9 +6,9 @@ import pytest
 from gptfast import _build_meta as meta
 
 
-def test_cpu_sources_cover_schemas_kernels_and_bindings():
+def test_cpu_sources_cover_kernels_with_their_schemas_and_bindings():
     sources = meta.cpu_sources()
-    assert "csrc/ops.cpp" in sources and "csrc/bindings.cpp" in sources
+    assert "csrc/bindings.cpp" in sources and "csrc/linear_cross_entropy.cpp" in sources
     assert {"csrc/cpu/attention.cpp", "csrc/cpu/layer_norm.cpp", "csrc/cpu/gelu.cpp"} <= set(sources)
 
 
@@ -67,7 +67,7 @@ def test_every_cpu_kernel_file_has_an_avx512_build():
 
 def test_cuda_sources_exclude_the_standalone_test_program():
     sources = meta.cuda_sources()
-    assert "csrc/cuda/bind_cuda.cpp" in sources and "csrc/cuda/attention.cu" in sources
+    assert "csrc/cuda/layer_norm_glue.cpp" in sources and "csrc/cuda/attention.cu" in sources
     assert not any("test_" in s for s in sources)
 
 
@@ -97,32 +97,36 @@ def test_wheel_ships_the_default_corpus_and_gpt2_bpe_files(tmp_path):
         assert sizes.get(name) == (ROOT / name).stat().st_size, name
 
 
-def test_cmake_builds_every_cuda_kernel_file():
-    """CMakeLists.txt names the CUDA kernel files of its static library one by one: a new .cu left
-    out links nowhere (the standalone check and the torch glue would miss its symbols)."""
+def test_cmake_builds_every_cuda_kernel_file_and_its_glue():
+    """CMakeLists.txt takes the CUDA kernel files and the torch glue by pattern (csrc/cuda/*.cu but the test_*
+    program, csrc/cuda/*.cpp): a new op's files need no line there."""
+    from conftest import ROOT
+
+    text = (ROOT / "CMakeLists.txt").read_text()
+    assert "file(GLOB GPTFAST_CUDA_SOURCES CONFIGURE_DEPENDS csrc/cuda/*.cu)" in text
+    assert "file(GLOB GPTFAST_CUDA_GLUE CONFIGURE_DEPENDS csrc/cuda/*.cpp)" in text
+    assert "add_library(gptfast_cuda_kernels STATIC ${GPTFAST_CUDA_SOURCES})" in text
+
+
+def test_every_kernel_op_schema_sits_beside_its_cpu_kernel():
+    """Each schema is declared by a TORCH_LIBRARY_FRAGMENT in the file of its kernel (not a central list), and
+    only outside the AVX-512 module's build (which includes the same files)."""
     import re
 
     from conftest import ROOT
 
-    text = (ROOT / "CMakeLists.txt").read_text()
-    listed = set(re.findall(r"csrc/cuda/(\w+\.cu)", re.search(r"add_library\(gptfast_cuda_kernels(.*?)\)", text,
-                                                             re.S).group(1)))
-    on_disk = {p.name for p in (ROOT / "csrc" / "cuda").glob("*.cu") if not p.name.startswith("test_")}
-    assert listed == on_disk
-
-
-def test_a_build_is_reused_only_under_the_same_key(tmp_path):
-    """setup.py copies a module already in the package folder instead of compiling it again when the build
-    record holds the key of the same sources, flags and torch (the README's second install line)."""
-    record = str(tmp_path / "_C_build.json")
-    key = meta.build_key("gptfast._C", ["csrc/a.cpp"], {"cxx": ["-O3"]}, "2.13.0", "abc")
-    meta.write_build_info("2.13.0", "abc", path=record)
-    assert meta.built_key("gptfast._C", path=record) is None
-    meta.record_built("gptfast._C", key, path=record)
-    meta.write_build_info("2.13.0", "abc", path=record)            # a new build starting keeps what was built
-    assert meta.built_key("gptfast._C", path=record) == key
-    for changed in (meta.build_key("gptfast._C", ["csrc/a.cpp"], {"cxx": ["-O2"]}, "2.13.0", "abc"),
-                    meta.build_key("gptfast._C", ["csrc/a.cpp"], {"cxx": ["-O3"]}, "2.12.0", "abc"),
-                    meta.build_key("gptfast._C", ["csrc/a.cpp"], {"cxx": ["-O3"]}, "2.13.0", "abd"),
-                    meta.build_key("gptfast._C_avx512", ["csrc/a.cpp"], {"cxx": ["-O3"]}, "2.13.0", "abc")):
-        assert changed != key
+    files = sorted((ROOT / "csrc").glob("**/*.cpp"))
+    assert not any("TORCH_LIBRARY(gptfast" in f.read_text() for f in files)
+    declared = {}
+    for f in files:
+        for block in re.findall(r"TORCH_LIBRARY_FRAGMENT\(gptfast, m\) \{(.*?)\n\}", f.read_text(), re.S):
+            for name in re.findall(r'm\.def\("(\w+)\(', block):
+                declared[name] = f.relative_to(ROOT).as_posix()
+    for name, where in declared.items():
+        text = (ROOT / where).read_text()
+        assert f'm.impl("{name}"' in text, f"{name}: declared in {where}, its CPU kernel registered elsewhere"
+        if where.startswith("csrc/cpu/"):
+            assert "#ifndef GPTFAST_KERNELS_ONLY" in text
+    from gptfast.ops import OPS
+    kernel_ops = {k for op in OPS.values() for k in op.kernels}
+    assert kernel_ops <= set(declared), kernel_ops - set(declared)

@@ -1,4 +1,5 @@
 """`scripts/compare.py`: the command runs on every backend here, and it catches broken kernels."""
+import dataclasses
 import json
 import math
 import os
@@ -13,11 +14,14 @@ import torch.nn.functional as F
 from conftest import ROOT
 from gptfast import ops
 from gptfast.compare import rules
-from gptfast.compare.op_cases import attention_case, gelu_case
 from gptfast.compare.op_check import compare_case
 from gptfast.model import GPTConfig, GPTModel
-from gptfast.ops import reference, registry, torch_builtins
+from gptfast.ops import OPS, reference, registry, torch_builtins
 from scripts.compare import main as compare_main
+
+
+def case_labelled(op: str, label: str):
+    return next(c for c in OPS[op].cases(False) if c.label == label)
 
 
 def run_script(*args, timeout=300):
@@ -33,8 +37,9 @@ def broken_backends():
     def module(name, base, **overrides):
         m = types.ModuleType(name)
         m.SHARES_DROPOUT_RNG = getattr(base, "SHARES_DROPOUT_RNG", True)
-        for op in ("layer_norm", "gelu", "causal_attention", "cross_entropy", "linear_cross_entropy", "dropout_add"):
-            setattr(m, op, overrides.get(op, getattr(base, op)))
+        for op in OPS:
+            if hasattr(base, op):
+                setattr(m, op, overrides.get(op, getattr(base, op)))
         sys.modules[name] = m
         return name
 
@@ -113,7 +118,8 @@ def test_half_precision_rule_uses_pytorchs_own_error():
     ops.register_backend("coarse", "_coarse", "broken")
     sys.modules["_coarse"] = types.SimpleNamespace(gelu=lambda x: (torch_builtins.gelu(x.float()) * (1 + 8e-3)).to(x.dtype))
     try:
-        rows = compare_case(gelu_case((64, 256)), ["torch", "coarse"], torch.bfloat16, torch.device("cpu"), seed=0)
+        rows = compare_case(OPS["gelu"], case_labelled("gelu", "64x3072"), ["torch", "coarse"], torch.bfloat16,
+                            torch.device("cpu"), seed=0)
     finally:
         registry._BACKENDS.pop("coarse")
         registry._loaded.pop("coarse", None)
@@ -126,14 +132,14 @@ def test_half_precision_rule_uses_pytorchs_own_error():
 def test_dropout_cases_compare_the_shared_mask_bit_for_bit():
     """With dropout the extension must drop exactly the reference's weights: a different seed (hence
     mask) on one side is an O(1) error, far above the tolerance."""
-    case = attention_case(1, 2, 40, 16, dropout=0.2)
-    rows = compare_case(case, ["extension", "torch"], torch.float32, torch.device("cpu"), seed=0)
+    op, case = OPS["causal_attention"], case_labelled("causal_attention", "B2 H3 T48 D64 dropout 0.1")
+    rows = compare_case(op, case, ["extension", "torch"], torch.float32, torch.device("cpu"), seed=0)
     assert all(r.status == "PASS" for r in rows if r.backend == "extension")
     assert [r.status for r in rows if r.backend == "torch"] == ["SKIP"]
-    shifted = attention_case(1, 2, 40, 16, dropout=0.2)
-    shifted.call = lambda backend, t, call=shifted.call: call(backend, t) if backend == "reference" else \
-        ops.causal_attention(t["q"], t["k"], t["v"], dropout_p=0.2, seed=torch.tensor([99]), backend=backend)
-    rows = compare_case(shifted, ["extension"], torch.float32, torch.device("cpu"), seed=0)
+    shifted = dataclasses.replace(case, call=lambda backend, t: case.call(backend, t) if backend == "reference" else
+                                  ops.causal_attention(t["q"], t["k"], t["v"], dropout_p=0.1,
+                                                       seed=torch.tensor([99]), backend=backend))
+    rows = compare_case(op, shifted, ["extension"], torch.float32, torch.device("cpu"), seed=0)
     assert all(r.status == "FAIL" and r.rel > 0.05 for r in rows)
 
 

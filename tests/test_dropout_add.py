@@ -153,7 +153,8 @@ def test_opcheck_extension_and_triton_ops():
     for args in ((x, r, 0.3, seed), (x, None, 0.3, seed), (x.bfloat16(), r, 0.3, seed)):
         torch.library.opcheck(torch.ops.gptfast.dropout_add_fwd.default, args)
     torch.library.opcheck(torch.ops.gptfast.dropout_bwd.default, (x, 0.3, seed, torch.bfloat16))
-    from gptfast.ops.triton import dropout_add_fwd, dropout_bwd
+    import gptfast.ops.triton  # noqa: F401 (registers the kernel ops)
+    dropout_add_fwd, dropout_bwd = torch.ops.gptfast_triton.dropout_add_fwd, torch.ops.gptfast_triton.dropout_bwd
 
     dev = TRITON_DEVICE
     torch.library.opcheck(dropout_add_fwd, (x.to(dev), r.to(dev), 0.3, seed.to(dev)))

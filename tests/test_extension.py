@@ -12,6 +12,7 @@ from conftest import ROOT, check_precision, interface_case, rel_error
 from gptfast import ops
 from gptfast.compiled import load_extension, set_poison_outputs
 from gptfast.ops import reference
+from gptfast.ops.attention import reference as attention_reference
 from gptfast.ops.dropout_rng import dropout_keep_mask
 
 _C = load_extension()   # the suite builds it; a failure here says why
@@ -175,7 +176,7 @@ def test_causal_attention_matches_reference(dtype, B, H, T, D):
 def test_full_attention_matches_reference(T):
     scale = 0.3
     compare(lambda q, k, v: KERNELS.attention_fwd(q, k, v, False, scale, 0.0, torch.zeros(1, dtype=torch.long))[0],
-            lambda q, k, v: reference.attention(q, k, v, causal=False, scale=scale),
+            lambda q, k, v: attention_reference(q, k, v, causal=False, scale=scale),
             qkv(2, 2, T, 32, seed=20), torch.float64, 1e-10)
 
 
@@ -198,7 +199,7 @@ def test_dropout_drops_exactly_the_reference_weights(T, causal):
     q, k, v = qkv(2, 3, T, 16, seed=50)
     seed = torch.tensor([987654321987], dtype=torch.int64)
     compare(lambda *a: KERNELS.attention_fwd(*a, causal, 0.25, 0.3, seed)[0],
-            lambda *a: reference.attention(*a, causal=causal, scale=0.25, dropout_p=0.3, seed=seed),
+            lambda *a: attention_reference(*a, causal=causal, scale=0.25, dropout_p=0.3, seed=seed),
             [q, k, v], torch.float64, 1e-10)
 
 

@@ -138,7 +138,8 @@ def test_bad_input_names_the_argument():
 
 
 def test_opcheck():
-    from gptfast.ops.triton import linear_cross_entropy_fwd as triton_fwd
+    import gptfast.ops.triton  # noqa: F401 (registers the kernel ops)
+    triton_fwd = torch.ops.gptfast_triton.linear_cross_entropy_fwd
 
     ops.get_backend("extension")                     # loads gptfast._C, which defines torch.ops.gptfast.*
     hidden, weight, targets = case(9, 30)

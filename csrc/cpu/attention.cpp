@@ -39,6 +39,16 @@
 #include "vec_io.h"
 #include "../dropout_hash.h"
 
+#ifndef GPTFAST_KERNELS_ONLY   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
+TORCH_LIBRARY_FRAGMENT(gptfast, m) {
+  // Scaled dot-product attention on (B, H, T, D); lse (B, H, T) is the softmax log-normalizer.
+  // seed: a one-element int64 tensor (a tensor, not an int, so drawing it stays inside a
+  // torch.compile graph); it keys the counter-based dropout RNG of csrc/dropout_hash.h.
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, float dropout_p, Tensor seed) -> (Tensor o, Tensor lse)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, float scale, float dropout_p, Tensor seed) -> (Tensor dq, Tensor dk, Tensor dv)");
+}
+#endif
+
 namespace gptfast {
 namespace {
 
@@ -675,9 +685,10 @@ void attention_last_row_f32(const float* q, const float* k, const float* v, int6
   attention_rows_head<float>(a, 0, k, v, q, out, &lse, scratch, scratch + n_keys, scratch + n_keys + D);
 }
 
-void register_attention_cpu(torch::Library& m) {
+static void attention_kernels(torch::Library& m) {
   m.impl("attention_fwd", &attention_fwd_cpu);
   m.impl("attention_bwd", &attention_bwd_cpu);
 }
+GPTFAST_CPU_KERNELS(attention_kernels);
 
 }  // namespace gptfast

@@ -20,6 +20,16 @@
 #include "vec_io.h"
 #include "cross_entropy.h"
 
+#ifndef GPTFAST_KERNELS_ONLY   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
+TORCH_LIBRARY_FRAGMENT(gptfast, m) {
+  // Cross-entropy of each row of logits (N, V) against targets (N,): per-row loss and lse (float32,
+  // float64 for float64 logits); with compute_grad, also dlogits = softmax - onehot (0 for rows
+  // whose target is ignore_index), which the backward only scales by each row's upstream gradient.
+  m.def("cross_entropy_fwd(Tensor logits, Tensor targets, int ignore_index, bool compute_grad) -> (Tensor loss, Tensor lse, Tensor dlogits)");
+  m.def("cross_entropy_bwd(Tensor dlogits, Tensor grad_loss) -> Tensor");
+}
+#endif
+
 namespace gptfast {
 namespace {
 
@@ -170,9 +180,10 @@ void cross_entropy_rows_inplace_cpu(at::Tensor& logits, const at::Tensor& target
   });
 }
 
-void register_cross_entropy_cpu(torch::Library& m) {
+static void cross_entropy_kernels(torch::Library& m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cpu);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cpu);
 }
+GPTFAST_CPU_KERNELS(cross_entropy_kernels);
 
 }  // namespace gptfast

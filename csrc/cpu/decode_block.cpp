@@ -29,6 +29,17 @@
 #include "decode_parts.h"
 #include "kernels.h"
 
+#ifndef GPTFAST_KERNELS_ONLY   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
+TORCH_LIBRARY_FRAGMENT(gptfast, m) {
+  // One transformer block's decoding step: x (B, 1, C), one new position per sequence at start_pos, through
+  // y = x1 + proj(gelu(fc(ln2(x1)))), x1 = x + out(attention(ln1(x))), writing the new keys and values into
+  // k_cache/v_cache (B, n_heads, context, head_dim) at start_pos and attending over positions 0..start_pos.
+  // norms: [ln1_weight, ln1_bias, ln2_weight, ln2_bias]; the six linear layers in the order q, k, v, out, fc,
+  // proj: weights (N, K) float32, bfloat16 or int8, scales (N,) for int8, biases (N,) or None. Inference only.
+  m.def("decode_block(Tensor x, Tensor[] norms, Tensor[] weights, Tensor?[] scales, Tensor?[] biases, Tensor(a!) k_cache, Tensor(b!) v_cache, SymInt start_pos, float eps) -> Tensor");
+}
+#endif
+
 namespace gptfast {
 namespace {
 
@@ -41,37 +52,27 @@ struct LinearArgs {
   int64_t N;
 };
 
-LinearArgs linear_args(const std::string& name, const at::Tensor& w, const std::optional<at::Tensor>& scales,
-                       const std::optional<at::Tensor>& bias, int64_t K, const at::Tensor& x) {
+// The arguments' one check, for a direct call of the kernel op (gptfast.ops.decode_block checks them first, with
+// each argument named): sizes, types and contiguity the loops below rely on, layer by layer.
+LinearArgs layer_args(int i, const at::Tensor& w, const std::optional<at::Tensor>& scales,
+                      const std::optional<at::Tensor>& bias, int64_t N, int64_t K) {
+  static const char* names[] = {"q", "k", "v", "out", "fc", "proj"};
   const auto wt = w.scalar_type();
-  TORCH_CHECK(wt == at::kFloat || wt == at::kBFloat16 || wt == at::kChar, name,
-              " weight must be float32, bfloat16 or int8, got ", wt);
-  TORCH_CHECK(w.dim() == 2 && w.size(1) == K, name, " weight must have shape (N, ", K, "), got ", w.sizes());
-  TORCH_CHECK(w.device() == x.device(), name, " weight is on ", w.device(), " but x is on ", x.device());
-  TORCH_CHECK(w.is_contiguous(), name, " weight must be contiguous");
-  TORCH_CHECK(wt != at::kChar || scales.has_value(), name, " weight is int8 and needs scales");
+  TORCH_CHECK((wt == at::kFloat || wt == at::kBFloat16 || wt == at::kChar) && w.dim() == 2 && w.size(1) == K &&
+                  (N < 0 || w.size(0) == N) && w.is_contiguous() && w.device().is_cpu(),
+              names[i], " weight must be a contiguous float32, bfloat16 or int8 (N, ", K, ") CPU tensor, got ", wt, " ",
+              w.sizes());
+  TORCH_CHECK(wt != at::kChar || scales.has_value(), names[i], " weight is int8 and needs scales");
   const float* ptr[2] = {nullptr, nullptr};
-  int i = 0;
-  for (const auto* t : {&scales, &bias}) {
-    const char* what = i == 0 ? " scales" : " bias";
-    if (t->has_value()) {
-      const at::Tensor& v = **t;
-      TORCH_CHECK(v.scalar_type() == at::kFloat && v.dim() == 1 && v.size(0) == w.size(0) && v.is_contiguous() &&
-                      v.device() == x.device(),
-                  name, what, " must be a contiguous float32 (", w.size(0), ",) tensor on x's device, got ",
-                  v.scalar_type(), " ", v.sizes());
-      ptr[i] = v.data_ptr<float>();
-    }
-    ++i;
+  for (int j = 0; j < 2; ++j) {
+    const auto& t = j == 0 ? scales : bias;
+    if (!t.has_value()) continue;
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == w.size(0) && t->is_contiguous() &&
+                    t->device().is_cpu(),
+                names[i], j == 0 ? " scales" : " bias", " must be a contiguous float32 (", w.size(0), ",) CPU tensor");
+    ptr[j] = t->data_ptr<float>();
   }
   return {w, ptr[0], ptr[1], w.size(0)};
-}
-
-void check_vector(const char* name, const at::Tensor& t, int64_t C, const at::Tensor& x) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == C && t.is_contiguous() &&
-                  t.device() == x.device(),
-              name, " must be a contiguous float32 (", C, ",) tensor on x's device, got ", t.scalar_type(), " ",
-              t.sizes());
 }
 
 // Thread t's share [begin, end) of N output columns, in whole blocks of kDecodeColumnBlock.
@@ -91,57 +92,36 @@ void linear_plus_residual(const float* a, int64_t lda, int64_t B, const LinearAr
     for (int64_t c = c0; c < c1; ++c) y[b * N + c] += residual[b * N + c];
 }
 
-at::Tensor decode_block_cpu(const at::Tensor& x, const at::Tensor& ln1_weight, const at::Tensor& ln1_bias,
-                            at::TensorList qkv_weights, const c10::List<std::optional<at::Tensor>>& qkv_scales,
-                            const c10::List<std::optional<at::Tensor>>& qkv_biases, const at::Tensor& out_weight,
-                            const std::optional<at::Tensor>& out_scales, const std::optional<at::Tensor>& out_bias,
-                            const at::Tensor& ln2_weight, const at::Tensor& ln2_bias, const at::Tensor& fc_weight,
-                            const std::optional<at::Tensor>& fc_scales, const std::optional<at::Tensor>& fc_bias,
-                            const at::Tensor& proj_weight, const std::optional<at::Tensor>& proj_scales,
-                            const std::optional<at::Tensor>& proj_bias, const at::Tensor& k_cache,
+at::Tensor decode_block_cpu(const at::Tensor& x, at::TensorList norms, at::TensorList weights,
+                            const c10::List<std::optional<at::Tensor>>& scales,
+                            const c10::List<std::optional<at::Tensor>>& biases, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, int64_t start_pos, double eps) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "x: the fused decoding block takes float32 activations, got ",
-              x.scalar_type());
-  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "x must have shape (B, 1, C) - one new position per sequence - got ",
-              x.sizes());
-  TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(1) == 1 && x.is_contiguous() &&
+                  x.size(0) >= 1 && x.size(0) <= kMaxRows && x.device().is_cpu(),
+              "x must be a contiguous float32 (B, 1, C) CPU tensor with 1 <= B <= ", kMaxRows, ", got ",
+              x.scalar_type(), " ", x.sizes());
   const int64_t B = x.size(0), C = x.size(2);
-  TORCH_CHECK(B >= 1 && B <= kMaxRows, "x: the fused decoding block takes 1 to ", kMaxRows, " sequences, got ", B);
-  check_vector("ln1_weight", ln1_weight, C, x);
-  check_vector("ln1_bias", ln1_bias, C, x);
-  check_vector("ln2_weight", ln2_weight, C, x);
-  check_vector("ln2_bias", ln2_bias, C, x);
-  for (const auto* t : {&k_cache, &v_cache}) {
-    const char* name = t == &k_cache ? "k_cache" : "v_cache";
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 4 && t->is_contiguous() && t->device() == x.device(),
-                name, " must be a contiguous float32 (B, n_heads, context, head_dim) tensor on x's device, got ",
-                t->scalar_type(), " ", t->sizes());
-  }
+  TORCH_CHECK(norms.size() == 4, "norms: [ln1_weight, ln1_bias, ln2_weight, ln2_bias], got ", norms.size());
+  for (const at::Tensor& t : norms)
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == C && t.is_contiguous(),
+                "norms must be contiguous float32 (", C, ",) tensors");
+  TORCH_CHECK(weights.size() == 6 && scales.size() == 6 && biases.size() == 6,
+              "weights, scales, biases: six layers each (q, k, v, out, fc, proj)");
+  for (const at::Tensor* t : {&k_cache, &v_cache})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 4 && t->is_contiguous() && t->size(0) == B &&
+                    t->size(1) * t->size(3) == C && t->sizes() == k_cache.sizes() && t->device().is_cpu(),
+                "k_cache and v_cache must be contiguous float32 (", B, ", n_heads, context, head_dim) CPU tensors with "
+                "n_heads * head_dim = ", C, ", got ", t->sizes());
   const int64_t H = k_cache.size(1), Tmax = k_cache.size(2), D = k_cache.size(3);
-  TORCH_CHECK(k_cache.size(0) == B && H * D == C, "k_cache must have shape (", B, ", n_heads, context, head_dim) with ",
-              "n_heads * head_dim = C = ", C, ", got ", k_cache.sizes());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ", k_cache.sizes(), ", got ",
-              v_cache.sizes());
   TORCH_CHECK(start_pos >= 0 && start_pos < Tmax, "start_pos must be in [0, ", Tmax, "), got ", start_pos);
-  const int64_t n_qkv = static_cast<int64_t>(qkv_weights.size());
-  TORCH_CHECK((n_qkv == 1 || n_qkv == 3) && static_cast<int64_t>(qkv_scales.size()) == n_qkv &&
-                  static_cast<int64_t>(qkv_biases.size()) == n_qkv,
-              "qkv_weights: one stacked (3C, C) weight or three (C, C) ones, with as many scales and biases, got ",
-              n_qkv, " weights, ", qkv_scales.size(), " scales, ", qkv_biases.size(), " biases");
   std::vector<LinearArgs> qkv;
-  int64_t qkv_cols = 0;
-  for (int64_t i = 0; i < n_qkv; ++i) {
-    qkv.push_back(linear_args("qkv_weights[" + std::to_string(i) + "]", qkv_weights[i], qkv_scales.get(i),
-                              qkv_biases.get(i), C, x));
-    qkv_cols += qkv.back().N;
-  }
-  TORCH_CHECK(qkv_cols == 3 * C, "qkv_weights must have 3C = ", 3 * C, " rows in all, got ", qkv_cols);
-  const LinearArgs out = linear_args("out", out_weight, out_scales, out_bias, C, x);
-  TORCH_CHECK(out.N == C, "out weight must have shape (", C, ", ", C, "), got ", out_weight.sizes());
-  const LinearArgs fc = linear_args("fc", fc_weight, fc_scales, fc_bias, C, x);
+  for (int i = 0; i < 3; ++i) qkv.push_back(layer_args(i, weights[i], scales.get(i), biases.get(i), C, C));
+  const LinearArgs out = layer_args(3, weights[3], scales.get(3), biases.get(3), C, C);
+  const LinearArgs fc = layer_args(4, weights[4], scales.get(4), biases.get(4), -1, C);
   const int64_t F = fc.N;
-  const LinearArgs proj = linear_args("proj", proj_weight, proj_scales, proj_bias, F, x);
-  TORCH_CHECK(proj.N == C, "proj weight must have shape (", C, ", ", F, "), got ", proj_weight.sizes());
+  const LinearArgs proj = layer_args(5, weights[5], scales.get(5), biases.get(5), C, F);
+  const float *ln1_w = norms[0].data_ptr<float>(), *ln1_b = norms[1].data_ptr<float>(),
+              *ln2_w = norms[2].data_ptr<float>(), *ln2_b = norms[3].data_ptr<float>();
 
   const int64_t P = start_pos, n_keys = start_pos + 1;
   const auto opts = x.options();
@@ -166,7 +146,7 @@ at::Tensor decode_block_cpu(const at::Tensor& x, const at::Tensor& ln1_weight, c
   {
     const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
     for (int64_t b = t; b < B; b += n)                                    // h = ln1(x)
-      layer_norm_row_f32(px + b * C, ln1_weight.data_ptr<float>(), ln1_bias.data_ptr<float>(), h + b * C, C, eps);
+      layer_norm_row_f32(px + b * C, ln1_w, ln1_b, h + b * C, C, eps);
 #pragma omp barrier
     int64_t col = 0;                                                      // q, k, v = h W_qkv^T
     for (const LinearArgs& L : qkv) {
@@ -188,7 +168,7 @@ at::Tensor decode_block_cpu(const at::Tensor& x, const at::Tensor& ln1_weight, c
     linear_plus_residual(att, C, B, out, px, x1, t, n);                  // x1 = att W_out^T + x
 #pragma omp barrier
     for (int64_t b = t; b < B; b += n)                                    // h = ln2(x1)
-      layer_norm_row_f32(x1 + b * C, ln2_weight.data_ptr<float>(), ln2_bias.data_ptr<float>(), h + b * C, C, eps);
+      layer_norm_row_f32(x1 + b * C, ln2_w, ln2_b, h + b * C, C, eps);
 #pragma omp barrier
     {                                                                     // f = gelu(h W_fc^T)
       const auto [c0, c1] = column_share(F, t, n);
@@ -203,6 +183,7 @@ at::Tensor decode_block_cpu(const at::Tensor& x, const at::Tensor& ln1_weight, c
 
 }  // namespace
 
-void register_decode_block_cpu(torch::Library& m) { m.impl("decode_block", &decode_block_cpu); }
+static void decode_block_kernels(torch::Library& m) { m.impl("decode_block", &decode_block_cpu); }
+GPTFAST_CPU_KERNELS(decode_block_kernels);
 
 }  // namespace gptfast

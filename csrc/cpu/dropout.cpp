@@ -20,6 +20,18 @@
 #include "kernels.h"
 #include "vec_io.h"
 
+#ifndef GPTFAST_KERNELS_ONLY   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
+TORCH_LIBRARY_FRAGMENT(gptfast, m) {
+  // Dropout fused with the residual add: y = residual + dropout(x). x is read as rows of its last dim C; element
+  // (row, col) is kept with probability 1 - p (then scaled by 1 / (1 - p)) by the counter-based RNG of
+  // csrc/dropout_hash.h keyed by (seed, 0, row, col), so no mask is stored. residual absent: plain dropout. y
+  // has residual's dtype (x's without one): x bfloat16/float16 may add into a float32 residual. dropout_bwd:
+  // dx = dy * keep / (1 - p), the same mask, written in `dtype` (x's).
+  m.def("dropout_add_fwd(Tensor x, Tensor? residual, float p, Tensor seed) -> Tensor");
+  m.def("dropout_bwd(Tensor dy, float p, Tensor seed, ScalarType dtype) -> Tensor");
+}
+#endif
+
 namespace gptfast {
 namespace {
 
@@ -140,9 +152,10 @@ at::Tensor dropout_bwd_cpu(const at::Tensor& dy_in, double p, const at::Tensor& 
 
 }  // namespace
 
-void register_dropout_cpu(torch::Library& m) {
+static void dropout_kernels(torch::Library& m) {
   m.impl("dropout_add_fwd", &dropout_add_fwd_cpu);
   m.impl("dropout_bwd", &dropout_bwd_cpu);
 }
+GPTFAST_CPU_KERNELS(dropout_kernels);
 
 }  // namespace gptfast

@@ -20,6 +20,14 @@
 #include "kernels.h"
 #include "vec_io.h"
 
+#ifndef GPTFAST_KERNELS_ONLY   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
+TORCH_LIBRARY_FRAGMENT(gptfast, m) {
+  // GELU, tanh approximation.
+  m.def("gelu_fwd(Tensor x) -> Tensor");
+  m.def("gelu_bwd(Tensor dy, Tensor x) -> Tensor");
+}
+#endif
+
 namespace gptfast {
 namespace {
 
@@ -122,9 +130,10 @@ at::Tensor gelu_bwd_cpu(const at::Tensor& dy_in, const at::Tensor& x_in) {
 
 void gelu_span_f32(const float* x, float* y, int64_t n) { gelu_fwd_span<float>(x, y, n); }
 
-void register_gelu_cpu(torch::Library& m) {
+static void gelu_kernels(torch::Library& m) {
   m.impl("gelu_fwd", &gelu_fwd_cpu);
   m.impl("gelu_bwd", &gelu_bwd_cpu);
 }
+GPTFAST_CPU_KERNELS(gelu_kernels);
 
 }  // namespace gptfast

@@ -25,6 +25,14 @@
 #include "kernels.h"
 #include "vec_io.h"
 
+#ifndef GPTFAST_KERNELS_ONLY   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
+TORCH_LIBRARY_FRAGMENT(gptfast, m) {
+  // LayerNorm over the last dim. mean/rstd: one per row, float32 (float64 for float64 x).
+  m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+}
+#endif
+
 namespace gptfast {
 namespace {
 
@@ -277,9 +285,10 @@ void layer_norm_row_f32(const float* x, const float* weight, const float* bias, 
   layer_norm_fwd_row<float>(x, weight, bias, y, &mean, &rstd, C, eps, /*stream=*/false);
 }
 
-void register_layer_norm_cpu(torch::Library& m) {
+static void layer_norm_kernels(torch::Library& m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd_cpu);
   m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
 }
+GPTFAST_CPU_KERNELS(layer_norm_kernels);
 
 }  // namespace gptfast

@@ -45,6 +45,16 @@
 #include "kernels.h"
 #include "vec_io.h"
 
+#ifndef GPTFAST_KERNELS_ONLY   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
+TORCH_LIBRARY_FRAGMENT(gptfast, m) {
+  // A linear layer for inference (no backward: the weights are frozen): y (..., N) = x (..., K) @ weight^T,
+  // times scales (N,) if given, plus bias (N,) if given. weight (N, K) is float32, bfloat16 or int8
+  // (weight-only quantization; int8 needs the per-row scales); x, scales, bias and y are float32 on CPU.
+  // Built for decoding, where x has a few rows and the weights are read once (csrc/cpu/linear.cpp).
+  m.def("linear_fwd(Tensor x, Tensor weight, Tensor? scales, Tensor? bias) -> Tensor");
+}
+#endif
+
 namespace gptfast {
 namespace {
 
@@ -290,6 +300,9 @@ void linear_columns(const float* x, int64_t ldx, int64_t M, const at::Tensor& w,
   }
 }
 
-void register_linear_cpu(torch::Library& m) { m.impl("linear_fwd", &linear_fwd_cpu); }
+static void linear_kernels(torch::Library& m) {
+  m.impl("linear_fwd", &linear_fwd_cpu);
+}
+GPTFAST_CPU_KERNELS(linear_kernels);
 
 }  // namespace gptfast

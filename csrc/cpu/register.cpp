@@ -1,4 +1,5 @@
-// Registration of the CPU kernels (see kernels.h) and the output-poisoning switch they read.
+// Registration of the CPU kernels (each kernel file adds itself: kernels.h) and the output-poisoning switch
+// they read.
 // Part of every per-ISA build, so each module has its own switch; Python sets them all.
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -23,14 +24,13 @@ void maybe_poison(at::Tensor& t) {
 // registration is undone when its Library goes away).
 static std::unique_ptr<torch::Library> g_cpu_library;
 
+std::vector<CpuKernels>& cpu_kernel_files() {
+  static std::vector<CpuKernels> files;    // filled as the module loads, before Python can call anything
+  return files;
+}
+
 static void register_all(torch::Library& m) {
-  register_attention_cpu(m);
-  register_cross_entropy_cpu(m);
-  register_decode_block_cpu(m);
-  register_dropout_cpu(m);
-  register_gelu_cpu(m);
-  register_layer_norm_cpu(m);
-  register_linear_cpu(m);
+  for (CpuKernels fn : cpu_kernel_files()) fn(m);
 }
 
 void register_cpu_kernels() {
@@ -52,10 +52,5 @@ const char* cpu_kernels_isa() {
   return "generic";
 #endif
 }
-
-#ifdef GPTFAST_REGISTER_CPU_AT_LOAD
-// The CMake build (one ISA, loaded with torch.ops.load_library, no Python loader): register when loaded.
-TORCH_LIBRARY_IMPL(gptfast, CPU, m) { register_all(m); }
-#endif
 
 }  // namespace gptfast

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "../dropout_hash.h"
+#include "attention.h"
 #include "common.cuh"
 
 namespace gptfast {

@@ -3,6 +3,7 @@
 #include <cfloat>
 
 #include "common.cuh"
+#include "cross_entropy.h"
 
 namespace gptfast {
 namespace cuda {

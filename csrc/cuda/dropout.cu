@@ -5,6 +5,7 @@
 // x and y may have different storage types (bf16 branch output added into a float32 residual stream).
 #include "../dropout_hash.h"
 #include "common.cuh"
+#include "dropout.h"
 
 namespace gptfast {
 namespace cuda {

@@ -1,6 +1,8 @@
 // GELU (tanh approximation) forward/backward in CUDA: 16-byte packs per thread, grid-stride loop,
 // fp32 math. 0.5 (1 + tanh(u)) is computed as sigmoid(2u) = 1 / (1 + exp(-2u)) like the CPU kernel.
+// cuda_check: no spills (.ci/cuda_check.sh fails the build if a kernel here spills registers)
 #include "common.cuh"
+#include "gelu.h"
 
 namespace gptfast {
 namespace cuda {

@@ -5,7 +5,9 @@
 // x is read from memory once. Otherwise a generic path re-reads the row (from L1/L2).
 // dweight/dbias: column-parallel partial sums over fixed chunks of rows, then a fixed-order sum of
 // the chunks - deterministic, no atomics.
+// cuda_check: no spills (.ci/cuda_check.sh fails the build if a kernel here spills registers)
 #include "common.cuh"
+#include "layer_norm.h"
 
 namespace gptfast {
 namespace cuda {

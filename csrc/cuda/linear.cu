@@ -9,6 +9,7 @@
 // lane, MB >= M, in registers), then reduce across the warp. x is small and read through the caches.
 // Rows or pointers that are not 16-byte aligned take the same loop one element at a time.
 #include "common.cuh"
+#include "linear.h"
 
 namespace gptfast {
 namespace cuda {

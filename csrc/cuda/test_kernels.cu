@@ -11,7 +11,13 @@
 #include <vector>
 
 #include "../dropout_hash.h"
+#include "attention.h"
+#include "cross_entropy.h"
+#include "dropout.h"
+#include "gelu.h"
 #include "kernels.h"
+#include "layer_norm.h"
+#include "linear.h"
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

@@ -3,9 +3,9 @@
     from gptfast.compare import CompareSettings, run_compare
     report = run_compare(CompareSettings(backends=["extension"], quick=True))
 
-`scripts/compare.py` is the command-line front door. Modules: `rules` (the tolerance rule),
-`op_cases` (shapes), `op_check` (ops: output and every input gradient), `model_check` (logits, loss,
-parameter gradients, a short training run), `report` (table, loss curves, JSON).
+`scripts/compare.py` is the command-line front door. Modules: `rules` (the tolerance rule), `op_check` (every
+op's cases - from its module, gptfast/ops/<op>.py - output and every input gradient), `model_check` (logits,
+loss, parameter gradients, a short training run), `report` (table, loss curves, JSON).
 """
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ import torch
 from .. import ops
 from ..device import resolve_device
 from .model_check import compare_model, compare_training_run, seeded_model, verdict_batches
-from .op_cases import op_cases
-from .op_check import Row, compare_ops
+from .op_check import Row, compare_ops, op_cases
 from .report import curves_table, environment, table, to_json
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -89,7 +88,7 @@ def run_compare(s: CompareSettings, echo=print) -> CompareReport:
         echo("  triton on CPU runs in Triton's interpreter: small shapes only")
     rows, curves = [], {}
     if s.ops:
-        cases = op_cases(device, s.quick)
+        cases = op_cases(s.quick)
         echo(f"ops: {len(cases)} cases x {len(backends)} backends, output and every input gradient")
         rows += compare_ops(cases, backends, dtype, device, s.seed, progress=s.progress)
     if s.model:

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ops
-from .op_cases import OpCase
+from ..ops.spec import OPS, Case, Op, computes
 from .rules import HALF, errors, op_tolerance, passes
 
 
@@ -61,12 +61,22 @@ def poisoned_kernel_outputs(backends):
             ext.set_poison_outputs(False)
 
 
-def run_case(case: OpCase, backend: str, dtype: torch.dtype, device: torch.device, leaves64: dict,
+def op_cases(quick: bool) -> list[tuple[Op, Case]]:
+    """Every op's cases (its module's `cases`): the edge shapes at small sizes, and unless `quick` GPT-2's."""
+    return [(op, case) for op in OPS.values() for case in op.cases(quick) if not quick or not case.big]
+
+
+def run_case(op: Op, case: Case, backend: str, dtype: torch.dtype, device: torch.device, leaves64: dict,
              dout64: torch.Tensor | None):
-    """(output, {input name: gradient}) of `backend` on the case's inputs at `dtype`."""
-    leaves = {n: t.to(device=device, dtype=dtype).requires_grad_() for n, t in leaves64.items()}
+    """(output, {input name: gradient}) of `backend` on the case's inputs at `dtype` (no gradients for an
+    inference-only op: its forward under no_grad)."""
+    grads_wanted = not op.inference_only
+    leaves = {n: t.to(device=device, dtype=dtype).requires_grad_(grads_wanted) for n, t in leaves64.items()}
     extra = {n: t.to(device) for n, t in case.extra.items()}
-    out = case.call(backend, {**leaves, **extra})
+    with torch.set_grad_enabled(grads_wanted):
+        out = case.call(backend, {**leaves, **extra})
+    if not grads_wanted:
+        return out, {}
     upstream = torch.ones_like(out) if dout64 is None else dout64.to(device=device, dtype=out.dtype)
     grads = torch.autograd.grad(out, list(leaves.values()), upstream)
     return out, dict(zip(leaves, grads))
@@ -76,40 +86,50 @@ def _quantities(out, grads) -> dict:
     return {"out": out, **{f"grad {n}": g for n, g in grads.items()}}
 
 
-def uses_tf32(case: OpCase, backend: str, device: torch.device) -> bool:
+def uses_tf32(op: Op, backend: str, device: torch.device) -> bool:
     """Triton's tl.dot multiplies float32 in tf32 on a GPU; our CUDA and CPU kernels use plain fp32 FMA."""
-    return backend == "triton" and device.type == "cuda" and case.op == "causal_attention"
+    return backend == "triton" and device.type == "cuda" and op.name == "causal_attention"
 
 
-def compare_case(case: OpCase, backends: list[str], dtype: torch.dtype, device: torch.device,
+def _skip(op: Op, case: Case, backend: str, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why `backend` is not compared on this case, or None."""
+    if not computes(op, backend):
+        return f"{backend} has no {op.name}"
+    if dtype != torch.float64 and dtype_name(dtype) not in op.dtypes:
+        return f"{op.name} takes {', '.join(op.dtypes)}"
+    if case.random and not ops.shares_dropout_rng(backend, device.type, dtype_name(dtype)):
+        return "its dropout has its own RNG: a different function, nothing to compare"
+    if backend == "triton" and device.type == "cpu" and not case.small:
+        return "too large for Triton's CPU interpreter (run on a GPU)"
+    return None
+
+
+def compare_case(op: Op, case: Case, backends: list[str], dtype: torch.dtype, device: torch.device,
                  seed: int) -> list[Row]:
     g = torch.Generator().manual_seed(seed)
     leaves64 = case.build(g)
-    ref_out, ref_grads = run_case(case, "reference", torch.float64, device, leaves64, None)
-    dout64 = None if ref_out.dim() == 0 else torch.randn(ref_out.shape, generator=g, dtype=torch.float64)
+    ref_out, ref_grads = run_case(op, case, "reference", torch.float64, device, leaves64, None)
+    dout64 = None if ref_out.dim() == 0 or op.inference_only else \
+        torch.randn(ref_out.shape, generator=g, dtype=torch.float64)
     if dout64 is not None:
-        ref_out, ref_grads = run_case(case, "reference", torch.float64, device, leaves64, dout64)
+        ref_out, ref_grads = run_case(op, case, "reference", torch.float64, device, leaves64, dout64)
     ref = _quantities(ref_out, ref_grads)
 
     baseline = {}
-    if dtype in HALF:       # PyTorch's own error at this precision, per quantity
-        who = "reference" if case.random else "torch"
-        got = _quantities(*run_case(case, who, dtype, device, leaves64, dout64))
+    if dtype in HALF and dtype_name(dtype) in op.dtypes:   # PyTorch's own error at this precision, per quantity
+        who = "reference" if case.random or op.torch_twin is None else "torch"
+        got = _quantities(*run_case(op, case, who, dtype, device, leaves64, dout64))
         baseline = {q: errors(got[q], ref[q])[1] for q in ref}
 
     rows = []
     for backend in backends:
-        base = dict(part="op", name=case.op, case=case.label, backend=backend, dtype=dtype_name(dtype))
-        if case.random and not ops.shares_dropout_rng(backend, device.type, dtype_name(dtype)):
-            rows.append(Row(**base, quantity="all", max_abs=None, rel=None, tol=None, status="SKIP",
-                            note="its dropout has its own RNG: a different function, nothing to compare"))
-            continue
-        if backend == "triton" and device.type == "cpu" and not case.small:
-            rows.append(Row(**base, quantity="all", max_abs=None, rel=None, tol=None, status="SKIP",
-                            note="too large for Triton's CPU interpreter (run on a GPU)"))
+        base = dict(part="op", name=op.name, case=case.label, backend=backend, dtype=dtype_name(dtype))
+        why = _skip(op, case, backend, dtype, device)
+        if why is not None:
+            rows.append(Row(**base, quantity="all", max_abs=None, rel=None, tol=None, status="SKIP", note=why))
             continue
         try:
-            got = _quantities(*run_case(case, backend, dtype, device, leaves64, dout64))
+            got = _quantities(*run_case(op, case, backend, dtype, device, leaves64, dout64))
         except Exception as err:  # a backend that raises is reported, not allowed to stop the others
             unsupported = isinstance(err, TypeError) and dtype == torch.float64
             rows.append(Row(**base, quantity="all", max_abs=None, rel=None, tol=None,
@@ -118,19 +138,19 @@ def compare_case(case: OpCase, backends: list[str], dtype: torch.dtype, device: 
             continue
         for q in ref:
             max_abs, rel = errors(got[q], ref[q])
-            tol = op_tolerance(dtype, baseline.get(q), uses_tf32(case, backend, device))
+            tol = op_tolerance(dtype, baseline.get(q), uses_tf32(op, backend, device))
             note = f"PyTorch at {dtype_name(dtype)}: {baseline[q]:.1e}" if q in baseline else ""
             rows.append(Row(**base, quantity=q, max_abs=max_abs, rel=rel, tol=tol,
                             status="PASS" if passes(rel, tol) else "FAIL", note=note))
     return rows
 
 
-def compare_ops(cases: list[OpCase], backends: list[str], dtype: torch.dtype, device: torch.device,
+def compare_ops(cases: list[tuple[Op, Case]], backends: list[str], dtype: torch.dtype, device: torch.device,
                 seed: int = 0, progress: bool = True) -> list[Row]:
     rows = []
     with poisoned_kernel_outputs(backends), tqdm(cases, desc="ops", unit="case", leave=False,
                                                  disable=None if progress else True) as bar:
-        for i, case in enumerate(bar):
-            bar.set_postfix_str(f"{case.op} {case.label}")
-            rows += compare_case(case, backends, dtype, device, seed + i)
+        for i, (op, case) in enumerate(bar):
+            bar.set_postfix_str(f"{op.name} {case.label}")
+            rows += compare_case(op, case, backends, dtype, device, seed + i)
     return rows

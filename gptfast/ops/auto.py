@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import torch
 
 from . import registry
+from .spec import OPS, table_keys
 
 TABLE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "auto_table.json")
-# The table's op keys: the ops of gptfast.ops, attention split by whether it drops out (different kernels)
-TABLE_OPS = ("layer_norm", "gelu", "attention", "attention_dropout", "cross_entropy", "linear_cross_entropy",
-             "dropout_add", "linear", "linear_int8", "linear_bf16")
-INFERENCE_OPS = ("linear", "linear_int8", "linear_bf16")    # ranked by their forward (they have no backward)
+# The table's op keys, from the op modules: an op's name, or its own keys (attention with and without dropout
+# run different kernels); inference-only ops are ranked by their forward (they have no backward)
+TABLE_OPS = tuple(table_keys())
+INFERENCE_OPS = tuple(k for op in OPS.values() if op.inference_only for k in op.table_keys)
 FALLBACK = "torch"
 
 
@@ -121,60 +122,27 @@ def _backend(name: str):
     return registry.get_backend(name)
 
 
-def layer_norm(x, weight, bias, eps=1e-5):
-    return _backend_for("layer_norm", x).layer_norm(x, weight, bias, eps)
+def _dispatching(op):
+    """The auto backend's function for `op`: the backend its table row picks for the call's first tensor's
+    device type and dtype (the row: the op's table_key of the arguments, else its name)."""
+    name = op.name
+
+    def run(*args):
+        key = op.table_key(*args) if op.table_key else op.table_keys[0]
+        return getattr(_backend_for(key, args[0]), name)(*args)
+    run.__name__ = name
+    return run
 
 
-def gelu(x):
-    return _backend_for("gelu", x).gelu(x)
+for _op in OPS.values():
+    globals()[_op.name] = _dispatching(_op)
 
 
-def causal_attention(q, k, v, dropout_p=0.0, scale=None, seed=None):
-    return _backend_for("attention_dropout" if dropout_p > 0 else "attention", q).causal_attention(
-        q, k, v, dropout_p, scale, seed)
-
-
-def cross_entropy(logits, targets, ignore_index=-100):
-    return _backend_for("cross_entropy", logits).cross_entropy(logits, targets, ignore_index)
-
-
-def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, chunk_rows=256):
-    return _backend_for("linear_cross_entropy", hidden).linear_cross_entropy(hidden, weight, targets,
-                                                                              ignore_index, chunk_rows)
-
-
-def dropout_add(x, residual, p, seed):
-    return _backend_for("dropout_add", x).dropout_add(x, residual, p, seed)
-
-
-def linear(x, weight, bias=None):
-    return _backend_for("linear", x).linear(x, weight, bias)
-
-
-def linear_int8(x, weight, scales, bias=None):
-    return _backend_for("linear_int8", x).linear_int8(x, weight, scales, bias)
-
-
-def linear_bf16(x, weight, bias=None):
-    return _backend_for("linear_bf16", x).linear_bf16(x, weight, bias)
-
-
-_LINEAR_OP_BY_DTYPE = {torch.int8: "linear_int8", torch.bfloat16: "linear_bf16"}
-
-
-def _decode_block_backend(x, weights):
-    # The fused block runs the linear kernel of the backend picked for the block's linear layers (which
-    # are most of its time); where that backend has no fused block, the model goes op by op.
-    return _backend_for(_LINEAR_OP_BY_DTYPE.get(weights.qkv[0].weight.dtype, "linear"), x)
-
-
-def fuses_decode_block(x, weights, k_cache) -> bool:
-    check = getattr(_decode_block_backend(x, weights), "fuses_decode_block", None)
-    return bool(check is not None and check(x, weights, k_cache))
-
-
-def decode_block(x, weights, k_cache, v_cache, start_pos):
-    return _decode_block_backend(x, weights).decode_block(x, weights, k_cache, v_cache, start_pos)
+def choice_for(op_name: str, *args) -> str:
+    """The name of the backend `auto` runs `op_name` on for these arguments."""
+    op = OPS[op_name]
+    key = op.table_key(*args) if op.table_key else op.table_keys[0]
+    return _pick(key, args[0])
 
 
 def supports_kv_cache(device: torch.device) -> bool:
@@ -209,7 +177,8 @@ def describe(device_type: str, dtypes=("float32",)) -> list[str]:
 
 def dropout_backends(device_type: str, dtype: str) -> list[str]:
     """The backends whose RNGs decide what drops here: attention's with dropout, the residual dropout's."""
-    return sorted({choose(op, device_type, dtype).backend for op in ("attention_dropout", "dropout_add")})
+    keys = [key for op in OPS.values() for key in op.drops_out]
+    return sorted({choose(key, device_type, dtype).backend for key in keys})
 
 
 def build_info() -> dict:

@@ -1,10 +1,10 @@
 """Op backends by name: which exist, which can run here, and which one is in use.
 
-A backend is a module-like object defining every op of `gptfast.ops` (`layer_norm`, `gelu`,
-`causal_attention`, `cross_entropy`, `linear_cross_entropy`, `linear`, `linear_int8`, `linear_bf16`):
-`reference` (reference.py), `torch` (torch_builtins.py), `extension` (extension.py), `triton`
-(triton/) and `auto` (auto.py, which picks one of the others per op). Backends are loaded lazily, so
-a missing compiled extension or Triton only matters when that backend is asked for.
+A backend is a module holding one function per op it computes, named as the op (`get_backend("torch").gelu`),
+made from the op modules' list (spec.OPS): `reference` (reference.py: each op's textbook function), `torch`
+(torch_builtins.py: each op's torch twin), `extension` (extension.py: our C++/CUDA kernels), `triton`
+(triton/: our Triton kernels) and `auto` (auto.py, which picks one of the others per op). Backends are
+loaded lazily, so a missing compiled extension or Triton only matters when that backend is asked for.
 """
 from __future__ import annotations
 

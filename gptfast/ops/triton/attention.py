@@ -23,10 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import autograd_formulas as formulas
-from ..checks import check_attention_inputs
-
 from . import INTERPRET
+from ._aot import TYPES, Specialization
+from ._interpreter import interpreted_bf16
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
@@ -318,16 +317,11 @@ def _threshold(p: float) -> int:
     return int(p * 16777216.0)
 
 
-def _check(q, k, v, dropout_p, seed):
-    check_attention_inputs(q, k, v)
+def _check(q: torch.Tensor) -> None:
     if q.dtype == torch.float64:
         raise TypeError(f"q: the Triton attention supports float32, float16 and bfloat16, got {q.dtype}")
     if not 16 <= q.shape[-1] <= MAX_HEAD_DIM:
         raise ValueError(f"head dim D={q.shape[-1]} is unsupported by the Triton attention (16 to {MAX_HEAD_DIM})")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if seed.numel() != 1 or seed.dtype != torch.int64:
-        raise ValueError(f"seed must be a one-element int64 tensor, got {seed.dtype} with {seed.numel()} elements")
 
 
 def _grid_m(T, BH):
@@ -337,7 +331,10 @@ def _grid_m(T, BH):
 @torch.library.custom_op("gptfast_triton::attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                   dropout_p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(q, k, v, dropout_p, seed)
+    _check(q)
+    if interpreted_bf16(q):
+        o, lse = attention_fwd(q.float(), k.float(), v.float(), causal, scale, dropout_p, seed)
+        return o.to(q.dtype), lse
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, T, D = q.shape
     o = torch.empty_like(q)
@@ -352,7 +349,11 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                   lse: torch.Tensor, causal: bool, scale: float, dropout_p: float,
                   seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check(q, k, v, dropout_p, seed)
+    _check(q)
+    if interpreted_bf16(q):
+        grads = attention_bwd(dout.float(), q.float(), k.float(), v.float(), o.float(), lse, causal, scale,
+                              dropout_p, seed)
+        return tuple(g.to(q.dtype) for g in grads)
     q, k, v, dout, o = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous(), o.contiguous()
     B, H, T, D = q.shape
     delta = (dout.float() * o.float()).sum(-1).contiguous()          # (B, H, T): rowsum(dO * O)
@@ -367,26 +368,28 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     return dq, dk, dv
 
 
-@attention_fwd.register_fake
-def _(q, k, v, causal, scale, dropout_p, seed):
-    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-            torch.empty(q.shape[:3], dtype=torch.float32, device=q.device))
-
-
-@attention_bwd.register_fake
-def _(dout, q, k, v, o, lse, causal, scale, dropout_p, seed):
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-
-
-formulas.register(attention_fwd, formulas.attention, attention_bwd)
-
-
-def supports_kv_cache(device) -> bool:
-    return True                          # the kernels take Tk >= Tq (queries = the last positions)
-
-
-def causal_attention(q, k, v, dropout_p=0.0, scale=None, seed=None):
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if seed is None:                               # the interface draws one when dropout_p > 0
-        seed = torch.zeros(1, dtype=torch.int64)
-    return attention_fwd(q, k, v, True, scale, dropout_p, seed)[0]
+def aot_specializations(full: bool) -> list[Specialization]:
+    """Each kernel's tile classes (GPU_TILES) with every config of the class; dropout on (usually more registers)
+    and, at bfloat16 head dim 64, also off - every forward config (evaluation and generation), the backward
+    kernels' first (training with dropout 0). `full`: every dtype x head dim 64, 128 x dropout off/on."""
+    variants = ([(dt, d, drop) for dt in TYPES for d in (64, 128) for drop in (False, True)] if full
+                else [("bfloat16", 64, True), ("bfloat16", 64, False), ("bfloat16", 128, True),
+                      ("float32", 64, True), ("float32", 128, True)])
+    out = []
+    for kernel, kind, extra in ((_attn_fwd_kernel, "fwd", {"o_ptr": "*{dt}", "lse_ptr": "*fp32"}),
+                                (_attn_bwd_dkdv_kernel, "dkdv", {"dk_ptr": "*{dt}", "dv_ptr": "*{dt}"}),
+                                (_attn_bwd_dq_kernel, "dq", {"dq_ptr": "*{dt}"})):
+        for dt, d, drop in variants:
+            tiles = gpu_tiles(kind, 4 if dt == "float32" else 2, d)
+            if not full and not drop and kind != "fwd":
+                tiles = tiles[:1]
+            t = TYPES[dt]
+            types = {"q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "do_ptr": f"*{t}", "lse_ptr": "*fp32",
+                     "delta_ptr": "*fp32", "seed_ptr": "*i64", "TQ": "i32", "TK": "i32", "D": "i32",
+                     "qk_scale": "fp32", "sm_scale": "fp32", "threshold": "i32", "keep_scale": "fp32",
+                     **{k: v.format(dt=t) for k, v in extra.items()}}
+            for bm, bn, warps, stages in tiles:
+                const = {"CAUSAL": True, "DROPOUT": drop, "BLOCK_D": d, "BLOCK_M": bm, "BLOCK_N": bn}
+                out.append(Specialization(f"attn_{kind}", kernel, types, const, warps, stages, dot=True,
+                                          label=f"{dt} D{d} drop{int(drop)} M{bm} N{bn} w{warps} s{stages}"))
+    return out

@@ -13,9 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import autograd_formulas as formulas
-
+from ..loss_math import inverse_count, mean_over_kept
 from . import INTERPRET
+from ._aot import TYPES, VOCAB, Specialization
+from ._interpreter import interpreted_bf16
 
 
 @triton.jit
@@ -68,9 +69,11 @@ def _block_v(V: int) -> int:
 def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                       compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row losses (N,), lse (N,) in fp32, and dlogits (N, V) if compute_grad (else empty)."""
-    if logits.dim() != 2 or logits.dtype == torch.float64 or not logits.is_floating_point():
-        raise TypeError(f"logits must be a 2-D float32/float16/bfloat16 tensor, got {logits.dtype} "
-                        f"of shape {tuple(logits.shape)}")
+    if logits.dtype == torch.float64:
+        raise TypeError("logits: the Triton cross-entropy supports float32, float16 and bfloat16, got float64")
+    if interpreted_bf16(logits):
+        loss, lse, dlogits = cross_entropy_fwd(logits.float(), targets, ignore_index, compute_grad)
+        return loss, lse, dlogits.to(logits.dtype)
     logits, targets = logits.contiguous(), targets.contiguous()
     N, V = logits.shape
     loss = torch.empty(N, dtype=torch.float32, device=logits.device)
@@ -85,33 +88,14 @@ def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
 @torch.library.custom_op("gptfast_triton::cross_entropy_bwd", mutates_args=())
 def cross_entropy_bwd(dlogits: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     """dlogits scaled row by row by the upstream gradient of each row's loss."""
-    dlogits, grad_loss = dlogits.contiguous(), grad_loss.contiguous()
+    if interpreted_bf16(dlogits):
+        return cross_entropy_bwd(dlogits.float(), grad_loss).to(dlogits.dtype)
+    dlogits, grad_loss = dlogits.contiguous(), grad_loss.float().contiguous()
     out = torch.empty_like(dlogits)
     N, V = dlogits.shape
     if N:
         _scale_rows_kernel[(N,)](dlogits, grad_loss, out, V, BLOCK_V=_block_v(V))
     return out
-
-
-@cross_entropy_fwd.register_fake
-def _(logits, targets, ignore_index, compute_grad):
-    N = logits.shape[0]
-    dl = torch.empty(logits.shape if compute_grad else (0,), dtype=logits.dtype, device=logits.device)
-    return (torch.empty(N, dtype=torch.float32, device=logits.device),
-            torch.empty(N, dtype=torch.float32, device=logits.device), dl)
-
-
-@cross_entropy_bwd.register_fake
-def _(dlogits, grad_loss):
-    return torch.empty(dlogits.shape, dtype=dlogits.dtype, device=dlogits.device)
-
-
-formulas.register(cross_entropy_fwd, formulas.cross_entropy, cross_entropy_bwd)
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    loss_rows, _lse, _dl = cross_entropy_fwd(logits, targets, ignore_index, torch.is_grad_enabled() and logits.requires_grad)
-    return formulas.mean_over_kept(loss_rows, targets, ignore_index)
 
 
 @torch.library.custom_op("gptfast_triton::linear_cross_entropy_fwd", mutates_args=())
@@ -122,6 +106,10 @@ def linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets
     chunk's gradient softmax - onehot, in float32), whose GEMMs into dH and dW follow at once."""
     if hidden.dtype == torch.float64:
         raise TypeError("hidden: the Triton linear cross-entropy supports float32, float16 and bfloat16, got float64")
+    if interpreted_bf16(hidden):
+        loss, gh, gw = linear_cross_entropy_fwd(hidden.float(), weight.float(), targets, ignore_index, chunk_rows,
+                                                compute_grad)
+        return loss, gh.to(hidden.dtype), gw.to(weight.dtype)
     h, w, t = hidden.contiguous(), weight.contiguous(), targets.contiguous()
     N, C = h.shape
     loss_rows = torch.empty(N, dtype=torch.float32, device=h.device)
@@ -136,25 +124,25 @@ def linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets
             dl = dl.to(h.dtype)
             torch.mm(dl, w, out=grad_h[r0:r0 + chunk_rows])            # dH_c = dL_c W
             grad_w += (dl.t() @ hc).float()                            # dW += dL_c^T h_c, float32 accumulation
-    loss = formulas.mean_over_kept(loss_rows, t, ignore_index)
+    loss = mean_over_kept(loss_rows, t, ignore_index)
     if compute_grad:
-        inv = formulas.inverse_count((t != ignore_index).sum().float())
+        inv = inverse_count((t != ignore_index).sum().float())
         grad_h.mul_(inv.to(grad_h.dtype))
         grad_w = grad_w.mul_(inv).to(w.dtype)                          # in place: no second V x C buffer
     return loss, grad_h, grad_w
 
 
-@linear_cross_entropy_fwd.register_fake
-def _(hidden, weight, targets, ignore_index, chunk_rows, compute_grad):
-    loss = hidden.new_empty((), dtype=torch.float32)
-    if not compute_grad:
-        return loss, hidden.new_empty(0), weight.new_empty(0)
-    return loss, torch.empty_like(hidden), torch.empty_like(weight)
-
-
-formulas.register(linear_cross_entropy_fwd, formulas.linear_cross_entropy, None)
-
-
-def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, chunk_rows=256):
-    compute_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return linear_cross_entropy_fwd(hidden, weight, targets, ignore_index, chunk_rows, compute_grad)[0]
+def aot_specializations(full: bool) -> list[Specialization]:
+    """The forward and the row-scaling backward at GPT-2's vocabulary (float32: the widest loads and registers;
+    `full`: every dtype)."""
+    out = []
+    for dt in (list(TYPES) if full else ["float32"]):
+        t, block_v = TYPES[dt], _block_v(VOCAB)
+        types = {"logits_ptr": f"*{t}", "targets_ptr": "*i64", "loss_ptr": "*fp32", "lse_ptr": "*fp32",
+                 "dlogits_ptr": f"*{t}", "V": "i32", "ignore_index": "i32"}
+        out.append(Specialization("ce_fwd", _ce_fwd_kernel, types, {"COMPUTE_GRAD": True, "BLOCK_V": block_v},
+                                  label=f"{dt} V{VOCAB} BV{block_v}"))
+        types = {"dlogits_ptr": f"*{t}", "grad_ptr": "*fp32", "out_ptr": f"*{t}", "V": "i32"}
+        out.append(Specialization("ce_scale_rows", _scale_rows_kernel, types, {"BLOCK_V": block_v},
+                                  label=f"{dt} BV{block_v}"))
+    return out

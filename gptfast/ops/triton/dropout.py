@@ -14,9 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import autograd_formulas as formulas
 from . import INTERPRET
 from .attention import _head_key, _keep
+from ._aot import GPT2_ROWS, TYPES, Specialization
+from ._interpreter import interpreted_bf16
 
 
 @triton.jit
@@ -51,46 +52,51 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, y: torch.Tensor, p: 
                           1.0 / (1.0 - p), HAS_RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c)
 
 
-def _check(x: torch.Tensor, p: float, seed: torch.Tensor, name: str = "x") -> None:
-    if not x.is_floating_point() or x.dtype == torch.float64:
-        raise TypeError(f"{name}: the Triton dropout supports float32, float16 and bfloat16, got {x.dtype}")
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"p must be in [0, 1), got {p}")
-    if seed.numel() != 1 or seed.dtype != torch.int64:
-        raise ValueError(f"seed must be a one-element int64 tensor, got {seed.dtype} with {seed.numel()} elements")
+def _check(x: torch.Tensor, name: str = "x") -> None:
+    if x.dtype == torch.float64:
+        raise TypeError(f"{name}: the Triton dropout supports float32, float16 and bfloat16, got float64")
+
+
+def _widened(t):
+    return t.float() if interpreted_bf16(t) else t
 
 
 @torch.library.custom_op("gptfast_triton::dropout_add_fwd", mutates_args=())
 def dropout_add_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], p: float, seed: torch.Tensor) -> torch.Tensor:
-    _check(x, p, seed)
+    _check(x)
+    out_dtype = residual.dtype if residual is not None else x.dtype
+    if interpreted_bf16(x) or interpreted_bf16(residual):
+        return dropout_add_fwd(_widened(x), _widened(residual), p, seed).to(out_dtype)
     if residual is not None:
-        _check(residual, p, seed, "residual")
-        if residual.shape != x.shape:
-            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        _check(residual, "residual")
         residual = residual.contiguous()
     x = x.contiguous()
-    y = torch.empty(x.shape, dtype=residual.dtype if residual is not None else x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     _launch(x, residual, y, p, seed.to(x.device))
     return y
 
 
 @torch.library.custom_op("gptfast_triton::dropout_bwd", mutates_args=())
 def dropout_bwd(dy: torch.Tensor, p: float, seed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    _check(dy, p, seed, "dy")
+    _check(dy, "dy")
+    if interpreted_bf16(dy) or (dy.device.type == "cpu" and dtype == torch.bfloat16):
+        return dropout_bwd(_widened(dy), p, seed, torch.float32).to(dtype)
     dy = dy.contiguous()
     dx = torch.empty(dy.shape, dtype=dtype, device=dy.device)
     _launch(dy, None, dx, p, seed.to(dy.device))
     return dx
 
 
-@dropout_add_fwd.register_fake
-def _(x, residual, p, seed):
-    return torch.empty(x.shape, dtype=residual.dtype if residual is not None else x.dtype, device=x.device)
-
-
-@dropout_bwd.register_fake
-def _(dy, p, seed, dtype):
-    return torch.empty(dy.shape, dtype=dtype, device=dy.device)
-
-
-formulas.register(dropout_add_fwd, formulas.dropout_add, dropout_bwd)
+def aot_specializations(full: bool) -> list[Specialization]:
+    """With and without a residual, and a 16-bit branch into a float32 stream."""
+    out = []
+    for dt in (list(TYPES) if full else ["float32"]):
+        t = TYPES[dt]
+        for res_t, residual in ((t, True), ("fp32", True), (t, False)):
+            block_r, block_c = launch_shape(GPT2_ROWS[0])
+            const = {"HAS_RESIDUAL": residual, "BLOCK_R": block_r, "BLOCK_C": block_c}
+            types = {"x_ptr": f"*{t}", "res_ptr": f"*{res_t}", "y_ptr": f"*{res_t}", "seed_ptr": "*i64", "rows": "i32",
+                     "C": "i32", "threshold": "i32", "scale": "fp32"}
+            out.append(Specialization("dropout_add", _dropout_kernel, types, const,
+                                      label=f"{dt} -> {res_t}{' + residual' if residual else ''} R{block_r} C{block_c}"))
+    return out

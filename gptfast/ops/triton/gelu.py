@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import autograd_formulas as formulas
+from ._aot import TYPES, Specialization
+from ._interpreter import interpreted_bf16
 
 BLOCK = 65536 if os.environ.get("TRITON_INTERPRET") == "1" else 1024   # interpreter: few, big programs
 
@@ -40,16 +41,16 @@ def _gelu_bwd_kernel(dy_ptr, x_ptr, dx_ptr, n, BLOCK: tl.constexpr):
     tl.store(dx_ptr + offs, (dy * (s + 2.0 * x * s * (1.0 - s) * du)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(x: torch.Tensor, name: str = "x") -> None:
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+def _check(x: torch.Tensor) -> None:
     if x.dtype == torch.float64:
-        raise TypeError(f"{name}: the Triton GELU supports float32, float16 and bfloat16, got float64")
+        raise TypeError("x: the Triton GELU supports float32, float16 and bfloat16, got float64")
 
 
 @torch.library.custom_op("gptfast_triton::gelu_fwd", mutates_args=())
 def gelu_fwd(x: torch.Tensor) -> torch.Tensor:
     _check(x)
+    if interpreted_bf16(x):
+        return gelu_fwd(x.float()).to(x.dtype)
     x = x.contiguous()
     y = torch.empty_like(x)
     n = x.numel()
@@ -61,9 +62,8 @@ def gelu_fwd(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("gptfast_triton::gelu_bwd", mutates_args=())
 def gelu_bwd(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     _check(x)
-    if dy.shape != x.shape or dy.dtype != x.dtype:
-        raise ValueError(f"dy must match x's shape {tuple(x.shape)} and dtype {x.dtype}, got "
-                         f"{tuple(dy.shape)} {dy.dtype}")
+    if interpreted_bf16(x):
+        return gelu_bwd(dy.float(), x.float()).to(x.dtype)
     x, dy = x.contiguous(), dy.contiguous()
     dx = torch.empty_like(x)
     n = x.numel()
@@ -72,18 +72,11 @@ def gelu_bwd(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return dx
 
 
-@gelu_fwd.register_fake
-def _(x):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
-@gelu_bwd.register_fake
-def _(dy, x):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
-formulas.register(gelu_fwd, formulas.gelu, gelu_bwd)
-
-
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    return gelu_fwd(x)
+def aot_specializations(full: bool) -> list[Specialization]:
+    out = []
+    for dt in (list(TYPES) if full else ["float32"]):
+        t = TYPES[dt]
+        types = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "dy_ptr": f"*{t}", "dx_ptr": f"*{t}", "n": "i32"}
+        for kernel, name in ((_gelu_fwd_kernel, "gelu_fwd"), (_gelu_bwd_kernel, "gelu_bwd")):
+            out.append(Specialization(name, kernel, types, {"BLOCK": BLOCK}, label=f"{dt} BLOCK{BLOCK}"))
+    return out

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import autograd_formulas as formulas
+from ._aot import GPT2_ROWS, TYPES, Specialization
+from ._interpreter import interpreted_bf16
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -73,24 +74,18 @@ def _ln_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr
     tl.store(db_part_ptr + pid * C + cols, tl.sum(dy, axis=0), mask=col_ok)
 
 
-def _check(x, weight, bias=None):
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+def _check(x: torch.Tensor) -> None:
     if x.dtype == torch.float64:
         raise TypeError("x: the Triton LayerNorm supports float32, float16 and bfloat16, got float64")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is None:
-            continue
-        if p.dtype != x.dtype or p.device != x.device:
-            raise TypeError(f"{name} must match x's dtype {x.dtype} and device {x.device}, got {p.dtype} on {p.device}")
-        if p.shape != (x.shape[-1],):
-            raise ValueError(f"{name} must have shape ({x.shape[-1]},) to match x's last dim, got {tuple(p.shape)}")
 
 
 @torch.library.custom_op("gptfast_triton::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check(x, weight, bias)
+    _check(x)
+    if interpreted_bf16(x):
+        y, mean, rstd = layer_norm_fwd(x.float(), weight.float(), bias.float(), eps)
+        return y.to(x.dtype), mean, rstd
     C = x.shape[-1]
     x2 = x.contiguous().view(-1, C)
     n_rows = x2.shape[0]
@@ -107,9 +102,10 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 @torch.library.custom_op("gptfast_triton::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                    rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check(x, weight)
-    if dy.shape != x.shape:
-        raise ValueError(f"dy must have x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+    _check(x)
+    if interpreted_bf16(x):
+        dx, dw, db = layer_norm_bwd(dy.float(), x.float(), weight.float(), mean, rstd)
+        return dx.to(x.dtype), dw.to(weight.dtype), db.to(weight.dtype)
     C = x.shape[-1]
     x2, dy2 = x.contiguous().view(-1, C), dy.contiguous().view(-1, C)
     n_rows = x2.shape[0]
@@ -126,23 +122,17 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
     return dx.view(x.shape), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
 
 
-@layer_norm_fwd.register_fake
-def _(x, weight, bias, eps):
-    stats = x.shape[:-1]
-    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
-            torch.empty(stats, dtype=torch.float32, device=x.device),
-            torch.empty(stats, dtype=torch.float32, device=x.device))
-
-
-@layer_norm_bwd.register_fake
-def _(dy, x, weight, mean, rstd):
-    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
-            torch.empty(weight.shape, dtype=weight.dtype, device=x.device),
-            torch.empty(weight.shape, dtype=weight.dtype, device=x.device))
-
-
-formulas.register(layer_norm_fwd, formulas.layer_norm, layer_norm_bwd)
-
-
-def layer_norm(x, weight, bias, eps=1e-5):
-    return layer_norm_fwd(x, weight, bias, eps)[0]
+def aot_specializations(full: bool) -> list[Specialization]:
+    """Both kernels at GPT-2's widths (each power-of-two block width once)."""
+    out = []
+    for dt in (list(TYPES) if full else ["float32"]):
+        t = TYPES[dt]
+        types = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "y_ptr": f"*{t}", "dy_ptr": f"*{t}",
+                 "dx_ptr": f"*{t}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dw_part_ptr": "*fp32",
+                 "db_part_ptr": "*fp32", "n_rows": "i32", "C": "i32", "eps": "fp32"}
+        for width in sorted({triton.next_power_of_2(c): c for c in GPT2_ROWS}.values()):
+            rows, block_c, warps = launch_shape(8192, width)
+            for kernel, name in ((_ln_fwd_kernel, "ln_fwd"), (_ln_bwd_kernel, "ln_bwd")):
+                out.append(Specialization(name, kernel, types, {"ROWS": rows, "BLOCK_C": block_c}, num_warps=warps,
+                                          label=f"{dt} C{width} ROWS{rows} w{warps}"))
+    return out

@@ -17,6 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._aot import TYPES, Specialization
+from ._interpreter import interpreted_bf16
+
 MAX_ROWS = 16                       # rows of x the kernel takes; more go to F.linear
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_N = 128 if INTERPRET else 16  # the interpreter: few, big programs
@@ -48,27 +51,23 @@ def _linear_kernel(x_ptr, w_ptr, scales_ptr, bias_ptr, y_ptr, M, N, K, stride_xm
 
 
 def launch_shape(M: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) for M rows of x: every row in one program, the 3-D product
-    tile kept at 4096-8192 values (32-64 registers a thread at 4 warps)."""
-    block_m = max(1, triton.next_power_of_2(M))
-    return block_m, BLOCK_N, max(32, 256 // block_m)
+    """(BLOCK_M, BLOCK_N, BLOCK_K) for M rows of x: every row in one program; the K step the same for every M,
+    so a row's dot products are summed in the same order whatever the batch (a sequence decoded alone gets the
+    bits it gets in a batch). The 3-D product tile stays at 512-8192 values (4-64 registers a thread, 4 warps)."""
+    return max(1, triton.next_power_of_2(M)), BLOCK_N, BLOCK_K
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, scales, bias) -> None:
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"x: the Triton linear kernel takes float32, float16 or bfloat16 activations, got {x.dtype}")
-    if weight.dtype not in (torch.float32, torch.bfloat16, torch.int8):
-        raise TypeError(f"weight must be float32, bfloat16 or int8, got {weight.dtype}")
-    if weight.ndim != 2 or weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"weight must have shape (N, K) with K = x's last dim ({x.shape[-1]}), got {tuple(weight.shape)}")
-    if weight.dtype == torch.int8 and scales is None:
-        raise ValueError("int8 weights need scales (one float32 per output row)")
+BLOCK_K = 32
 
 
 @torch.library.custom_op("gptfast_triton::linear_fwd", mutates_args=())
 def linear_fwd(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None,
                bias: torch.Tensor | None) -> torch.Tensor:
-    _check(x, weight, scales, bias)
+    if x.dtype == torch.float64:
+        raise TypeError("x: the Triton linear kernel takes float32, float16 or bfloat16 activations, got float64")
+    if interpreted_bf16(x):                                      # float32 math on widened values, rounded back
+        return linear_fwd(x.float(), weight.float() if weight.dtype == x.dtype else weight, scales,
+                          bias.float() if bias is not None else None).to(x.dtype)
     K, N = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
@@ -97,6 +96,18 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | Non
     return y.view(*x.shape[:-1], N)
 
 
-@linear_fwd.register_fake
-def _(x, weight, scales, bias):
-    return torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
+def aot_specializations(full: bool) -> list[Specialization]:
+    """Each weight type at the tile shapes of 1, 4 and 16 rows of x (float32 activations; bfloat16 in `full`)."""
+    out = []
+    for xt in (["float32", "bfloat16"] if full else ["float32"]):
+        for wt in ("fp32", "bf16", "i8"):
+            for rows in (1, 4, 16):
+                block_m, block_n, block_k = launch_shape(rows)
+                const = {"HAS_SCALES": wt == "i8", "HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                         "BLOCK_K": block_k}
+                x = TYPES[xt]
+                types = {"x_ptr": f"*{x}", "w_ptr": f"*{wt}", "scales_ptr": "*fp32", "bias_ptr": f"*{x}",
+                         "y_ptr": f"*{x}", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32"}
+                out.append(Specialization("linear", _linear_kernel, types, const,
+                                          label=f"x {xt} w {wt} M{block_m} N{block_n} K{block_k}"))
+    return out
