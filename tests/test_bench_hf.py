@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_hf  # noqa: E402
 
 
+@pytest.mark.slow
 def test_every_configuration_runs_and_lands_in_the_table():
     args = argparse.Namespace(device="cpu", layers=1, seq=32, batch=2, steps=1, warmup=1, backend="extension",
                               dtype="float32", rounds=1)

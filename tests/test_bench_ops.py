@@ -102,6 +102,7 @@ def test_simt_row_runs_the_extension_with_the_plain_kernels_switch(monkeypatch):
     assert bench_ops.implementation(gelu_op, gelu_bench, "extension-simt") is None   # an attention-only row
 
 
+@pytest.mark.slow
 def test_given_shapes_replace_the_defaults(tmp_path, monkeypatch):
     out = tmp_path / "s.json"
     monkeypatch.setattr(bench_ops, "measure_ceilings",

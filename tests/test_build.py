@@ -9,7 +9,7 @@ from gptfast import _build_meta as meta
 def test_cpu_sources_cover_kernels_with_their_schemas_and_bindings():
     sources = meta.cpu_sources()
     assert "csrc/bindings.cpp" in sources and "csrc/linear_cross_entropy.cpp" in sources
-    assert {"csrc/cpu/attention.cpp", "csrc/cpu/layer_norm.cpp", "csrc/cpu/gelu.cpp"} <= set(sources)
+    assert {"csrc/cpu/attention_fwd.cpp", "csrc/cpu/attention_bwd.cpp", "csrc/cpu/layer_norm.cpp", "csrc/cpu/gelu.cpp"} <= set(sources)
 
 
 def test_source_hash_tracks_every_csrc_file(tmp_path):

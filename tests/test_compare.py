@@ -57,6 +57,7 @@ def broken_backends():
     sys.modules.pop("_no_mask")
 
 
+@pytest.mark.slow
 def test_quick_run_passes_on_every_backend_here(tmp_path):
     """What CI runs: --quick over every backend available here, JSON with device, versions, commit."""
     out = tmp_path / "compare.json"

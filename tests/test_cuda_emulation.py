@@ -11,6 +11,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow     # the second tier (.ci/run): subprocess runs, minutes in all
+
 EMU = ROOT / "tests" / "cuda_emulation"
 CXX = shutil.which("g++")
 

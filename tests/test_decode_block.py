@@ -190,6 +190,7 @@ def test_auto_follows_its_linear_choice():
     assert not ops.fuses_decode_block(x.double(), weights, k, backend="auto")
 
 
+@pytest.mark.slow
 def test_compiled_step_matches_eager():
     torch._dynamo.reset()
     model = trained_like_model(tiny_config(backend="extension"), "int8")

@@ -14,6 +14,8 @@ from gptfast.data import RankStridedBatches
 from gptfast.training import ConfigError, TrainSettings, load_checkpoint, run_training
 from gptfast.training.parallel import SINGLE, Parallelism
 
+pytestmark = pytest.mark.slow     # the second tier (.ci/run): subprocess runs, minutes in all
+
 # 72 micro-batches of 2 x 32 tokens per epoch in the-verdict's train split: 18 steps of 4.
 RUN = ["--preset", "tiny", "--dtype", "float32", "--epochs", "2", "--batch-size", "2", "--context-length", "32", "--grad-accum", "4",
        "--eval-freq", "4", "--eval-iter", "3", "--no-progress", "--checkpoint-every", "10", "--keep-checkpoints", "9"]

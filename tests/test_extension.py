@@ -53,6 +53,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 # ----------------------------------------------------------------------------- layer norm
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 768), (4, 3, 1023), (9, 1600), (2, 5), (70, 64)])
+@pytest.mark.slow
 def test_layer_norm_matches_reference(dtype, shape):
     C = shape[-1]
     x, w, b = rand(*shape, seed=1, scale=2.0, shift=3.0), rand(C, seed=2), rand(C, seed=3)
@@ -61,6 +62,7 @@ def test_layer_norm_matches_reference(dtype, shape):
 
 
 @pytest.mark.parametrize("shape", [(6000, 768), (4200, 1023)])
+@pytest.mark.slow
 def test_layer_norm_outputs_past_16_mb(shape):
     """float32 outputs of 16 MB and more take streaming (non-temporal) stores when every row starts
     on a cache line (768 columns); 1023 columns cannot and store normally. Both against float64."""
@@ -149,6 +151,7 @@ def test_layer_norm_backward_partial_sums_reused_safely():
 # ----------------------------------------------------------------------------- gelu
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 1023), (2, 40000)])   # tails and parallel chunks
+@pytest.mark.slow
 def test_gelu_matches_reference(dtype, shape):
     compare(lambda a: ops.gelu(a, backend="extension"), reference.gelu, [rand(*shape, seed=13, scale=3.0)],
             dtype, TOL[dtype])
@@ -167,6 +170,7 @@ def qkv(B, H, T, D, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("B,H,T,D", [(1, 1, 1, 16), (2, 3, 7, 64), (1, 2, 129, 80), (1, 1, 1000, 64),
                                      (2, 1, 65, 128), (1, 2, 33, 24)])
+@pytest.mark.slow
 def test_causal_attention_matches_reference(dtype, B, H, T, D):
     compare(lambda *a: ops.causal_attention(*a, backend="extension"), reference.causal_attention,
             qkv(B, H, T, D), dtype, TOL[dtype])
@@ -420,6 +424,7 @@ def test_twenty_training_steps_match_reference_with_dropout(verdict_text, gpt2_t
     assert ref[-5:].mean() < ref[:5].mean()          # it is actually training
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_extension():
     model = small_model("extension").eval()
     idx = torch.randint(0, 101, (2, 30))

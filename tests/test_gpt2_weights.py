@@ -70,6 +70,7 @@ def hf_full_vocab_folder(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_generate_script_and_fine_tuning_from_gpt2(hf_folder, hf_full_vocab_folder, tmp_path, verdict_text):
     _, small_vocab, _ = hf_folder
     folder = hf_full_vocab_folder

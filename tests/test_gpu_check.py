@@ -11,6 +11,7 @@ STAGES = ("build", "compare", "gpu_tests", "bench_ops", "auto_table", "bench_tra
           "cuda_kernels", "cpu_isa")
 
 
+@pytest.mark.slow
 def test_dry_run_without_a_gpu_skips_every_stage_and_still_writes_the_summary(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is here: the dry run is for machines without one")

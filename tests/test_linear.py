@@ -66,12 +66,14 @@ def check(kind, backend, x64, N, bias=True, tol=1e-5, x=None):
 @pytest.mark.parametrize("backend", ["reference", "torch", "extension", "auto"])
 @pytest.mark.parametrize("M,K,N", [(1, 768, 7), (1, 1, 1), (2, 7, 13), (3, 100, 33), (5, 1023, 9), (8, 64, 50),
                                    (16, 33, 17), (17, 48, 5), (40, 129, 11)])
+@pytest.mark.slow
 def test_matches_the_float64_reference(kind, backend, M, K, N):
     check(kind, backend, rand(M, K, seed=M + K), N)
 
 
 @pytest.mark.parametrize("kind", WEIGHT_KINDS)
 @pytest.mark.parametrize("M,K,N", [(1, 100, 7), (5, 33, 20), (16, 64, 3), (20, 16, 5)])
+@pytest.mark.slow
 def test_triton_matches_the_float64_reference(kind, M, K, N):
     check(kind, "triton", rand(M, K, seed=M), N)
 

@@ -36,6 +36,7 @@ def errors_vs_reference(backend, hidden, weight, targets, dtype, chunk_rows):
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("N,V,chunk", [(1, 50, 16), (7, 1000, 3), (1000, 257, 64), (33, 1003, 32)])
+@pytest.mark.slow
 def test_loss_and_both_gradients_match_the_reference(backend, N, V, chunk):
     """Odd N, V not a multiple of anything, chunks that do not divide N; some targets ignored."""
     hidden, weight, targets = case(N, V, ignored=[0] if N > 1 else [])
@@ -148,6 +149,7 @@ def test_opcheck():
         torch.library.opcheck(op, args)
 
 
+@pytest.mark.slow
 def test_compiled_model_with_targets_matches_eager():
     torch.manual_seed(0)
     model = GPTModel(GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,

@@ -122,6 +122,7 @@ def test_dropout_active_only_in_training():
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "auto"])
+@pytest.mark.slow
 def test_torch_compile_fullgraph(backend):
     torch.manual_seed(0)
     model = GPTModel(small_config(backend=backend)).eval()

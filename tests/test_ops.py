@@ -32,6 +32,7 @@ def run_with_grads(fn, inputs, seed=0):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("B,H,T,D", [(1, 1, 1, 16), (2, 3, 7, 64), (1, 2, 129, 80), (1, 1, 1000, 32),
                                      (2, 2, 33, 128)])
+@pytest.mark.slow
 def test_attention_float32_against_float64_reference(backend, B, H, T, D):
     q, k, v = attention_inputs(B, H, T, D, torch.float64, requires_grad=True)
     ref, ref_grads = run_with_grads(lambda *a: ops.causal_attention(*a, backend="reference"), [q, k, v])
@@ -118,6 +119,7 @@ def layer_norm_inputs(shape, dtype=torch.float32):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(1, 768), (3, 5, 1023), (2, 1600), (4, 7, 1)])
+@pytest.mark.slow
 def test_layer_norm_float32_against_float64_reference(backend, shape):
     x, w, b = [t.requires_grad_() for t in layer_norm_inputs(shape, torch.float64)]
     ref, ref_grads = run_with_grads(lambda *a: ops.layer_norm(*a, backend="reference"), [x, w, b])

@@ -115,6 +115,7 @@ def fresh_dynamo():
 
 
 @pytest.mark.parametrize("backend", ["extension", "torch", "reference"])
+@pytest.mark.slow
 def test_compiled_quantized_model(backend, fresh_dynamo):
     model = quantize(tiny(backend=backend), "int8")
     idx = torch.randint(0, 300, (2, 12))
@@ -149,6 +150,7 @@ def trained(gpt2_tokenizer, verdict_text):
     return model, (vx, vy)
 
 
+@pytest.mark.slow
 def test_quality_on_a_trained_model(trained, gpt2_tokenizer):
     model, (vx, vy) = trained
     prompt = torch.tensor([gpt2_tokenizer.encode("Every effort moves you")])
@@ -205,6 +207,7 @@ def test_save_and_load_round_trip(trained, tmp_path, gpt2_tokenizer, mode):
         assert torch.equal(loaded(vx[:2]), q(vx[:2]))
 
 
+@pytest.mark.slow
 def test_cli_quantize_then_generate_and_no_training_from_it(trained, tmp_path, gpt2_tokenizer):
     from gptfast.training.checkpoint import save_weights
 

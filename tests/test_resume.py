@@ -49,6 +49,7 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one_bitwise(tmp_path, 
     assert all(torch.equal(x, y) for x, y in zip(model_a.state_dict().values(), model_b.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_killed_process_resumes_from_its_last_checkpoint(tmp_path, verdict_text):
     data = tmp_path / "v.txt"
     data.write_text(verdict_text)
@@ -102,6 +103,7 @@ def test_corrupt_truncated_and_foreign_checkpoints(tmp_path, verdict_text):
         run_training(settings(tmp_path, verdict_text, tmp_path / "r", resume=str(truncated)), echo=lambda _: None)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_the_printed_command_resumes_bitwise(tmp_path, verdict_text):
     data = tmp_path / "v.txt"
     data.write_text(verdict_text)

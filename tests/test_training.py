@@ -122,6 +122,7 @@ def test_run_training_user_errors(tmp_path, verdict_text):
                                   train_ratio=0.999), echo=lambda _: None)
 
 
+@pytest.mark.slow
 def test_init_from_a_gptfast_checkpoint(tmp_path, verdict_text):
     text_path = tmp_path / "v.txt"
     text_path.write_text(verdict_text)

@@ -83,6 +83,7 @@ def test_float16_needs_cuda(tmp_path, verdict_text):
         run_training(settings(tmp_path, verdict_text, dtype="float16", device="cpu"), echo=lambda _: None)
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path, verdict_text):
     eager = run_training(settings(tmp_path, verdict_text, out=str(tmp_path / "e")), echo=lambda _: None)
     compiled = run_training(settings(tmp_path, verdict_text, compile=True, out=str(tmp_path / "c")),
@@ -211,6 +212,7 @@ def test_bf16_working_copies_train_exactly_like_autocast_without_casting_weights
     assert all(p.dtype == torch.float32 for p in kept_weights)            # the masters stay float32
 
 
+@pytest.mark.slow
 def test_working_copies_under_torch_compile_see_each_refresh():
     """A compiled bf16 step with working copies equals the eager one, step after step: the compiled graph
     reads the copies the optimizer step refreshed (not a constant captured at compile time)."""

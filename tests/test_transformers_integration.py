@@ -192,6 +192,7 @@ def test_greedy_generate_with_the_kv_cache_gives_transformers_tokens(attention_c
     assert (1, 6) in {c[:2] for c in attention_calls}    # decoding steps ran on our op with the cache
 
 
+@pytest.mark.slow
 def test_torch_compile_of_the_patched_model():
     theirs, ours, _ = pair("extension", seed=5)
     compiled = torch.compile(ours, fullgraph=True)

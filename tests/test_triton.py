@@ -28,6 +28,7 @@ def rand(*shape, seed=0, scale=1.0, shift=0.0):
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("shape", [(1, 768), (3, 5, 1023), (9, 1600), (70, 64)])
+@pytest.mark.slow
 def test_layer_norm_matches_reference(dtype, shape):
     C = shape[-1]
     x, w, b = rand(*shape, seed=1, scale=2.0, shift=3.0), rand(C, seed=2), rand(C, seed=3)
@@ -49,6 +50,7 @@ def test_layer_norm_noncontiguous_stats_and_deterministic_backward():
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 1023), (2, 40000)])
+@pytest.mark.slow
 def test_gelu_matches_reference(dtype, shape):
     torch_gelu = lambda x: torch.nn.functional.gelu(x, approximate="tanh")  # noqa: E731
     check(TRITON.gelu, torch_gelu, reference.gelu, [rand(*shape, seed=13, scale=3.0)], dtype)
@@ -106,6 +108,7 @@ def sdpa(causal, scale):
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("B,H,T,D", [(1, 1, 1, 16), (2, 2, 7, 64), (1, 2, 129, 80), (1, 1, 65, 32)])
+@pytest.mark.slow
 def test_causal_attention_matches_reference(dtype, B, H, T, D):
     check(lambda *a: ops.causal_attention(*a, backend="triton"), sdpa(True, None), reference.causal_attention,
           qkv(B, H, T, D), dtype)
@@ -134,6 +137,7 @@ def test_dropout_matches_reference_and_extension(T, causal):
 
 
 @pytest.mark.parametrize("Tq,Tk,p", [(1, 70, 0.0), (5, 9, 0.0), (65, 130, 0.0), (33, 100, 0.3)])
+@pytest.mark.slow
 def test_fewer_queries_than_keys_with_gradients_and_dropout(Tq, Tk, p):
     """The KV-cache case: queries are the last Tq of Tk positions (masks and dropout rows shifted)."""
     assert kv_cache_errors(2, Tq, Tk, p, seed=90) < 1e-5
@@ -152,6 +156,7 @@ def kv_cache_errors(B, Tq, Tk, p, seed):
 
 @pytest.mark.parametrize("block_m,block_n", [(32, 16), (16, 32), (64, 16)])
 @pytest.mark.parametrize("Tq,Tk,p", [(129, 129, 0.0), (33, 100, 0.3)])
+@pytest.mark.slow
 def test_every_block_shape_splits_masked_from_unmasked_key_blocks_correctly(block_m, block_n, Tq, Tk, p):
     """The kernels run key blocks wholly below the diagonal without a mask and only the diagonal ones
     with it; the split depends on BLOCK_M / BLOCK_N, and the GPU's autotune configs have ratios 1/2 to 2
@@ -196,6 +201,7 @@ def test_attention_opcheck():
 
 
 # ----------------------------------------------------------------------------- the model
+@pytest.mark.slow
 def test_short_training_run_matches_reference(verdict_text, gpt2_tokenizer):
     from conftest import training_losses
 
@@ -239,6 +245,7 @@ def test_backward_kernels_are_bitwise_repeatable_on_gpu():
     assert all(torch.equal(s, t) for s, t in zip(a, b))
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph():
     from gptfast.model import GPTConfig, GPTModel
 
