@@ -87,7 +87,8 @@ def test_text_helpers_round_trip(gpt2_tokenizer):
 
 
 # ----------------------------------------------------------------------------- KV cache, top-p, streaming
-@pytest.mark.parametrize("backend", ["reference", "torch", "extension", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "extension",
+                                     pytest.param("triton", marks=pytest.mark.slow)])   # the interpreter: 7 s
 def test_kv_cache_gives_identical_tokens_past_the_window(backend):
     from gptfast import ops
 

@@ -174,6 +174,7 @@ def test_quality_on_a_trained_model(trained, gpt2_tokenizer):
     assert report["bf16"]["logits_rel_error"] < 5e-3 and report["int8"]["logits_rel_error"] < 3e-2, report
 
 
+@pytest.mark.slow                      # (its fixture trains a model: 12 s)
 def test_batched_decoding_picks_the_same_tokens_as_single(trained):
     """Rows of a batch decode with the same bits as alone (the kernel's math order), so greedy
     batched generation gives each sequence the tokens it gets alone."""
