@@ -1,7 +1,8 @@
-"""How gptfast._C is built: sources, flags, and a fingerprint of the sources.
+"""How gptfast._C (and gptfast._C_avx512) are built: sources, flags, a fingerprint of the sources, and the record
+of what was built (which setup.py reads to reuse a build that is still fresh).
 
-Shared by setup.py (ahead-of-time build), gptfast/ops/extension.py (staleness check and the
-just-in-time fallback build). Imports nothing but the standard library, so setup.py can load it
+Shared by setup.py (ahead-of-time build) and gptfast/compiled.py (staleness check and the just-in-time
+fallback build). Imports nothing but the standard library, so setup.py can load it
 without importing the package.
 """
 from __future__ import annotations
@@ -130,7 +131,7 @@ def cxx_flags(src_hash: str | None, isa: str | None = None) -> list[str]:
     isa = isa or cpu_isa()
     flags = ["-O3", "-g0", "-fopenmp", "-Wno-unknown-pragmas"] + ISA_FLAGS[isa]
     if extra_module:
-        flags.append("-DGPTFAST_KERNELS_ONLY")
+        flags.append("-DGPTFAST_ISA_MODULE")
     if src_hash:
         flags.append(f"-DGPTFAST_SOURCE_HASH_HEX=0x{src_hash}ULL")
     return flags

@@ -4,8 +4,8 @@
     python scripts/compare.py --backend extension --dtype bfloat16
     python -m scripts.compare --device cuda --json results/compare_cuda.json
 
-Ops (LayerNorm, GELU, causal attention with dropout and KV cache, cross-entropy with ignore_index)
-at GPT-2 and edge shapes: the output and every input gradient against `reference` in float64. Then
+Every op of gptfast.ops at the cases its module lists (GPT-2 and edge shapes, strided views, dropout, KV cache,
+ignore_index): the output and every input gradient against `reference` in float64. Then
 the model: logits, loss and every parameter gradient, and a short training run's losses side by side.
 Exit status: 0 all within tolerance, 1 any FAIL, 2 bad flags.
 """

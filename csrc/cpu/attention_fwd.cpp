@@ -40,7 +40,7 @@
 #include "vec_io.h"
 #include "attention_tiles.h"
 
-#ifndef GPTFAST_KERNELS_ONLY   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
+#ifndef GPTFAST_ISA_MODULE   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
 TORCH_LIBRARY_FRAGMENT(gptfast, m) {
   // Scaled dot-product attention on (B, H, T, D); lse (B, H, T) is the softmax log-normalizer.
   // seed: a one-element int64 tensor (a tensor, not an int, so drawing it stays inside a

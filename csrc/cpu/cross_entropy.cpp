@@ -20,7 +20,7 @@
 #include "vec_io.h"
 #include "cross_entropy.h"
 
-#ifndef GPTFAST_KERNELS_ONLY   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
+#ifndef GPTFAST_ISA_MODULE   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
 TORCH_LIBRARY_FRAGMENT(gptfast, m) {
   // Cross-entropy of each row of logits (N, V) against targets (N,): per-row loss and lse (float32,
   // float64 for float64 logits); with compute_grad, also dlogits = softmax - onehot (0 for rows

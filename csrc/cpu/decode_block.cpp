@@ -29,7 +29,7 @@
 #include "decode_parts.h"
 #include "kernels.h"
 
-#ifndef GPTFAST_KERNELS_ONLY   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
+#ifndef GPTFAST_ISA_MODULE   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
 TORCH_LIBRARY_FRAGMENT(gptfast, m) {
   // One transformer block's decoding step: x (B, 1, C), one new position per sequence at start_pos, through
   // y = x1 + proj(gelu(fc(ln2(x1)))), x1 = x + out(attention(ln1(x))), writing the new keys and values into

@@ -20,7 +20,7 @@
 #include "kernels.h"
 #include "vec_io.h"
 
-#ifndef GPTFAST_KERNELS_ONLY   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
+#ifndef GPTFAST_ISA_MODULE   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
 TORCH_LIBRARY_FRAGMENT(gptfast, m) {
   // Dropout fused with the residual add: y = residual + dropout(x). x is read as rows of its last dim C; element
   // (row, col) is kept with probability 1 - p (then scaled by 1 / (1 - p)) by the counter-based RNG of

@@ -20,7 +20,7 @@
 #include "kernels.h"
 #include "vec_io.h"
 
-#ifndef GPTFAST_KERNELS_ONLY   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
+#ifndef GPTFAST_ISA_MODULE   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
 TORCH_LIBRARY_FRAGMENT(gptfast, m) {
   // GELU, tanh approximation.
   m.def("gelu_fwd(Tensor x) -> Tensor");

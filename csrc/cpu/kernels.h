@@ -6,7 +6,7 @@
 //
 // Each kernel file registers its own kernels: GPTFAST_CPU_KERNELS(fn) at file scope, fn(m) calling m.impl
 // for the file's ops; its schemas sit beside them (TORCH_LIBRARY_FRAGMENT, in the default build only:
-// GPTFAST_KERNELS_ONLY marks the AVX-512 module, which adds kernels to schemas gptfast._C defines).
+// GPTFAST_ISA_MODULE marks the AVX-512 module, which adds kernels to schemas gptfast._C defines).
 #pragma once
 #include <torch/library.h>
 

@@ -25,7 +25,7 @@
 #include "kernels.h"
 #include "vec_io.h"
 
-#ifndef GPTFAST_KERNELS_ONLY   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
+#ifndef GPTFAST_ISA_MODULE   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
 TORCH_LIBRARY_FRAGMENT(gptfast, m) {
   // LayerNorm over the last dim. mean/rstd: one per row, float32 (float64 for float64 x).
   m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");

@@ -45,7 +45,7 @@
 #include "kernels.h"
 #include "vec_io.h"
 
-#ifndef GPTFAST_KERNELS_ONLY   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
+#ifndef GPTFAST_ISA_MODULE   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
 TORCH_LIBRARY_FRAGMENT(gptfast, m) {
   // A linear layer for inference (no backward: the weights are frozen): y (..., N) = x (..., K) @ weight^T,
   // times scales (N,) if given, plus bias (N,) if given. weight (N, K) is float32, bfloat16 or int8

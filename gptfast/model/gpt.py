@@ -1,7 +1,8 @@
 """The GPT model, block by block: embeddings -> N x (pre-LN attention + feed-forward) -> LM head.
 
-LayerNorm, GELU and causal attention go through `gptfast.ops`, so the same model runs on the
-`reference`, `torch` or any later kernel backend; `set_backend` switches all of them at once.
+Every LayerNorm, GELU, attention, residual dropout, linear layer of inference and the LM head's loss go through
+`gptfast.ops`, so the same model runs on the `reference`, `torch` or any kernel backend; `set_backend` switches
+all of them at once.
 Shapes: B batch, T tokens, C = emb_dim, nh = n_heads, hs = C / nh, V = vocab_size.
 """
 from __future__ import annotations
@@ -218,7 +219,7 @@ class GPTModel(nn.Module):
         return self.cfg.backend
 
     def set_backend(self, name: str | None) -> "GPTModel":
-        """Route every LayerNorm, GELU and attention of this model through backend `name`."""
+        """Route every op of this model (gptfast.ops) through backend `name`."""
         name = ops.resolve_backend_name(name)
         self.cfg.backend = name
         for module in self.modules():
