@@ -31,6 +31,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -119,7 +120,98 @@ def environment(device) -> dict:
             "cpu_isa": isa, "date": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
-def main(argv=None):
+@dataclass(frozen=True)
+class Config:
+    """One configuration of a row: what runs, said as data (the label is only for display)."""
+    label: str
+    backend: str                   # op backend ("torch" for the baseline)
+    quantize: str                  # none | bf16 | int8
+    baseline: bool = False         # the generation loop as it was before the decoding work
+    fused: bool = True             # each block's step as one op where the backend has it (ops.decode_block)
+    compiled: bool = False         # the one-token step compiled (torch.compile)
+
+    def tokens(self, model, prompt, n):
+        if self.baseline:
+            return baseline_generate_tokens(model, prompt, n)
+        return generate_tokens(model, prompt, n, compile=self.compiled)
+
+
+def configurations(args) -> list[Config]:
+    modes, b = args.quantize.split(","), args.backend
+    configs = [] if args.no_baseline else [Config("baseline", "torch", "none", baseline=True)]
+    configs += [Config(f"{b} {m}", b, m) for m in modes]
+    configs += [Config(f"{b} {m} op-by-op", b, m, fused=False) for m in args.op_by_op.split(",") if m]
+    configs += [Config(f"{b} {m} compiled", b, m, compiled=True) for m in args.compile.split(",") if m]
+    return configs
+
+
+def build_models(preset: str, configs: list[Config], device) -> dict:
+    """{config: its model}: one float32 model, copied and quantized once per mode (compiled rows share their
+    mode's model)."""
+    torch.manual_seed(0)
+    fp32 = GPTModel(GPTConfig.from_preset(preset, backend=configs[-1].backend)).to(device).eval()
+    quantized, models = {}, {}
+    for c in configs:
+        if c.baseline:
+            models[c] = copy.deepcopy(fp32).set_backend("torch")
+            continue
+        if c.quantize not in quantized:
+            t0 = time.perf_counter()
+            quantized[c.quantize] = quantize(copy.deepcopy(fp32), c.quantize)
+            if c.quantize != "none":
+                print(f"  ({preset}: quantize to {c.quantize} took {time.perf_counter() - t0:.2f} s)")
+        model = quantized[c.quantize]
+        models[c] = copy.deepcopy(model).set_fused_decoding(False) if not c.fused else model
+    return models
+
+
+def time_batch(models: dict, prompt, args, sync) -> tuple[dict, dict, dict]:
+    """Warm-up (kernels loaded, allocator caches filled, compiled steps compiled), then --rounds interleaved
+    rounds: ({config: [(prefill s, decode s)]}, {config: tokens}, {config: compile s})."""
+    compile_s = {}
+    for c, model in models.items():
+        t0 = time.perf_counter()
+        list(c.tokens(model, prompt, 4))
+        if c.compiled:
+            compile_s[c] = time.perf_counter() - t0
+            print(f"  (batch {prompt.shape[0]}: {c.label}: compiling and 4 tokens took {compile_s[c]:.1f} s)")
+    runs, tokens = {c: [] for c in models}, {}
+    for _ in range(args.rounds):
+        for c, model in models.items():
+            prefill, decode, tokens[c] = timed_run(c.tokens(model, prompt, args.new_tokens), sync)
+            runs[c].append((prefill, decode))
+    return runs, tokens, compile_s
+
+
+def result_row(c: Config, model, preset, batch, args, runs, tokens, compile_s, ref) -> dict:
+    prefill, decode = (statistics.median(r[i] for r in runs) for i in (0, 1))
+    steps = args.new_tokens - 1
+    w_bytes, c_bytes = bytes_per_step(model, batch, args.prompt_tokens + args.new_tokens / 2)
+    agree = None
+    if ref is not None:
+        same = (tokens == ref).all(dim=0).long()
+        agree = int(same.cumprod(0).sum()) / same.numel()
+    return {"preset": preset, "batch": batch, "path": c.label, "backend": c.backend, "quantize": c.quantize,
+            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "tokens_per_s": batch * steps / decode,
+            "prefill_ms": prefill * 1e3, "decode_s": decode, "weight_bytes_per_step": w_bytes,
+            "cache_bytes_per_step": c_bytes, "GBps": (w_bytes + c_bytes) * steps / decode / 1e9,
+            "agreement_with_baseline": agree, "compiled": c.compiled, "fused_decoding": c.fused and not c.baseline,
+            "compile_s": compile_s.get(c)}
+
+
+def print_rows(rows, ceiling):
+    for r in rows:
+        r["percent_of_read"] = 100 * r["GBps"] / ceiling
+        # the floor: tokens/s if a step took exactly its bytes at the read bandwidth
+        r["floor_tokens_per_s"] = r["batch"] * ceiling * 1e9 / (r["weight_bytes_per_step"] + r["cache_bytes_per_step"])
+        vs = f"{r['vs_baseline']:.2f}x" if r.get("vs_baseline") else "-"
+        agree = f"{r['agreement_with_baseline']:.2f}" if r["agreement_with_baseline"] is not None else "-"
+        print(f"{r['preset']:<11}{r['batch']:>6}  {r['path']:<26}{r['tokens_per_s']:>10.1f}{r['prefill_ms']:>11.1f}"
+              f"{(r['weight_bytes_per_step'] + r['cache_bytes_per_step']) / 1e6:>9.0f}{r['GBps']:>7.1f}"
+              f"{r['percent_of_read']:>7.0f}%{vs:>8}{agree:>7}{r['floor_tokens_per_s']:>8.0f}")
+
+
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--presets", default="gpt2-124m,book-124m")
@@ -136,13 +228,17 @@ def main(argv=None):
     p.add_argument("--no-baseline", action="store_true", help="leave out the baseline row (not for the record)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    modes = args.quantize.split(",")
     for flag, value in (("--compile", args.compile), ("--op-by-op", args.op_by_op)):
-        extra = [m for m in value.split(",") if m and m not in modes]
+        extra = [m for m in value.split(",") if m and m not in args.quantize.split(",")]
         if extra:
             p.error(f"{flag} {','.join(extra)}: each mode must also be in --quantize ({args.quantize})")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     env = environment(device)
     env["read_GBps_before"] = read_bandwidth(device)
     print(f"{env['device']} | {env['cpu_isa']} kernels | torch {env['torch']} | {env['threads']} threads | "
@@ -151,79 +247,21 @@ def main(argv=None):
     header = (f"{'preset':<11}{'batch':>6}  {'path':<26}{'tokens/s':>10}{'prefill ms':>11}{'MB/step':>9}"
               f"{'GB/s':>7}{'% read':>8}{'vs base':>8}{'agree':>7}{'floor':>8}")
     print(header + "\n" + "-" * len(header))
-    rows = []
+    configs, rows = configurations(args), []
     for preset in args.presets.split(","):
-        torch.manual_seed(0)
-        fp32 = GPTModel(GPTConfig.from_preset(preset, backend=args.backend)).to(device).eval()
-        models = {}
-        if not args.no_baseline:
-            models["baseline"] = copy.deepcopy(fp32).set_backend("torch")
-        for mode in modes:
-            model = copy.deepcopy(fp32)
-            t0 = time.perf_counter()
-            models[f"{args.backend} {mode}"] = quantize(model, mode)
-            if mode != "none":
-                print(f"  ({preset}: quantize to {mode} took {time.perf_counter() - t0:.2f} s)")
-        for mode in (m for m in args.op_by_op.split(",") if m):
-            models[f"{args.backend} {mode} op-by-op"] = copy.deepcopy(models[f"{args.backend} {mode}"]).set_fused_decoding(False)
-        compiled = [m for m in args.compile.split(",") if m]
-        for mode in compiled:
-            models[f"{args.backend} {mode} compiled"] = models[f"{args.backend} {mode}"]
-        del fp32
+        models = build_models(preset, configs, device)
         for batch in map(int, args.batch_sizes.split(",")):
             prompt = torch.randint(0, 50257, (batch, args.prompt_tokens), device=device)
-            runs = {name: [] for name in models}
-            tokens = {}
-            compile_s = {}
-            for name, model in models.items():               # warm-up: load kernels, fill allocator caches, compile
-                t0 = time.perf_counter()
-                list(generate_tokens(model, prompt, 4, compile=name.endswith("compiled")) if name != "baseline"
-                     else baseline_generate_tokens(model, prompt, 4))
-                if name.endswith("compiled"):
-                    compile_s[name] = time.perf_counter() - t0
-                    print(f"  ({preset} batch {batch}: {name}: compiling and 4 tokens took {compile_s[name]:.1f} s)")
-            for _ in range(args.rounds):
-                for name, model in models.items():
-                    it = baseline_generate_tokens(model, prompt, args.new_tokens) if name == "baseline" else \
-                        generate_tokens(model, prompt, args.new_tokens, compile=name.endswith("compiled"))
-                    prefill, decode, toks = timed_run(it, sync)
-                    runs[name].append((prefill, decode))
-                    tokens[name] = toks
-            ref = tokens.get("baseline")
-            for name, model in models.items():
-                prefill = statistics.median(r[0] for r in runs[name])
-                decode = statistics.median(r[1] for r in runs[name])
-                steps = args.new_tokens - 1
-                tok_s = batch * steps / decode
-                w_bytes, c_bytes = bytes_per_step(model, batch, args.prompt_tokens + args.new_tokens / 2)
-                gbps = (w_bytes + c_bytes) * steps / decode / 1e9
-                agree = None
-                if ref is not None:
-                    same = (tokens[name] == ref).all(dim=0).long()
-                    agree = int(same.cumprod(0).sum()) / same.numel()
-                row = {"preset": preset, "batch": batch, "path": name, "backend": "torch" if name == "baseline" else args.backend,
-                       "quantize": "none" if name == "baseline" else name.split()[1], "prompt_tokens": args.prompt_tokens,
-                       "new_tokens": args.new_tokens, "tokens_per_s": tok_s, "prefill_ms": prefill * 1e3,
-                       "decode_s": decode, "weight_bytes_per_step": w_bytes, "cache_bytes_per_step": c_bytes,
-                       "GBps": gbps, "agreement_with_baseline": agree, "compiled": name.endswith("compiled"),
-                       "fused_decoding": not name.endswith("op-by-op") and name != "baseline",
-                       "compile_s": compile_s.get(name)}
-                rows.append(row)
-            base = next((r["tokens_per_s"] for r in rows if r["preset"] == preset and r["batch"] == batch
-                         and r["path"] == "baseline"), None)
-            for r in (r for r in rows if r["preset"] == preset and r["batch"] == batch):
+            runs, tokens, compile_s = time_batch(models, prompt, args, sync)
+            ref = next((tokens[c] for c in models if c.baseline), None)
+            batch_rows = [result_row(c, m, preset, batch, args, runs[c], tokens[c], compile_s, ref)
+                          for c, m in models.items()]
+            base = next((r["tokens_per_s"] for r, c in zip(batch_rows, models) if c.baseline), None)
+            for r in batch_rows:
                 r["vs_baseline"] = r["tokens_per_s"] / base if base else None
+            rows += batch_rows
     env["read_GBps_after"] = read_bandwidth(device)
-    ceiling = max(env["read_GBps_before"], env["read_GBps_after"])
-    for r in rows:
-        r["percent_of_read"] = 100 * r["GBps"] / ceiling
-        # the floor: tokens/s if a step took exactly its bytes at the read bandwidth
-        r["floor_tokens_per_s"] = r["batch"] * ceiling * 1e9 / (r["weight_bytes_per_step"] + r["cache_bytes_per_step"])
-        vs = f"{r['vs_baseline']:.2f}x" if r.get("vs_baseline") else "-"
-        agree = f"{r['agreement_with_baseline']:.2f}" if r["agreement_with_baseline"] is not None else "-"
-        print(f"{r['preset']:<11}{r['batch']:>6}  {r['path']:<26}{r['tokens_per_s']:>10.1f}{r['prefill_ms']:>11.1f}"
-              f"{(r['weight_bytes_per_step'] + r['cache_bytes_per_step']) / 1e6:>9.0f}{r['GBps']:>7.1f}"
-              f"{r['percent_of_read']:>7.0f}%{vs:>8}{agree:>7}{r['floor_tokens_per_s']:>8.0f}")
+    print_rows(rows, max(env["read_GBps_before"], env["read_GBps_after"]))
     print(f"read ceiling after: {env['read_GBps_after']:.1f} GB/s (the % column uses the higher of the two)")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"bench_generate_{device.type}.json")

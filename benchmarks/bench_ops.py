@@ -397,8 +397,8 @@ def parse_args(argv):
                    "on CUDA also torch.compile (compiled), sdpa-flash/efficient/cudnn and triton; flash-attn and "
                    "liger rows are added when those packages are installed")
     p.add_argument("--shape", action="append", default=[], metavar="OP=AxBxC",
-                   help="measure OP at this shape instead of its default shapes (repeatable), e.g. "
-                        "linear_cross_entropy=128x768x50257 where the default shapes would take hours")
+                   help="measure OP at this shape instead of its default shapes (repeatable), e.g. the LM head + "
+                        "loss at 128x768x50257 where its default shapes would take hours")
     p.add_argument("--ops", default=None, help="comma-separated subset of: " + ", ".join(table_keys()))
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_ops_<device>.json)")

@@ -68,6 +68,36 @@ def cpu_status_mb(key: str) -> float:
     return float("nan")
 
 
+def time_steps(step, device, steps: int, warmup: int):
+    """(warm-up seconds, step times, the last loss, peak memory growth MB, process peak MB) of `steps` timed steps
+    after `warmup` untimed ones."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        step(i)
+    sync()
+    warmup_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        base_mb = cpu_status_mb("VmRSS")
+        cpu_peak_rss_reset()
+    times = []
+    for i in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        loss = step(i)
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+               else cpu_status_mb("VmHWM") - base_mb)
+    # what must fit in the machine: everything the process held at its peak (weights, optimizer
+    # state, activations; on CUDA what the caching allocator reserved)
+    process_peak_mb = (torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda"
+                       else cpu_status_mb("VmHWM"))
+    return warmup_s, times, loss, peak_mb, process_peak_mb
+
+
 def run_config(preset: str, backend: str, compile_model: bool, device: torch.device, dtype: torch.dtype,
                batch_size: int, context_length: int | None, steps: int, warmup: int, seed: int = 0,
                vocab_multiple: int = 1, fused_loss: bool = True) -> dict:
@@ -94,30 +124,7 @@ def run_config(preset: str, backend: str, compile_model: bool, device: torch.dev
         optimizer.step()
         return loss
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    t0 = time.perf_counter()
-    for i in range(warmup):
-        step(i)
-    sync()
-    warmup_s = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        base_mb = cpu_status_mb("VmRSS")
-        cpu_peak_rss_reset()
-    times = []
-    for i in range(steps):
-        sync()
-        t0 = time.perf_counter()
-        loss = step(i)
-        sync()
-        times.append(time.perf_counter() - t0)
-    peak_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-               else cpu_status_mb("VmHWM") - base_mb)
-    # what must fit in the machine: everything the process held at its peak (weights, optimizer
-    # state, activations; on CUDA what the caching allocator reserved)
-    process_peak_mb = (torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda"
-                       else cpu_status_mb("VmHWM"))
+    warmup_s, times, loss, peak_mb, process_peak_mb = time_steps(step, device, steps, warmup)
     step_s = statistics.median(times)
     tokens_per_s = batch_size * T / step_s
     fpt = flops_per_token(model, T)
@@ -133,7 +140,7 @@ def run_config(preset: str, backend: str, compile_model: bool, device: torch.dev
             "mfu": tokens_per_s * fpt / (peak * 1e12) if peak else None, "final_loss": float(loss.detach())}
 
 
-def main(argv=None):
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--preset", default=None, help="default: gpt2-124m on CUDA, cpu-small on CPU")
@@ -150,7 +157,49 @@ def main(argv=None):
     p.add_argument("--loss", default="fused", choices=["fused", "unfused", "both"],
                    help="the LM head fused with the loss (what training runs), the logits then the loss, or both")
     p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def run_all(backends, modes, losses, preset, device, dtype, batch_size, steps, args) -> list:
+    """One row per backend x compile mode x loss that runs; those that cannot say why and are left out."""
+    rows = []
+    for backend in backends:
+        for compile_model in modes:
+            for fused_loss in losses:
+                loss_name = "fused" if fused_loss else "unfused"
+                try:
+                    r = run_config(preset, backend, compile_model, device, dtype, batch_size, args.context_length,
+                                   steps, args.warmup, vocab_multiple=64 if args.pad_vocab else 1, fused_loss=fused_loss)
+                except Exception as err:   # an unavailable backend, out of memory, ...: report, go on
+                    print(f"{backend:<11}{str(compile_model):<9}{loss_name:<9} skipped: {type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:100]}")
+                    continue
+                rows.append(r)
+                mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+                print(f"{backend:<11}{str(compile_model):<9}{loss_name:<9}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12,.0f}"
+                      f"{r['achieved_tflops']:>9.2f}{mfu:>7}{r['peak_memory_mb']:>10.0f}{r['process_peak_mb']:>12.0f}{r['warmup_s']:>11.1f}")
+    return rows
+
+
+def write_results(args, env, rows, device, preset, dtype, batch_size) -> str:
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"bench_train_{device.type}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"environment": env, "results": rows}, f, indent=1)
+    with open(out.removesuffix(".json") + ".md", "w") as f:
+        f.write(f"Device: {env['device']} | torch {env['torch']} | {env['date']} | preset {preset} | {dtype} | "
+                f"batch {batch_size}\n\n| backend | compile | loss | step ms | tokens/s | TFLOP/s | MFU | peak MB | process peak MB | "
+                "vs torch baseline |\n|---|---|---|---|---|---|---|---|---|---|\n")
+        for r in rows:
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+            vs = f"{r['speedup_vs_torch_baseline']:.2f}×" if r["speedup_vs_torch_baseline"] else "–"
+            f.write(f"| {r['backend']} | {r['compile']} | {r['loss']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+                    f"{r['achieved_tflops']:.2f} | {mfu} | {r['peak_memory_mb']:.0f} | {r['process_peak_mb']:.0f} | {vs} |\n")
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     preset = args.preset or ("gpt2-124m" if cuda else "cpu-small")
@@ -172,40 +221,13 @@ def main(argv=None):
     header = f"{'backend':<11}{'compile':<9}{'loss':<9}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'peak MB':>10}{'process MB':>12}{'warm-up s':>11}"
     print(header)
     print("-" * len(header))
-    rows = []
-    for backend in backends:
-        for compile_model in modes:
-            for fused_loss in losses:
-                loss_name = "fused" if fused_loss else "unfused"
-                try:
-                    r = run_config(preset, backend, compile_model, device, dtype, batch_size, args.context_length,
-                                   steps, args.warmup, vocab_multiple=64 if args.pad_vocab else 1, fused_loss=fused_loss)
-                except Exception as err:   # an unavailable backend, out of memory, ...: report, go on
-                    print(f"{backend:<11}{str(compile_model):<9}{loss_name:<9} skipped: {type(err).__name__}: "
-                          f"{str(err).splitlines()[0][:100]}")
-                    continue
-                rows.append(r)
-                mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-                print(f"{backend:<11}{str(compile_model):<9}{loss_name:<9}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12,.0f}"
-                      f"{r['achieved_tflops']:>9.2f}{mfu:>7}{r['peak_memory_mb']:>10.0f}{r['process_peak_mb']:>12.0f}{r['warmup_s']:>11.1f}")
+    rows = run_all(backends, modes, losses, preset, device, dtype, batch_size, steps, args)
     baseline = next((r for r in rows if r["backend"] == "torch" and r["compile"] and r["loss"] == "unfused"), None) or \
         next((r for r in rows if r["backend"] == "torch" and r["compile"]), None) or \
         next((r for r in rows if r["backend"] == "torch"), None)
     for r in rows:
         r["speedup_vs_torch_baseline"] = r["tokens_per_s"] / baseline["tokens_per_s"] if baseline else None
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"bench_train_{device.type}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"environment": env, "results": rows}, f, indent=1)
-    with open(out.removesuffix(".json") + ".md", "w") as f:
-        f.write(f"Device: {env['device']} | torch {env['torch']} | {env['date']} | preset {preset} | {dtype} | "
-                f"batch {batch_size}\n\n| backend | compile | loss | step ms | tokens/s | TFLOP/s | MFU | peak MB | process peak MB | "
-                "vs torch baseline |\n|---|---|---|---|---|---|---|---|---|---|\n")
-        for r in rows:
-            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-            vs = f"{r['speedup_vs_torch_baseline']:.2f}×" if r["speedup_vs_torch_baseline"] else "–"
-            f.write(f"| {r['backend']} | {r['compile']} | {r['loss']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
-                    f"{r['achieved_tflops']:.2f} | {mfu} | {r['peak_memory_mb']:.0f} | {r['process_peak_mb']:.0f} | {vs} |\n")
+    out = write_results(args, env, rows, device, preset, dtype, batch_size)
     print(f"\nwrote {out} and its .md table")
     return 0 if rows else 1
 

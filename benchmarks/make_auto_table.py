@@ -32,7 +32,7 @@ MIN_WIN = 1.03
 # The LM head fused with the loss never holds the (N, V) logits - at GPT-2's vocabulary that is its point
 # (bench_ops' peak-memory rows: 3 GB less for a gpt2-124m step) - so a fused backend ranks above the
 # unfused `torch` path unless measurably slower: below FUSED_MIN of its speed.
-MEMORY_OPS = ("linear_cross_entropy",)
+MEMORY_OPS = tuple(key for op in OPS.values() if op.memory_first for key in op.table_keys)
 FUSED_MIN = 0.9
 # from the op modules: the inference-only ops' rows (no backward: ranked by the forward), and which table rows a
 # `compare` row of an op vetoes (attention's: both of its rows)

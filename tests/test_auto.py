@@ -8,10 +8,19 @@ import torch
 
 from conftest import ROOT
 from gptfast import ops
-from gptfast.ops import auto
+from gptfast.ops import OPS, auto
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import make_auto_table  # noqa: E402
+
+
+# examples picked by what the ops declare (this file names none): an elementwise op, a row-wise one, one whose
+# table keys tell its calls with and without dropout apart, the one whose point is memory
+ELEMENTWISE = next(op for op in OPS.values() if op.elementwise)
+ROWWISE = next(op for op in OPS.values() if op.rowwise and not op.elementwise and not op.inference_only)
+DROPPING = next(op for op in OPS.values() if op.drops_out and len(op.table_keys) > 1)
+PLAIN_KEY, DROP_KEY = [k for k in DROPPING.table_keys if k not in DROPPING.drops_out][0], DROPPING.drops_out[0]
+MEMORY_FIRST = next(op for op in OPS.values() if op.memory_first)
 
 
 def row(op, ranking, device="cpu", dtype="float32"):
@@ -30,33 +39,32 @@ def table(monkeypatch):
 
 
 def test_choice_follows_the_ranking_and_names_its_evidence(table):
-    table([row("gelu", [("triton", 9.0), ("extension", 1.4), ("torch", 1.0)]),
-           row("layer_norm", [("torch", 1.0), ("extension", 1.01)]),
-           row("attention_dropout", [("extension", 3.0), ("torch", 1.0)])])
-    gelu = auto.choose("gelu", "cpu", "float32")
-    assert gelu.backend == "extension"                               # never Triton's CPU interpreter
-    assert "1.40x torch" in gelu.reason and "Test CPU" in gelu.reason and "2026-12-01" in gelu.reason
-    assert auto.choose("layer_norm", "cpu", "float32").backend == "torch"
-    assert auto.choose("attention_dropout", "cpu", "float32").backend == "extension"
-    missing = auto.choose("attention", "cuda", "bfloat16")
+    table([row(ELEMENTWISE.name, [("triton", 9.0), ("extension", 1.4), ("torch", 1.0)]),
+           row(ROWWISE.name, [("torch", 1.0), ("extension", 1.01)]),
+           row(DROP_KEY, [("extension", 3.0), ("torch", 1.0)])])
+    first = auto.choose(ELEMENTWISE.name, "cpu", "float32")
+    assert first.backend == "extension"                              # never Triton's CPU interpreter
+    assert "1.40x torch" in first.reason and "Test CPU" in first.reason and "2026-12-01" in first.reason
+    assert auto.choose(ROWWISE.name, "cpu", "float32").backend == "torch"
+    assert auto.choose(DROP_KEY, "cpu", "float32").backend == "extension"
+    missing = auto.choose(PLAIN_KEY, "cuda", "bfloat16")
     assert missing.backend == "torch" and "no measurement for cuda bfloat16" in missing.reason
 
 
 def test_auto_computes_what_the_chosen_backend_computes(table, capsys):
-    table([row("gelu", [("extension", 1.4), ("torch", 1.0)]), row("attention", [("torch", 1.0)]),
-           row("attention_dropout", [("extension", 3.0), ("torch", 1.0)])])
+    """Each call goes where its table row says - the row of the call's own key (with or without dropout)."""
+    table([row(ELEMENTWISE.name, [("extension", 1.4), ("torch", 1.0)]), row(PLAIN_KEY, [("torch", 1.0)]),
+           row(DROP_KEY, [("extension", 3.0), ("torch", 1.0)])])
     x = torch.randn(64, 96)
-    assert torch.equal(ops.gelu(x, backend="auto"), ops.gelu(x, backend="extension"))
-    q, k, v = (torch.randn(1, 2, 33, 16) for _ in range(3))
-    seed = torch.tensor([5])
-    assert torch.equal(ops.causal_attention(q, k, v, backend="auto"), ops.causal_attention(q, k, v, backend="torch"))
-    assert torch.equal(ops.causal_attention(q, k, v, dropout_p=0.1, seed=seed, backend="auto"),
-                       ops.causal_attention(q, k, v, dropout_p=0.1, seed=seed, backend="extension"))
-    w = torch.ones(96)
-    ops.layer_norm(x, w, w, backend="auto")
-    ops.layer_norm(x, w, w, backend="auto")
+    assert torch.equal(ELEMENTWISE.rowwise("auto", x), ELEMENTWISE.rowwise("extension", x))
+    for case in DROPPING.cases(True):
+        leaves = {n: t.float() for n, t in case.build(torch.Generator().manual_seed(0)).items()}
+        chosen = "extension" if case.random else "torch"
+        assert torch.equal(case.call("auto", leaves), case.call(chosen, leaves)), case.label
+    ROWWISE.rowwise("auto", x)
+    ROWWISE.rowwise("auto", x)
     err = capsys.readouterr().err
-    assert err.count("layer_norm on cpu float32: no measurement") == 1           # said once, not per call
+    assert err.count(f"{ROWWISE.name} on cpu float32: no measurement") == 1          # said once, not per call
 
 
 def test_shipped_table_is_generated_from_the_committed_results():
@@ -69,13 +77,13 @@ def test_shipped_table_is_generated_from_the_committed_results():
     again = make_auto_table.build(bench, [s for s in sources if "compare" in s])
     assert bench and again["rows"] == shipped["rows"] and again["method"] == shipped["method"]
     ops_cpu = {(r["op"], r["dtype"]) for r in shipped["rows"] if r["device"] == "cpu"}
-    assert {("layer_norm", "float32"), ("gelu", "float32"), ("attention", "float32"),
-            ("attention_dropout", "float32"), ("cross_entropy", "float32")} <= ops_cpu
+    trained = {(key, "float32") for op in OPS.values() if not op.inference_only and op.bench for key in op.table_keys}
+    assert trained <= ops_cpu
 
 
 def test_table_maker_vetoes_incorrect_backends_and_needs_a_real_win(tmp_path):
     def bench(path, times):
-        results = [{"op": "gelu", "mode": "fwd+bwd", "shape": [8, 8], "backend": b, "median_ms": ms}
+        results = [{"op": ELEMENTWISE.name, "mode": "fwd+bwd", "shape": [8, 8], "backend": b, "median_ms": ms}
                    for b, ms in times.items()]
         path.write_text(json.dumps({"environment": {"device": "CPU X", "device_type": "cpu", "dtype": "torch.float32",
                                                     "date": "2026-12-01T00:00:00"}, "results": results}))
@@ -87,16 +95,16 @@ def test_table_maker_vetoes_incorrect_backends_and_needs_a_real_win(tmp_path):
     assert make_auto_table.build([tie], [])["rows"][0]["ranking"][0]["backend"] == "torch"
     compare = tmp_path / "compare.json"
     compare.write_text(json.dumps({"device_type": "cpu", "rows": [
-        {"part": "op", "name": "gelu", "backend": "extension", "dtype": "float32", "status": "FAIL"}]}))
+        {"part": "op", "name": ELEMENTWISE.name, "backend": "extension", "dtype": "float32", "status": "FAIL"}]}))
     vetoed = make_auto_table.build([fast], [str(compare)])
     assert "extension" not in [e["backend"] for e in vetoed["rows"][0]["ranking"]]
 
 
 def test_the_fused_lm_head_loss_is_kept_unless_measurably_slower(tmp_path):
-    """linear_cross_entropy's point is memory (no (N, V) logits): a fused backend ranks above the unfused
+    """The fused LM head + loss's point is memory (no (N, V) logits): a fused backend ranks above the unfused
     torch path at a tie, and loses its place only below FUSED_MIN of torch's speed."""
     def bench(path, times):
-        results = [{"op": "linear_cross_entropy", "mode": "fwd+bwd", "shape": [8, 8, 8], "backend": b, "median_ms": ms}
+        results = [{"op": MEMORY_FIRST.name, "mode": "fwd+bwd", "shape": [8, 8, 8], "backend": b, "median_ms": ms}
                    for b, ms in times.items()]
         path.write_text(json.dumps({"environment": {"device": "CPU X", "device_type": "cpu", "dtype": "torch.bfloat16",
                                                     "date": "2026-12-01T00:00:00"}, "results": results}))
@@ -129,4 +137,4 @@ def test_help_and_available_backends_show_the_choices():
     result = subprocess.run([sys.executable, "scripts/train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
     flat = " ".join(result.stdout.split())
-    assert result.returncode == 0 and "auto, which picks per op" in flat and "attention_dropout" in flat
+    assert result.returncode == 0 and "auto, which picks per op" in flat and DROP_KEY in flat

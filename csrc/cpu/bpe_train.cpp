@@ -28,6 +28,49 @@ std::vector<int64_t> merge_word(const std::vector<int64_t>& w, int64_t a, int64_
   return out;
 }
 
+using PairCounts = std::unordered_map<Pair, int64_t>;
+using PairWords = std::unordered_map<Pair, std::vector<int64_t>>;   // pair -> words holding it (may repeat)
+
+// Every adjacent pair's count over the words (each word weighted by its count), and the words holding it.
+void count_pairs(const std::vector<std::vector<int64_t>>& words, const std::vector<int64_t>& counts,
+                 PairCounts& pair_counts, PairWords& where) {
+  for (size_t idx = 0; idx < words.size(); ++idx) {
+    const auto& w = words[idx];
+    for (size_t i = 0; i + 1 < w.size(); ++i) {
+      Pair p = make_pair_key(w[i], w[i + 1]);
+      pair_counts[p] += counts[idx];
+      where[p].push_back(static_cast<int64_t>(idx));
+    }
+  }
+}
+
+// Rewrites the words in `holders` with the merge (a, b) -> new_id, taking their old pairs out of the counts and
+// putting their new ones in; returns the pairs whose count changed (sorted, unique).
+std::vector<Pair> apply_merge(std::vector<std::vector<int64_t>>& words, const std::vector<int64_t>& counts,
+                              const std::vector<int64_t>& holders, int64_t a, int64_t b, int64_t new_id,
+                              PairCounts& pair_counts, PairWords& where) {
+  std::vector<Pair> changed;
+  for (int64_t idx : holders) {
+    auto& w = words[idx];
+    const int64_t f = counts[idx];
+    for (size_t i = 0; i + 1 < w.size(); ++i) {
+      Pair p = make_pair_key(w[i], w[i + 1]);
+      pair_counts[p] -= f;
+      changed.push_back(p);
+    }
+    w = merge_word(w, a, b, new_id);
+    for (size_t i = 0; i + 1 < w.size(); ++i) {
+      Pair p = make_pair_key(w[i], w[i + 1]);
+      pair_counts[p] += f;
+      where[p].push_back(idx);
+      changed.push_back(p);
+    }
+  }
+  std::sort(changed.begin(), changed.end());
+  changed.erase(std::unique(changed.begin(), changed.end()), changed.end());
+  return changed;
+}
+
 }  // namespace
 
 std::vector<std::tuple<int64_t, int64_t, int64_t>> bpe_learn_merges(std::vector<std::vector<int64_t>> words,
@@ -37,23 +80,15 @@ std::vector<std::tuple<int64_t, int64_t, int64_t>> bpe_learn_merges(std::vector<
   for (const auto& w : words)
     for (int64_t t : w)
       if (t < 0 || t > 0xffffffffLL) throw std::invalid_argument("token ids must fit in 32 bits");
-  std::unordered_map<Pair, int64_t> pair_counts;
-  std::unordered_map<Pair, std::vector<int64_t>> where;  // pair -> words holding it (may repeat)
-  for (size_t idx = 0; idx < words.size(); ++idx) {
-    const auto& w = words[idx];
-    for (size_t i = 0; i + 1 < w.size(); ++i) {
-      Pair p = make_pair_key(w[i], w[i + 1]);
-      pair_counts[p] += counts[idx];
-      where[p].push_back(static_cast<int64_t>(idx));
-    }
-  }
+  PairCounts pair_counts;
+  PairWords where;
+  count_pairs(words, counts, pair_counts, where);
   // max-heap on (count, -a, -b): highest count first, then the smallest pair
   using Entry = std::tuple<int64_t, int64_t, int64_t>;
   std::priority_queue<Entry> heap;
   for (const auto& [p, c] : pair_counts) heap.emplace(c, -first_of(p), -second_of(p));
 
   std::vector<std::tuple<int64_t, int64_t, int64_t>> merges;
-  std::vector<Pair> changed;
   while (static_cast<int64_t>(merges.size()) < num_merges && !heap.empty()) {
     auto [count, na, nb] = heap.top();
     heap.pop();
@@ -66,26 +101,7 @@ std::vector<std::tuple<int64_t, int64_t, int64_t>> bpe_learn_merges(std::vector<
     where.erase(best);
     std::sort(holders.begin(), holders.end());
     holders.erase(std::unique(holders.begin(), holders.end()), holders.end());
-    changed.clear();
-    for (int64_t idx : holders) {
-      auto& w = words[idx];
-      const int64_t f = counts[idx];
-      for (size_t i = 0; i + 1 < w.size(); ++i) {
-        Pair p = make_pair_key(w[i], w[i + 1]);
-        pair_counts[p] -= f;
-        changed.push_back(p);
-      }
-      w = merge_word(w, -na, -nb, new_id);
-      for (size_t i = 0; i + 1 < w.size(); ++i) {
-        Pair p = make_pair_key(w[i], w[i + 1]);
-        pair_counts[p] += f;
-        where[p].push_back(idx);
-        changed.push_back(p);
-      }
-    }
-    std::sort(changed.begin(), changed.end());
-    changed.erase(std::unique(changed.begin(), changed.end()), changed.end());
-    for (Pair p : changed) {
+    for (Pair p : apply_merge(words, counts, holders, -na, -nb, new_id, pair_counts, where)) {
       auto pc = pair_counts.find(p);
       if (pc->second > 0) {
         heap.emplace(pc->second, -first_of(p), -second_of(p));

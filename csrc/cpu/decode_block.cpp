@@ -92,10 +92,18 @@ void linear_plus_residual(const float* a, int64_t lda, int64_t B, const LinearAr
     for (int64_t c = c0; c < c1; ++c) y[b * N + c] += residual[b * N + c];
 }
 
-at::Tensor decode_block_cpu(const at::Tensor& x, at::TensorList norms, at::TensorList weights,
-                            const c10::List<std::optional<at::Tensor>>& scales,
-                            const c10::List<std::optional<at::Tensor>>& biases, const at::Tensor& k_cache,
-                            const at::Tensor& v_cache, int64_t start_pos, double eps) {
+// The block as the threads read it: the six layers, the LayerNorms, the sizes (checked: block_args).
+struct Block {
+  LinearArgs q, k, v, out, fc, proj;
+  const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+  int64_t B, C, F, H, Tmax, D;
+};
+
+// The arguments' one check, for a direct call of the kernel op (gptfast.ops.decode_block checks them first,
+// naming each): the sizes, types and contiguity the loops rely on.
+Block block_args(const at::Tensor& x, at::TensorList norms, at::TensorList weights,
+                 const c10::List<std::optional<at::Tensor>>& scales, const c10::List<std::optional<at::Tensor>>& biases,
+                 const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t start_pos) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(1) == 1 && x.is_contiguous() &&
                   x.size(0) >= 1 && x.size(0) <= kMaxRows && x.device().is_cpu(),
               "x must be a contiguous float32 (B, 1, C) CPU tensor with 1 <= B <= ", kMaxRows, ", got ",
@@ -112,72 +120,74 @@ at::Tensor decode_block_cpu(const at::Tensor& x, at::TensorList norms, at::Tenso
                     t->size(1) * t->size(3) == C && t->sizes() == k_cache.sizes() && t->device().is_cpu(),
                 "k_cache and v_cache must be contiguous float32 (", B, ", n_heads, context, head_dim) CPU tensors with "
                 "n_heads * head_dim = ", C, ", got ", t->sizes());
-  const int64_t H = k_cache.size(1), Tmax = k_cache.size(2), D = k_cache.size(3);
-  TORCH_CHECK(start_pos >= 0 && start_pos < Tmax, "start_pos must be in [0, ", Tmax, "), got ", start_pos);
-  std::vector<LinearArgs> qkv;
-  for (int i = 0; i < 3; ++i) qkv.push_back(layer_args(i, weights[i], scales.get(i), biases.get(i), C, C));
-  const LinearArgs out = layer_args(3, weights[3], scales.get(3), biases.get(3), C, C);
-  const LinearArgs fc = layer_args(4, weights[4], scales.get(4), biases.get(4), -1, C);
-  const int64_t F = fc.N;
-  const LinearArgs proj = layer_args(5, weights[5], scales.get(5), biases.get(5), C, F);
-  const float *ln1_w = norms[0].data_ptr<float>(), *ln1_b = norms[1].data_ptr<float>(),
-              *ln2_w = norms[2].data_ptr<float>(), *ln2_b = norms[3].data_ptr<float>();
+  TORCH_CHECK(start_pos >= 0 && start_pos < k_cache.size(2), "start_pos must be in [0, ", k_cache.size(2), "), got ",
+              start_pos);
+  auto layer = [&](int i, int64_t N, int64_t K) { return layer_args(i, weights[i], scales.get(i), biases.get(i), N, K); };
+  const LinearArgs fc = layer(4, -1, C);
+  return {layer(0, C, C), layer(1, C, C), layer(2, C, C), layer(3, C, C), fc, layer(5, C, fc.N),
+          norms[0].data_ptr<float>(), norms[1].data_ptr<float>(), norms[2].data_ptr<float>(), norms[3].data_ptr<float>(),
+          B, C, fc.N, k_cache.size(1), k_cache.size(2), k_cache.size(3)};
+}
 
-  const int64_t P = start_pos, n_keys = start_pos + 1;
+// Where the threads keep the step's intermediate rows: x, the LayerNorms' output h, q/k/v side by side, the
+// heads' outputs, x1 = x + attention, the feed-forward's hidden layer; and each thread's attention scratch.
+struct Rows {
+  const float* x;
+  float *h, *qkv, *att, *x1, *f, *y, *k_cache, *v_cache, *scratch;
+};
+
+// One thread's part (thread t of n) of the step: each stage the standalone op's loop on the thread's share,
+// a barrier between stages.
+void run_block(const Block& w, const Rows& r, int64_t P, double eps, int64_t t, int64_t n) {
+  const int64_t B = w.B, C = w.C, F = w.F, D = w.D, n_keys = P + 1;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));   // as ops.causal_attention
+  for (int64_t b = t; b < B; b += n) layer_norm_row_f32(r.x + b * C, w.ln1_w, w.ln1_b, r.h + b * C, C, eps);
+#pragma omp barrier
+  int64_t col = 0;                                                        // q, k, v = h W^T
+  for (const LinearArgs* L : {&w.q, &w.k, &w.v}) {
+    const auto [c0, c1] = column_share(L->N, t, n);
+    linear_columns(r.h, C, B, L->w, L->scales, L->bias, r.qkv + col, 3 * C, c0, c1);
+    col += L->N;
+  }
+#pragma omp barrier
+  for (int64_t bh = t; bh < B * w.H; bh += n) {                           // cache the new k, v; attend
+    const int64_t b = bh / w.H, hd = bh % w.H;
+    const float* q = r.qkv + b * 3 * C + hd * D;
+    float* kh = r.k_cache + bh * w.Tmax * D;                              // this head's cache rows
+    float* vh = r.v_cache + bh * w.Tmax * D;
+    std::copy(q + C, q + C + D, kh + P * D);
+    std::copy(q + 2 * C, q + 2 * C + D, vh + P * D);
+    attention_last_row_f32(q, kh, vh, n_keys, D, scale, r.att + b * C + hd * D, r.scratch + t * (n_keys + 2 * D));
+  }
+#pragma omp barrier
+  linear_plus_residual(r.att, C, B, w.out, r.x, r.x1, t, n);              // x1 = att W_out^T + x
+#pragma omp barrier
+  for (int64_t b = t; b < B; b += n) layer_norm_row_f32(r.x1 + b * C, w.ln2_w, w.ln2_b, r.h + b * C, C, eps);
+#pragma omp barrier
+  const auto [c0, c1] = column_share(F, t, n);                            // f = gelu(h W_fc^T)
+  linear_columns(r.h, C, B, w.fc.w, w.fc.scales, w.fc.bias, r.f, F, c0, c1);
+  for (int64_t b = 0; b < B; ++b) gelu_span_f32(r.f + b * F + c0, r.f + b * F + c0, c1 - c0);
+#pragma omp barrier
+  linear_plus_residual(r.f, F, B, w.proj, r.x1, r.y, t, n);               // y = f W_proj^T + x1
+}
+
+at::Tensor decode_block_cpu(const at::Tensor& x, at::TensorList norms, at::TensorList weights,
+                            const c10::List<std::optional<at::Tensor>>& scales,
+                            const c10::List<std::optional<at::Tensor>>& biases, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, int64_t start_pos, double eps) {
+  const Block w = block_args(x, norms, weights, scales, biases, k_cache, v_cache, start_pos);
+  const int64_t B = w.B, C = w.C;
   const auto opts = x.options();
   at::Tensor y = at::empty({B, 1, C}, opts);
-  at::Tensor work = at::empty({B * (C + 3 * C + C + C + F)}, opts);   // h, qkv, att, x1, f
+  at::Tensor work = at::empty({B * (C + 3 * C + C + C + w.F)}, opts);   // h, qkv, att, x1, f
   const int nt = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
-  at::Tensor scratch = at::empty({nt, n_keys + 2 * D}, opts);
+  at::Tensor scratch = at::empty({nt, start_pos + 1 + 2 * w.D}, opts);
   maybe_poison(y), maybe_poison(work);
-  const float* px = x.data_ptr<float>();
-  float* h = work.data_ptr<float>();         // (B, C): a LayerNorm's output
-  float* qkv_out = h + B * C;                // (B, 3C): queries, keys, values side by side
-  float* att = qkv_out + B * 3 * C;          // (B, C): the heads' outputs side by side
-  float* x1 = att + B * C;                   // (B, C): x + attention
-  float* f = x1 + B * C;                     // (B, F): the feed-forward's hidden layer
-  float* py = y.data_ptr<float>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
-  float* pscratch = scratch.data_ptr<float>();
-  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));   // as ops.causal_attention
-
+  float* h = work.data_ptr<float>();
+  const Rows r{x.data_ptr<float>(), h, h + B * C, h + B * 4 * C, h + B * 5 * C, h + B * 6 * C, y.data_ptr<float>(),
+               k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), scratch.data_ptr<float>()};
 #pragma omp parallel num_threads(nt)
-  {
-    const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
-    for (int64_t b = t; b < B; b += n)                                    // h = ln1(x)
-      layer_norm_row_f32(px + b * C, ln1_w, ln1_b, h + b * C, C, eps);
-#pragma omp barrier
-    int64_t col = 0;                                                      // q, k, v = h W_qkv^T
-    for (const LinearArgs& L : qkv) {
-      const auto [c0, c1] = column_share(L.N, t, n);
-      linear_columns(h, C, B, L.w, L.scales, L.bias, qkv_out + col, 3 * C, c0, c1);
-      col += L.N;
-    }
-#pragma omp barrier
-    for (int64_t bh = t; bh < B * H; bh += n) {                           // cache the new k, v; attend
-      const int64_t b = bh / H, hd = bh % H;
-      const float* q = qkv_out + b * 3 * C + hd * D;
-      float* kh = kc + bh * Tmax * D;                                     // this head's cache rows
-      float* vh = vc + bh * Tmax * D;
-      std::copy(q + C, q + C + D, kh + P * D);
-      std::copy(q + 2 * C, q + 2 * C + D, vh + P * D);
-      attention_last_row_f32(q, kh, vh, n_keys, D, scale, att + b * C + hd * D, pscratch + t * (n_keys + 2 * D));
-    }
-#pragma omp barrier
-    linear_plus_residual(att, C, B, out, px, x1, t, n);                  // x1 = att W_out^T + x
-#pragma omp barrier
-    for (int64_t b = t; b < B; b += n)                                    // h = ln2(x1)
-      layer_norm_row_f32(x1 + b * C, ln2_w, ln2_b, h + b * C, C, eps);
-#pragma omp barrier
-    {                                                                     // f = gelu(h W_fc^T)
-      const auto [c0, c1] = column_share(F, t, n);
-      linear_columns(h, C, B, fc.w, fc.scales, fc.bias, f, F, c0, c1);
-      for (int64_t b = 0; b < B; ++b) gelu_span_f32(f + b * F + c0, f + b * F + c0, c1 - c0);
-    }
-#pragma omp barrier
-    linear_plus_residual(f, F, B, proj, x1, py, t, n);                   // y = f W_proj^T + x1
-  }
+  run_block(w, r, start_pos, eps, omp_get_thread_num(), omp_get_num_threads());
   return y;
 }
 

@@ -209,6 +209,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
   return {y, mean, rstd};
 }
 
+// The fixed-order reduction of the backward's per-block partial sums (few blocks: one thread, vectorized): each
+// column's dweight and dbias summed over the blocks and rounded once into the weight's dtype (16-bit too).
+template <typename T, typename A = acc_t<T>>
+void sum_blocks(const A* pdw, const A* pdb, int64_t n_blocks, int64_t C, T* dweight, T* dbias) {
+  using Vec = Vectorized<A>;
+  int64_t c = 0;
+  for (; c + Vec::size() <= C; c += Vec::size()) {
+    Vec sw(0), sb(0);
+    for (int64_t blk = 0; blk < n_blocks; ++blk) {
+      sw = sw + Vec::loadu(pdw + blk * C + c);
+      sb = sb + Vec::loadu(pdb + blk * C + c);
+    }
+    store_acc(sw, dweight + c);
+    store_acc(sb, dbias + c);
+  }
+  for (; c < C; ++c) {
+    A sw = 0, sb = 0;
+    for (int64_t blk = 0; blk < n_blocks; ++blk) {
+      sw += pdw[blk * C + c];
+      sb += pdb[blk * C + c];
+    }
+    dweight[c] = static_cast<T>(sw);
+    dbias[c] = static_cast<T>(sb);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tensor& dy_in,
                                                                   const at::Tensor& x_in,
                                                                   const at::Tensor& weight_in,
@@ -251,29 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
       }
       if (stream) stream_fence();
     });
-    // fixed-order reduction over the blocks (few: one thread, vectorized), each column's sum rounded
-    // once into dweight/dbias (for 16-bit weights too)
-    scalar_t *pgw = dweight.data_ptr<scalar_t>(), *pgb = dbias.data_ptr<scalar_t>();
-    using Vec = Vectorized<A>;
-    int64_t c = 0;
-    for (; c + Vec::size() <= C; c += Vec::size()) {
-      Vec sw(0), sb(0);
-      for (int64_t blk = 0; blk < n_blocks; ++blk) {
-        sw = sw + Vec::loadu(pdw + blk * C + c);
-        sb = sb + Vec::loadu(pdb + blk * C + c);
-      }
-      store_acc(sw, pgw + c);
-      store_acc(sb, pgb + c);
-    }
-    for (; c < C; ++c) {
-      A sw = 0, sb = 0;
-      for (int64_t blk = 0; blk < n_blocks; ++blk) {
-        sw += pdw[blk * C + c];
-        sb += pdb[blk * C + c];
-      }
-      pgw[c] = static_cast<scalar_t>(sw);
-      pgb[c] = static_cast<scalar_t>(sb);
-    }
+    sum_blocks(pdw, pdb, n_blocks, C, dweight.data_ptr<scalar_t>(), dbias.data_ptr<scalar_t>());
   });
   return {dx, dweight, dbias};
 }

@@ -264,17 +264,21 @@ void test_linear(int64_t M, int64_t N, int64_t K, WDType wt) {
   report(name, rel_error(dy.get(), y), 1e-5, ms, double(wbytes.size()), "GB/s");
 }
 
-// Causal or full attention with dropout p (the shared counter-based mask of dropout_hash.h);
-// Tk > T: the T queries are the last of Tk positions (a KV cache).
-void test_attention(int64_t BH, int64_t T, int64_t D, bool causal = true, float p = 0.f, int64_t Tk = 0) {
-  Tk = Tk ? Tk : T;
-  const int64_t off = Tk - T, nq = BH * T * D, nk = BH * Tk * D;
-  auto q = randn(nq, 7), k = randn(nk, 8), v = randn(nk, 9), go = randn(nq, 10);
-  const double scale = 1.0 / std::sqrt(double(D));
-  const uint64_t seed = 1234567;
+// The double-precision reference of attention with dropout p (the shared counter-based mask of
+// dropout_hash.h) for BH heads: o and the gradients dq, dk, dv of sum(o * go). Tk > T: the T queries are the
+// last of Tk positions (a KV cache).
+struct AttentionReference {
+  std::vector<double> o, dq, dk, dv;
+};
+
+AttentionReference attention_reference(const std::vector<float>& q, const std::vector<float>& k,
+                                       const std::vector<float>& v, const std::vector<float>& go, int64_t BH,
+                                       int64_t T, int64_t Tk, int64_t D, bool causal, float p, uint64_t seed) {
+  const int64_t off = Tk - T;
+  const double scale = 1.0 / std::sqrt(double(D)), keep_scale = p > 0 ? 1.0 / (1.0 - p) : 1.0;
   const uint32_t threshold = gptfast::dropout_threshold(p);
-  const double keep_scale = p > 0 ? 1.0 / (1.0 - p) : 1.0;
-  std::vector<double> o(nq, 0), dq(nq, 0), dk(nk, 0), dv(nk, 0);
+  AttentionReference r{std::vector<double>(BH * T * D), std::vector<double>(BH * T * D),
+                       std::vector<double>(BH * Tk * D), std::vector<double>(BH * Tk * D)};
   std::vector<double> P(Tk), Z(Tk), dZ(Tk);
   for (int64_t h = 0; h < BH; ++h) {
     const float *Q = &q[h * T * D], *K = &k[h * Tk * D], *V = &v[h * Tk * D], *G = &go[h * T * D];
@@ -299,18 +303,29 @@ void test_attention(int64_t BH, int64_t T, int64_t D, bool causal = true, float 
         for (int64_t d = 0; d < D; ++d) dz += double(G[i * D + d]) * V[j * D + d];
         dZ[j] = keep ? dz * keep_scale : 0.0;    // the gradient reaching P through the dropout
         rowsum += dz * Z[j];
-        for (int64_t d = 0; d < D; ++d) o[(h * T + i) * D + d] += Z[j] * V[j * D + d];
+        for (int64_t d = 0; d < D; ++d) r.o[(h * T + i) * D + d] += Z[j] * V[j * D + d];
       }
       for (int64_t j = 0; j < end; ++j) {
         const double ds = P[j] * (dZ[j] - rowsum) * scale;
         for (int64_t d = 0; d < D; ++d) {
-          dq[(h * T + i) * D + d] += ds * K[j * D + d];
-          dk[(h * Tk + j) * D + d] += ds * Q[i * D + d];
-          dv[(h * Tk + j) * D + d] += Z[j] * G[i * D + d];
+          r.dq[(h * T + i) * D + d] += ds * K[j * D + d];
+          r.dk[(h * Tk + j) * D + d] += ds * Q[i * D + d];
+          r.dv[(h * Tk + j) * D + d] += Z[j] * G[i * D + d];
         }
       }
     }
   }
+  return r;
+}
+
+// Causal or full attention with dropout p against its reference, in every dtype.
+void test_attention(int64_t BH, int64_t T, int64_t D, bool causal = true, float p = 0.f, int64_t Tk = 0) {
+  Tk = Tk ? Tk : T;
+  const int64_t off = Tk - T, nq = BH * T * D, nk = BH * Tk * D;
+  auto q = randn(nq, 7), k = randn(nk, 8), v = randn(nk, 9), go = randn(nq, 10);
+  const double scale = 1.0 / std::sqrt(double(D));
+  const uint64_t seed = 1234567;
+  const AttentionReference ref = attention_reference(q, k, v, go, BH, T, Tk, D, causal, p, seed);
   const double flops = 4.0 * BH * T * Tk * D * (causal && off == 0 ? 0.5 : 1.0);
   const char* dtype_names[] = {"fp32", "fp16", "bf16"};
   for (DType dt : {kF32, kF16, kBF16}) {
@@ -334,15 +349,15 @@ void test_attention(int64_t BH, int64_t T, int64_t D, bool causal = true, float 
       return attention_fwd(dt, dq_->ptr, dk_->ptr, dv_->ptr, dout.ptr, dlse.f(), BH, T, Tk, D, causal, float(scale), p,
                            seed, nullptr);
     });
-    report(name, rel_error(download(dout), o), tol, ms, flops, "GFLOP/s");
+    report(name, rel_error(download(dout), ref.o), tol, ms, flops, "GFLOP/s");
     std::snprintf(name, sizeof name, "attention_bwd %s BH=%lld T=%lld Tk=%lld D=%lld%s", dtype_names[dt],
                   (long long)BH, (long long)T, (long long)Tk, (long long)D, what);
     const double ms_b = median_ms([&] {
       return attention_bwd(dt, dgo->ptr, dq_->ptr, dk_->ptr, dv_->ptr, dout.ptr, dlse.f(), ddelta.f(), gq.ptr, gk.ptr,
                            gv.ptr, BH, T, Tk, D, causal, float(scale), p, seed, nullptr);
     });
-    const double err =
-        std::max({rel_error(download(gq), dq), rel_error(download(gk), dk), rel_error(download(gv), dv)});
+    const double err = std::max({rel_error(download(gq), ref.dq), rel_error(download(gk), ref.dk),
+                                 rel_error(download(gv), ref.dv)});
     report(name, err, tol, ms_b, 2.5 * flops, "GFLOP/s");
   }
 }

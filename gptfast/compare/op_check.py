@@ -88,7 +88,7 @@ def _quantities(out, grads) -> dict:
 
 def uses_tf32(op: Op, backend: str, device: torch.device) -> bool:
     """Triton's tl.dot multiplies float32 in tf32 on a GPU; our CUDA and CPU kernels use plain fp32 FMA."""
-    return backend == "triton" and device.type == "cuda" and op.name == "causal_attention"
+    return backend == "triton" and device.type == "cuda" and op.triton_tf32
 
 
 def _skip(op: Op, case: Case, backend: str, dtype: torch.dtype, device: torch.device) -> str | None:

@@ -19,9 +19,8 @@ import torch.nn.functional as F
 
 from .checks import check_floating, check_like
 from .dropout_rng import dropout_keep_mask
-from .layer_norm import stat_dtype
 from .registry import get_backend
-from .spec import BadInput, Bench, Case, Kernel, Op, randn, register, seed_tensor
+from .spec import BadInput, Bench, Case, Kernel, Op, randn, register, seed_tensor, stat_dtype
 
 
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -254,5 +253,5 @@ def peers(name: str, key: str):
 register(Op("causal_attention", causal_attention, reference, torch_twin, cases, bad_inputs, bench_shapes, bench,
             kernels={"attention_fwd": Kernel(_fake_fwd, _autograd, "attention_bwd"), "attention_bwd": Kernel(_fake_bwd)},
             compiled=compiled, table_keys=("attention", "attention_dropout"), table_key=table_key, peers=peers,
-            drops_out=("attention_dropout",),
+            drops_out=("attention_dropout",), triton_tf32=True,
             module=__name__))

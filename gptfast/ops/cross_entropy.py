@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from .checks import check_floating, check_targets
-from .layer_norm import stat_dtype
 from .loss_math import mean_over_kept
 from .registry import get_backend
-from .spec import BadInput, Bench, Case, Kernel, Op, element_size, randn, register
+from .spec import BadInput, Bench, Case, Kernel, Op, element_size, randn, register, stat_dtype
 
 GPT2_VOCAB = 50257
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .checks import check_floating, check_like
 from .registry import get_backend
-from .spec import BadInput, Bench, Case, Kernel, Op, element_size, randn, register
+from .spec import BadInput, Bench, Case, Kernel, Op, element_size, randn, register, stat_dtype
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
@@ -46,11 +46,6 @@ def torch_twin(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 # ----------------------------------------------------------------------------- the compiled kernels' contract
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Row statistics (mean, rstd, lse) are float32, float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _fake_fwd(x, weight, bias, eps):
     stats = x.shape[:-1]
     return (torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty(stats, dtype=stat_dtype(x.dtype),

@@ -19,9 +19,8 @@ import torch.nn.functional as F
 
 from .checks import check_floating, check_like, check_targets
 from .cross_entropy import GPT2_VOCAB, reference as cross_entropy_reference
-from .layer_norm import stat_dtype
 from .registry import get_backend
-from .spec import BadInput, Bench, Case, Kernel, Op, randn, register
+from .spec import BadInput, Bench, Case, Kernel, Op, randn, register, stat_dtype
 
 LCE_BUDGET_ENV = "GPTFAST_LCE_BUDGET_MB"
 LCE_DEFAULT_BUDGET_MB = 64
@@ -194,4 +193,5 @@ def bench(key: str, shape: tuple) -> Bench:
 
 register(Op("linear_cross_entropy", linear_cross_entropy, reference, torch_twin, cases, bad_inputs, bench_shapes,
             bench,
-            kernels={"linear_cross_entropy_fwd": Kernel(_fake_fwd, _autograd)}, compiled=compiled, module=__name__))
+            kernels={"linear_cross_entropy_fwd": Kernel(_fake_fwd, _autograd)}, compiled=compiled, memory_first=True,
+            module=__name__))

@@ -2,8 +2,8 @@
 
 This is the truth that every fused kernel is tested against (in float64). It is written for reading, not
 speed: attention materializes the full (T, T) score matrix. Each op's textbook function lives in its own module,
-beside the op's contract and cases (`reference` in layer_norm.py, gelu.py, attention.py, ...); this backend
-gathers them under the ops' names, so `reference.layer_norm` is layer_norm.py's `reference`.
+beside the op's contract and cases (`reference` in gptfast/ops/<op>.py); this backend gathers them under the
+ops' names: `reference.<op>` is that module's `reference`.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Op backends by name: which exist, which can run here, and which one is in use.
 
-A backend is a module holding one function per op it computes, named as the op (`get_backend("torch").gelu`),
+A backend is a module holding one function per op it computes, named as the op (`get_backend("torch").<op>`),
 made from the op modules' list (spec.OPS): `reference` (reference.py: each op's textbook function), `torch`
 (torch_builtins.py: each op's torch twin), `extension` (extension.py: our C++/CUDA kernels), `triton`
 (triton/: our Triton kernels) and `auto` (auto.py, which picks one of the others per op). Backends are
@@ -108,7 +108,7 @@ def get_backend(name: str | None = None) -> ModuleType:
 
 
 def shares_dropout_rng(name: str, device_type: str = "cpu", dtype: str = "float32") -> bool:
-    """Whether `name`'s dropouts (attention weights, `dropout_add`) drop what `reference` drops for the same seed
+    """Whether `name`'s dropouts (every op's with dropout: spec.Op.drops_out) drop what `reference` drops for the same seed
     (the shared counter-based RNG) on `device_type` at `dtype`. A backend says it does not with
     SHARES_DROPOUT_RNG = False; one that delegates (auto) names its delegates with dropout_backends()."""
     module = get_backend(name)

@@ -13,8 +13,8 @@ An op of `gptfast.ops` lives in one module (`gptfast/ops/<op>.py`) that holds, t
 and ends with `register(Op(...))`. Backends, `auto`, `compare` and the harnesses iterate over `OPS`; adding an
 op adds a module (and its kernels and tests), not a line to any of them. benchmarks/NOTES.md has the checklist.
 
-(`gptfast.ops.layer_norm` is the function, re-exported by the package; its module's other names are reached with
-`from gptfast.ops.layer_norm import reference`, or through OPS["layer_norm"].)
+(`gptfast.ops.<op>` is the function, re-exported by the package; its module's other names are reached with
+`from gptfast.ops.<op> import reference`, or through OPS[name].)
 """
 from __future__ import annotations
 
@@ -91,6 +91,8 @@ class Op:
     table_keys: tuple[str, ...] = ()           # the auto table's rows for this op (default: its name)
     table_key: Callable | None = None          # (*args) -> the row a call uses (default: the first key)
     inference_only: bool = False               # no backward: compared and ranked by the forward
+    memory_first: bool = False                 # its point is memory: auto ranks it above torch unless much slower
+    triton_tf32: bool = False                  # its Triton kernels multiply float32 in tf32 on a GPU (tl.dot)
     drops_out: tuple[str, ...] = ()            # its table keys whose calls apply dropout (the RNG matters)
     backends: tuple[str, ...] | None = None    # the backends that compute it (None: every one)
     dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")   # what it takes below float64
@@ -134,6 +136,11 @@ def computes(op: Op, backend: str) -> bool:
 def randn(g: torch.Generator, *shape, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
     """float64 normal values (never all zeros) for case inputs."""
     return torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Row statistics kernels return (mean, rstd, lse, per-row losses) are float32, float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def element_size(dtype: torch.dtype) -> int:

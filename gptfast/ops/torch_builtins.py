@@ -1,8 +1,8 @@
 """The `torch` backend: PyTorch's own built-ins for every op, the baselines our kernels must beat.
 
-Each op's twin lives in its module (`torch_twin` in layer_norm.py: F.layer_norm; attention.py: SDPA, which picks
-flash / memory-efficient / math kernels itself; linear_cross_entropy.py: F.linear then F.cross_entropy; linear.py:
-aten._weight_int8pack_mm where its rules allow, else gpt-fast's recipe; ...); this backend gathers them.
+Each op's twin lives in its module (`torch_twin` in gptfast/ops/<op>.py: F.layer_norm, SDPA - which picks flash /
+memory-efficient / math kernels itself -, F.linear then F.cross_entropy for the LM head + loss,
+aten._weight_int8pack_mm where its rules allow, ...); this backend gathers them.
 """
 from __future__ import annotations
 
