@@ -137,30 +137,37 @@ def training_losses(backend: str, ids: torch.Tensor, steps: int, batch: int, T: 
     return torch.tensor(out)
 
 
-def interface_case(op: str, backend: str):
-    """(fn, torch_fn, ref_fn, float64 inputs) for check_precision: `op` through the ops interface
-    with `backend`, PyTorch's own op, and the float64 reference, on small CPU inputs."""
-    from gptfast import ops
-    from gptfast.ops import reference
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # Triton on CPU tensors: its interpreter
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels need an NVIDIA GPU")
 
-    g = torch.Generator().manual_seed(0)
-    rand = lambda *shape, scale=1.0: torch.randn(*shape, generator=g, dtype=torch.float64) * scale  # noqa: E731
-    targets = torch.randint(0, 50, (12,), generator=g)
-    F = torch.nn.functional
-    cases = {
-        "layer_norm": (lambda x, w, b: ops.layer_norm(x, w, b, backend=backend),
-                       lambda x, w, b: F.layer_norm(x, (64,), w, b), reference.layer_norm,
-                       [rand(5, 64, scale=2.0), rand(64), rand(64)]),
-        "gelu": (lambda x: ops.gelu(x, backend=backend), lambda x: F.gelu(x, approximate="tanh"), reference.gelu,
-                 [rand(7, 33)]),
-        "attention": (lambda q, k, v: ops.causal_attention(q, k, v, backend=backend),
-                      lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                      reference.causal_attention, [rand(1, 2, 9, 16) for _ in range(3)]),
-        "cross_entropy": (lambda x: ops.cross_entropy(x, targets, backend=backend).to(x.dtype),
-                          lambda x: F.cross_entropy(x, targets), lambda x: reference.cross_entropy(x, targets),
-                          [rand(12, 50, scale=2.0)]),
-    }
-    return cases[op]
+
+def randn64(*shape, dtype=torch.float64, seed=0, scale=1.0, shift=0.0, device="cpu"):
+    """Normal values drawn in float64 from `seed`, then cast: the same numbers whatever the dtype."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype).to(device)
+
+
+def run_with_grads(fn, inputs, seed=0):
+    """Output and input gradients for a fresh random upstream gradient (the same values at every dtype)."""
+    out = fn(*inputs)
+    dout = randn64(*out.shape, seed=seed).to(out.dtype)
+    return out, torch.autograd.grad(out, inputs, dout)
+
+
+def compare_to_reference(fn, ref_fn, inputs64, dtype, tol, seed=1):
+    """Run fn on `inputs64` cast to `dtype` and ref_fn in float64; outputs and gradients within `tol`."""
+    ref_in = [t.clone().requires_grad_() for t in inputs64]
+    ref = ref_fn(*ref_in)
+    dout = randn64(*ref.shape, seed=seed)
+    ref_grads = torch.autograd.grad(ref, ref_in, dout)
+    ins = [t.detach().to(dtype).requires_grad_() for t in inputs64]
+    out = fn(*ins)
+    assert out.dtype == dtype and out.shape == ref.shape
+    grads = torch.autograd.grad(out, ins, dout.to(dtype))
+    errs = [rel_error(out, ref)] + [rel_error(g, rg) for g, rg in zip(grads, ref_grads)]
+    assert max(errs) < tol, f"relative errors (out, grads...) {errs}"
+    assert all(torch.isfinite(t).all() for t in (out, *grads))
 
 
 def wait_for_step(proc, out, timeout=120):

@@ -4,11 +4,16 @@ import math
 import pytest
 import torch
 
-from conftest import rel_error
+from conftest import check_precision, needs_gpu, randn64, rel_error
 from gptfast import ops
 from gptfast.compiled import load_extension
 
 BACKENDS = ["reference", "torch", "extension", "triton"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def crand(*shape, seed=0, scale=1.0, shift=0.0):
+    return randn64(*shape, seed=seed, scale=scale, shift=shift, device="cuda")
 
 
 def logits_targets(N, V, seed=0, ignore=()):
@@ -110,3 +115,29 @@ def test_no_gradient_without_compute_grad():
     loss = torch.ops.gptfast_triton.cross_entropy_fwd(x, torch.tensor([1, 2, 3]), -100, False)[0].sum()
     with pytest.raises(RuntimeError, match="compute_grad=False"):
         loss.backward()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPT-2-vocabulary cross-entropy in all dtypes needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_cross_entropy_gpt2_vocab_on_gpu(dtype):
+    g = torch.Generator().manual_seed(80)
+    logits = (torch.randn(2048, 50304, generator=g, dtype=torch.float64) * 2).to("cuda")
+    targets = torch.randint(0, 50304, (2048,), generator=g).to("cuda")
+    targets[::7] = -100
+    ce = lambda backend: lambda x: ops.cross_entropy(x, targets, backend=backend)  # noqa: E731
+    check_precision(ce("triton"), ce("torch"), ce("reference"), [logits], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@needs_gpu
+def test_cuda_cross_entropy_gpt2_vocab(dtype):
+    g = torch.Generator().manual_seed(6)
+    targets = torch.randint(0, 50304, (1024,), generator=g).cuda()
+    targets[::5] = -100
+    ce = lambda backend: lambda x: ops.cross_entropy(x, targets, backend=backend)  # noqa: E731
+    check_precision(ce("extension"), ce("torch"), ce("reference"), [crand(1024, 50304, seed=7, scale=2.0)], dtype)
+
+
+def test_bench_work_by_hand():
+    bench = ops.OPS["cross_entropy"].bench("cross_entropy", (4, 50257))
+    assert bench.work(torch.float32, "fwd") == 4 * 50257 * 4

@@ -3,7 +3,7 @@ the float64 reference on the same (quantized) weights: odd shapes, strided x, ba
 import pytest
 import torch
 
-from conftest import ROOT, rel_error
+from conftest import ROOT, needs_gpu, randn64, rel_error
 from gptfast import ops
 from gptfast.ops.linear import dequantize_int8
 from gptfast.compiled import set_poison_outputs
@@ -235,3 +235,48 @@ def test_strided_scales_bias_and_weight_are_read_by_their_strides(backend, kind)
         bias = torch.tensor([10.0, -1.0, 20.0, -1.0], device=device)[::2]
         out = ops.linear(x, wt, bias, backend=backend)
         assert torch.equal(out.cpu(), torch.tensor([[13.0, 27.0]]))
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("x_dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["float32", "bf16", "int8"])
+@pytest.mark.parametrize("M,K,N", [(1, 768, 50257), (1, 768, 3072), (8, 3072, 768), (3, 100, 9), (16, 64, 7),
+                                   (20, 64, 7)])
+@pytest.mark.parametrize("backend", ["extension", "triton"])
+@needs_gpu
+def test_cuda_decoding_linear(backend, M, K, N, kind, x_dtype):
+    """The linear layer of decoding (csrc/cuda/linear.cu; gptfast/ops/triton/linear.py) against float64
+    on the same quantized weights: 1-16 rows take the kernel, 20 a GEMM; K = 100 the unaligned path."""
+    from gptfast.model.quantize import quantize_int8_rows
+
+    x64, w64, b64 = cuda_rand(M, K, seed=31), cuda_rand(N, K, seed=32) * 0.05, cuda_rand(N, seed=33)
+    if kind == "int8":
+        q, s = quantize_int8_rows(w64)
+        fn, args, ref = ops.linear_int8, (q, s), reference.linear_int8(x64, q, s.double(), b64)
+    elif kind == "bf16":
+        wb = w64.to(torch.bfloat16)
+        fn, args, ref = ops.linear_bf16, (wb,), reference.linear_bf16(x64, wb, b64)
+    else:
+        if x_dtype != torch.float32:
+            pytest.skip("float32 weights go with float32 activations (ops.linear takes x's dtype)")
+        fn, args, ref = ops.linear, (w64.float(),), reference.linear(x64, w64, b64)
+    with torch.no_grad():
+        out = fn(x64.to(x_dtype), *args, b64.to(x_dtype), backend=backend)
+    assert out.dtype == x_dtype and out.device.type == "cuda"
+    assert rel_error(out, ref) < (1e-5 if x_dtype == torch.float32 else 1e-2)
+
+
+def cuda_rand(*shape, seed=0):
+    return randn64(*shape, seed=seed, device="cuda")
+
+
+def test_bench_work_by_hand():
+    """Bytes of a decoding linear layer: the weights in their storage type (+ int8 scales), x, bias, y."""
+    f32 = torch.float32
+    M, K, N = 2, 768, 3072
+    activations = (M * K + N + M * N) * 4
+    work = {name: ops.OPS[name].bench(name, (M, K, N)).work(f32, "fwd") for name in ("linear", "linear_bf16", "linear_int8")}
+    assert work == {"linear": N * K * 4 + activations, "linear_bf16": N * K * 2 + activations,
+                    "linear_int8": N * K + N * 4 + activations}

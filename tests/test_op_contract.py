@@ -173,3 +173,48 @@ def test_torch_compile_fullgraph(name, backend):
     if grads:
         torch.testing.assert_close(torch.autograd.grad(compiled.sum(), compiled_in),
                                    torch.autograd.grad(eager.sum(), eager_in), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n in OP_NAMES if computes(OPS[n], "extension")])
+def test_meta_tensors_take_the_fake_kernels(name):
+    """The shapes of every case come out of the extension's fake kernels on meta tensors (what torch.compile and
+    FSDP's meta init see): the same shape and dtype as the real run's."""
+    op = OPS[name]
+    if op.backends is not None:
+        pytest.skip(f"{name}: only {', '.join(op.backends)} compute it, on the devices its module names")
+    checked = 0
+    for case in op.cases(True):
+        if case.extra and any(t.dtype == torch.int64 for t in case.extra.values()):
+            continue                     # class ids are range-checked in eager mode: a data-dependent read
+        checked += 1
+        leaves = case.build(torch.Generator().manual_seed(0))
+        real = case.call("extension", {**{n: t.float() for n, t in leaves.items()}, **case.extra})
+        meta = case.call("extension", {**{n: t.float().to("meta") for n, t in leaves.items()},
+                                       **{n: t.to("meta") for n, t in case.extra.items()}})
+        assert meta.device.type == "meta" and meta.shape == real.shape and meta.dtype == real.dtype, case.label
+    if not checked:
+        pytest.skip(f"{name}'s cases carry class ids, range-checked in eager mode (a data-dependent read)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", [n for n in OP_NAMES if OPS[n].native_16bit])
+def test_16_bit_cpu_kernels_make_no_widened_copy(name, dtype):
+    """Kernels that read 16-bit tensors natively (float32 math in registers): a forward and backward of every case
+    convert no tensor (no aten._to_copy), and the gradients keep the inputs' dtype."""
+    op = OPS[name]
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+    for case in op.cases(True):
+        leaves = {n: t.to(dtype).requires_grad_() for n, t in case.build(torch.Generator().manual_seed(0)).items()}
+        with Calls() as calls:
+            out = case.call("extension", {**leaves, **case.extra})
+            grads = torch.autograd.grad(out, list(leaves.values()), torch.ones_like(out))
+        assert not [c for c in calls.seen if "_to_copy" in c or c.startswith("aten.to")], (case.label, calls.seen)
+        assert all(g.dtype == dtype for g in grads), case.label

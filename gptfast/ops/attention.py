@@ -253,5 +253,5 @@ def peers(name: str, key: str):
 register(Op("causal_attention", causal_attention, reference, torch_twin, cases, bad_inputs, bench_shapes, bench,
             kernels={"attention_fwd": Kernel(_fake_fwd, _autograd, "attention_bwd"), "attention_bwd": Kernel(_fake_bwd)},
             compiled=compiled, table_keys=("attention", "attention_dropout"), table_key=table_key, peers=peers,
-            drops_out=("attention_dropout",), triton_tf32=True,
+            drops_out=("attention_dropout",), triton_tf32=True, native_16bit=True,
             module=__name__))

@@ -4,6 +4,11 @@ from __future__ import annotations
 import torch
 
 
+def autocast_on(device_type: str) -> bool:
+    """torch.is_autocast_enabled for a device type, False for one autocast does not know (meta tensors)."""
+    return device_type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device_type)
+
+
 def check_floating(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

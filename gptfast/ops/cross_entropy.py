@@ -168,4 +168,4 @@ def peers(name: str, key: str):
 register(Op("cross_entropy", cross_entropy, reference, torch_twin, cases, bad_inputs, bench_shapes, bench,
             kernels={"cross_entropy_fwd": Kernel(_fake_fwd, _autograd, "cross_entropy_bwd"),
                      "cross_entropy_bwd": Kernel(_fake_bwd)},
-            compiled=compiled, peers=peers, module=__name__))
+            compiled=compiled, peers=peers, native_16bit=True, module=__name__))

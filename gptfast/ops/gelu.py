@@ -110,5 +110,5 @@ def bench(key: str, shape: tuple) -> Bench:
 
 register(Op("gelu", gelu, reference, torch_twin, cases, bad_inputs, bench_shapes, bench,
             kernels={"gelu_fwd": Kernel(_fake_fwd, _autograd, "gelu_bwd"), "gelu_bwd": Kernel(_fake_bwd)},
-            compiled=compiled, rowwise=lambda backend, x: gelu(x, backend=backend), elementwise=True,
+            compiled=compiled, rowwise=lambda backend, x: gelu(x, backend=backend), elementwise=True, native_16bit=True,
             module=__name__))

@@ -152,4 +152,4 @@ def peers(name: str, key: str):
 register(Op("layer_norm", layer_norm, reference, torch_twin, cases, bad_inputs, bench_shapes, bench,
             kernels={"layer_norm_fwd": Kernel(_fake_fwd, _autograd, "layer_norm_bwd"),
                      "layer_norm_bwd": Kernel(_fake_bwd)},
-            compiled=compiled, rowwise=_rowwise, peers=peers, module=__name__))
+            compiled=compiled, rowwise=_rowwise, peers=peers, native_16bit=True, module=__name__))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .checks import check_floating
+from .checks import autocast_on, check_floating
 from .registry import get_backend
 from .spec import BadInput, Bench, Case, Kernel, Op, element_size, randn, register
 
@@ -70,7 +70,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Whenever autograd needs the result (training), under autocast, or for a weight that is not a plain
     tensor (a DTensor of FSDP), every backend runs `F.linear`, so training is PyTorch's own GEMM whatever
     the backend."""
-    if (_needs_autograd(x, weight, bias) or torch.is_autocast_enabled(x.device.type)
+    if (_needs_autograd(x, weight, bias) or autocast_on(x.device.type)
             or type(weight) not in (torch.Tensor, torch.nn.Parameter)):
         return F.linear(x, weight, bias)                         # (autocast: x and weight may differ in dtype)
     check_linear_inputs(x, weight, None, bias, None)

@@ -17,7 +17,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .checks import check_floating, check_like, check_targets
+from .checks import autocast_on, check_floating, check_like, check_targets
 from .cross_entropy import GPT2_VOCAB, reference as cross_entropy_reference
 from .registry import get_backend
 from .spec import BadInput, Bench, Case, Kernel, Op, randn, register, stat_dtype
@@ -45,7 +45,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     Under autocast the products run in the autocast dtype and the log-sum-exp and loss in float32.
     """
     check_floating("hidden", hidden)
-    if torch.is_autocast_enabled(hidden.device.type):         # both go to the autocast dtype below
+    if autocast_on(hidden.device.type):         # both go to the autocast dtype below
         check_floating("weight", weight)
         if weight.device != hidden.device:
             raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
@@ -61,7 +61,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     chunk_rows = chunk_rows or linear_cross_entropy_chunk_rows(hidden.shape[0], V)
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
+    if autocast_on(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         with torch.autocast(device_type, enabled=False):

@@ -93,6 +93,7 @@ class Op:
     inference_only: bool = False               # no backward: compared and ranked by the forward
     memory_first: bool = False                 # its point is memory: auto ranks it above torch unless much slower
     triton_tf32: bool = False                  # its Triton kernels multiply float32 in tf32 on a GPU (tl.dot)
+    native_16bit: bool = False                 # its CPU kernels read 16-bit tensors as they are (no widened copy)
     drops_out: tuple[str, ...] = ()            # its table keys whose calls apply dropout (the RNG matters)
     backends: tuple[str, ...] | None = None    # the backends that compute it (None: every one)
     dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")   # what it takes below float64
