@@ -553,3 +553,29 @@ def test_bench_simt_row_runs_the_extension_with_the_plain_kernels_switch(monkeyp
     assert [r["backend"] for r in rows] == ["reference", "extension-simt"] and rows[1]["max_rel_error"] < 1e-5
     assert seen and set(seen) == {"simt"}                            # the simt row sets the switch...
     assert "GPTFAST_CUDA_ATTENTION" not in os.environ   # ...and puts it back
+
+
+def test_compare_catches_an_attention_without_its_causal_mask():
+    """A backend whose attention forgets the mask fails compare on every case but T = 1 (nothing to mask)."""
+    import sys
+    import types
+
+    from gptfast.compare.op_check import compare_case
+    from gptfast.ops import registry
+
+    m = types.ModuleType("_no_mask")
+    m.SHARES_DROPOUT_RNG = False
+    m.causal_attention = lambda q, k, v, dropout_p=0.0, scale=None, seed=None: \
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    sys.modules["_no_mask"] = m
+    ops.register_backend("no-mask", "_no_mask", "broken")
+    try:
+        op = ops.OPS["causal_attention"]
+        for i, case in enumerate(c for c in op.cases(True) if not c.random):
+            rows = compare_case(op, case, ["no-mask"], torch.float32, torch.device("cpu"), seed=i)
+            masked = " T1 " not in f" {case.label} "          # one query (the last position) sees every key
+            assert all(r.status == ("FAIL" if masked else "PASS") for r in rows), (case.label, rows)
+    finally:
+        registry._BACKENDS.pop("no-mask")
+        registry._loaded.pop("no-mask", None)
+        sys.modules.pop("_no_mask")

@@ -154,3 +154,27 @@ def test_tied_embeddings_start_near_uniform_predictions():
     idx = torch.randint(0, 50257, (2, 32))
     loss = torch.nn.functional.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
     assert abs(loss.item() - math.log(50257)) < 0.5
+
+
+def test_the_model_check_and_training_run_take_the_path_train_py_takes(monkeypatch):
+    """The loss through model(x, y) -> ops.linear_cross_entropy (not logits then cross_entropy), and the
+    optimizer from make_optimizer (decay groups, fused AdamW)."""
+    from gptfast.compare import model_check
+
+    calls = {"lce": 0, "ce": 0, "opt": 0}
+
+    def counting(name, real):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(ops, "linear_cross_entropy", counting("lce", ops.linear_cross_entropy))
+    monkeypatch.setattr(ops, "cross_entropy", counting("ce", ops.cross_entropy))
+    monkeypatch.setattr(model_check, "make_optimizer", counting("opt", model_check.make_optimizer))
+    base = model_check.seeded_model("tiny", 0, drop_rate=0.0)
+    batches = model_check.verdict_batches(2, 2, 16, 0)
+    model_check.forward_backward(base, "torch", torch.float32, torch.device("cpu"), *batches[0])
+    assert calls == {"lce": 1, "ce": 0, "opt": 0}
+    losses = model_check.training_losses(base, "torch", torch.float32, torch.device("cpu"), batches, seed=1)
+    assert calls == {"lce": 3, "ce": 0, "opt": 1} and len(losses) == 2 and all(0 < x < 20 for x in losses)

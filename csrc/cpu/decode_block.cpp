@@ -140,7 +140,7 @@ struct Rows {
 // a barrier between stages.
 void run_block(const Block& w, const Rows& r, int64_t P, double eps, int64_t t, int64_t n) {
   const int64_t B = w.B, C = w.C, F = w.F, D = w.D, n_keys = P + 1;
-  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));   // as ops.causal_attention
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));   // 1/sqrt(D), as the attention op
   for (int64_t b = t; b < B; b += n) layer_norm_row_f32(r.x + b * C, w.ln1_w, w.ln1_b, r.h + b * C, C, eps);
 #pragma omp barrier
   int64_t col = 0;                                                        // q, k, v = h W^T

@@ -29,7 +29,7 @@ void gelu_span_f32(const float* x, float* y, int64_t n);
 
 // Causal attention of one query row, the newest of n_keys positions, over keys and values stored
 // row-major (n_keys x D) at k and v: out (D) = softmax(scale q K^T) V, as the attention op's
-// few-rows kernel computes it (attention.cpp). scratch: n_keys + 2 * D floats.
+// few-rows kernel computes it (attention_decode.cpp). scratch: n_keys + 2 * D floats.
 void attention_last_row_f32(const float* q, const float* k, const float* v, int64_t n_keys, int64_t D, float scale,
                             float* out, float* scratch);
 
