@@ -107,15 +107,19 @@ def _targets(N: int, V: int, ignored: float, seed: int) -> torch.Tensor:
 def _case(N: int, V: int, ignored: float = 0.0, view: str = "", small: bool = True, big: bool = False,
           found: str = "") -> Case:
     """logits (N, V) scaled like a trained model's; a fraction `ignored` of the targets is -100. view
-    "transposed": logits is a (V, N) leaf seen through .t()."""
+    "transposed": logits is a (V, N) leaf seen through .t(); "strided targets": the targets are every other
+    element of a tensor twice as long."""
     targets = _targets(N, V, ignored, N * 7 + V)
+    if view == "strided targets":
+        targets = torch.stack([targets, torch.full_like(targets, V + 5)], 1).flatten()   # odd ones out of range
 
     def build(g):
         return {"logits": randn(g, *((V, N) if view == "transposed" else (N, V)), scale=3.0)}
 
     def call(backend, t):
         logits = t["logits"].t() if view == "transposed" else t["logits"]
-        return cross_entropy(logits, t["targets"], ignore_index=-100, backend=backend)
+        targets = t["targets"][::2] if view == "strided targets" else t["targets"]
+        return cross_entropy(logits, targets, ignore_index=-100, backend=backend)
     label = f"{N}x{V}" + (f" ignore_index on {int((targets == -100).sum())} rows" if ignored else "") + \
         (f" {view}" if view else "")
     return Case(label, build, call, extra={"targets": targets}, small=small, big=big, found=found)
@@ -124,7 +128,7 @@ def _case(N: int, V: int, ignored: float = 0.0, view: str = "", small: bool = Tr
 def cases(quick: bool) -> list[Case]:
     out = [_case(1, 1023), _case(7, GPT2_VOCAB, found="GPT-2's odd vocabulary: a partial last vector per row"),
            _case(64, 1023, ignored=0.25), _case(16, 1023, view="transposed", found="non-contiguous logits"),
-           _case(3, 33)]
+           _case(3, 33), _case(5, 129, ignored=0.3, view="strided targets", found="a strided targets view")]
     if not quick:
         out += [_case(256, GPT2_VOCAB, ignored=0.1, small=False, big=True), _case(128, 50304, small=False, big=True)]
     return out

@@ -135,12 +135,14 @@ def _case(N: int, C: int, V: int, ignored: float = 0.0, chunk_rows: int | None =
           small: bool = True, big: bool = False, found: str = "") -> Case:
     """hidden (N, C), weight (V, C) at GPT-2's init scale; `chunk_rows` that does not divide N (the fused
     kernels' chunk loop), a fraction `ignored` of targets -100; `strided`: hidden is every other column of a
-    leaf twice as wide and weight a transposed (C, V) leaf."""
+    leaf twice as wide, weight a transposed (C, V) leaf and the targets every other element."""
     g = torch.Generator().manual_seed(N * 13 + V)
     targets = torch.randint(0, V, (N,), generator=g)
     if ignored:
         targets = torch.where(torch.rand(N, generator=g) < ignored, -100, targets)
         targets[-1] = 0
+    if strided:                                       # the targets every other element, the rest out of range
+        targets = torch.stack([targets, torch.full_like(targets, V + 5)], 1).flatten()
 
     def build(g):
         return {"hidden": randn(g, N, 2 * C if strided else C),
@@ -148,7 +150,8 @@ def _case(N: int, C: int, V: int, ignored: float = 0.0, chunk_rows: int | None =
 
     def call(backend, t):
         h, w = (t["hidden"][:, ::2], t["weight"].t()) if strided else (t["hidden"], t["weight"])
-        return linear_cross_entropy(h, w, t["targets"], chunk_rows=chunk_rows, backend=backend)
+        targets = t["targets"][::2] if strided else t["targets"]
+        return linear_cross_entropy(h, w, targets, chunk_rows=chunk_rows, backend=backend)
     label = f"{N}x{C} @ {V}x{C}" + (f" chunks of {chunk_rows}" if chunk_rows else "") + \
         (f" ignore_index on {int((targets == -100).sum())} rows" if ignored else "") + (" strided" if strided else "")
     return Case(label, build, call, extra={"targets": targets}, small=small, big=big, found=found)
@@ -157,7 +160,7 @@ def _case(N: int, C: int, V: int, ignored: float = 0.0, chunk_rows: int | None =
 def cases(quick: bool) -> list[Case]:
     out = [_case(7, 32, 1003, chunk_rows=3, found="chunks that do not divide N"), _case(1, 64, 257),
            _case(100, 48, 2000, ignored=0.2, chunk_rows=32),
-           _case(9, 33, 129, chunk_rows=4, strided=True, found="strided hidden, transposed weight")]
+           _case(9, 33, 129, chunk_rows=4, strided=True, found="strided hidden, targets, transposed weight")]
     if not quick:
         out += [_case(512, 768, GPT2_VOCAB, ignored=0.05, small=False, big=True),
                 _case(1000, 768, 50304, small=False, big=True)]
