@@ -11,7 +11,6 @@ the `extension` backend on CPU), instead of ~12 op calls a block.
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import Iterator
 
 import torch
@@ -105,8 +104,6 @@ def _forward_one_token(model, idx, cache, start_pos):
 
 
 _compiled_forward_one_token = None
-_warm: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> {batch: steps taken with every
-                                                                     # guard checked}; gone with the model
 
 
 def decode_step(model, idx: torch.Tensor, cache, start_pos: int, compile: bool = False) -> torch.Tensor:
@@ -114,23 +111,15 @@ def decode_step(model, idx: torch.Tensor, cache, start_pos: int, compile: bool =
 
     With `compile`, the step runs as one torch.compile graph (dynamic shapes: one compilation serves
     every position; the first call compiles, ~15-30 s on 2 CPU cores, cached on disk after). A step
-    then pays for its kernels, not for Python-level op calls; guards are checked only where they tell
-    compiled graphs apart (skip_guard_eval_unsafe: within one generation nothing else changes). Where
-    the blocks run fused (ops.decode_block) there are few calls left to save - see benchmarks/NOTES.md,
-    "Fast generation".
+    then pays for its kernels, not for Python-level op calls. Where the blocks run fused
+    (ops.decode_block) there are few calls left to save - see benchmarks/NOTES.md, "Fast generation".
     """
     global _compiled_forward_one_token
     if not compile:
         return model(idx, cache=cache, start_pos=start_pos)
     if _compiled_forward_one_token is None:
         _compiled_forward_one_token = torch.compile(_forward_one_token, dynamic=True, fullgraph=True)
-    warm = _warm.setdefault(model, {})
-    batch = idx.shape[0]
-    if warm.get(batch, 0) < 2:      # the first steps compile (and may recompile once) with every guard on
-        warm[batch] = warm.get(batch, 0) + 1
-        return _compiled_forward_one_token(model, idx, cache, start_pos)
-    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-        return _compiled_forward_one_token(model, idx, cache, start_pos)
+    return _compiled_forward_one_token(model, idx, cache, start_pos)
 
 
 def generate(model, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
