@@ -155,6 +155,31 @@ def run_with_grads(fn, inputs, seed=0):
     return out, torch.autograd.grad(out, inputs, dout)
 
 
+def rand(*shape, dtype=torch.float64, seed=0, scale=1.0, shift=0.0):
+    """randn64 on the CPU (the extension's and the textbook's tests)."""
+    return randn64(*shape, dtype=dtype, seed=seed, scale=scale, shift=shift)
+
+
+def trand(*shape, seed=0, scale=1.0, shift=0.0):
+    """float64 values where Triton runs (a GPU, or CPU tensors for its interpreter)."""
+    return randn64(*shape, seed=seed, scale=scale, shift=shift, device=TRITON_DEVICE)
+
+
+def crand(*shape, seed=0, scale=1.0, shift=0.0):
+    """float64 values on the GPU (the CUDA kernels' tests)."""
+    return randn64(*shape, seed=seed, scale=scale, shift=shift, device="cuda")
+
+
+@pytest.fixture
+def poisoned_outputs():
+    """Kernel outputs start as NaN, so any element a kernel fails to write fails the test."""
+    from gptfast.compiled import set_poison_outputs
+
+    set_poison_outputs(True)
+    yield
+    set_poison_outputs(False)
+
+
 def compare_to_reference(fn, ref_fn, inputs64, dtype, tol, seed=1):
     """Run fn on `inputs64` cast to `dtype` and ref_fn in float64; outputs and gradients within `tol`."""
     ref_in = [t.clone().requires_grad_() for t in inputs64]

@@ -5,41 +5,19 @@ import math
 import pytest
 import torch
 
-from conftest import TOL, TRITON_DEVICE, check_precision, needs_gpu, precision_errors, randn64, rel_error
-from conftest import run_with_grads
+from conftest import (TOL, check_precision, crand, needs_gpu, rand, rel_error, run_with_grads, trand)
 from conftest import compare_to_reference as compare
 from gptfast import ops
-from gptfast.compiled import set_poison_outputs
 from gptfast.ops import reference
-from gptfast.ops.attention import reference as attention_reference
-from gptfast.ops.dropout_rng import dropout_keep_mask
 
 KERNELS = ops.get_backend("extension").KERNELS  # our C++/CUDA kernel ops, their fakes and autograd registered
 import gptfast.ops.triton  # noqa: E402,F401   (registers torch.ops.gptfast_triton)
-TRITON_KERNELS = torch.ops.gptfast_triton
 BACKENDS = ["reference", "torch"]             # the interface tests below: PyTorch-only backends
 CPU_DTYPES = [torch.float32, torch.float16]   # Triton's interpreter computes bf16 wrongly
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs():
-    """Kernel outputs start as NaN, so any element a kernel fails to write fails the test."""
-    set_poison_outputs(True)
-    yield
-    set_poison_outputs(False)
-
-
-def rand(*shape, dtype=torch.float64, seed=0, scale=1.0, shift=0.0):
-    return randn64(*shape, dtype=dtype, seed=seed, scale=scale, shift=shift)
-
-
-def trand(*shape, seed=0, scale=1.0, shift=0.0):
-    return randn64(*shape, seed=seed, scale=scale, shift=shift, device=TRITON_DEVICE)
-
-
-def crand(*shape, seed=0, scale=1.0, shift=0.0):
-    return randn64(*shape, seed=seed, scale=scale, shift=shift, device="cuda")
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")   # kernel outputs start as NaN
 
 
 # ----------------------------------------------------------------------------- the interface: reference and torch
