@@ -1,6 +1,6 @@
 // Torch glue of the attention CUDA kernels (attention.cu): check the tensors, pick the dtype, launch on PyTorch's
 // current stream of the tensors' device, turn a launch error into an exception. Registered for the schemas
-// beside the CPU kernels (csrc/cpu/attention.cpp).
+// beside the CPU kernels (csrc/cpu/attention_fwd.cpp, attention_bwd.cpp).
 #include "glue.h"
 #include "attention.h"
 
