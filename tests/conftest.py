@@ -170,6 +170,20 @@ def crand(*shape, seed=0, scale=1.0, shift=0.0):
     return randn64(*shape, seed=seed, scale=scale, shift=shift, device="cuda")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def kernel_contracts():
+    """The compiled backends' Python side (fake kernels, autograd formulas) registered before any test calls a kernel
+    op (torch.ops.gptfast.*) directly - a test run alone must not depend on an earlier test having loaded it."""
+    from gptfast import ops
+
+    for name in ("extension", "triton"):
+        try:
+            ops.get_backend(name)
+        except ops.BackendError:
+            pass                         # unavailable here: the tests that need it say so themselves
+    yield
+
+
 @pytest.fixture
 def poisoned_outputs():
     """Kernel outputs start as NaN, so any element a kernel fails to write fails the test."""

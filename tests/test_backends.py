@@ -1,7 +1,6 @@
 """The op backends by name: selection, $GPTFAST_BACKEND, a backend that cannot load says why. (Each op's own
 tests: tests/test_<op>.py; what every op shares: tests/test_op_contract.py.)"""
 import pytest
-import torch
 
 from gptfast import ops
 

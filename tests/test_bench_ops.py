@@ -1,7 +1,6 @@
 """The benchmark's code paths at tiny sizes, so they cannot rot, and its work counts by hand."""
 import json
 import math
-import os
 import pathlib
 import sys
 
@@ -10,7 +9,6 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_ops  # noqa: E402
-from gptfast import ops  # noqa: E402
 from gptfast.ops import OPS  # noqa: E402
 
 

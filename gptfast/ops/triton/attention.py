@@ -17,7 +17,6 @@ D in 16..128 (padded to a power of two and masked).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
