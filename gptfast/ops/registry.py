@@ -18,7 +18,7 @@ ENV_VAR = "GPTFAST_BACKEND"
 # name -> (module path, one-line description)
 _BACKENDS: dict[str, tuple[str, str]] = {
     "reference": ("gptfast.ops.reference", "explicit PyTorch math (the textbook; the truth in tests)"),
-    "torch": ("gptfast.ops.torch_builtins", "PyTorch built-ins: F.layer_norm, F.gelu, SDPA"),
+    "torch": ("gptfast.ops.torch_builtins", "PyTorch built-ins (each op module's torch_twin: F.*, SDPA)"),
     "extension": ("gptfast.ops.extension", "our compiled C++ kernels (csrc/) as torch custom ops"),
     "triton": ("gptfast.ops.triton", "our Triton kernels as torch custom ops"),
     "auto": ("gptfast.ops.auto", "per op, the backend measured fastest for this device and dtype (auto_table.json)"),
