@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from gptfast.generate import generate_tokens
-from gptfast.model import GPTConfig, GPTModel, quantize
+from gptfast.model import GPTConfig, GPTModel, quantization_of, quantize
 
 
 @torch.no_grad()
@@ -83,7 +83,7 @@ def bytes_per_step(model: GPTModel, batch: int, cache_positions: float) -> tuple
             weights += batch * t.shape[1] * t.element_size()
         else:
             weights += t.numel() * t.element_size()
-    if model.cfg.tie_embeddings and model.quantization is None:
+    if model.cfg.tie_embeddings and quantization_of(model) is None:
         weights += model.out_head.weight.numel() * model.out_head.weight.element_size()   # counted once above
     cfg = model.cfg
     cache = 2 * cfg.n_layers * batch * cache_positions * cfg.emb_dim * torch.finfo(model.dtype).bits // 8
@@ -133,7 +133,7 @@ class Config:
     def tokens(self, model, prompt, n):
         if self.baseline:
             return baseline_generate_tokens(model, prompt, n)
-        return generate_tokens(model, prompt, n, compile=self.compiled)
+        return generate_tokens(model, prompt, n, compile=self.compiled, fused_decoding=self.fused)
 
 
 def configurations(args) -> list[Config]:
@@ -161,7 +161,7 @@ def build_models(preset: str, configs: list[Config], device) -> dict:
             if c.quantize != "none":
                 print(f"  ({preset}: quantize to {c.quantize} took {time.perf_counter() - t0:.2f} s)")
         model = quantized[c.quantize]
-        models[c] = copy.deepcopy(model).set_fused_decoding(False) if not c.fused else model
+        models[c] = model
     return models
 
 
@@ -222,7 +222,7 @@ def parse_args(argv):
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--rounds", type=int, default=2, help="turns each configuration takes (median reported)")
     p.add_argument("--op-by-op", default="", help="comma-separated quantize modes to run again with the fused "
-                   "decoding block off (GPTModel.set_fused_decoding(False))")
+                   "decoding block off (generate(..., fused_decoding=False))")
     p.add_argument("--compile", default="", help="comma-separated quantize modes to run again with compile=True "
                    "(the one-token step as a torch.compile graph; its compile time is reported, not timed)")
     p.add_argument("--no-baseline", action="store_true", help="leave out the baseline row (not for the record)")

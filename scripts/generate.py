@@ -18,7 +18,7 @@ import torch
 
 from gptfast.cli import OneLineParser, nonnegative_float, positive_float, positive_int
 from gptfast.generate import stream_text
-from gptfast.model import QUANTIZATION_MODES, load_gpt2, quantize
+from gptfast.model import QUANTIZATION_MODES, load_gpt2, quantization_of, quantize
 from gptfast.ops import BackendError
 from gptfast.tokenizer import TokenizerUnavailableError, get_tokenizer, tokenizer_from_spec
 from gptfast.training import load_checkpoint
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
             print(f"generate.py: error: {err}", file=sys.stderr)
             return 2
     if args.save_quantized:
-        if not model.quantization:
+        if not quantization_of(model):
             print("generate.py: error: --save-quantized needs --quantize int8|bf16 (or a quantized checkpoint)",
                   file=sys.stderr)
             return 2

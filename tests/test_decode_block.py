@@ -10,6 +10,7 @@ from gptfast.compiled import set_poison_outputs
 from gptfast.generate import decode_step, generate
 from gptfast.model import GPTModel
 from gptfast.model.config import GPTConfig
+from gptfast.model.kv_cache import decode_weights
 from gptfast.model.quantize import quantize, quantize_int8_rows
 from gptfast.ops import reference
 from gptfast.ops.decode_block import kernel_args as decode_block_kernel_args
@@ -171,10 +172,10 @@ def test_not_in_training_nor_with_autograd(monkeypatch):
         model(torch.tensor([[1, 2]]), cache=cache, start_pos=0)
     logits = model(torch.tensor([[3]]), cache=cache, start_pos=2)    # grad enabled, parameters require grad
     assert logits.requires_grad and calls == []
-    weights = model.trf_blocks[0].decode_weights()
+    weights = decode_weights(model.trf_blocks[0])
     assert weights is None
     with torch.no_grad():
-        weights = model.trf_blocks[0].decode_weights()
+        weights = decode_weights(model.trf_blocks[0])
     with pytest.raises(RuntimeError, match="inference"):
         ops.decode_block(torch.randn(1, 1, 96, requires_grad=True), weights, cache.layers[0].k, cache.layers[0].v, 3,
                          backend="extension")
@@ -183,7 +184,7 @@ def test_not_in_training_nor_with_autograd(monkeypatch):
 def test_auto_follows_its_linear_choice():
     model = trained_like_model(tiny_config(backend="auto"), "int8")
     with torch.no_grad():
-        weights = model.trf_blocks[0].decode_weights()
+        weights = decode_weights(model.trf_blocks[0])
     x, k = torch.randn(1, 1, 96), model.new_kv_cache(1).layers[0].k
     picked = ops.auto.choose("linear_int8", "cpu", "float32").backend
     assert ops.fuses_decode_block(x, weights, k, backend="auto") == (picked == "extension")

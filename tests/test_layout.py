@@ -121,3 +121,21 @@ def test_each_op_takes_at_most_ten_files():
         assert not set(files) & set(GENERIC)
         print(f"{op.name}: {len(files)} files: {' '.join(files)}")
         assert len(files) <= MAX_FILES + SPLIT.get(op.name, 0), (op.name, files)
+
+
+def test_the_model_file_is_the_architecture_alone():
+    """A learner reading gpt.py top to bottom meets no training precision, fused decoding or quantization
+    machinery: each lives in its own module behind a hook gpt.py names once (weight_for, run_block,
+    queries_keys_values, lm_head_loss)."""
+    text = (ROOT / "gptfast/model/gpt.py").read_text()
+    tree = ast.parse(text)
+    for node in ast.walk(tree):                                  # docstrings and comments may point to where
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(node):   # they live
+            node.body = node.body[1:] or [ast.Pass()]
+    code = ast.unparse(tree)
+    for word in ("working", "autocast", "bfloat16", "quantiz", "int8", "W_qkv", "scales", "decode_block",
+                 "decode_weights", "fused_decoding", "BlockWeights"):
+        assert word not in code, f"gpt.py's code mentions {word!r}: that belongs to its own module"
+    classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+    assert classes == {"Linear", "LayerNorm", "GELU", "FeedForward", "CausalSelfAttention", "DropoutAdd",
+                       "TransformerBlock", "GPTModel"}

@@ -9,6 +9,7 @@ import torch
 from gptfast.data import create_dataloaders
 from gptfast.model import GPTConfig, GPTModel
 from gptfast.training import ConfigError, TrainSettings, lr_at, make_optimizer, run_training
+from gptfast.training.precision import keep_working_copies, refresh_working_copies
 from test_training import train_directly
 
 
@@ -192,7 +193,7 @@ def test_bf16_working_copies_train_exactly_like_autocast_without_casting_weights
     def run(working: bool):
         model = copy.deepcopy(base)
         if working:
-            model.keep_working_copies(torch.bfloat16)
+            keep_working_copies(model, torch.bfloat16)
         opt = make_optimizer(model, 1e-3, 0.1, "cpu")
         losses, WeightCasts.count = [], 0
         for _ in range(3):
@@ -201,7 +202,7 @@ def test_bf16_working_copies_train_exactly_like_autocast_without_casting_weights
             loss.backward()
             opt.step()
             opt.zero_grad()
-            model.refresh_working_copies()
+            refresh_working_copies(model)
             losses.append(loss.item())
         return losses, [p.detach().clone() for p in model.parameters()], WeightCasts.count
 
@@ -224,7 +225,7 @@ def test_working_copies_under_torch_compile_see_each_refresh():
 
     def run(compiled: bool) -> list[float]:
         model = copy.deepcopy(base)
-        model.keep_working_copies(torch.bfloat16)
+        keep_working_copies(model, torch.bfloat16)
         forward = torch.compile(model, fullgraph=True) if compiled else model
         opt, losses = make_optimizer(model, 1e-3, 0.1, "cpu"), []
         for _ in range(2):
@@ -233,7 +234,7 @@ def test_working_copies_under_torch_compile_see_each_refresh():
             loss.backward()
             opt.step()
             opt.zero_grad()
-            model.refresh_working_copies()
+            refresh_working_copies(model)
             losses.append(loss.item())
         return losses
 

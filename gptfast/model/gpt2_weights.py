@@ -16,6 +16,7 @@ import torch
 
 from .config import GPTConfig
 from .gpt import GPTModel
+from .quantize import quantization_of
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")   # 124M, 355M, 774M, 1558M
 
@@ -162,7 +163,7 @@ def export_hf(model: GPTModel, folder: str, tokenizer=None, force: bool = False)
     An existing non-empty folder is an error unless `force`."""
     from safetensors.torch import save_file
 
-    if getattr(model, "quantization", None):
+    if quantization_of(model):
         raise ValueError(f"the model's weights are quantized ({model.quantization}); the GPT-2 format holds float "
                          "weights: export the float32 checkpoint")
     if os.path.isfile(folder) or (os.path.isdir(folder) and os.listdir(folder) and not force):

@@ -14,6 +14,10 @@ token instead of three. Activations, LayerNorm, attention and the KV cache keep 
 `ops.linear_int8` / `ops.linear_bf16` (our CPU kernel widens each weight in registers; no float32
 copy of the weights exists). A tied embedding shares the LM head's quantized rows: looking up a
 token dequantizes its row. The model is for inference from then on (training it raises).
+
+gpt.py knows nothing of this: the model becomes a `QuantizedGPTModel` (its loss takes the quantized head's
+logits, its forward refuses training) and each attention a `StackedQKVAttention` (its `queries_keys_values`
+hook reads the stacked layer); parameter and buffer names stay those of the float model.
 """
 from __future__ import annotations
 
@@ -22,10 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from .gpt import GPTModel
+from .gpt import CausalSelfAttention, GPTModel
 
 QUANTIZATION_MODES = ("none", "bf16", "int8")
-__all__ = ["QUANTIZATION_MODES", "quantize", "prepare_quantized", "quantize_int8_rows", "WeightOnlyLinear", "QuantizedEmbedding"]
+__all__ = ["QUANTIZATION_MODES", "quantize", "prepare_quantized", "quantization_of", "quantize_int8_rows",
+           "WeightOnlyLinear", "QuantizedEmbedding", "QuantizedGPTModel", "StackedQKVAttention"]
 
 
 def quantize_int8_rows(weight: torch.Tensor, rows_per_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,6 +124,35 @@ class QuantizedEmbedding(nn.Module):
         return rows
 
 
+class StackedQKVAttention(CausalSelfAttention):
+    """A quantized block's attention: Q, K and V from one stacked layer `W_qkv` (rows Q, then K, then V)."""
+
+    def queries_keys_values(self, x):                            # (B, T, C) -> 3 x (B, nh, T, hs)
+        return tuple(self.split_heads(t) for t in self.W_qkv(x).split(x.shape[-1], dim=-1))
+
+
+class QuantizedGPTModel(GPTModel):
+    """A GPTModel after `quantize`: `quantization` says how; inference only."""
+
+    quantization: str
+
+    def forward(self, idx, targets=None, **kwargs):
+        if self.training:
+            raise RuntimeError(f"this model's weights are quantized ({self.quantization}): it is for inference only "
+                               "(call model.eval()); train the float32 model and quantize it afterwards")
+        return super().forward(idx, targets, **kwargs)
+
+    def lm_head_loss(self, x, targets):
+        """The quantized head's logits, then the loss (the fused LM head + loss reads float weights)."""
+        logits = self.out_head(x).flatten(0, 1)                  # (B*T, V)
+        return ops.cross_entropy(logits, targets.flatten(), backend=self.cfg.backend)
+
+
+def quantization_of(model) -> str | None:
+    """"int8" / "bf16" for a quantized model, None for any other."""
+    return getattr(model, "quantization", None)
+
+
 def _linears(model: GPTModel):
     """(parent module, attribute name, layer) of every linear layer of the blocks, then the LM head."""
     for block in model.trf_blocks:
@@ -145,19 +179,21 @@ def _replace(model: GPTModel, mode: str, convert: bool) -> GPTModel:
         raise TypeError(f"quantize takes a gptfast GPTModel, got {type(model).__name__}")
     if mode == "none":
         return model
-    if model.quantization:
+    if quantization_of(model):
         raise ValueError(f"the model is already quantized ({model.quantization})")
     dtype = model.dtype
     for block in model.trf_blocks:                               # Q, K, V as one layer: W_qkv
         att = block.att
         weight, bias = _stacked_qkv(att)
         del att.W_query, att.W_key, att.W_value
+        att.__class__ = StackedQKVAttention                      # the same module, now reading W_qkv
         att.W_qkv = WeightOnlyLinear.from_weights(weight, bias, mode, att.backend, convert)
     for parent, name, layer in list(_linears(model)):
         setattr(parent, name, WeightOnlyLinear.from_linear(layer, mode, convert))
     if model.cfg.tie_embeddings:
         model.tok_emb = QuantizedEmbedding(model.out_head, dtype)
     model.requires_grad_(False)                                  # what is left (LayerNorms, positions) is frozen too
+    model.__class__ = QuantizedGPTModel                          # the same module: its loss and its training guard
     model.quantization = mode
     return model.eval()
 

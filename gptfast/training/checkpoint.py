@@ -15,7 +15,7 @@ import os
 import torch
 
 from ..files import atomic_write
-from ..model import GPTConfig, GPTModel, prepare_quantized
+from ..model import GPTConfig, GPTModel, prepare_quantized, quantization_of
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PERIODIC_PREFIX = "ckpt-step"
@@ -53,11 +53,11 @@ def save_weights(path: str, model: GPTModel, tokenizer=None, model_state: dict |
 
     state = model_state if model_state is not None else model.state_dict()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()
-               if not (model.cfg.tie_embeddings and not model.quantization and k == "out_head.weight")}
+               if not (model.cfg.tie_embeddings and not quantization_of(model) and k == "out_head.weight")}
     meta = {"format": WEIGHTS_FORMAT, "version": 1, "config": model.cfg.to_dict(),
             "tokenizer": tokenizer.spec() if tokenizer is not None else None}
-    if model.quantization:
-        meta["quantization"] = model.quantization
+    if quantization_of(model):
+        meta["quantization"] = quantization_of(model)
     with atomic_write(path) as f:
         f.write(save(tensors, metadata={"format": "pt", "gptfast": json.dumps(meta)}))
     return path

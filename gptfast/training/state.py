@@ -17,6 +17,7 @@ import torch
 from .checkpoint import rng_states, save_checkpoint, save_weights, set_rng_states
 from .optim import grad_scaler, lr_at, make_optimizer, resolve_precision
 from .parallel import Parallelism
+from .precision import keep_working_copies, refresh_working_copies
 
 
 @dataclass
@@ -117,7 +118,7 @@ class TrainingState:
         state = cls(model, forward, optimizer, grad_scaler(precision, parallel.device), schedule, History(), None,
                     precision)
         if precision != "float32" and parallel.keeps_weight_copies:
-            model.keep_working_copies(getattr(torch, precision))   # instead of autocast casting every forward
+            keep_working_copies(model, getattr(torch, precision))   # instead of autocast casting every forward
         if checkpoint is not None:
             state.restore(checkpoint, parallel)
             set_rng_states(checkpoint["rng"])              # exactly where the stopped run was
@@ -126,7 +127,7 @@ class TrainingState:
 
     def after_step(self) -> None:
         """What follows each optimizer step: the 16-bit working copies of the weights catch up (one pass)."""
-        self.model.refresh_working_copies()
+        refresh_working_copies(self.model)
 
     def restore(self, checkpoint: dict, parallel: Parallelism) -> None:
         """Optimizer, scaler, history and position from a training checkpoint (ValueError if it has none)."""

@@ -1,0 +1,71 @@
+"""The KV cache, and the one-token decoding step it runs.
+
+Generating token t + 1 needs every earlier token's keys and values, which do not change once computed: keep
+them (the cache) and a decoding step costs one position's work instead of the whole window's. Static shapes:
+allocated once for the full context length.
+
+A step of one position is also where our CPU kernels fuse a whole block into one call (`ops.decode_block`:
+the block's LayerNorms, linear layers, cache write, attention and GELU, threads meeting at barriers instead of
+~12 op calls, bit-for-bit the op-by-op results). `KVCache.run_block` takes that path where the backend has
+it (`ops.fuses_decode_block`) and autograd does not need the result; anything else runs the block as written
+in gpt.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+
+__all__ = ["KVCache", "LayerKV", "decode_weights"]
+
+
+class LayerKV:
+    """One layer's preallocated key/value cache: (B, nh, context_length, hs) each."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, T, hs) at positions start_pos.. and return every position so far,
+        (B, nh, start_pos + T, hs) each (narrow: cheaper than slicing, per token)."""
+        T = k.shape[2]
+        self.k.narrow(2, start_pos, T).copy_(k)
+        self.v.narrow(2, start_pos, T).copy_(v)
+        return self.k.narrow(2, 0, start_pos + T), self.v.narrow(2, 0, start_pos + T)
+
+
+class KVCache:
+    """Keys and values of every layer for the positions already seen. `GPTModel.forward(idx, cache=cache,
+    start_pos=start_pos)` writes positions start_pos onwards. `fused`: run one-token steps as one op per
+    block where the backend has it (False: op by op, to compare - the results are the same)."""
+
+    def __init__(self, cfg, batch_size: int, device=None, dtype=torch.float32, fused: bool = True):
+        shape = (batch_size, cfg.n_heads, cfg.context_length, cfg.head_dim)
+        self.layers = [LayerKV(torch.zeros(shape, device=device, dtype=dtype),
+                               torch.zeros(shape, device=device, dtype=dtype)) for _ in range(cfg.n_layers)]
+        self.batch_size = batch_size
+        self.fused = fused
+
+    def run_block(self, i: int, block, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Block i on x (B, T, C) at positions start_pos.., against (and into) layer i's cache."""
+        kv = self.layers[i]
+        if self.fused and x.shape[1] == 1 and not block.training:   # one position: one call, where it fuses
+            weights = decode_weights(block)
+            if weights is not None and ops.fuses_decode_block(x, weights, kv.k, backend=block.backend):
+                return ops.decode_block(x, weights, kv.k, kv.v, start_pos, backend=block.backend)
+        return block(x, kv, start_pos)
+
+
+def decode_weights(block) -> ops.BlockWeights | None:
+    """A TransformerBlock's tensors as ops.decode_block reads them (None where autograd would need the
+    result: the fused block has no backward). A quantized block's stacked Q/K/V layer is passed as one."""
+    att, ff = block.att, block.ff
+    if torch.is_grad_enabled() and block.norm1.weight.requires_grad or block.norm1.eps != block.norm2.eps:
+        return None
+    stacked = getattr(att, "W_qkv", None)                        # quantize.py's one layer for Q, K and V
+    qkv = (stacked,) if stacked is not None else (att.W_query, att.W_key, att.W_value)
+
+    def layer(m):                                                # nn.Linear, or a quantized WeightOnlyLinear
+        return ops.LinearWeights(m.weight, getattr(m, "scales", None), m.bias)
+    return ops.BlockWeights(block.norm1.weight, block.norm1.bias, tuple(layer(m) for m in qkv), layer(att.out_proj),
+                            block.norm2.weight, block.norm2.bias, layer(ff.fc), layer(ff.proj), block.norm1.eps)
