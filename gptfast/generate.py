@@ -1,5 +1,9 @@
 """Autoregressive generation: feed the model its own predictions, one token at a time.
 
+`generate_simple` is the textbook loop (the book's `generate_text_simple`, with its top-k and temperature):
+run the whole window through the model for every new token and keep the last position's logits. Everything
+after it computes the same tokens faster (tests/test_generate.py checks that they agree).
+
 With a KV cache (the default where the op backend supports it) the prompt is run once (prefill)
 and every further step feeds only the newest token, attending to the cached keys and values.
 Once the sequence outgrows the context window the positions shift by one each step, which
@@ -16,6 +20,31 @@ from collections.abc import Iterator
 import torch
 
 from . import ops
+
+
+@torch.no_grad()
+def generate_simple(model, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
+                    temperature: float = 0.0, top_k: int | None = None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Extend idx (B, T) by max_new_tokens tokens, the whole window through the model each time: (B, T + n).
+
+    The baseline `generate` accelerates: it feeds only the newest token against a KV cache, skips the LM head
+    for all but the last position, and samples from the same distribution (same tokens for the same seed)."""
+    context_size = context_size or model.cfg.context_length
+    model.eval()
+    for _ in range(max_new_tokens):
+        window = idx[:, -context_size:]                          # the last context_size tokens, (B, <= ctx)
+        logits = model(window)[:, -1, :model.cfg.vocab_size]     # (B, V): the last position predicts the next
+        if top_k is not None:                                    # keep the k largest, the rest can't be drawn
+            kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if temperature > 0.0:                                    # sample: <1 sharper, >1 flatter
+            probs = torch.softmax(logits / temperature, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)   # (B, 1)
+        else:                                                    # greedy: the most likely token
+            idx_next = logits.argmax(dim=-1, keepdim=True)       # (B, 1)
+        idx = torch.cat((idx, idx_next), dim=1)                  # (B, T + 1)
+    return idx
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:

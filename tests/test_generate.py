@@ -148,3 +148,20 @@ def test_generate_script_speed_line():
     assert speed_line({"tokens": 1, "first_token_s": 0.25, "decode_s": 0.0}) == "(1 token: the first after 0.25 s)"
     assert speed_line({"tokens": 11, "first_token_s": 0.5, "decode_s": 0.2}) == \
         "(11 tokens: the first after 0.50 s, then 50.0 tokens/s)"
+
+
+@pytest.mark.parametrize("backend", ["reference", "extension"])
+def test_the_textbook_loop_gives_the_tokens_of_the_fast_one(backend):
+    """generate_simple (the whole window through the model for every token) and generate (KV cache, the LM head
+    on the last position, fused decoding blocks): the same tokens, greedy and sampled with top-k, also past the
+    context window."""
+    from gptfast.generate import generate_simple
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=50, context_length=12, emb_dim=32, n_heads=2, n_layers=2, backend=backend))
+    idx = torch.randint(0, 50, (2, 3), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(generate_simple(model, idx, 15), generate(model, idx, 15))
+    for seed in range(3):
+        simple = generate_simple(model, idx, 15, temperature=1.3, top_k=8,
+                                 generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(simple, generate(model, idx, 15, temperature=1.3, top_k=8, seed=seed))

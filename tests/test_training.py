@@ -138,3 +138,55 @@ def test_init_from_a_gptfast_checkpoint(tmp_path, verdict_text):
     assert "note: --pad-vocab shapes fresh models only; the --init-from weights keep their own layout" in lines
     with pytest.raises(ConfigError, match="no such file or folder"):
         run_training(run_settings(tmp_path, text_path, init_from=str(tmp_path / "nope")), echo=lambda _: None)
+
+
+def test_the_textbook_step_is_what_the_fast_loop_computes(gpt2_tokenizer):
+    """train_step (logits -> F.cross_entropy -> backward -> step) and train() (the LM head fused with the loss,
+    the run's machinery around it) from the same weights on the same batches: the same losses, step by step,
+    and the same weights after them."""
+    import copy
+
+    from gptfast.training import train_step
+
+    g = torch.Generator().manual_seed(5)
+    data = torch.randint(0, 50257, (6, 2, 17), generator=g)
+    batches = [(b[:, :-1], b[:, 1:]) for b in data]              # a list: no shuffle, the same order for both
+    fast = tiny_model()
+    simple = copy.deepcopy(fast)
+    hist = train_directly(fast, batches, batches[:1], gpt2_tokenizer, torch.optim.AdamW(fast.parameters(), lr=1e-3),
+                          epochs=1, eval_freq=100, eval_iter=1, dtype="float32", sample_tokens=2)
+    optimizer = torch.optim.AdamW(simple.parameters(), lr=1e-3)
+    losses = [train_step(simple, optimizer, x, y) for x, y in batches]
+    fast_losses = [loss for _, loss in hist.batch_losses]
+    assert len(fast_losses) == 6 and losses[-1] < losses[0]
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(fast_losses, losses)), (fast_losses, losses)
+    for (name, a), b in zip(fast.named_parameters(), simple.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+
+
+def test_the_textbook_step_has_the_fused_losss_gradients():
+    """One step's gradients: F.cross_entropy on the (B, T, V) logits vs the model's fused LM head + loss."""
+    model = tiny_model()
+    x, y = torch.randint(0, 50257, (2, 2, 16), generator=torch.Generator().manual_seed(6))
+    grads = []
+    for fused in (True, False):
+        model.zero_grad()
+        loss = model(x, y) if fused else torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert (a - b).norm() <= 1e-5 * b.norm() + 1e-12
+
+
+def test_train_simple_lowers_the_loss(verdict_text, gpt2_tokenizer, capsys):
+    from gptfast.training import train_simple
+
+    train_loader, val_loader = create_dataloaders(verdict_text, gpt2_tokenizer, batch_size=4, context_length=32,
+                                                  stride=32, seed=1)
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    train_losses, val_losses = train_simple(model, train_loader, val_loader, optimizer, epochs=1, eval_freq=10,
+                                            eval_iter=2)
+    assert len(train_losses) == len(val_losses) == -(-len(train_loader) // 10)
+    assert train_losses[-1] < train_losses[0] - 2.0
+    assert "Ep 1 (Step 000010): Train loss" in capsys.readouterr().out

@@ -1,5 +1,9 @@
 """The training loop: micro-batches -> optimizer steps, with evaluations, checkpoints and a sample per epoch.
 
+The baseline it accelerates is simple.py (`train_step`: logits -> cross-entropy -> backward -> step); this
+loop computes the same losses and gradients (tests/test_training.py), with the LM head fused with the loss,
+accumulation, clipping, a schedule, mixed precision, several processes, checkpoints and stop signals.
+
     history = train(settings, state, data, parallel, log, stop)
 
 One optimizer step = `grad_accum` micro-batches (gradients summed, each loss divided by the number of
