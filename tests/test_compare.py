@@ -15,7 +15,7 @@ from gptfast.compare import rules
 from gptfast.compare.op_check import compare_case
 from gptfast.model import GPTConfig, GPTModel
 from gptfast.ops import OPS, reference, registry, torch_builtins
-from scripts.compare import main as compare_main
+from gptfast.commands.compare import main as compare_main
 
 
 def run_script(*args, timeout=300):

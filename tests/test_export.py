@@ -15,7 +15,7 @@ from gptfast.model import GPTConfig, GPTModel, export_hf, load_gpt2  # noqa: E40
 from gptfast.tokenizer import ByteLevelBPE, get_tokenizer  # noqa: E402
 from gptfast.training import load_checkpoint, save_checkpoint  # noqa: E402
 from gptfast.training.checkpoint import read_checkpoint, save_weights  # noqa: E402
-from scripts.export import main as export_main  # noqa: E402
+from gptfast.commands.export import main as export_main  # noqa: E402
 
 # the book's layout (untied head, no Q/K/V biases) and GPT-2's (tied, biases) with a padded vocabulary;
 # small widths, GPT-2's real vocabulary, and a context length other than 1024

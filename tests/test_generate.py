@@ -142,7 +142,7 @@ def test_stream_text_yields_the_same_text_as_generate(gpt2_tokenizer):
 
 
 def test_generate_script_speed_line():
-    from scripts.generate import speed_line
+    from gptfast.commands.generate import speed_line
 
     assert speed_line({}) == "(no tokens generated)"
     assert speed_line({"tokens": 1, "first_token_s": 0.25, "decode_s": 0.0}) == "(1 token: the first after 0.25 s)"

@@ -20,6 +20,7 @@ LOOP_NESTS = {"csrc/cuda/attention.cu": {"attn_fwd_kernel", "attn_bwd_dkdv_kerne
 # Users of the ops: the model, generation, training, integrations, scripts, the end-to-end benchmarks and the
 # model-level comparison - and the fused decoding block, which is made of the other ops' kernels.
 USERS = ("gptfast/model/", "gptfast/generate.py", "gptfast/training/", "gptfast/integrations/", "scripts/",
+         "gptfast/commands/",
          "benchmarks/bench_hf.py", "benchmarks/bench_train.py", "benchmarks/bench_book.py",
          "benchmarks/bench_generate.py", "gptfast/compare/model_check.py", "csrc/cpu/decode_parts.h",
          # and their tests
