@@ -12,7 +12,7 @@ warm-up, the throughput (GB/s for memory-bound ops, GFLOP/s for compute-bound on
 gradients against float64, and where the op asks for it (attention, the LM head + loss) the peak memory of one
 forward+backward. Times are medians with 20th/80th percentiles;
 on GPU, CUDA events with the L2 cache flushed before every timed call. Results go to the terminal,
-to benchmarks/results/bench_ops_<device>.json (+ .md table, + .png plots of throughput vs size).
+to benchmarks/results/bench_ops_<device>.json (+ .md table; benchmarks/plot.py draws the pictures).
 """
 from __future__ import annotations
 
@@ -315,31 +315,6 @@ def shapes(quick: bool, sweep: bool, device) -> dict:
     return table
 
 
-def plot(results: list, path_prefix: str) -> list[str]:
-    """One PNG per (op, mode): throughput against problem size, a line per backend."""
-    from matplotlib.figure import Figure
-
-    written = []
-    keys = sorted({(r["op"], r["mode"]) for r in results if "throughput" in r})
-    for op, mode in keys:
-        rows = [r for r in results if r["op"] == op and r["mode"] == mode and "throughput" in r]
-        fig = Figure(figsize=(6, 3.5), layout="constrained")
-        ax = fig.add_subplot()
-        for backend in dict.fromkeys(r["backend"] for r in rows):
-            pts = sorted((math.prod(r["shape"]), r["throughput"]) for r in rows if r["backend"] == backend)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend)
-        ax.set_xscale("log")
-        ax.set_xlabel("problem size (elements)")
-        ax.set_ylabel(rows[0]["unit"])
-        ax.set_title(f"{op} {mode}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        path = f"{path_prefix}_{op}_{mode.replace('+', '_')}.png"
-        fig.savefig(path, dpi=110)
-        written.append(path)
-    return written
-
-
 def cpu_kernels_isa() -> str:
     """The instruction set our CPU kernels run with here (GPTFAST_CPU_ISA or the best available)."""
     try:
@@ -400,7 +375,6 @@ def parse_args(argv):
                    help="measure OP at this shape instead of its default shapes (repeatable), e.g. the LM head + "
                         "loss at 128x768x50257 where its default shapes would take hours")
     p.add_argument("--ops", default=None, help="comma-separated subset of: " + ", ".join(table_keys()))
-    p.add_argument("--no-plots", action="store_true")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_ops_<device>.json)")
     p.add_argument("--cpu-isa", default=None, choices=["avx2", "avx512"],
                    help="the instruction set of our CPU kernels (sets GPTFAST_CPU_ISA; default: the best this CPU has)")
@@ -500,8 +474,7 @@ def main(argv=None):
         json.dump({"environment": env, "results": results}, f, indent=1)
     with open(out.removesuffix(".json") + ".md", "w") as f:
         f.write(markdown_table(env, results))
-    pngs = [] if args.no_plots else plot(results, out.removesuffix(".json"))
-    print(f"\nwrote {out}, its .md table and {len(pngs)} plots")
+    print(f"\nwrote {out} and its .md table (pictures: python benchmarks/plot.py)")
 
 
 if __name__ == "__main__":

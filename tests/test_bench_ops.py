@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_ops  # noqa: E402
+from conftest import ROOT  # noqa: E402
 from gptfast.ops import OPS  # noqa: E402
 
 
@@ -52,8 +53,9 @@ def test_quick_run_writes_json(tmp_path, monkeypatch):
     assert ops_seen == set(bench_ops.table_keys())
     table = (tmp_path / "b.md").read_text()
     assert table.count("\n| ") >= len(TRAINED) * 2 * 3 and f"| {TRAINED[0]} | fwd+bwd |" in table
-    assert sorted(p.name for p in tmp_path.glob("b_*.png")) == sorted(
-        [f"b_{op}_{mode}.png" for op in trained for mode in ("fwd", "fwd_bwd")] + [f"b_{op}_fwd.png" for op in inference])
+    assert {r["mode"] for r in data["results"] if r["op"] in inference} == {"fwd"}
+    assert {m for op in trained for m in ("fwd", "fwd+bwd")} <= {r["mode"] for r in data["results"] if r["op"] in trained}
+    assert not list(tmp_path.glob("*.png"))                     # pictures: benchmarks/plot.py, from the committed JSON
     memory = {(r["op"], r["backend"]) for r in data["results"] if r["mode"] == "peak_memory"}
     asks = [key for key in TRAINED if bench_ops.find_bench(key, quick_shape(key))[1].peak_memory]
     assert asks and {(key, b) for key in asks for b in ("torch", "extension")} <= memory
@@ -74,10 +76,26 @@ def test_given_shapes_replace_the_defaults(tmp_path, monkeypatch):
     given = next(op.name for op in OPS.values() if op.elementwise)
     other = next(op.name for op in OPS.values() if op.drops_out == (op.name,))
     bench_ops.main(["--ops", f"{given},{other}", "--shape", f"{given}=4x8", "--shape", f"{given}=3x5", "--repeats", "1",
-                    "--backends", "torch,extension", "--no-plots", "--out", str(out)])
+                    "--backends", "torch,extension", "--out", str(out)])
     rows = json.loads(out.read_text())["results"]
     assert sorted({tuple(r["shape"]) for r in rows if r["op"] == given}) == [(3, 5), (4, 8)]
     assert {tuple(r["shape"]) for r in rows if r["op"] == other} == {tuple(s) for s in
                                                                       OPS[other].bench_shapes("cpu", False, False)[other]}
     with pytest.raises(SystemExit):
         bench_ops.main(["--shape", "nope=1x2", "--out", str(out)])
+
+
+def test_the_pictures_regenerate_from_the_committed_results_and_are_all_linked(tmp_path):
+    """benchmarks/plot.py draws every picture of the README and docs/ from benchmarks/results/ in one command;
+    every PNG in the repository is one of them and is shown somewhere."""
+    import plot
+
+    assert plot.main(["--out", str(tmp_path)]) == 0
+    drawn = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert len(drawn) == len(plot.FIGURES) and all((tmp_path / n).stat().st_size > 10_000 for n in drawn)
+    committed = sorted(p.name for p in (ROOT / "docs" / "images").glob("*.png"))
+    assert committed == drawn
+    text = (ROOT / "README.md").read_text() + "".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))
+    pngs = [p for p in ROOT.rglob("*.png") if not {".venv", "build", "runs", ".git"} & set(p.relative_to(ROOT).parts)]
+    unlinked = [str(p.relative_to(ROOT)) for p in pngs if p.name not in text]
+    assert not unlinked, f"PNGs nothing links: {unlinked}"
