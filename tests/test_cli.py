@@ -141,3 +141,25 @@ def test_console_scripts_work_from_any_folder(tmp_path):
     go("gptfast-export", "--checkpoint", "run", "--out", "hf")
     assert (tmp_path / "hf" / "config.json").exists()
     assert "--backend" in go("gptfast-compare", "--help").stdout
+
+
+def test_the_textbook_mode_never_loads_compiled_code(tmp_path):
+    """`--backend reference` trains and generates with the plain PyTorch math of gptfast/ops/<op>.py alone: our
+    C++ extension is never loaded (nor compiled), our Triton kernels never imported, torch.compile never run."""
+    out = str(tmp_path / "run")
+    code = ("import runpy, sys\n"
+            "def main(argv):\n"
+            "    sys.argv = argv\n"
+            "    try:\n        runpy.run_path(argv[0], run_name='__main__')\n"
+            "    except SystemExit as e:\n        assert not e.code, e.code\n"
+            f"main(['scripts/train.py', '--backend', 'reference', '--preset', 'tiny', '--max-steps', '2', "
+            f"'--eval-iter', '1', '--sample-tokens', '3', '--no-progress', '--out', {out!r}])\n"
+            f"main(['scripts/generate.py', '--checkpoint', {out!r}, '--backend', 'reference', '--prompt', 'Every', "
+            "'--max-new-tokens', '3'])\n"
+            "loaded = [m for m in sys.modules if m.startswith(('gptfast._C', 'gptfast.ops.triton'))]\n"
+            "assert not loaded, loaded\n"
+            "from torch._dynamo.utils import counters\n"          # (torch's AdamW imports dynamo; nothing compiles)
+            "assert not counters['stats'].get('unique_graphs'), dict(counters['stats'])\nprint('textbook only')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0 and "textbook only" in result.stdout, result.stderr[-3000:]

@@ -7,7 +7,7 @@ weights. A backend with a fused block (`extension` on CPU: csrc/cpu/decode_block
 one call whose threads meet at barriers instead; each step there is the standalone kernel's own loop on a
 thread's share of the work, so it computes exactly what the ops one by one compute (bit-for-bit on the
 `extension` backend, tested). The model takes this path by itself when decoding one new position with a KV
-cache (`TransformerBlock.forward`); other backends keep the op-by-op path.
+cache (`KVCache.run_block`, gptfast/model/kv_cache.py); other backends keep the op-by-op path.
 
 The math (`reference` below is the twin the kernel is tested against), x (B, 1, C):
     x1 = x + out(attention(q, k_cache[:, :, :p+1], v_cache[:, :, :p+1]))   with q, k, v = qkv(ln1(x)),
