@@ -36,16 +36,19 @@ inline at::ScalarType stat_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Attention arguments, for every implementation: q (B, H, Tq, D); k, v (B, H, Tk, D) with Tk >= Tq
-// (the queries are the last Tq positions); 1 <= D <= max_head_dim; `impl` names it in messages.
+// Attention arguments, for every implementation: q (B, H, Tq, D); k, v (B, Hk, Tk, D) with Tk >= Tq
+// (the queries are the last Tq positions) and Hk dividing H (grouped-query attention: query head h reads
+// K/V head h / (H / Hk)); 1 <= D <= max_head_dim; `impl` names it in messages.
 inline void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p,
                                  const at::Tensor& seed, int64_t max_head_dim, const char* impl) {
   check_float(q, "q");
   TORCH_CHECK(q.dim() == 4, "q must have rank 4 (B, H, T, D), got shape ", q.sizes());
   check_same(k, "k", q, "q");
   check_same(v, "v", q, "q");
-  TORCH_CHECK(k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
-              "k must have shape (B, H, Tk, D) matching q's B, H, D ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) >= 1 && q.size(1) % k.size(1) == 0 &&
+                  k.size(3) == q.size(3),
+              "k must have shape (B, Hk, Tk, D) matching q's B, D with Hk dividing q's H ", q.sizes(), ", got ",
+              k.sizes());
   TORCH_CHECK(v.sizes() == k.sizes(), "v must have k's shape ", k.sizes(), ", got ", v.sizes());
   TORCH_CHECK(k.size(2) >= q.size(2), "k must hold at least as many positions as q (the queries are the last ",
               q.size(2), " of ", k.size(2), " positions)");

@@ -548,7 +548,8 @@ def test_compare_catches_an_attention_without_its_causal_mask():
     m = types.ModuleType("_no_mask")
     m.SHARES_DROPOUT_RNG = False
     m.causal_attention = lambda q, k, v, dropout_p=0.0, scale=None, seed=None: \
-        torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale,
+                                                         enable_gqa=k.shape[1] != q.shape[1])
     sys.modules["_no_mask"] = m
     ops.register_backend("no-mask", "_no_mask", "broken")
     try:

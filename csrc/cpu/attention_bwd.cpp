@@ -2,9 +2,9 @@
 // log-sum-exp, never stored.
 //   O = Z V, Z = P * M / (1 - p);  dV = Z^T dO;  dZ = dO V^T;  dP = dZ * M / (1 - p);
 //   dS = P * (dP - Delta), Delta = rowsum(dO * O);  dQ = scale dS K;  dK = scale dS^T Q.
-// With enough heads to keep every thread busy it makes one pass per head: each tile pair's S, P and dS are
-// computed once and feed dV, dK and dQ together (a head's dQ belongs to one task, so no two threads add into the
-// same output). With few heads it makes two deterministic passes, one parallel over key tiles (dK, dV) and one
+// With enough heads to keep every thread busy it makes one pass per key/value head: each tile pair's S, P and dS
+// are computed once and feed dV, dK and dQ together (a head's dQ, and a key/value head's dK and dV summed over the
+// query heads that read it, belong to one task, so no two threads add into the same output). With few heads it makes two deterministic passes, one parallel over key tiles (dK, dV) and one
 // over query tiles (dQ). Each pass walks the same (query tile, key tile) step, `tile_pair` below, written once.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -48,7 +48,7 @@ struct BwdWork {
   const S* dout;
   const T *lse, *delta;
   ScratchTile<T> kt, vt, z, ds, q_buf, go_buf, k_buf;   // 16-bit storage: the Q, dO and K tiles as float32
-  int64_t bh = 0;
+  int64_t bh = 0, kvh = 0;                                // the query head, and the key/value head it reads
   uint32_t head_key = 0;
   const T* k_rows = nullptr;                              // the loaded key tile's K rows (as T)
 
@@ -59,13 +59,14 @@ struct BwdWork {
 
   void start_head(int64_t head) {
     bh = head;
+    kvh = head / a.group;
     head_key = dropout_head_key(a.seed, static_cast<uint32_t>(bh));
   }
 
   void load_key_tile(int64_t k0, int64_t nk) {            // K and V of keys [k0, k0 + nk), transposed; K's rows
-    load_transposed(a.k + bh * a.Tk * a.D, k0, nk, a.D, kt.data());
-    load_transposed(a.v + bh * a.Tk * a.D, k0, nk, a.D, vt.data());
-    k_rows = as_acc(a.k + (bh * a.Tk + k0) * a.D, nk * a.D, k_buf.data());
+    load_transposed(a.k + kvh * a.Tk * a.D, k0, nk, a.D, kt.data());
+    load_transposed(a.v + kvh * a.Tk * a.D, k0, nk, a.D, vt.data());
+    k_rows = as_acc(a.k + (kvh * a.Tk + k0) * a.D, nk * a.D, k_buf.data());
   }
 
   // P = exp(S - lse) into z (then Z = dropout(P)) and dS * scale into ds, both (kBQ x kBK), zero outside the
@@ -116,51 +117,62 @@ struct BwdWork {
   }
 };
 
-// One pass, one task per head: key tiles in order, for each the query tiles that see it; dK, dV and dQ together.
+// One pass, one task per key/value head: key tiles in order, for each the query tiles of every query head reading
+// it (grouped-query: group heads; else one) that see it; dK, dV and dQ together. dK and dV of a key tile sum over
+// the group's heads in a fixed order, in one task: no two threads add into the same output.
 template <typename S, typename T = acc_t<S>>
 void backward_by_head(const AttnArgs<S>& a, int64_t BH, const S* dout, const T* lse, const T* delta, S* dq, S* dk,
                       S* dv) {
-  const int64_t Tq = a.Tq, Tk = a.Tk, D = a.D;
-  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+  const int64_t Tq = a.Tq, Tk = a.Tk, D = a.D, G = a.group;
+  at::parallel_for(0, BH / G, 1, [&](int64_t begin, int64_t end) {
     BwdWork<S> w(a, dout, lse, delta);
-    ScratchTile<T> dk_acc(kBK * D), dv_acc(kBK * D), dq_buf(BwdWork<S>::kConvert ? Tq * D : 0);  // dQ in float32
-    for (int64_t bh = begin; bh < end; ++bh) {
-      w.start_head(bh);
-      T* dq_head;
-      if constexpr (BwdWork<S>::kConvert) dq_head = dq_buf.data(); else dq_head = dq + bh * Tq * D;
-      std::fill(dq_head, dq_head + Tq * D, T(0));
+    ScratchTile<T> dk_acc(kBK * D), dv_acc(kBK * D), dq_buf(BwdWork<S>::kConvert ? G * Tq * D : 0);  // dQ in float32
+    for (int64_t kvh = begin; kvh < end; ++kvh) {
+      auto dq_head = [&](int64_t g) -> T* {
+        if constexpr (BwdWork<S>::kConvert) return dq_buf.data() + g * Tq * D; else return dq + (kvh * G + g) * Tq * D;
+      };
+      for (int64_t g = 0; g < G; ++g) std::fill(dq_head(g), dq_head(g) + Tq * D, T(0));
       for (int64_t k0 = 0; k0 < Tk; k0 += kBK) {
         const int64_t nk = std::min(kBK, Tk - k0);
+        w.start_head(kvh * G);
         w.load_key_tile(k0, nk);
         std::fill(dk_acc.begin(), dk_acc.end(), T(0));
         std::fill(dv_acc.begin(), dv_acc.end(), T(0));
-        for (int64_t q0 = w.first_query_tile(k0); q0 < Tq; q0 += kBQ)
-          w.tile_pair(q0, k0, nk, dk_acc.data(), dv_acc.data(), dq_head + q0 * D);
-        at::vec::convert(dk_acc.data(), dk + (bh * Tk + k0) * D, nk * D);
-        at::vec::convert(dv_acc.data(), dv + (bh * Tk + k0) * D, nk * D);
+        for (int64_t g = 0; g < G; ++g) {
+          w.start_head(kvh * G + g);
+          for (int64_t q0 = w.first_query_tile(k0); q0 < Tq; q0 += kBQ)
+            w.tile_pair(q0, k0, nk, dk_acc.data(), dv_acc.data(), dq_head(g) + q0 * D);
+        }
+        at::vec::convert(dk_acc.data(), dk + (kvh * Tk + k0) * D, nk * D);
+        at::vec::convert(dv_acc.data(), dv + (kvh * Tk + k0) * D, nk * D);
       }
-      if constexpr (BwdWork<S>::kConvert) at::vec::convert(dq_head, dq + bh * Tq * D, Tq * D);
+      if constexpr (BwdWork<S>::kConvert)
+        for (int64_t g = 0; g < G; ++g) at::vec::convert(dq_head(g), dq + (kvh * G + g) * Tq * D, Tq * D);
     }
   });
 }
 
-// Few heads: pass 1, dK and dV, one task per (head, key tile); query tiles from the diagonal down.
+// Few heads: pass 1, dK and dV, one task per (key/value head, key tile); for each query head reading it, query
+// tiles from the diagonal down.
 template <typename S, typename T = acc_t<S>>
 void backward_dk_dv(const AttnArgs<S>& a, int64_t BH, const S* dout, const T* lse, const T* delta, S* dk, S* dv) {
-  const int64_t Tq = a.Tq, Tk = a.Tk, D = a.D, n_kt = (Tk + kBK - 1) / kBK;
-  at::parallel_for(0, BH * n_kt, 1, [&](int64_t begin, int64_t end) {
+  const int64_t Tq = a.Tq, Tk = a.Tk, D = a.D, G = a.group, n_kt = (Tk + kBK - 1) / kBK;
+  at::parallel_for(0, BH / G * n_kt, 1, [&](int64_t begin, int64_t end) {
     BwdWork<S> w(a, dout, lse, delta);
     ScratchTile<T> dk_acc(kBK * D), dv_acc(kBK * D);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / n_kt, k0 = (task % n_kt) * kBK, nk = std::min(kBK, Tk - k0);
-      w.start_head(bh);
+      const int64_t kvh = task / n_kt, k0 = (task % n_kt) * kBK, nk = std::min(kBK, Tk - k0);
+      w.start_head(kvh * G);
       w.load_key_tile(k0, nk);
       std::fill(dk_acc.begin(), dk_acc.end(), T(0));
       std::fill(dv_acc.begin(), dv_acc.end(), T(0));
-      for (int64_t q0 = w.first_query_tile(k0); q0 < Tq; q0 += kBQ)
-        w.tile_pair(q0, k0, nk, dk_acc.data(), dv_acc.data(), nullptr);
-      at::vec::convert(dk_acc.data(), dk + (bh * Tk + k0) * D, nk * D);
-      at::vec::convert(dv_acc.data(), dv + (bh * Tk + k0) * D, nk * D);
+      for (int64_t g = 0; g < G; ++g) {
+        w.start_head(kvh * G + g);
+        for (int64_t q0 = w.first_query_tile(k0); q0 < Tq; q0 += kBQ)
+          w.tile_pair(q0, k0, nk, dk_acc.data(), dv_acc.data(), nullptr);
+      }
+      at::vec::convert(dk_acc.data(), dk + (kvh * Tk + k0) * D, nk * D);
+      at::vec::convert(dv_acc.data(), dv + (kvh * Tk + k0) * D, nk * D);
     }
   });
 }
@@ -192,7 +204,7 @@ void backward_dq(const AttnArgs<S>& a, int64_t BH, const S* dout, const T* lse, 
 template <typename S, typename T = acc_t<S>>
 void attention_bwd_kernel(const AttnArgs<S>& a, int64_t BH, const S* dout, const T* lse, const T* delta,
                           S* dq, S* dk, S* dv) {
-  if (BH >= 2 * at::get_num_threads()) {
+  if (BH / a.group >= 2 * at::get_num_threads()) {
     backward_by_head(a, BH, dout, lse, delta, dq, dk, dv);
     return;
   }

@@ -138,8 +138,8 @@ void attention_fwd_rows_kernel(const AttnArgs<S>& a, int64_t B, int64_t H, HeadS
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     ScratchTile<T> s(Tq * Tk), q(Tq * D), acc(Tq * D);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      attention_rows_head(a, bh, a.k + b * ks.b + h * ks.h, a.v + b * vs.b + h * vs.h, a.q + bh * Tq * D,
+      const int64_t b = bh / H, kvh = (bh % H) / a.group;              // grouped-query: the shared K/V head
+      attention_rows_head(a, bh, a.k + b * ks.b + kvh * ks.h, a.v + b * vs.b + kvh * vs.h, a.q + bh * Tq * D,
                           o + bh * Tq * D, lse + bh * Tq, s.data(), q.data(), acc.data());
     }
   });

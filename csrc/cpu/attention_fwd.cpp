@@ -1,7 +1,8 @@
 // Causal (or full) scaled dot-product attention on CPU, FlashAttention-style: the forward (the backward:
 // attention_bwd.cpp; calls with a few query rows, decoding: attention_decode.cpp).
 //
-// q, k, v, o: (B, H, T, D) contiguous; lse: (B, H, T). The (T, T) score matrix is never built:
+// q, o: (B, H, T, D), k, v: (B, Hk, T, D) contiguous, Hk dividing H (grouped-query attention: query head h
+// reads K/V head h / (H / Hk), no repeated copies); lse: (B, H, T). The (T, T) score matrix is never built:
 // the forward walks key tiles of kBK columns for each tile of kBQ query rows, keeping a running
 // row max m, normalizer l and output accumulator (online softmax), and saves
 // lse = m + log(l); K is transposed once per call (not once per tile pair) so the score
@@ -42,7 +43,8 @@
 
 #ifndef GPTFAST_ISA_MODULE   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
 TORCH_LIBRARY_FRAGMENT(gptfast, m) {
-  // Scaled dot-product attention on (B, H, T, D); lse (B, H, T) is the softmax log-normalizer.
+  // Scaled dot-product attention: q (B, H, T, D), k and v (B, Hk, Tk, D) with Hk dividing H (grouped-query);
+  // lse (B, H, T) is the softmax log-normalizer.
   // seed: a one-element int64 tensor (a tensor, not an int, so drawing it stays inside a
   // torch.compile graph); it keys the counter-based dropout RNG of csrc/dropout_hash.h.
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, float dropout_p, Tensor seed) -> (Tensor o, Tensor lse)");
@@ -62,7 +64,8 @@ void attention_fwd_kernel(const AttnArgs<S>& a, int64_t BH, S* o, T* lse) {
     T m[kBQ], l[kBQ];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / n_qt, q0 = (task % n_qt) * kBQ, nq = std::min(kBQ, Tq - q0);
-      const S* v = a.v + bh * Tk * D;
+      const int64_t kvh = bh / a.group;                                   // its key/value head
+      const S* v = a.v + kvh * Tk * D;
       const T* q_tile = as_acc(a.q + (bh * Tq + q0) * D, nq * D, q_buf.data());
       const uint32_t head_key = dropout_head_key(a.seed, static_cast<uint32_t>(bh));
       std::fill(acc.begin(), acc.end(), T(0));
@@ -71,7 +74,7 @@ void attention_fwd_kernel(const AttnArgs<S>& a, int64_t BH, S* o, T* lse) {
       const int64_t kv_end = a.causal ? std::min(Tk, q0 + nq + off) : Tk;
       for (int64_t k0 = 0; k0 < kv_end; k0 += kBK) {
         const int64_t nk = std::min(kBK, kv_end - k0);
-        tile_dot(q_tile, nq, D, a.kt + bh * D * a.ldkt + k0, a.ldkt, a.scale, s.data());  // S = scale Q K^T
+        tile_dot(q_tile, nq, D, a.kt + kvh * D * a.ldkt + k0, a.ldkt, a.scale, s.data());  // S = scale Q K^T
         for (int64_t i = 0; i < nq; ++i) {
           const int64_t row = q0 + i;
           const int64_t ncols = std::min(nk, visible_cols(a, row) - k0);
@@ -122,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   // copy here instead of one per (query tile, key tile) pair in the kernel
   const int64_t Tk = k.size(2), Tk_pad = (Tk + kBK - 1) / kBK * kBK;
   // (in the statistics dtype: for 16-bit K this copy is also the conversion to float32)
-  at::Tensor kt = at::zeros({B, H, k.size(3), Tk_pad}, k.options().dtype(stat_dtype(k.scalar_type())));
+  at::Tensor kt = at::zeros({B, k.size(1), k.size(3), Tk_pad}, k.options().dtype(stat_dtype(k.scalar_type())));
   kt.narrow(3, 0, Tk).copy_(k.transpose(2, 3));
   maybe_poison(o), maybe_poison(lse);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd_cpu", [&] {

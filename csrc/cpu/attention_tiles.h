@@ -48,6 +48,7 @@ struct AttnArgs {
   T keep_scale;           // 1 / (1 - p)
   uint32_t threshold;     // integer dropout threshold, 0 when p == 0
   uint64_t seed;
+  int64_t group = 1;      // query heads per key/value head (grouped-query attention): query head bh reads K/V head bh / group
 };
 
 // Number of key columns query row `row` may see, counting from column 0: with a cache of
@@ -275,7 +276,7 @@ AttnArgs<S> make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                      causal,
                      static_cast<T>(scale), dropout_p, static_cast<T>(1.0 / (1.0 - dropout_p)),
                      dropout_p > 0 ? dropout_threshold(dropout_p) : 0u,
-                     static_cast<uint64_t>(seed.item<int64_t>())};
+                     static_cast<uint64_t>(seed.item<int64_t>()), q.size(1) / k.size(1)};
 }
 
 // t itself when each head's rows are D elements apart (contiguous, or a prefix slice along T of a

@@ -4,8 +4,9 @@
 // shifting by the row's first element keeps E[d^2] - E[d]^2 from cancelling catastrophically when
 // |mean| >> std), then one pass writing y = (x - mean) * rstd * weight + bias.
 // Backward: dx per row; dweight/dbias summed per fixed block of rows, then the blocks summed in a
-// fixed order, so results do not depend on the number of threads. bfloat16/float16 tensors are read
-// and written as such; the math, the statistics and the dweight/dbias sums are float32 (vec_io.h).
+// fixed order (column_sums.h), so results do not depend on the number of threads. bfloat16/float16
+// tensors are read and written as such; the math, the statistics and the dweight/dbias sums are
+// float32 (vec_io.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -16,11 +17,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <tuple>
 #include <vector>
 
 #include "../common.h"
+#include "column_sums.h"
 #include "decode_parts.h"
 #include "kernels.h"
 #include "vec_io.h"
@@ -85,36 +86,6 @@ void layer_norm_fwd_row(const T* x, const T* w, const T* b, T* y, A* mean_out, A
   }
   for (; i < C; ++i) y[i] = static_cast<T>((A(x[i]) - mean) * rstd * A(w[i]) + A(b[i]));
 }
-
-// dweight/dbias partial sums: one per block of rows. The blocking depends on N only (so results do
-// not depend on the thread count): at most kMaxBlocks blocks of at least 32 rows, so the partials
-// stay a small fraction of the bytes moved however many rows there are.
-constexpr int64_t kMaxBlocks = 32;
-inline int64_t rows_per_block(int64_t N) { return std::max<int64_t>(32, (N + kMaxBlocks - 1) / kMaxBlocks); }
-
-// The partial sums' memory: kept by the calling thread from one backward to the next (grown when a
-// wider row needs more; 256 B per column at most), on 64-byte lines. Allocated per call (a zero-filled
-// 192 KB tensor at C = 768) it was one more block freed at the top of glibc's heap: one process timed
-// a 2048x768 forward+backward at 6.4 ms with ~3,000 page faults a call, glibc giving back and the
-// next call re-faulting the 12 MB of y and dx (benchmarks/NOTES.md).
-class PartialSums {
- public:
-  ~PartialSums() { std::free(p_); }
-  void* get(size_t bytes) {
-    if (bytes > bytes_) {
-      std::free(p_);
-      bytes_ = (bytes + 63) / 64 * 64;
-      p_ = std::aligned_alloc(64, bytes_);
-      if (p_ == nullptr) bytes_ = 0;
-      TORCH_CHECK(p_ != nullptr, "layer_norm_bwd: out of memory for ", bytes, " bytes of partial sums");
-    }
-    return p_;
-  }
-
- private:
-  void* p_ = nullptr;
-  size_t bytes_ = 0;
-};
 
 template <typename T, typename A = acc_t<T>>
 void layer_norm_bwd_row(const T* dy, const T* x, const T* w, A mean, A rstd, T* dx, A* dw_acc, A* db_acc,
@@ -209,32 +180,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
   return {y, mean, rstd};
 }
 
-// The fixed-order reduction of the backward's per-block partial sums (few blocks: one thread, vectorized): each
-// column's dweight and dbias summed over the blocks and rounded once into the weight's dtype (16-bit too).
-template <typename T, typename A = acc_t<T>>
-void sum_blocks(const A* pdw, const A* pdb, int64_t n_blocks, int64_t C, T* dweight, T* dbias) {
-  using Vec = Vectorized<A>;
-  int64_t c = 0;
-  for (; c + Vec::size() <= C; c += Vec::size()) {
-    Vec sw(0), sb(0);
-    for (int64_t blk = 0; blk < n_blocks; ++blk) {
-      sw = sw + Vec::loadu(pdw + blk * C + c);
-      sb = sb + Vec::loadu(pdb + blk * C + c);
-    }
-    store_acc(sw, dweight + c);
-    store_acc(sb, dbias + c);
-  }
-  for (; c < C; ++c) {
-    A sw = 0, sb = 0;
-    for (int64_t blk = 0; blk < n_blocks; ++blk) {
-      sw += pdw[blk * C + c];
-      sb += pdb[blk * C + c];
-    }
-    dweight[c] = static_cast<T>(sw);
-    dbias[c] = static_cast<T>(sb);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tensor& dy_in,
                                                                   const at::Tensor& x_in,
                                                                   const at::Tensor& weight_in,
@@ -277,7 +222,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
       }
       if (stream) stream_fence();
     });
-    sum_blocks(pdw, pdb, n_blocks, C, dweight.data_ptr<scalar_t>(), dbias.data_ptr<scalar_t>());
+    sum_blocks(pdw, n_blocks, C, dweight.data_ptr<scalar_t>());
+    sum_blocks(pdb, n_blocks, C, dbias.data_ptr<scalar_t>());
   });
   return {dx, dweight, dbias};
 }

@@ -18,6 +18,9 @@
 #include "kernels.h"
 #include "layer_norm.h"
 #include "linear.h"
+#include "rms_norm.h"
+#include "rope.h"
+#include "swiglu.h"
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -178,6 +181,37 @@ void test_layer_norm(int64_t rows, int64_t C) {
   report(name, err, 1e-5, ms_b, 3.0 * rows * C * 4, "GB/s");
 }
 
+void test_rms_norm(int64_t rows, int64_t C) {
+  auto x = randn(rows * C, 11, 2.f, 0.5f), w = randn(C, 12, 0.5f, 1.f), dy = randn(rows * C, 13);
+  std::vector<double> y(rows * C), dx(rows * C), dw(C, 0.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    double ss = 0;
+    for (int64_t c = 0; c < C; ++c) ss += double(x[r * C + c]) * x[r * C + c];
+    const double rs = 1.0 / std::sqrt(ss / C + 1e-6);
+    double sgx = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const double xh = x[r * C + c] * rs;
+      y[r * C + c] = xh * w[c];
+      sgx += dy[r * C + c] * w[c] * xh;
+      dw[c] += dy[r * C + c] * xh;
+    }
+    for (int64_t c = 0; c < C; ++c) dx[r * C + c] = rs * (dy[r * C + c] * w[c] - x[r * C + c] * rs * sgx / C);
+  }
+  DeviceBuffer dx_(x), dw_(w), ddy(dy), dy_out(rows * C * 4), drstd(rows * 4), ddx(rows * C * 4), ddw(C * 4),
+      scratch(std::max<int64_t>(rms_norm_bwd_scratch_floats(rows, C), 1) * 4);
+  char name[64];
+  std::snprintf(name, sizeof name, "rms_norm_fwd %lldx%lld", (long long)rows, (long long)C);
+  const double ms = median_ms([&] {
+    return rms_norm_fwd(kF32, dx_.ptr, dw_.ptr, dy_out.ptr, drstd.f(), rows, C, 1e-6f, nullptr);
+  });
+  report(name, rel_error(dy_out.get(), y), 1e-5, ms, 2.0 * rows * C * 4, "GB/s");
+  std::snprintf(name, sizeof name, "rms_norm_bwd %lldx%lld", (long long)rows, (long long)C);
+  const double ms_b = median_ms([&] {
+    return rms_norm_bwd(kF32, ddy.ptr, dx_.ptr, dw_.ptr, drstd.f(), ddx.ptr, ddw.ptr, scratch.f(), rows, C, nullptr);
+  });
+  report(name, std::max(rel_error(ddx.get(), dx), rel_error(ddw.get(), dw)), 1e-5, ms_b, 3.0 * rows * C * 4, "GB/s");
+}
+
 void test_gelu(int64_t n) {
   auto x = randn(n, 5, 3.f), dy = randn(n, 6);
   std::vector<double> y(n), dx(n);
@@ -199,6 +233,61 @@ void test_gelu(int64_t n) {
 
 // Dropout fused with the residual add (float32): the mask from the shared hash on the host, per (row, col);
 // also the backward form (no residual). A dropped element must come out exactly the residual.
+void test_swiglu(int64_t n) {
+  auto g = randn(n, 21, 3.f), u = randn(n, 22), dy = randn(n, 23);
+  std::vector<double> y(n), dg(n), du(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const double s = 1.0 / (1.0 + std::exp(-double(g[i])));
+    y[i] = g[i] * s * u[i];
+    dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+    du[i] = dy[i] * g[i] * s;
+  }
+  DeviceBuffer dg_in(g), du_in(u), ddy(dy), dy_out(n * 4), ddg(n * 4), ddu(n * 4);
+  char name[64];
+  std::snprintf(name, sizeof name, "swiglu_fwd %lld", (long long)n);
+  const double ms = median_ms([&] { return swiglu_fwd(kF32, dg_in.ptr, du_in.ptr, dy_out.ptr, n, nullptr); });
+  report(name, rel_error(dy_out.get(), y), 1e-5, ms, 3.0 * n * 4, "GB/s");
+  std::snprintf(name, sizeof name, "swiglu_bwd %lld", (long long)n);
+  const double ms_b = median_ms([&] {
+    return swiglu_bwd(kF32, ddy.ptr, dg_in.ptr, du_in.ptr, ddg.ptr, ddu.ptr, n, nullptr);
+  });
+  report(name, std::max(rel_error(ddg.get(), dg), rel_error(ddu.get(), du)), 1e-5, ms_b, 5.0 * n * 4, "GB/s");
+}
+
+// q-like x (B, H, T, D) stored as (B, T, H, D) (a transposed projection), rotated forward then back.
+void test_rope(int64_t B, int64_t H, int64_t T, int64_t D) {
+  const int64_t half = D / 2, n = B * H * T * D;
+  auto x = randn(n, 31);
+  std::vector<float> cos(T * half), sin(T * half);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < half; ++i) {
+      const double a = (t + 3) * std::pow(1e6, -2.0 * i / D);
+      cos[t * half + i] = float(std::cos(a)), sin[t * half + i] = float(std::sin(a));
+    }
+  std::vector<double> y(n), back(n);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t i = 0; i < half; ++i) {
+          const float* xr = &x[((b * T + t) * H + h) * D];
+          const double c = cos[t * half + i], s = sin[t * half + i];
+          const int64_t o = ((b * H + h) * T + t) * D;
+          y[o + i] = xr[i] * c - xr[half + i] * s, y[o + half + i] = xr[half + i] * c + xr[i] * s;
+          back[o + i] = xr[i] * c + xr[half + i] * s, back[o + half + i] = xr[half + i] * c - xr[i] * s;
+        }
+  DeviceBuffer dx(x), dcos(cos), dsin(sin), dy(n * 4), dback(n * 4);
+  char name[64];
+  for (bool bwd : {false, true}) {
+    std::snprintf(name, sizeof name, "rope_%s B%lld H%lld T%lld D%lld", bwd ? "bwd" : "fwd", (long long)B, (long long)H,
+                  (long long)T, (long long)D);
+    DeviceBuffer& out = bwd ? dback : dy;
+    const double ms = median_ms([&] {
+      return rope_rotate(kF32, dx.ptr, out.ptr, dcos.f(), dsin.f(), B, H, T, D, T * H * D, D, H * D, bwd, nullptr);
+    });
+    report(name, rel_error(out.get(), bwd ? back : y), 1e-6, ms, 2.0 * n * 4, "GB/s");
+  }
+}
+
 void test_dropout_add(int64_t rows, int64_t C, float p) {
   const int64_t n = rows * C;
   auto x = randn(n, 31), res = randn(n, 32);
@@ -401,8 +490,14 @@ int main() {
   test_layer_norm(300, 768);      // enough rows for several column blocks of the dweight/dbias reduction
   test_layer_norm(37, 1023);
   test_layer_norm(5, 1600);
+  test_rms_norm(300, 1024);       // several chunks of the dweight reduction
+  test_rms_norm(7, 1023);
+  test_rms_norm(5, 80);
   test_gelu(4096 * 8 + 8);
   test_gelu(1001);
+  test_swiglu(3 * 1024 + 5);
+  test_rope(2, 3, 7, 64);
+  test_rope(1, 2, 5, 34);
   test_attention(2, 129, 64);
   test_attention(1, 70, 80);
   test_attention(1, 1, 16);
@@ -424,8 +519,15 @@ int main() {
   test_layer_norm(8 * 1024, 768);
   test_layer_norm(37, 1023);      // generic (unaligned) path
   test_layer_norm(16, 1600);
+  test_rms_norm(8 * 512, 1024);
+  test_rms_norm(8 * 512 * 16, 128);   // Qwen3's per-head q/k norm
+  test_rms_norm(37, 1023);
   test_gelu(8 * 1024 * 3072);
   test_gelu(1001);
+  test_swiglu(8 * 512 * 3072);
+  test_swiglu(1001);
+  test_rope(4, 16, 512, 128);
+  test_rope(1, 3, 7, 34);
   test_attention(4, 257, 64);
   test_attention(2, 129, 80);
   test_attention(1, 1, 16);

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
+from .base import LanguageModel
 from .config import GPTConfig
 from .kv_cache import KVCache, LayerKV
 
@@ -141,7 +142,10 @@ class TransformerBlock(nn.Module):
         return self.drop_shortcut(self.ff(self.norm2(x)), x)
 
 
-class GPTModel(nn.Module):
+class GPTModel(LanguageModel):
+    """Token and position embeddings, n_layers blocks, a final LayerNorm and the LM head (base.py: what every
+    model shares - the backend switch, the KV cache, the loss)."""
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         cfg = replace(cfg, backend=ops.resolve_backend_name(cfg.backend))  # fail early; own copy
@@ -158,36 +162,6 @@ class GPTModel(nn.Module):
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=0.02)
             self.out_head.weight = self.tok_emb.weight
 
-    @property
-    def backend(self) -> str:
-        return self.cfg.backend
-
-    def set_backend(self, name: str | None) -> "GPTModel":
-        """Route every op of this model (gptfast.ops) through backend `name`."""
-        name = ops.resolve_backend_name(name)
-        self.cfg.backend = name
-        for module in self.modules():
-            if hasattr(module, "backend") and module is not self:
-                module.backend = name
-        return self
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    @property
-    def device(self) -> torch.device:
-        return self.pos_emb.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The activations' dtype (that of the position embedding, which quantization leaves as it is)."""
-        return self.pos_emb.weight.dtype
-
-    def new_kv_cache(self, batch_size: int, fused: bool = True) -> KVCache:
-        """An empty cache for `batch_size` sequences; `fused`: a one-token step runs each block as one op
-        where the backend has one (kv_cache.py; off: op by op - the same results)."""
-        return KVCache(self.cfg, batch_size, device=self.device, dtype=self.dtype, fused=fused)
-
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
                 start_pos: int = 0, last_position_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V) for token ids idx (B, T) at positions start_pos .. start_pos + T - 1; or, given
@@ -202,11 +176,7 @@ class GPTModel(nn.Module):
         then runs on B rows instead of B * T.
         """
         B, T = idx.shape
-        if start_pos + T > self.cfg.context_length:
-            raise ValueError(f"sequence length {start_pos + T} exceeds the model's context_length "
-                             f"{self.cfg.context_length}")
-        if start_pos and cache is None:
-            raise ValueError("start_pos > 0 needs the cache holding the earlier positions")
+        self.check_positions(T, start_pos, cache)
         pos = torch.arange(start_pos, start_pos + T, device=idx.device)   # (T,)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C), pos broadcast over B
         for i, block in enumerate(self.trf_blocks):
@@ -220,15 +190,3 @@ class GPTModel(nn.Module):
         if targets is None:
             return self.out_head(x)                              # (B, T, V) logits
         return self.lm_head_loss(x, targets)
-
-    def lm_head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the LM head's logits for x (B, T, C) against targets (B, T).
-
-        `reference` keeps the book's two visible steps: logits (B, T, V), then the loss. Every other backend
-        fuses them (ops.linear_cross_entropy, the same math): the (B, T, V) logits - the largest tensor of
-        training - never exist."""
-        if self.cfg.backend == "reference":
-            logits = self.out_head(x).flatten(0, 1)              # (B*T, V)
-            # -log softmax(logits)[target], averaged - ops/cross_entropy.py: reference
-            return ops.cross_entropy(logits, targets.flatten(), backend=self.cfg.backend)
-        return ops.linear_cross_entropy(x, self.out_head.weight_for(x), targets, backend=self.cfg.backend)

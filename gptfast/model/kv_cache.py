@@ -40,26 +40,30 @@ class KVCache:
     block where the backend has it (False: op by op, to compare - the results are the same)."""
 
     def __init__(self, cfg, batch_size: int, device=None, dtype=torch.float32, fused: bool = True):
-        shape = (batch_size, cfg.n_heads, cfg.context_length, cfg.head_dim)
+        # grouped-query attention caches n_kv_heads heads, n_heads / n_kv_heads times fewer bytes
+        shape = (batch_size, getattr(cfg, "n_kv_heads", cfg.n_heads), cfg.context_length, cfg.head_dim)
         self.layers = [LayerKV(torch.zeros(shape, device=device, dtype=dtype),
                                torch.zeros(shape, device=device, dtype=dtype)) for _ in range(cfg.n_layers)]
         self.batch_size = batch_size
         self.fused = fused
 
-    def run_block(self, i: int, block, x: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """Block i on x (B, T, C) at positions start_pos.., against (and into) layer i's cache."""
+    def run_block(self, i: int, block, x: torch.Tensor, start_pos: int, **extra) -> torch.Tensor:
+        """Block i on x (B, T, C) at positions start_pos.., against (and into) layer i's cache (`extra`: what
+        the block takes besides, e.g. a Llama block's rotary angles)."""
         kv = self.layers[i]
         if self.fused and x.shape[1] == 1 and not block.training:   # one position: one call, where it fuses
             weights = decode_weights(block)
             if weights is not None and ops.fuses_decode_block(x, weights, kv.k, backend=block.backend):
                 return ops.decode_block(x, weights, kv.k, kv.v, start_pos, backend=block.backend)
-        return block(x, kv, start_pos)
+        return block(x, kv, start_pos, **extra)
 
 
 def decode_weights(block) -> ops.BlockWeights | None:
     """A TransformerBlock's tensors as ops.decode_block reads them (None where autograd would need the
     result: the fused block has no backward). A quantized block's stacked Q/K/V layer is passed as one."""
     att, ff = block.att, block.ff
+    if getattr(block.norm1, "bias", None) is None:               # not GPT-2's block (a Llama block: RMSNorm)
+        return None
     if torch.is_grad_enabled() and block.norm1.weight.requires_grad or block.norm1.eps != block.norm2.eps:
         return None
     stacked = getattr(att, "W_qkv", None)                        # quantize.py's one layer for Q, K and V

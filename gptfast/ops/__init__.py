@@ -2,7 +2,10 @@
 textbook `reference` math, its `torch` twin, its compiled kernels' contract and its cases:
 
     layer_norm.py            LayerNorm
+    rms_norm.py              RMSNorm (Llama, Qwen3)
     gelu.py                  GELU (tanh approximation)
+    swiglu.py                SwiGLU: silu(gate) * up (Llama, Qwen3)
+    rope.py                  rotary position embedding of q and k (Llama, Qwen3)
     attention.py             causal_attention (with dropout; fewer queries than keys for a KV cache)
     cross_entropy.py         cross_entropy
     linear_cross_entropy.py  the LM head fused with the loss (no (N, V) logits held)
@@ -19,7 +22,10 @@ from __future__ import annotations
 from .registry import (DEFAULT_BACKEND, BackendError, available_backends, get_backend, known_backends,
                        register_backend, resolve_backend_name, shares_dropout_rng, supports_kv_cache)
 from .layer_norm import layer_norm
+from .rms_norm import rms_norm
 from .gelu import gelu
+from .swiglu import swiglu
+from .rope import rope, rope_angles, rope_inv_freq
 from .attention import causal_attention
 from .cross_entropy import cross_entropy
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_chunk_rows
@@ -28,7 +34,7 @@ from .linear import linear, linear_bf16, linear_int8
 from .decode_block import BlockWeights, LinearWeights, decode_block, fuses_decode_block
 from .spec import OPS
 
-__all__ = ["layer_norm", "gelu", "causal_attention", "cross_entropy", "linear_cross_entropy",
+__all__ = ["layer_norm", "rms_norm", "gelu", "swiglu", "rope", "rope_angles", "rope_inv_freq", "causal_attention", "cross_entropy", "linear_cross_entropy",
            "linear_cross_entropy_chunk_rows", "dropout_add", "linear", "linear_int8", "linear_bf16", "decode_block",
            "fuses_decode_block", "BlockWeights", "LinearWeights", "OPS", "available_backends", "resolve_backend_name",
            "register_backend", "get_backend", "known_backends", "shares_dropout_rng", "supports_kv_cache",

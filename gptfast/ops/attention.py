@@ -24,15 +24,17 @@ from .spec import BadInput, Bench, Case, Kernel, Op, randn, register, seed_tenso
 
 
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """q (B, nh, Tq, hs); k and v (B, nh, Tk, hs) with Tk >= Tq, all of q's dtype and device."""
+    """q (B, nh, Tq, hs); k and v (B, n_kv, Tk, hs) with Tk >= Tq and n_kv dividing nh (grouped-query attention),
+    all of q's dtype and device."""
     check_floating("q", q)
     if q.ndim != 4:
         raise ValueError(f"q must have rank 4 (B, nh, T, hs), got shape {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v)):
         check_like(name, t, "q", q)
-        if t.ndim != 4 or t.shape[:2] != q.shape[:2] or t.shape[3] != q.shape[3]:
-            raise ValueError(f"{name} must have shape (B, nh, Tk, hs) matching q's B, nh, hs {tuple(q.shape)}, "
-                             f"got {tuple(t.shape)}")
+        if t.ndim != 4 or t.shape[0] != q.shape[0] or t.shape[3] != q.shape[3] or t.shape[1] < 1 \
+                or q.shape[1] % t.shape[1]:
+            raise ValueError(f"{name} must have shape (B, n_kv, Tk, hs) matching q's B, hs {tuple(q.shape)} with "
+                             f"n_kv dividing q's {q.shape[1]} heads, got {tuple(t.shape)}")
     if v.shape != k.shape:
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     if k.shape[2] < q.shape[2]:
@@ -43,7 +45,10 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
                      scale: float | None = None, seed: torch.Tensor | int | None = None,
                      backend: str | None = None) -> torch.Tensor:
-    """Causal scaled dot-product attention. q (B, nh, Tq, hs), k and v (B, nh, Tk, hs) -> (B, nh, Tq, hs).
+    """Causal scaled dot-product attention. q (B, nh, Tq, hs), k and v (B, n_kv, Tk, hs) -> (B, nh, Tq, hs).
+
+    n_kv < nh is grouped-query attention (Llama, Qwen3): query head h reads K/V head h // (nh / n_kv); the
+    kernels index the shared head, K and V are never repeated.
 
     Usually Tq == Tk. With a KV cache, Tk > Tq: the queries are the *last* Tq of the Tk positions
     (query row r sits at position r + Tk - Tq and sees keys 0 .. r + Tk - Tq).
@@ -73,6 +78,9 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     """
     B, nh, Tq, hs = q.shape
     Tk = k.shape[2]
+    if k.shape[1] != nh:                                         # grouped-query: each K/V head serves nh / n_kv
+        k = k.repeat_interleave(nh // k.shape[1], dim=1)         # query heads (consecutive ones)
+        v = v.repeat_interleave(nh // v.shape[1], dim=1)
     offset = Tk - Tq                                             # cached positions before the queries
     scale = 1.0 / math.sqrt(hs) if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale                   # (B, nh, Tq, Tk)
@@ -91,12 +99,13 @@ def torch_twin(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: flo
     """SDPA (flash / memory-efficient / math kernels, its pick); `seed` unused: SDPA's dropout draws from
     torch's own RNG, so with dropout this computes a different random function."""
     Tq, Tk = q.shape[2], k.shape[2]
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
     if Tq == Tk:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, **gqa)
     # fewer queries than keys (KV cache): SDPA's is_causal aligns the top-left corner, we need the
     # bottom-right one - query r sees keys 0 .. r + Tk - Tq - so pass the mask explicitly
     allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale, **gqa)
 
 
 # ----------------------------------------------------------------------------- the compiled kernels' contract
@@ -146,7 +155,7 @@ def table_key(q, k, v, dropout_p=0.0, *_):
 
 # ----------------------------------------------------------------------------- cases
 def _case(B: int, H: int, T: int, D: int, Tk: int | None = None, dropout: float = 0.0, view: str = "",
-          small: bool = True, big: bool = False, found: str = "") -> Case:
+          small: bool = True, big: bool = False, found: str = "", kv_heads: int | None = None) -> Case:
     """q (B, H, T, D), k/v (B, H, Tk, D). `Tk` > T: a KV cache (queries are the last T positions). view
     "fused qkv": q, k, v are strided views of one (B, T, 3, H, D) tensor, as a fused QKV projection gives
     them; "cache slice": k and v are the first Tk positions of (B, H, Tk + 5, D) caches, as decoding reads
@@ -158,8 +167,8 @@ def _case(B: int, H: int, T: int, D: int, Tk: int | None = None, dropout: float 
     def build(g):
         if view == "fused qkv":
             return {"qkv": randn(g, B, T, 3, H, D)}
-        extra = 5 if view == "cache slice" else 0
-        return {"q": randn(g, B, H, T, D), "k": randn(g, B, H, Tk + extra, D), "v": randn(g, B, H, Tk + extra, D)}
+        extra, Hk = 5 if view == "cache slice" else 0, kv_heads or H
+        return {"q": randn(g, B, H, T, D), "k": randn(g, B, Hk, Tk + extra, D), "v": randn(g, B, Hk, Tk + extra, D)}
 
     def call(backend, t):
         if view == "fused qkv":
@@ -167,7 +176,8 @@ def _case(B: int, H: int, T: int, D: int, Tk: int | None = None, dropout: float 
         else:
             q, k, v = t["q"], t["k"][:, :, :Tk], t["v"][:, :, :Tk]
         return causal_attention(q, k, v, dropout_p=dropout, seed=seed, backend=backend)
-    label = f"B{B} H{H} T{T} D{D}" + (f" KV-cache Tk{Tk}" if Tk != T else "") + \
+    label = f"B{B} H{H} T{T} D{D}" + (f" GQA {kv_heads} K/V heads" if kv_heads else "") + \
+        (f" KV-cache Tk{Tk}" if Tk != T else "") + \
         (f" dropout {dropout:g}" if dropout else "") + (f" {view}" if view else "")
     return Case(label, build, call, small=small, big=big, random=dropout > 0.0, found=found)
 
@@ -177,12 +187,17 @@ def cases(quick: bool) -> list[Case]:
            _case(1, 1, 129, 16), _case(1, 1, 65, 80, found="head dim 80: no power of two"), _case(1, 1, 65, 128),
            _case(2, 3, 33, 32, view="fused qkv", found="strided q, k, v"), _case(2, 3, 48, 64, dropout=0.1),
            _case(1, 2, 1, 64, Tk=77), _case(1, 2, 7, 64, Tk=129, dropout=0.1),
-           _case(2, 2, 1, 24, Tk=33, view="cache slice", found="k, v sliced out of a longer cache")]
+           _case(2, 2, 1, 24, Tk=33, view="cache slice", found="k, v sliced out of a longer cache"),
+           _case(2, 4, 70, 64, kv_heads=2, found="grouped-query: two query heads per K/V head"),
+           _case(1, 8, 33, 32, kv_heads=1, dropout=0.1, found="grouped-query with one K/V head, dropout"),
+           _case(2, 6, 1, 16, Tk=40, kv_heads=2, view="cache slice", found="grouped-query decoding from a cache"),
+           _case(1, 4, 5, 80, Tk=21, kv_heads=2, found="grouped-query, a few new rows against a cache")]
     if not quick:
         out += [_case(1, 4, 1000, 64, small=False, big=True), _case(1, 2, 1000, 80, small=False, big=True),
                 _case(1, 2, 257, 128, small=False, big=True), _case(2, 12, 1024, 64, small=False, big=True),
                 _case(2, 12, 1024, 64, dropout=0.1, small=False, big=True),
-                _case(1, 12, 64, 64, Tk=1000, small=False, big=True)]
+                _case(1, 12, 64, 64, Tk=1000, small=False, big=True),
+                _case(1, 16, 512, 128, kv_heads=8, small=False, big=True)]
     return out
 
 
@@ -191,6 +206,7 @@ def bad_inputs() -> list[BadInput]:
     return [BadInput(lambda: causal_attention(q[0], q[0], q[0]), ValueError, "q must have rank 4"),
             BadInput(lambda: causal_attention(q, q.double(), q), TypeError, "k has dtype torch.float64 but q has"),
             BadInput(lambda: causal_attention(q, q, q[:, :, :3]), ValueError, "v must have k's shape"),
+            BadInput(lambda: causal_attention(torch.randn(1, 3, 4, 8), q, q), ValueError, "n_kv dividing q's 3 heads"),
             BadInput(lambda: causal_attention(q, q.to("meta"), q), ValueError, "k is on meta but q is on cpu"),
             BadInput(lambda: causal_attention(q, q, q, dropout_p=1.0), ValueError, "dropout_p"),
             BadInput(lambda: causal_attention(q.long(), q, q), TypeError, "q must be a floating-point tensor"),
@@ -203,18 +219,21 @@ BENCH_SEED = torch.tensor([1234], dtype=torch.int64)
 def bench_shapes(device_type: str, quick: bool, sweep: bool) -> dict:
     shapes = [(2, 4, 128, 64)] if quick else [(2, 12, 256, 64), (8, 12, 256, 64), (2, 12, 1024, 64), (8, 12, 1024, 64)]
     sweep_t = [(1, 12, T, 64) for T in (128, 256, 512, 1024, 2048, 4096)] if sweep and not quick else []
-    return {"attention": shapes + sweep_t, "attention_dropout": list(shapes)}
+    gqa = [] if quick else [(1, 16, 512, 128, 8), (4, 16, 512, 128, 8)]   # Qwen3-0.6B: 16 query, 8 K/V heads
+    return {"attention": shapes + gqa + sweep_t, "attention_dropout": list(shapes)}
 
 
 def bench(key: str, shape: tuple) -> Bench:
-    B, H, T, D = shape
+    """shape (B, H, T, D), or (B, H, T, D, n_kv) for grouped-query attention."""
+    B, H, T, D = shape[:4]
+    Hk = shape[4] if len(shape) > 4 else H
     p = 0.1 if key == "attention_dropout" else 0.0
 
     def work(dtype, mode):                     # QK^T and PV, causal half; the backward is 2.5x the forward
         return 4 * B * H * T * T * D * 0.5 * (3.5 if mode == "fwd+bwd" else 1)
     # training-shaped attention with dropout: the seed fixed, so backends sharing the counter-based RNG compute
     # the same function and their error stays meaningful
-    return Bench(key, shape, lambda g: ([randn(g, *shape) for _ in range(3)], ()),
+    return Bench(key, shape, lambda g: ([randn(g, B, H, T, D), randn(g, B, Hk, T, D), randn(g, B, Hk, T, D)], ()),
                  lambda q, k, v, backend: causal_attention(q, k, v, dropout_p=p, seed=BENCH_SEED, backend=backend),
                  work, "GFLOP/s", random=p > 0, peak_memory=key == "attention")
 
@@ -231,7 +250,7 @@ def peers(name: str, key: str):
 
         def pinned(q, k, v):
             with sdpa_kernel(getattr(SDPBackend, SDPA_PINNED[name])):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
         return pinned
     if name == "flash-attn" and p == 0:
         from flash_attn import flash_attn_func   # (B, T, H, D) layout
