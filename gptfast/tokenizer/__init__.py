@@ -1,4 +1,4 @@
-"""Tokenizers: tiktoken's GPT-2 encoding, and our own byte-level BPE.
+"""Tokenizers: tiktoken's GPT-2 encoding, our own byte-level BPE, and a Hugging Face tokenizer.json (hf_json.py).
 
 Every tokenizer offers `encode(text) -> list[int]`, `decode(ids) -> str`, `n_vocab`, `eot_id`
 and `spec()` (a small dict stored in checkpoints; `tokenizer_from_spec` rebuilds it).
@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 from .bpe import GPT2_SPLIT_PATTERN, ByteLevelBPE, gpt2_bytes_to_unicode, learn_merges
+from .hf_json import HFTokenizer
 from .tiktoken_gpt2 import GPT2_FILES_DIR, TiktokenGPT2, TokenizerUnavailableError, gpt2_encoding
 
 TOKENIZERS = ("gpt2", "bpe")
@@ -48,9 +49,11 @@ def tokenizer_from_spec(spec: dict):
         return TiktokenGPT2()
     if spec.get("name") == "bpe":
         return ByteLevelBPE.from_state(spec["state"])
+    if spec.get("name") == "hf":
+        return HFTokenizer(spec["json"], spec.get("eot_token"))
     raise ValueError(f"unknown tokenizer spec {spec.get('name')!r}")
 
 
-__all__ = ["ByteLevelBPE", "TiktokenGPT2", "GPT2_FILES_DIR", "gpt2_encoding", "TokenizerUnavailableError", "get_tokenizer",
+__all__ = ["ByteLevelBPE", "TiktokenGPT2", "HFTokenizer", "GPT2_FILES_DIR", "gpt2_encoding", "TokenizerUnavailableError", "get_tokenizer",
            "tokenizer_from_spec", "gpt2_bytes_to_unicode", "learn_merges", "GPT2_SPLIT_PATTERN",
            "TOKENIZERS"]
