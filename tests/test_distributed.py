@@ -206,3 +206,15 @@ def test_fsdp_resumes_a_replicated_runs_checkpoint(runs, tmp_path):
 def test_fsdp_needs_several_processes(tmp_path):
     with pytest.raises(ConfigError, match="--fsdp shards the model across processes: launch with torchrun"):
         run_training(one_process_settings(tmp_path / "x", fsdp=True), echo=lambda *_: None)
+
+
+def test_fsdp_trains_the_qwen3_family_as_one_process(tmp_path):
+    """The Llama/Qwen3 block (RMSNorm, GQA, RoPE, SwiGLU; tied head) under FSDP: the losses of one process."""
+    one = tmp_path / "one"
+    run_training(one_process_settings(one, preset="qwen3-tiny"), echo=lambda *_: None)
+    flags = [a if a != "tiny" else "qwen3-tiny" for a in RUN]
+    done = torchrun(*flags, "--fsdp", "--out", str(tmp_path / "fsdp"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    sharded, single = step_losses(tmp_path / "fsdp"), step_losses(one)
+    assert sorted(sharded) == list(range(36)) and max(abs(sharded[k] - single[k]) for k in single) < 1e-5
+    assert_same_weights(one, tmp_path / "fsdp")

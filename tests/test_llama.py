@@ -152,3 +152,73 @@ def test_config_checks_name_the_knob():
         LlamaConfig(n_heads=4, n_kv_heads=3, emb_dim=64)
     with pytest.raises(ValueError, match="head_dim must be even"):
         LlamaConfig(n_heads=4, n_kv_heads=2, emb_dim=64, head_dim=15)
+
+
+def run_cli(*args, cwd):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_train_generate_quantize_export_from_the_command_line(tmp_path):
+    """train.py --preset qwen3-tiny, then generate.py (float and int8), export.py, and transformers reading it."""
+    from conftest import ROOT
+    train = run_cli(str(ROOT / "scripts/train.py"), "--preset", "qwen3-tiny", "--max-steps", "3", "--eval-iter", "1",
+                    "--sample-tokens", "3", "--no-progress", "--out", "run", cwd=tmp_path)
+    assert train.returncode == 0, train.stderr[-3000:]
+    for quant in ("none", "int8"):
+        gen = run_cli(str(ROOT / "scripts/generate.py"), "--checkpoint", "run", "--prompt", "Every effort",
+                      "--max-new-tokens", "4", "--quantize", quant, cwd=tmp_path)
+        assert gen.returncode == 0 and gen.stdout.startswith("Every effort"), gen.stderr[-3000:]
+    export = run_cli(str(ROOT / "scripts/export.py"), "--checkpoint", "run", "--out", "hf", cwd=tmp_path)
+    assert export.returncode == 0, export.stderr[-3000:]
+    from gptfast.training import load_checkpoint
+    ours, _ = load_checkpoint(str(tmp_path / "run"), backend="extension")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, 50257, (1, 9), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert rel_error(ours.eval()(idx), theirs(idx).logits) < 1e-5
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok.decode(tok.encode("Every effort moves you")) == "Every effort moves you"
+
+
+def test_generate_reads_a_hugging_face_folder(pair, tmp_path):
+    """generate.py --checkpoint on a Llama/Qwen3 folder with its tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from conftest import ROOT
+    hf, folder = pair
+    vocab = {chr(ord("a") + i): i for i in range(26)} | {" ": 26}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="a"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()                                # characters back without separators
+    tok.save(str(folder / "tokenizer.json"))
+    gen = run_cli(str(ROOT / "scripts/generate.py"), "--checkpoint", str(folder), "--prompt", "abc",
+                  "--max-new-tokens", "5", cwd=tmp_path)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    ids = torch.tensor([[0, 1, 2]])
+    want = hf.generate(ids, max_new_tokens=5, do_sample=False, min_new_tokens=5, attention_mask=torch.ones_like(ids))
+    inverse = {i: c for c, i in vocab.items()}
+    assert gen.stdout.strip() == "".join(inverse.get(int(i), "") for i in want[0]).strip()
+
+
+def test_quantized_llama_models_decode_and_refuse_training():
+    from gptfast.model import quantize
+    torch.manual_seed(10)
+    model = build_model(config_from_preset("qwen3-tiny", vocab_size=300, backend="extension")).eval()
+    idx = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        ref = model(idx)
+    for mode, tol in (("bf16", 1e-2), ("int8", 3e-2)):
+        import copy
+        q = quantize(copy.deepcopy(model), mode)
+        assert type(q).__name__ == "QuantizedLlamaModel" and q.quantization == mode
+        with torch.no_grad():
+            assert rel_error(q(idx), ref) < tol
+        assert torch.equal(generate(q, idx, 6), generate_simple(q, idx, 6))
+        with pytest.raises(RuntimeError, match="inference only"):
+            q.train()(idx)

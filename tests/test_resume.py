@@ -30,16 +30,18 @@ def step_losses(out):
     return {r["step"]: r["loss"] for r in rows if r["event"] == "step"}
 
 
-def test_stopped_and_resumed_run_matches_an_uninterrupted_one_bitwise(tmp_path, verdict_text):
+@pytest.mark.parametrize("preset", ["tiny", "qwen3-tiny"])
+def test_stopped_and_resumed_run_matches_an_uninterrupted_one_bitwise(tmp_path, verdict_text, preset):
     quiet = lambda _: None  # noqa: E731
     # dropout on: the resumed run must replay the same dropout draws and the same shuffles
-    full = run_training(settings(tmp_path, verdict_text, tmp_path / "full", drop_rate=0.1), echo=quiet)
+    full = run_training(settings(tmp_path, verdict_text, tmp_path / "full", drop_rate=0.1, preset=preset), echo=quiet)
     cut = tmp_path / "cut"
     run_training(settings(tmp_path, verdict_text, cut, drop_rate=0.1, checkpoint_every=4, max_steps=13,
-                          keep_checkpoints=2), echo=quiet)
+                          keep_checkpoints=2, preset=preset), echo=quiet)
     assert sorted(os.listdir(cut)) == ["checkpoint.pt", "ckpt-step0000008.pt", "ckpt-step0000012.pt", "loss.png",
                                        "metrics.jsonl", "model.safetensors"]                 # only the last 2 periodic ones kept
-    resumed = run_training(settings(tmp_path, verdict_text, cut, drop_rate=0.1, resume="auto"), echo=quiet)
+    resumed = run_training(settings(tmp_path, verdict_text, cut, drop_rate=0.1, resume="auto", preset=preset),
+                           echo=quiet)
     a, b = step_losses(tmp_path / "full"), step_losses(cut)
     assert resumed["steps"] == full["steps"]
     assert all(a[k] == b[k] for k in a)                  # bitwise: steps 0-12 first run, 12.. resumed

@@ -1,4 +1,5 @@
-"""Export a gptfast checkpoint as a Hugging Face GPT-2 folder, loadable with no gptfast code.
+"""Export a gptfast checkpoint as a Hugging Face folder (GPT-2, or Llama/Qwen3 for that family), loadable with no
+gptfast code.
 
     python scripts/export.py --checkpoint runs/latest --out my-gpt
     python -c "from transformers import AutoModelForCausalLM, AutoTokenizer; \
@@ -14,13 +15,14 @@ import os
 import sys
 
 from gptfast.cli import OneLineParser
-from gptfast.model import export_hf
+from gptfast.model import LlamaModel, export_hf, export_llama
 from gptfast.tokenizer import tokenizer_from_spec
 from gptfast.training import load_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="export.py", description="Export a gptfast checkpoint to the Hugging Face GPT-2 format.")
+    p = OneLineParser(prog="export.py", description="Export a gptfast checkpoint to the Hugging Face format "
+                      "(GPT-2, Llama or Qwen3).")
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint.pt, model.safetensors, or a run folder holding them (e.g. runs/latest)")
     p.add_argument("--out", required=True, help="folder to write (must be new or empty)")
@@ -33,7 +35,8 @@ def main(argv=None) -> int:
     try:
         model, state = load_checkpoint(args.checkpoint, backend="reference")
         tokenizer = tokenizer_from_spec(state["tokenizer"]) if state.get("tokenizer") else None
-        export_hf(model, args.out, tokenizer=tokenizer, force=args.force)
+        (export_llama if isinstance(model, LlamaModel) else export_hf)(model, args.out, tokenizer=tokenizer,
+                                                                        force=args.force)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"export.py: error: {err}", file=sys.stderr)
         return 2

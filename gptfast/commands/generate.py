@@ -18,9 +18,9 @@ import torch
 
 from gptfast.cli import OneLineParser, nonnegative_float, positive_float, positive_int
 from gptfast.generate import stream_text
-from gptfast.model import QUANTIZATION_MODES, load_gpt2, quantization_of, quantize
+from gptfast.model import QUANTIZATION_MODES, is_llama_folder, load_gpt2, load_llama, quantization_of, quantize
 from gptfast.ops import BackendError
-from gptfast.tokenizer import TokenizerUnavailableError, get_tokenizer, tokenizer_from_spec
+from gptfast.tokenizer import HFTokenizer, TokenizerUnavailableError, get_tokenizer, tokenizer_from_spec
 from gptfast.training import load_checkpoint
 from gptfast.training.checkpoint import save_weights
 
@@ -60,7 +60,9 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     try:
-        if args.checkpoint:
+        if args.checkpoint and is_llama_folder(args.checkpoint):     # a Hugging Face Llama / Qwen3 folder
+            model, tokenizer = load_llama(args.checkpoint, backend=args.backend), HFTokenizer.from_folder(args.checkpoint)
+        elif args.checkpoint:
             model, state = load_checkpoint(args.checkpoint, map_location=device, backend=args.backend)
             if not state.get("tokenizer"):
                 raise ValueError("the checkpoint does not say which tokenizer it was trained with")

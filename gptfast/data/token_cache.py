@@ -1,4 +1,5 @@
-"""Large corpora: tokenize once into a uint16 token file, then read it memory-mapped.
+"""Large corpora: tokenize once into a uint16 token file (uint32 for vocabularies over 65,536), then read it
+memory-mapped.
 
 `load_corpus_tokens(paths, tokenizer)` takes text files and/or folders (every *.txt inside, sorted),
 joins their documents with <|endoftext|>, and caches the token ids as raw uint16 next to the text
@@ -53,21 +54,32 @@ def token_cache_path(files: list[str], tokenizer_name: str, cache_dir: str | Non
     return os.path.join(cache_dir or default_cache_dir(), f"{key}-{os.path.basename(files[0])}.{tokenizer_name}.tokens.u16")
 
 
+def token_dtype(n_vocab: int) -> np.dtype:
+    """uint16 while every id fits (GPT-2's 50,257), uint32 beyond 65,536 (Qwen3's 151,936, Llama 3's 128,256)."""
+    return np.dtype(np.uint16 if n_vocab <= 65536 else np.uint32)
+
+
 def load_corpus_tokens(paths, tokenizer, cache_dir: str | None = None, progress: bool = True) -> np.memmap:
-    """uint16 token ids of the corpus, memory-mapped; tokenized only when the cache is missing or stale."""
-    if tokenizer.n_vocab > 65536:
-        raise ValueError(f"a tokenizer with {tokenizer.n_vocab} tokens does not fit uint16 token files")
+    """uint16 (or, for vocabularies over 65,536, uint32) token ids of the corpus, memory-mapped; tokenized only
+    when the cache is missing or stale."""
+    dtype = token_dtype(tokenizer.n_vocab)
     files = corpus_files(paths)
-    name = tokenizer.spec()["name"] if tokenizer.spec()["name"] != "bpe" else \
-        "bpe" + hashlib.sha256(json.dumps(tokenizer.spec()["state"]["merges"]).encode()).hexdigest()[:8]
+    spec = tokenizer.spec()
+    name = spec["name"]                                           # trained / loaded vocabularies: a content hash
+    if name == "bpe":
+        name += hashlib.sha256(json.dumps(spec["state"]["merges"]).encode()).hexdigest()[:8]
+    elif name == "hf":
+        name += hashlib.sha256(spec["json"].encode()).hexdigest()[:8]
     path = token_cache_path(files, name, cache_dir)
+    if dtype == np.uint32:
+        path = path.removesuffix(".u16") + ".u32"
     meta_path = path + ".json"
     want = _fingerprint(files, name)
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-        if {k: meta[k] for k in want} == want and os.path.getsize(path) == 2 * meta["n_tokens"]:
-            return np.memmap(path, dtype=np.uint16, mode="r", shape=(meta["n_tokens"],))
+        if {k: meta[k] for k in want} == want and os.path.getsize(path) == dtype.itemsize * meta["n_tokens"]:
+            return np.memmap(path, dtype=dtype, mode="r", shape=(meta["n_tokens"],))
     except (OSError, ValueError, KeyError):
         pass
     n_tokens = 0
@@ -77,8 +89,8 @@ def load_corpus_tokens(paths, tokenizer, cache_dir: str | None = None, progress:
             with open(f, encoding="utf-8") as src:
                 text = src.read()
             ids = tokenizer.encode(text) + ([eot] if eot is not None and k + 1 < len(files) else [])
-            np.asarray(ids, dtype=np.uint16).tofile(out)
+            np.asarray(ids, dtype=dtype).tofile(out)
             n_tokens += len(ids)
     with atomic_write(meta_path, "w") as f:
         json.dump({**want, "n_tokens": n_tokens}, f)
-    return np.memmap(path, dtype=np.uint16, mode="r", shape=(n_tokens,))
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))

@@ -177,13 +177,18 @@ def export_hf(model: GPTModel, folder: str, tokenizer=None, force: bool = False)
     save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     _write_json(os.path.join(folder, "config.json"), hf_gpt2_config(cfg, eot))
     if tokenizer is not None:
-        tokenizer.save_gpt2_files(folder)                    # vocab.json + merges.txt
-        special = "<|endoftext|>" if eot is not None else None
-        _write_json(os.path.join(folder, "tokenizer_config.json"),
-                    {"tokenizer_class": "GPT2Tokenizer", "model_max_length": cfg.context_length,
-                     "add_prefix_space": False, "add_bos_token": False,
-                     **({"bos_token": special, "eos_token": special, "unk_token": special} if special else {})})
+        save_gpt2_tokenizer(tokenizer, folder, cfg.context_length)
     return folder
+
+
+def save_gpt2_tokenizer(tokenizer, folder: str, context_length: int) -> None:
+    """GPT-2's BPE (or ours) as AutoTokenizer reads it: vocab.json + merges.txt, tokenizer_config.json."""
+    tokenizer.save_gpt2_files(folder)
+    special = "<|endoftext|>" if getattr(tokenizer, "eot_id", None) is not None else None
+    _write_json(os.path.join(folder, "tokenizer_config.json"),
+                {"tokenizer_class": "GPT2Tokenizer", "model_max_length": context_length,
+                 "add_prefix_space": False, "add_bos_token": False,
+                 **({"bos_token": special, "eos_token": special, "unk_token": special} if special else {})})
 
 
 def _write_json(path: str, obj: dict) -> None:

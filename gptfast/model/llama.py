@@ -38,8 +38,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):                                        # (..., dim) -> (..., dim)
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)   # (q, k under autocast)
         # x / sqrt(mean(x^2) + eps) * weight, over the last dim - ops/rms_norm.py: reference
-        return ops.rms_norm(x, self.weight, self.eps, backend=self.backend)
+        return ops.rms_norm(x, w, self.eps, backend=self.backend)
 
 
 class SwiGLUFeedForward(nn.Module):
@@ -129,13 +130,13 @@ class LlamaModel(LanguageModel):
         nn.init.normal_(self.tok_emb.weight, mean=0.0, std=0.02)   # small logits at the start (ln V loss)
         if cfg.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
-        # theta^(-2i/hs), with Llama 3's long-context scaling where configured; float64, not saved
-        self.register_buffer("inv_freq", ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
-                             persistent=False)
+        # theta^(-2i/hs), with Llama 3's long-context scaling where configured: a float64 CPU tensor, not a buffer
+        # (not saved, and no .to(bfloat16) of the model can round the angles)
+        self.inv_freq = ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
     def rope_angles(self, start_pos: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (T, hs/2) float32 of positions start_pos .. start_pos + T - 1."""
-        return ops.rope_angles(self.inv_freq, start_pos, T, torch.float32, self.tok_emb.weight.device)
+        return ops.rope_angles(self.inv_freq, start_pos, T, torch.float32, self.device)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
                 start_pos: int = 0, last_position_only: bool = False) -> torch.Tensor:

@@ -148,13 +148,14 @@ def load_llama(folder: str, backend: str | None = None, dtype: torch.dtype = tor
                          f"unexpected {unexpected[:5]}")
     if cfg.tie_embeddings:
         model.out_head.weight = model.tok_emb.weight
-    model.inv_freq = ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)   # (built on meta above)
+    model.inv_freq = ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)   # (made on meta above)
     return model
 
 
 def export_llama(model: LlamaModel, folder: str, tokenizer=None, force: bool = False) -> str:
-    """Write `model` as a Hugging Face folder (config.json, model.safetensors and, given a tokenizer with `save`,
-    tokenizer.json) that transformers loads as Qwen3ForCausalLM / LlamaForCausalLM; load_llama reads it back."""
+    """Write `model` as a Hugging Face folder (config.json, model.safetensors and, given a tokenizer, its files:
+    tokenizer.json, or GPT-2's vocab.json + merges.txt) that transformers loads as Qwen3ForCausalLM /
+    LlamaForCausalLM; load_llama reads it back."""
     from safetensors.torch import save_file
 
     if quantization_of(model):
@@ -167,6 +168,9 @@ def export_llama(model: LlamaModel, folder: str, tokenizer=None, force: bool = F
               metadata={"format": "pt"})
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf_llama_config(cfg, getattr(tokenizer, "eot_id", None)), f, indent=2)
-    if tokenizer is not None and hasattr(tokenizer, "save"):
+    if hasattr(tokenizer, "save"):                                 # a tokenizer.json (HFTokenizer)
         tokenizer.save(folder)
+    elif tokenizer is not None:                                    # GPT-2's BPE or ours: vocab.json + merges.txt
+        from .gpt2_weights import save_gpt2_tokenizer
+        save_gpt2_tokenizer(tokenizer, folder, cfg.context_length)
     return folder

@@ -15,9 +15,11 @@ token instead of three. Activations, LayerNorm, attention and the KV cache keep 
 copy of the weights exists). A tied embedding shares the LM head's quantized rows: looking up a
 token dequantizes its row. The model is for inference from then on (training it raises).
 
-gpt.py knows nothing of this: the model becomes a `QuantizedGPTModel` (its loss takes the quantized head's
-logits, its forward refuses training) and each attention a `StackedQKVAttention` (its `queries_keys_values`
-hook reads the stacked layer); parameter and buffer names stay those of the float model.
+gpt.py and llama.py know nothing of this: the model becomes a `QuantizedGPTModel` / `QuantizedLlamaModel` (its
+loss takes the quantized head's logits, its forward refuses training) and each GPT-2 attention a
+`StackedQKVAttention` (its `queries_keys_values` hook reads the stacked layer; a Llama block keeps its three
+projections, of different widths under grouped-query attention); parameter and buffer names stay those of the
+float model.
 """
 from __future__ import annotations
 
@@ -26,11 +28,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from .base import LanguageModel
 from .gpt import CausalSelfAttention, GPTModel
 
 QUANTIZATION_MODES = ("none", "bf16", "int8")
 __all__ = ["QUANTIZATION_MODES", "quantize", "prepare_quantized", "quantization_of", "quantize_int8_rows",
-           "WeightOnlyLinear", "QuantizedEmbedding", "QuantizedGPTModel", "StackedQKVAttention"]
+           "WeightOnlyLinear", "QuantizedEmbedding", "QuantizedModel", "QuantizedGPTModel", "quantized_class",
+           "StackedQKVAttention"]
 
 
 def quantize_int8_rows(weight: torch.Tensor, rows_per_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,8 +135,8 @@ class StackedQKVAttention(CausalSelfAttention):
         return tuple(self.split_heads(t) for t in self.W_qkv(x).split(x.shape[-1], dim=-1))
 
 
-class QuantizedGPTModel(GPTModel):
-    """A GPTModel after `quantize`: `quantization` says how; inference only."""
+class QuantizedModel:
+    """What a model becomes after `quantize` (mixed into its class): `quantization` says how; inference only."""
 
     quantization: str
 
@@ -146,6 +150,19 @@ class QuantizedGPTModel(GPTModel):
         """The quantized head's logits, then the loss (the fused LM head + loss reads float weights)."""
         logits = self.out_head(x).flatten(0, 1)                  # (B*T, V)
         return ops.cross_entropy(logits, targets.flatten(), backend=self.cfg.backend)
+
+
+_QUANTIZED_CLASSES: dict[type, type] = {}
+
+
+def quantized_class(cls: type) -> type:
+    """cls with QuantizedModel mixed in (one class per model class: QuantizedGPTModel, QuantizedLlamaModel)."""
+    if cls not in _QUANTIZED_CLASSES:
+        _QUANTIZED_CLASSES[cls] = type(f"Quantized{cls.__name__}", (QuantizedModel, cls), {"__module__": __name__})
+    return _QUANTIZED_CLASSES[cls]
+
+
+QuantizedGPTModel = quantized_class(GPTModel)
 
 
 def quantization_of(model) -> str | None:
@@ -175,14 +192,14 @@ def _stacked_qkv(att) -> tuple[torch.Tensor, torch.Tensor | None]:
 def _replace(model: GPTModel, mode: str, convert: bool) -> GPTModel:
     if mode not in QUANTIZATION_MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of: {', '.join(QUANTIZATION_MODES)}")
-    if not isinstance(model, GPTModel):
-        raise TypeError(f"quantize takes a gptfast GPTModel, got {type(model).__name__}")
+    if not isinstance(model, LanguageModel):
+        raise TypeError(f"quantize takes a gptfast GPTModel or LlamaModel, got {type(model).__name__}")
     if mode == "none":
         return model
     if quantization_of(model):
         raise ValueError(f"the model is already quantized ({model.quantization})")
     dtype = model.dtype
-    for block in model.trf_blocks:                               # Q, K, V as one layer: W_qkv
+    for block in model.trf_blocks if isinstance(model, GPTModel) else ():   # GPT-2: Q, K, V as one layer
         att = block.att
         weight, bias = _stacked_qkv(att)
         del att.W_query, att.W_key, att.W_value
@@ -193,7 +210,7 @@ def _replace(model: GPTModel, mode: str, convert: bool) -> GPTModel:
     if model.cfg.tie_embeddings:
         model.tok_emb = QuantizedEmbedding(model.out_head, dtype)
     model.requires_grad_(False)                                  # what is left (LayerNorms, positions) is frozen too
-    model.__class__ = QuantizedGPTModel                          # the same module: its loss and its training guard
+    model.__class__ = quantized_class(type(model))               # the same module: its loss and its training guard
     model.quantization = mode
     return model.eval()
 

@@ -15,7 +15,7 @@ import os
 import torch
 
 from ..files import atomic_write
-from ..model import GPTConfig, GPTModel, prepare_quantized, quantization_of
+from ..model import build_model, config_from_dict, prepare_quantized, quantization_of
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PERIODIC_PREFIX = "ckpt-step"
@@ -23,7 +23,7 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_FORMAT = "gptfast-weights"
 
 
-def save_checkpoint(path: str, model: GPTModel, optimizer=None, tokenizer=None, model_state: dict | None = None,
+def save_checkpoint(path: str, model, optimizer=None, tokenizer=None, model_state: dict | None = None,
                     optimizer_state: dict | None = None, **progress) -> str:
     """Written to a temporary file next to `path`, then renamed: never a half-written checkpoint.
     `model_state` / `optimizer_state`: already gathered state dicts (a sharded run's) to store
@@ -44,7 +44,7 @@ def save_checkpoint(path: str, model: GPTModel, optimizer=None, tokenizer=None, 
     return path
 
 
-def save_weights(path: str, model: GPTModel, tokenizer=None, model_state: dict | None = None) -> str:
+def save_weights(path: str, model, tokenizer=None, model_state: dict | None = None) -> str:
     """The weights alone as safetensors, config and tokenizer in its metadata; written atomically.
     A tied LM head is stored once (safetensors refuses shared tensors) and re-tied on reading. A
     quantized model (gptfast.quantize) stores its int8 / bfloat16 weights as they are, int8 scales
@@ -160,13 +160,13 @@ def resolve_checkpoint_path(path: str) -> str:
     return path
 
 
-def load_checkpoint(path: str, map_location="cpu", backend: str | None = None) -> tuple[GPTModel, dict]:
+def load_checkpoint(path: str, map_location="cpu", backend: str | None = None) -> tuple[object, dict]:
     """Rebuild the model from a checkpoint (or weights file); returns (model, the raw checkpoint dict).
     A quantized weights file gives the quantized model (state["quantization"] names how)."""
     state = read_checkpoint(path, map_location)
-    cfg = GPTConfig.from_dict(state["config"])
+    cfg = config_from_dict(state["config"])   # GPT-2 or Llama/Qwen3 (its "family")
     cfg.backend = backend  # a runtime choice, not a property of the weights: None -> env/default
-    model = GPTModel(cfg)
+    model = build_model(cfg)
     if state.get("quantization"):
         prepare_quantized(model, state["quantization"])
     model.load_state_dict(state["model"])

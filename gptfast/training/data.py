@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from ..data import (DEFAULT_CORPUS, corpus_files, create_dataloaders, create_token_dataloaders, describe_source,
                     load_corpus_tokens, load_text)
-from ..model import GPTConfig
-from ..tokenizer import get_tokenizer
+from ..model import config_from_preset, is_llama_folder
+from ..tokenizer import HFTokenizer, get_tokenizer
 from .parallel import Parallelism
 from .settings import ConfigError, TrainSettings
 
@@ -42,12 +42,15 @@ def read_text(s: TrainSettings, parallel: Parallelism, echo) -> tuple[str, int]:
 
 def load_training_data(s: TrainSettings, parallel: Parallelism, echo) -> TrainingData:
     text, split = read_text(s, parallel, echo)
-    if s.tokenizer == "bpe":
+    if s.init_from and os.path.isdir(s.init_from) and is_llama_folder(s.init_from):
+        tokenizer = HFTokenizer.from_folder(s.init_from)         # a Llama/Qwen3 model comes with its tokenizer
+        echo(f"tokenizer: {s.init_from}/tokenizer.json ({tokenizer.n_vocab:,} tokens)")
+    elif s.tokenizer == "bpe":
         echo(f"training a byte-level BPE tokenizer ({s.bpe_vocab_size} tokens) on the training split")
         tokenizer = get_tokenizer("bpe", text=text[:split], vocab_size=s.bpe_vocab_size)
     else:
         tokenizer = get_tokenizer(s.tokenizer)
-    context_length = s.context_length or GPTConfig.from_preset(s.model_preset(parallel.device)).context_length
+    context_length = s.context_length or config_from_preset(s.model_preset(parallel.device)).context_length
     windows = dict(batch_size=s.batch_size, context_length=context_length, stride=s.stride or context_length,
                    train_ratio=s.train_ratio, num_workers=s.num_workers, seed=s.seed, shard=parallel.loader_shard())
     try:

@@ -22,7 +22,8 @@ import torch
 
 from .. import ops
 from ..data import DownloadError, describe_source
-from ..model import GPTConfig, GPTModel
+from ..model import build_model as model_for
+from ..model import config_from_dict, config_from_preset
 from ..tokenizer import TokenizerUnavailableError
 from .checkpoint import (CHECKPOINT_NAME, WEIGHTS_NAME, find_resume_checkpoint, load_checkpoint, periodic_checkpoints,
                          read_checkpoint)
@@ -85,7 +86,7 @@ def _run(s: TrainSettings, parallel: Parallelism, echo) -> dict:
     return finish(s, state, data, parallel, log, echo) | {"parameters": parameters}
 
 
-def build_model(s: TrainSettings, data: TrainingData, parallel: Parallelism, echo) -> tuple[GPTModel, dict | None]:
+def build_model(s: TrainSettings, data: TrainingData, parallel: Parallelism, echo) -> tuple[object, dict | None]:
     """The one switch, as nanoGPT's init_from: continue a checkpoint (--resume), start from trained weights
     (--init-from), or a fresh model of the preset. Returns (model on its device, the checkpoint resumed)."""
     backend = ops.resolve_backend_name(s.backend)
@@ -96,14 +97,14 @@ def build_model(s: TrainSettings, data: TrainingData, parallel: Parallelism, ech
             checkpoint = read_checkpoint(find_resume_checkpoint(s.resume, s.out), parallel.device)
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"--resume: {err}") from None
-        cfg = GPTConfig.from_dict(checkpoint["config"])
+        cfg = config_from_dict(checkpoint["config"])
         cfg.backend = backend
-        model = GPTModel(cfg)
+        model = model_for(cfg)
         model.load_state_dict(checkpoint["model"])
     elif s.init_from:
         model = pretrained_model(s, backend, data.tokenizer, echo)
     else:
-        model = GPTModel(fresh_config(s, parallel.device, data.tokenizer.n_vocab, backend))
+        model = model_for(fresh_config(s, parallel.device, data.tokenizer.n_vocab, backend))
     model.to(parallel.device)
     if data.context_length > model.cfg.context_length:
         raise ConfigError(f"--context-length {data.context_length} exceeds the initial model's context length "
@@ -111,29 +112,31 @@ def build_model(s: TrainSettings, data: TrainingData, parallel: Parallelism, ech
     return model, checkpoint
 
 
-def fresh_config(s: TrainSettings, device: torch.device, vocab_size: int, backend: str) -> GPTConfig:
-    """The preset's config, shaped by the settings: vocabulary (e.g. our own BPE's), dropout, tying, padding."""
-    cfg = GPTConfig.from_preset(s.model_preset(device))
+def fresh_config(s: TrainSettings, device: torch.device, vocab_size: int, backend: str):
+    """The preset's config (GPT-2 or Llama/Qwen3 family), shaped by the settings: vocabulary (e.g. our own
+    BPE's), dropout, tying (--tie-embeddings, or the preset's own: the Qwen3 presets tie), padding."""
+    cfg = config_from_preset(s.model_preset(device))
     cfg.vocab_size = vocab_size
     cfg.backend = backend
     if s.drop_rate is not None:
         cfg.drop_rate = s.drop_rate
-    cfg.tie_embeddings = s.tie_embeddings
+    cfg.tie_embeddings = s.tie_embeddings or cfg.tie_embeddings
     cfg.vocab_multiple = 64 if s.pad_vocab else 1
     return cfg
 
 
-def pretrained_model(s: TrainSettings, backend: str, tokenizer, echo) -> GPTModel:
-    """The weights named by --init-from (to fine-tune): a GPT-2 folder in Hugging Face format, or a gptfast
-    checkpoint or weights file."""
+def pretrained_model(s: TrainSettings, backend: str, tokenizer, echo):
+    """The weights named by --init-from (to fine-tune): a GPT-2, Llama or Qwen3 folder in Hugging Face format, or
+    a gptfast checkpoint or weights file."""
     for flag, on in (("--tie-embeddings", s.tie_embeddings), ("--pad-vocab", s.pad_vocab)):
         if on:
             echo(f"note: {flag} shapes fresh models only; the --init-from weights keep their own layout")
     if os.path.isfile(os.path.join(s.init_from, "config.json")):
-        from ..model import load_gpt2
+        from ..model import is_llama_folder, load_gpt2, load_llama
 
-        model = load_gpt2(s.init_from, backend=backend)
-        echo(f"initialized from GPT-2 weights in {s.init_from}")
+        llama = is_llama_folder(s.init_from)
+        model = (load_llama if llama else load_gpt2)(s.init_from, backend=backend)
+        echo(f"initialized from {type(model.cfg).__name__.removesuffix('Config')} weights in {s.init_from}")
     else:
         model, state = load_checkpoint(s.init_from, backend=backend)
         if state.get("quantization"):
@@ -160,7 +163,7 @@ def backend_choices(backend: str, device: torch.device, dtype: str) -> dict[str,
     return out
 
 
-def banner(s: TrainSettings, model: GPTModel, data: TrainingData, parallel: Parallelism, choices: dict,
+def banner(s: TrainSettings, model, data: TrainingData, parallel: Parallelism, choices: dict,
            total_steps: int) -> list[str]:
     """What this run is about to do, in a few lines."""
     cfg, tok, backend = model.cfg, data.tokenizer, model.cfg.backend
