@@ -10,7 +10,7 @@ a mask builder by the same name (`AttentionMaskInterface`) once per forward. Bot
   `apply_gptfast`, else gptfast's default) on a None mask, with the layer's attention dropout in training.
   What the op cannot do goes to transformers' own SDPA attention, with a one-time warning that says why:
   a mask with holes (padding, a static cache, packed sequences, a custom 4D mask), cross-attention, head
-  masks, grouped-query attention; `output_attentions=True` goes to the model's eager attention, the one
+  masks; `output_attentions=True` goes to the model's eager attention, the one
   path that forms the weights. Any model that calls transformers' attention interface can use it (the
   GPT-2 patches of gpt2.py are GPT-2 only).
 """
@@ -75,8 +75,8 @@ def fallback_reason(module, query: torch.Tensor, key: torch.Tensor, attention_ma
     for name in ("position_bias", "softcap", "sliding_window", "s_aux"):
         if kwargs.get(name) is not None:
             return f"{name}"
-    if key.shape[1] != query.shape[1]:
-        return "grouped-query attention (fewer key/value heads than query heads)"
+    if key.shape[1] < 1 or query.shape[1] % key.shape[1]:
+        return "key/value heads that do not divide the query heads"
     if query.shape[-2] > key.shape[-2]:
         return "more queries than keys"
     return None
@@ -98,7 +98,7 @@ def _explicit_causal_mask(module, query: torch.Tensor, key: torch.Tensor, attent
 def gptfast_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                               is_causal: bool | None = None, **kwargs):
-    """transformers' attention-function contract: query (B, H, Tq, D), key and value (B, H, Tk, D) ->
+    """transformers' attention-function contract: query (B, H, Tq, D), key and value (B, Hk, Tk, D) ->
     (output (B, Tq, H, D), weights or None)."""
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if eager is not None and _attentions_requested(module, kwargs):

@@ -30,7 +30,8 @@ from gptfast import ops
 from .attention import NAME
 
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")     # transformers' names for GELU's tanh approximation
-SUPPORTED = "transformers' GPT-2 models (model_type 'gpt2': GPT2LMHeadModel, GPT2Model and the other GPT2* heads)"
+SUPPORTED = ("transformers' GPT-2 models (model_type 'gpt2': GPT2LMHeadModel, GPT2Model and the other GPT2* heads), "
+             "Llama and Qwen3 models (model_type 'llama', 'qwen3': llama.py)")
 
 
 @dataclass
@@ -40,6 +41,9 @@ class GptfastPatch:
     attention_layers: int = 0
     layer_norms: int = 0
     gelus: int = 0
+    rms_norms: int = 0
+    swiglus: int = 0
+    rope: bool = False
     fused_loss: bool = False
     left_alone: list[str] = field(default_factory=list)
 
@@ -96,22 +100,31 @@ def _patch_gelus(model, backend: str, patch: GptfastPatch) -> None:
         patch.gelus += 1
 
 
-def _patch_attention(model, backend: str, patch: GptfastPatch) -> None:
+def _patch_attention(model, backend: str, patch: GptfastPatch, layer_class: type = modeling_gpt2.GPT2Attention) -> None:
     if getattr(model.config, "_attn_implementation", None) != NAME:
         if hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(NAME)
         else:                                         # transformers versions without the setter
             model.config._attn_implementation = NAME
     for m in model.modules():
-        if isinstance(m, modeling_gpt2.GPT2Attention):
+        if isinstance(m, layer_class):
             m.gptfast_backend = backend
             patch.attention_layers += 1
 
 
 def apply_gptfast(model, backend: str = "auto", attention: bool = True, layer_norm: bool = True,
-                  gelu: bool = True, loss: bool = True) -> GptfastPatch:
-    """Run `model` (a transformers GPT-2 model) on gptfast's kernels, computed by `backend` (any gptfast
-    backend: reference, torch, extension, triton, auto). Patches in place, returns what it changed."""
+                  gelu: bool = True, loss: bool = True, rms_norm: bool = True, swiglu: bool = True,
+                  rope: bool = True) -> GptfastPatch:
+    """Run `model` (a transformers GPT-2, Llama or Qwen3 model) on gptfast's kernels, computed by `backend` (any
+    gptfast backend: reference, torch, extension, triton, auto). Patches in place, returns what it changed.
+    GPT-2: attention, layer_norm, gelu, loss; Llama/Qwen3 (llama.py): attention, rms_norm, swiglu, rope, loss."""
+    from .llama import MODEL_TYPES, apply_gptfast_llama
+
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind in MODEL_TYPES and isinstance(model, nn.Module):
+        ops.get_backend(backend)
+        return apply_gptfast_llama(model, GptfastPatch(backend=backend), backend, attention, rms_norm, swiglu, rope,
+                                   loss)
     check_gpt2(model)
     ops.get_backend(backend)                          # an unknown or unavailable backend: a clear error now
     patch = GptfastPatch(backend=backend)
@@ -156,9 +169,10 @@ def causal_lm_loss(labels: torch.Tensor, *, hidden: torch.Tensor | None = None, 
 LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
 
 
-def _fused_loss_forward(original, backend: str):
-    """GPT2LMHeadModel.forward with the loss through gptfast (see the module docstring). Same signature as
-    `original`, so that generate() and the Trainer, which inspect it, see what they expect."""
+def _fused_loss_forward(original, backend: str, output_class: type = CausalLMOutputWithCrossAttentions):
+    """A CausalLM's forward (GPT2LMHeadModel's, LlamaForCausalLM's, ...) with the loss through gptfast (see the
+    module docstring). Same signature as `original`, so that generate() and the Trainer, which inspect it, see
+    what they expect."""
     sig = inspect.signature(original)
     var_kw = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
 
@@ -181,11 +195,12 @@ def _fused_loss_forward(original, backend: str):
             out = type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})   # fields in their order
         else:
             named.pop("logits_to_keep", None)
-            base = self.transformer(**named, **extra, return_dict=True)
+            base = getattr(self, self.base_model_prefix)(**named, **extra, return_dict=True)   # transformer, model
             loss = causal_lm_loss(labels, hidden=base.last_hidden_state, weight=self.lm_head.weight,
                                   backend=backend, **loss_kw)
-            out = CausalLMOutputWithCrossAttentions(
-                loss=loss, logits=None, **{k: v for k, v in base.items() if k != "last_hidden_state"})
+            fields = output_class.__dataclass_fields__
+            out = output_class(loss=loss, logits=None,
+                               **{k: v for k, v in base.items() if k != "last_hidden_state" and k in fields})
         return out if return_dict else out.to_tuple()
 
     return forward
