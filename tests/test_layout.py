@@ -27,7 +27,7 @@ USERS = ("gptfast/model/", "gptfast/generate.py", "gptfast/training/", "gptfast/
          "tests/test_model.py", "tests/test_generate.py", "tests/test_quantize.py", "tests/test_training",
          "tests/test_resume.py", "tests/test_distributed.py", "tests/test_cli.py", "tests/test_transformers_integration.py",
          "tests/test_export.py", "tests/test_gpt2_weights.py", "tests/test_bench_hf.py", "tests/test_bench_train.py",
-         "tests/test_bench_generate.py")
+         "tests/test_bench_generate.py", "tests/test_llama.py", "tests/test_transformers_llama.py")
 
 
 def belongs_to_another_op(path: str, op) -> bool:

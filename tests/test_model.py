@@ -3,7 +3,7 @@ import torch
 
 from conftest import rel_error
 from gptfast import ops
-from gptfast.model import PRESETS, GPTConfig, GPTModel
+from gptfast.model import PRESETS, GPTConfig, GPTModel, build_model, config_from_preset
 
 
 def small_config(**kw):
@@ -19,12 +19,28 @@ def expected_parameters(c: GPTConfig) -> int:
     return V * C + c.context_length * C + c.n_layers * block + 2 * C + C * V
 
 
+def expected_llama_parameters(c) -> int:
+    C, V, hs, F = c.emb_dim, c.vocab_size, c.head_dim, c.hidden_dim
+    attn = C * c.n_heads * hs + 2 * C * c.n_kv_heads * hs + c.n_heads * hs * C + (2 * hs if c.qk_norm else 0)
+    block = attn + 3 * C * F + 2 * C                             # + the two RMSNorms' weights
+    return V * C + c.n_layers * block + C + (0 if c.tie_embeddings else C * V)
+
+
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_parameter_counts(preset):
-    cfg = GPTConfig.from_preset(preset)
+    cfg = config_from_preset(preset)
     with torch.device("meta"):                        # shapes only: no memory, no init time
-        model = GPTModel(cfg)
-    assert model.num_parameters() == expected_parameters(cfg)
+        model = build_model(cfg)
+    expected = expected_parameters(cfg) if isinstance(cfg, GPTConfig) else expected_llama_parameters(cfg)
+    assert model.num_parameters() == expected
+
+
+def test_the_released_shapes_have_their_published_sizes():
+    """Qwen3-0.6B: 0.6B parameters, 0.44B without the (tied) embedding; Llama 3.2 1B: 1.24B (tied)."""
+    with torch.device("meta"):
+        qwen, llama = build_model(config_from_preset("qwen3-0.6b")), build_model(config_from_preset("llama3.2-1b"))
+    assert qwen.num_parameters() == 596_049_920 and qwen.num_parameters() - 151936 * 1024 == 440_467_456
+    assert llama.num_parameters() == 1_235_814_400
 
 
 def test_gpt2_124m_has_the_books_parameter_count():

@@ -4,8 +4,8 @@
 // y = x * rstd * w. Backward: dx = rstd * (g - xhat * mean(g * xhat)) per row (g = dy * w,
 // xhat = x * rstd); dweight from column-parallel partial sums over fixed chunks of rows, then a
 // fixed-order sum of the chunks - deterministic, no atomics. The row is read twice (from L1/L2 the
-// second time); a register-resident packed path like layer_norm.cu's is the next version once a GPU
-// has measured this one.
+// second time); a register-resident packed path (as the LayerNorm kernel has) is the next version once a
+// GPU has measured this one.
 #include "common.cuh"
 #include "rms_norm.h"
 

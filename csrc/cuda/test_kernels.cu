@@ -477,16 +477,8 @@ void test_cross_entropy(int64_t N, int64_t V) {
 
 }  // namespace
 
-int main() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-    std::printf("no usable CUDA device: skipping the kernel checks\n");
-    return 77;
-  }
-  cudaDeviceProp prop;
-  CUDA_OK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("device: %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
-#ifdef GPTFAST_CUDA_EMULATION     // every code path, at sizes a CPU emulation gets through in seconds
+// Every code path, at sizes a CPU emulation (tests/cuda_emulation) gets through in seconds.
+void emulated_checks() {
   test_layer_norm(300, 768);      // enough rows for several column blocks of the dweight/dbias reduction
   test_layer_norm(37, 1023);
   test_layer_norm(5, 1600);
@@ -515,7 +507,10 @@ int main() {
     test_linear(5, 9, 100, wt);        // unaligned rows: one element at a time
     test_linear(16, 6, 64, wt);
   }
-#else
+}
+
+// The GPU's run: GPT-2 and Qwen3 shapes, timed, and the unaligned paths.
+void gpu_checks() {
   test_layer_norm(8 * 1024, 768);
   test_layer_norm(37, 1023);      // generic (unaligned) path
   test_layer_norm(16, 1600);
@@ -545,6 +540,21 @@ int main() {
     test_linear(8, 50257, 768, wt);
     test_linear(3, 77, 1001, wt);      // unaligned rows
   }
+}
+
+int main() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    std::printf("no usable CUDA device: skipping the kernel checks\n");
+    return 77;
+  }
+  cudaDeviceProp prop;
+  CUDA_OK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
+#ifdef GPTFAST_CUDA_EMULATION
+  emulated_checks();
+#else
+  gpu_checks();
 #endif
   std::printf("%s\n", g_ok ? "all kernels within tolerance" : "SOME KERNELS FAILED");
   return g_ok ? 0 : 1;

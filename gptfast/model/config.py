@@ -142,7 +142,7 @@ PRESETS: dict[str, GPTConfig | LlamaConfig] = {
     # For tests: seconds, not minutes.
     "tiny": GPTConfig(context_length=64, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0),
     # The Llama 3 / Qwen3 family (llama.py), with the released models' shapes (random weights unless loaded):
-    "qwen3-0.6b": LlamaConfig(),                                 # 596M parameters (440M without the embedding)
+    "qwen3-0.6b": LlamaConfig(head_dim=128),                     # 596M parameters (440M without the embedding)
     "llama3.2-1b": LlamaConfig(vocab_size=128256, context_length=131072, emb_dim=2048, hidden_dim=8192,
                                n_heads=32, n_kv_heads=8, n_layers=16, rope_theta=500000.0, norm_eps=1e-5,
                                qk_norm=False, rope_scaling={"rope_type": "llama3", "factor": 32.0,

@@ -136,7 +136,7 @@ def pretrained_model(s: TrainSettings, backend: str, tokenizer, echo):
 
         llama = is_llama_folder(s.init_from)
         model = (load_llama if llama else load_gpt2)(s.init_from, backend=backend)
-        echo(f"initialized from {type(model.cfg).__name__.removesuffix('Config')} weights in {s.init_from}")
+        echo(f"initialized from {'Llama/Qwen3' if llama else 'GPT-2'} weights in {s.init_from}")
     else:
         model, state = load_checkpoint(s.init_from, backend=backend)
         if state.get("quantization"):

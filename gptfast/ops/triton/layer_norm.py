@@ -7,7 +7,6 @@ Backward: dx per row, plus per-program fp32 partial sums of dweight/dbias writte
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -15,19 +14,7 @@ import triton.language as tl
 
 from ._aot import GPT2_ROWS, TYPES, Specialization
 from ._interpreter import interpreted_bf16
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def launch_shape(n_rows: int, C: int) -> tuple[int, int, int]:
-    """(rows per program, BLOCK_C, num_warps) of both kernels. The interpreter's cost is per program:
-    few programs; on a GPU a handful of rows each, and 8 warps from 2048-wide blocks (GPT-2 xl's
-    1600), where 4 warps need more than 255 registers a thread in the backward and spill on sm_80
-    (.ci/triton_aot_check.py)."""
-    block_c = triton.next_power_of_2(C)
-    rows = min(64 if INTERPRET else 4, triton.next_power_of_2(max(n_rows, 1)))
-    return rows, block_c, 8 if block_c >= 2048 else 4
-
+from ._rows import launch_shape
 
 @triton.jit
 def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, C, eps,

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from ._aot import TYPES, Specialization
 from ._interpreter import interpreted_bf16
-from .layer_norm import launch_shape
+from ._rows import launch_shape
 
 LLAMA_ROWS = (128, 1024, 2048)     # a head (Qwen3's q/k norm), Qwen3-0.6B's and Llama-3.2-1B's hidden states
 
