@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from gptfast.generate import generate_tokens
-from gptfast.model import GPTConfig, GPTModel, quantization_of, quantize
+from gptfast.model import build_model, config_from_preset, quantization_of, quantize
 
 
 @torch.no_grad()
@@ -45,7 +45,7 @@ def baseline_generate_tokens(model, idx, max_new_tokens):
     yardstick: the prefill computes (B, T, V) logits and keeps the last row; tokens are appended by
     torch.cat."""
     model.eval()
-    cache = model.new_kv_cache(idx.shape[0])
+    cache = model.new_kv_cache(idx.shape[0], length=idx.shape[1] + max_new_tokens)
     V = model.cfg.vocab_size
     logits = model(idx, cache=cache, start_pos=0)[:, -1, :V]
     pos = idx.shape[1]
@@ -73,7 +73,7 @@ def timed_run(tokens_iter, sync) -> tuple[float, float, torch.Tensor]:
     return first - t0, end - first, torch.cat(out, dim=1)
 
 
-def bytes_per_step(model: GPTModel, batch: int, cache_positions: float) -> tuple[int, int]:
+def bytes_per_step(model, batch: int, cache_positions: float) -> tuple[int, int]:
     """(bytes of weights a decoding step reads, bytes of KV cache it reads at `cache_positions` positions).
     Weights: every buffer and parameter but the embedding tables, of which a step reads `batch` rows
     (position rows and, unless tied into the quantized head, token rows)."""
@@ -86,7 +86,8 @@ def bytes_per_step(model: GPTModel, batch: int, cache_positions: float) -> tuple
     if model.cfg.tie_embeddings and quantization_of(model) is None:
         weights += model.out_head.weight.numel() * model.out_head.weight.element_size()   # counted once above
     cfg = model.cfg
-    cache = 2 * cfg.n_layers * batch * cache_positions * cfg.emb_dim * torch.finfo(model.dtype).bits // 8
+    kv_width = getattr(cfg, "n_kv_heads", cfg.n_heads) * cfg.head_dim        # grouped-query: n_kv_heads heads
+    cache = 2 * cfg.n_layers * batch * cache_positions * kv_width * torch.finfo(model.dtype).bits // 8
     return weights, int(cache)
 
 
@@ -149,7 +150,7 @@ def build_models(preset: str, configs: list[Config], device) -> dict:
     """{config: its model}: one float32 model, copied and quantized once per mode (compiled rows share their
     mode's model)."""
     torch.manual_seed(0)
-    fp32 = GPTModel(GPTConfig.from_preset(preset, backend=configs[-1].backend)).to(device).eval()
+    fp32 = build_model(config_from_preset(preset, backend=configs[-1].backend)).to(device).eval()
     quantized, models = {}, {}
     for c in configs:
         if c.baseline:

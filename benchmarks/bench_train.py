@@ -26,7 +26,7 @@ import time
 import torch
 
 from gptfast import ops
-from gptfast.model import GPTConfig, GPTModel
+from gptfast.model import build_model, config_from_preset
 from gptfast.training import make_optimizer
 from gptfast.training.optim import resolve_precision
 
@@ -43,10 +43,12 @@ def peak_tflops(device_name: str, dtype: torch.dtype) -> float | None:
     return None
 
 
-def flops_per_token(model: GPTModel, T: int) -> float:
+def flops_per_token(model, T: int) -> float:
+    """6 N (the matmuls, forward + backward; position tables excluded) + attention's 12 L H hs T."""
     cfg = model.cfg
-    n = model.num_parameters() - model.pos_emb.weight.numel()
-    return 6 * n + 12 * cfg.n_layers * cfg.emb_dim * T
+    pos = getattr(model, "pos_emb", None)
+    n = model.num_parameters() - (pos.weight.numel() if pos is not None else 0)
+    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T
 
 
 def cpu_peak_rss_reset() -> None:
@@ -102,9 +104,9 @@ def run_config(preset: str, backend: str, compile_model: bool, device: torch.dev
                batch_size: int, context_length: int | None, steps: int, warmup: int, seed: int = 0,
                vocab_multiple: int = 1, fused_loss: bool = True) -> dict:
     torch.manual_seed(seed)
-    cfg = GPTConfig.from_preset(preset, backend=backend, vocab_multiple=vocab_multiple)
+    cfg = config_from_preset(preset, backend=backend, vocab_multiple=vocab_multiple)   # GPT-2 or Llama/Qwen3
     T = context_length or cfg.context_length
-    model = GPTModel(cfg).to(device).train()
+    model = build_model(cfg).to(device).train()
     optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.1, device=device)   # what training uses
     step_model = torch.compile(model) if compile_model else model
     gen = torch.Generator().manual_seed(seed)

@@ -84,7 +84,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd(
     const at::Tensor dl = wide ? logits.to(h.scalar_type()) : logits;
     at::Tensor gh = grad_h.narrow(0, r0, n);
     at::mm_out(gh, dl, w);                                  // dH_c = dL_c W
-    if (wide && r0 == 0) {
+    if (wide && h.device().is_cpu()) {
+      // CPU: dW from the float32 dL (and h_c, exact in float32) by one float32 GEMM into the sum. A 16-bit GEMM,
+      // widened and added, would cost two extra passes over V x C per chunk: at Qwen3's vocabulary (151,936,
+      // 110 rows a chunk) those passes took 3x the GEMM (2-core Xeon, benchmarks/NOTES.md).
+      const at::Tensor hc32 = hc.to(stat);
+      if (r0 == 0) at::mm_out(grad_w, logits.t(), hc32); else grad_w.addmm_(logits.t(), hc32);
+    } else if (wide && r0 == 0) {
       grad_w.copy_(at::mm(dl.t(), hc));                     // half GEMM, widened into the float32 sum
     } else if (wide) {
       grad_w.add_(at::mm(dl.t(), hc));                      // float32 accumulation

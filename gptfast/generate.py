@@ -99,7 +99,8 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, context_size:
     model.eval()
     B, T0 = idx.shape
     finished = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
-    cache = model.new_kv_cache(B, fused=fused_decoding) if use_cache else None
+    cache = model.new_kv_cache(B, fused=fused_decoding, length=min(context_size, T0 + max_new_tokens)) \
+        if use_cache else None                                   # the positions this call can use, no more
     tokens = torch.empty(B, T0 + max_new_tokens, dtype=idx.dtype, device=idx.device)   # filled as we go
     tokens[:, :T0] = idx
     n = T0                                                       # tokens so far

@@ -83,9 +83,10 @@ cuda_kernels() {   # the standalone checks: kernels vs CPU references, errors an
   nvcc -o "$out/gptfast_cuda_test" "${objs[@]}" && rm -f "${objs[@]}" \
     && "$out/gptfast_cuda_test" && GPTFAST_CUDA_ATTENTION=simt "$out/gptfast_cuda_test"
 }
-gpu_tests() {   # the tests with GPU paths first: CUDA kernels, Triton kernels, the op interface
+gpu_tests() {   # the tests with GPU paths first: CUDA kernels, Triton kernels, every op's contract, the Llama/Qwen3 ops
   python -m pytest -q -ra -p no:cacheprovider --junitxml="$out/gpu_tests.xml" tests/test_extension_cuda.py \
-    tests/test_triton.py tests/test_ops.py
+    tests/test_triton.py tests/test_op_contract.py tests/test_attention.py tests/test_rms_norm.py tests/test_llama.py \
+    tests/test_transformers_llama.py
 }
 cpu_isa() {   # the CPU kernels per instruction set this host has (AVX-512 is never run on an AVX2-only CI)
   grep -o -w -m1 'avx512[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' '; echo

@@ -19,13 +19,16 @@ DOCS = sorted((ROOT / "docs").glob("*.md"))
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 # Appended to a command so that it runs in seconds: (program, flags).
 SMALL = {
-    "scripts/train.py": ["--preset", "tiny", "--max-steps", "2", "--batch-size", "2", "--eval-iter", "1",
-                         "--sample-tokens", "3", "--no-progress"],
+    "scripts/train.py": ["--max-steps", "2", "--batch-size", "2", "--eval-iter", "1", "--sample-tokens", "3",
+                         "--no-progress"],
     "scripts/generate.py": ["--max-new-tokens", "3"],
     "scripts/export.py": ["--force"],
     "scripts/compare.py": ["--quick", "--backend", "extension"],         # (Triton's CPU interpreter: no bf16)
     "benchmarks/plot.py": [],
 }
+# A training command's preset, swapped for the small one of its family (none named: the default's, tiny).
+SMALL_PRESET = {"book-124m": "tiny", "gpt2-124m": "tiny", "cpu-small": "tiny", "tiny": "tiny", "qwen3-small": "qwen3-tiny",
+                "qwen3-tiny": "qwen3-tiny", "qwen3-0.6b": "qwen3-tiny", "llama3.2-1b": "qwen3-tiny"}
 # Commands the test does not run, and why.
 NOT_HERE = {
     "pip": "the set-up itself: CI's fresh clone runs the README's first lines",
@@ -66,7 +69,14 @@ def small(argv: list[str]) -> tuple[list[str] | None, str]:
         return None, NOT_HERE.get(program) or NOT_HERE[argv[0]]
     if program not in SMALL:
         raise AssertionError(f"a README command this test does not know how to run small: {shlex.join(argv)}")
-    return [sys.executable, str(ROOT / program), *argv[2:], *SMALL[program]], ""
+    args = list(argv[2:])
+    if program == "scripts/train.py":
+        if "--preset" in args:
+            i = args.index("--preset") + 1
+            args[i] = SMALL_PRESET[args[i]]
+        else:
+            args += ["--preset", "tiny"]
+    return [sys.executable, str(ROOT / program), *args, *SMALL[program]], ""
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)

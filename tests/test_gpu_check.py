@@ -45,3 +45,10 @@ def test_every_stage_runs_a_function_defined_once():
     for stage in (*STAGES, "tests"):
         command = re.search(rf"^\s+{stage}\) run {stage} \d+ (\S+)", text, flags=re.M).group(1)
         assert command == "python" or command in exported, (stage, command)
+
+
+def test_every_test_file_it_names_exists():
+    """A renamed test file must not leave the GPU run pointing at nothing (pytest would stop the stage)."""
+    import re
+    named = set(re.findall(r"tests/[\w/]+\.py", (ROOT / "scripts" / "gpu_check.sh").read_text()))
+    assert named and all((ROOT / path).is_file() for path in named), sorted(p for p in named if not (ROOT / p).is_file())

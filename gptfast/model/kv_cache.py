@@ -35,13 +35,17 @@ class LayerKV:
 
 
 class KVCache:
-    """Keys and values of every layer for the positions already seen. `GPTModel.forward(idx, cache=cache,
-    start_pos=start_pos)` writes positions start_pos onwards. `fused`: run one-token steps as one op per
+    """Keys and values of every layer for the positions already seen (up to `length`). `GPTModel.forward(idx,
+    cache=cache, start_pos=start_pos)` writes positions start_pos onwards. `fused`: run one-token steps as one op per
     block where the backend has it (False: op by op, to compare - the results are the same)."""
 
-    def __init__(self, cfg, batch_size: int, device=None, dtype=torch.float32, fused: bool = True):
-        # grouped-query attention caches n_kv_heads heads, n_heads / n_kv_heads times fewer bytes
-        shape = (batch_size, getattr(cfg, "n_kv_heads", cfg.n_heads), cfg.context_length, cfg.head_dim)
+    def __init__(self, cfg, batch_size: int, device=None, dtype=torch.float32, fused: bool = True,
+                 length: int | None = None):
+        # grouped-query attention caches n_kv_heads heads, n_heads / n_kv_heads times fewer bytes; `length`
+        # positions (default the whole context: Qwen3's 40,960 would be 2.3 GB a sequence - generate asks for what
+        # it will use)
+        length = min(length or cfg.context_length, cfg.context_length)
+        shape = (batch_size, getattr(cfg, "n_kv_heads", cfg.n_heads), length, cfg.head_dim)
         self.layers = [LayerKV(torch.zeros(shape, device=device, dtype=dtype),
                                torch.zeros(shape, device=device, dtype=dtype)) for _ in range(cfg.n_layers)]
         self.batch_size = batch_size

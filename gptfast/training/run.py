@@ -21,6 +21,7 @@ from dataclasses import asdict
 import torch
 
 from .. import ops
+from ..ops import auto as auto_backend
 from ..data import DownloadError, describe_source
 from ..model import build_model as model_for
 from ..model import config_from_dict, config_from_preset
@@ -154,11 +155,11 @@ def backend_choices(backend: str, device: torch.device, dtype: str) -> dict[str,
     measured table, at float32 and, under autocast, at the autocast dtype (matmul outputs - attention,
     GELU, logits - arrive in it; the residual stream that LayerNorm reads stays float32)."""
     if backend != "auto":
-        return {op: (backend, "--backend") for op in ops.auto.TABLE_OPS}
+        return {op: (backend, "--backend") for op in auto_backend.TABLE_OPS}
     out = {}
-    for op in ops.auto.TABLE_OPS:
+    for op in auto_backend.TABLE_OPS:
         at = "float32" if op == "layer_norm" or dtype == "float32" else dtype
-        c = ops.auto.choose(op, device.type, at)
+        c = auto_backend.choose(op, device.type, at)
         out[f"{op} ({at})" if at != "float32" else op] = (c.backend, c.reason)
     return out
 
