@@ -46,6 +46,27 @@ void rows_to_loss_and_grad(at::Tensor& logits, const at::Tensor& targets, int64_
   logits.mul_(valid.unsqueeze(1).to(logits.scalar_type()));
 }
 
+// grad_w (V, C, float32 for 16-bit inputs) = (first chunk) or += dL_c^T h_c. logits: the chunk's dL in the
+// statistics dtype; dl: the same in the inputs' dtype (16-bit when wide).
+void add_weight_grad(at::Tensor& grad_w, const at::Tensor& logits, const at::Tensor& dl, const at::Tensor& hc,
+                     bool first, bool wide) {
+  if (wide && hc.device().is_cpu()) {
+    // CPU: dW from the float32 dL (and h_c, exact in float32) by one float32 GEMM into the sum. A 16-bit GEMM,
+    // widened and added, would cost two extra passes over V x C per chunk: at Qwen3's vocabulary (151,936,
+    // 110 rows a chunk) those passes took 3x the GEMM (2-core Xeon, benchmarks/NOTES.md).
+    const at::Tensor hc32 = hc.to(logits.scalar_type());
+    if (first) at::mm_out(grad_w, logits.t(), hc32); else grad_w.addmm_(logits.t(), hc32);
+  } else if (wide && first) {
+    grad_w.copy_(at::mm(dl.t(), hc));                       // half GEMM, widened into the float32 sum
+  } else if (wide) {
+    grad_w.add_(at::mm(dl.t(), hc));                        // float32 accumulation
+  } else if (first) {
+    at::mm_out(grad_w, dl.t(), hc);                         // dW = dL_0^T h_0
+  } else {
+    grad_w.addmm_(dl.t(), hc);                              // dW += dL_c^T h_c
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd(
     const at::Tensor& hidden_in, const at::Tensor& weight_in, const at::Tensor& targets_in, int64_t ignore_index,
     int64_t chunk_rows, bool compute_grad) {
@@ -84,21 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd(
     const at::Tensor dl = wide ? logits.to(h.scalar_type()) : logits;
     at::Tensor gh = grad_h.narrow(0, r0, n);
     at::mm_out(gh, dl, w);                                  // dH_c = dL_c W
-    if (wide && h.device().is_cpu()) {
-      // CPU: dW from the float32 dL (and h_c, exact in float32) by one float32 GEMM into the sum. A 16-bit GEMM,
-      // widened and added, would cost two extra passes over V x C per chunk: at Qwen3's vocabulary (151,936,
-      // 110 rows a chunk) those passes took 3x the GEMM (2-core Xeon, benchmarks/NOTES.md).
-      const at::Tensor hc32 = hc.to(stat);
-      if (r0 == 0) at::mm_out(grad_w, logits.t(), hc32); else grad_w.addmm_(logits.t(), hc32);
-    } else if (wide && r0 == 0) {
-      grad_w.copy_(at::mm(dl.t(), hc));                     // half GEMM, widened into the float32 sum
-    } else if (wide) {
-      grad_w.add_(at::mm(dl.t(), hc));                      // float32 accumulation
-    } else if (r0 == 0) {
-      at::mm_out(grad_w, dl.t(), hc);                       // dW = dL_0^T h_0
-    } else {
-      grad_w.addmm_(dl.t(), hc);                            // dW += dL_c^T h_c
-    }
+    add_weight_grad(grad_w, logits, dl, hc, /*first=*/r0 == 0, wide);
   }
   const at::Tensor n_valid = (t != ignore_index).sum().to(stat);
   at::Tensor loss = loss_rows.sum() / n_valid;             // NaN when every target is ignored, as F.cross_entropy
