@@ -59,7 +59,8 @@ def test_tensor_core_attention_kernels_in_emulation(tmp_path):
 @pytest.mark.skipif(CXX is None, reason="no g++ to build the emulation")
 def test_every_cuda_kernel_passes_the_standalone_check_in_emulation(tmp_path):
     """csrc/cuda/test_kernels.cu (the GPU's standalone check, CPU references side by side) built
-    against every kernel file: LayerNorm, GELU, cross-entropy, both attention implementations."""
+    against every kernel file: LayerNorm, RMSNorm, GELU, SwiGLU, RoPE, cross-entropy, both attention
+    implementations (grouped-query included)."""
     sources = []
     for cu in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
         out = tmp_path / f"{cu.stem}.cpp"
@@ -82,3 +83,7 @@ def test_every_cuda_kernel_passes_the_standalone_check_in_emulation(tmp_path):
         run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600, env=env)
         assert run.returncode == 0 and "all kernels within tolerance" in run.stdout, run.stdout + run.stderr
         assert run.stdout.count(" FAIL ") == 0 and run.stdout.count("ok  ") >= 30
+        gqa = [line for line in run.stdout.splitlines() if " GQA " in line]     # grouped-query: fp32 and bf16 checks
+        assert len(gqa) == 4 and all("ok  " in line for line in gqa), run.stdout
+        assert all(f"{op} " in run.stdout for op in ("rms_norm_fwd", "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd",
+                                                     "rope_fwd", "rope_bwd"))

@@ -49,7 +49,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k,
                                                             const T* __restrict__ v, T* __restrict__ o,
                                                             float* __restrict__ lse, int64_t Tq, int64_t Tk, int D,
-                                                            bool causal, float scale, Dropout drop) {
+                                                            bool causal, float scale, Dropout drop, int group) {
   extern __shared__ float smem[];
   float* Qs = smem;                              // kRowsQ x D (pre-scaled)
   float* Ks = Qs + kRowsQ * D;                   // kTileK x (D + 1)
@@ -61,8 +61,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const T* __restrict_
   const int64_t row = q0 + i;
   const int64_t off = Tk - Tq;                   // cached keys before the first query (KV cache)
   const T* qb = q + bh * Tq * D;
-  const T* kb = k + bh * Tk * D;
-  const T* vb = v + bh * Tk * D;
+  const T* kb = k + (bh / group) * Tk * D;       // grouped-query: the K/V head this query head reads
+  const T* vb = v + (bh / group) * Tk * D;
   const uint32_t head_key = drop.on ? dropout_head_key(drop.seed, static_cast<uint32_t>(bh)) : 0u;
   stage_rows(qb, q0, kRowsQ, Tq, D, Qs, D, scale);
   float acc[kDimsPerThread];
@@ -146,12 +146,13 @@ __device__ __forceinline__ Grad pair_grad(float s_scaled, float dz, float lse_r,
   return {z, p * (dp - delta_r) * scale};
 }
 
-// dK, dV for kTileKB keys of one (batch, head); query tiles of kRowsQ rows from the diagonal down.
+// dK, dV for kTileKB keys of one (batch, K/V head), summed over the `group` query heads that read it in a fixed
+// order; for each, query tiles of kRowsQ rows from the diagonal down.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
     const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv, int64_t Tq,
-    int64_t Tk, int D, bool causal, float scale, Dropout drop) {
+    int64_t Tk, int D, bool causal, float scale, Dropout drop, int group) {
   extern __shared__ float smem[];
   float* Ks = smem;                              // kTileKB x (D + 1)
   float* Vs = Ks + kTileKB * (D + 1);            // kTileKB x (D + 1)
@@ -159,21 +160,23 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(
   float* Gs = Qs + kRowsQ * D;                   // kRowsQ x D (dO)
   float* Zs = Gs + kRowsQ * D;                   // kTileKB x kRowsQ
   float* Ss = Zs + kTileKB * kRowsQ;             // kTileKB x kRowsQ (dS * scale)
-  const int64_t bh = blockIdx.y;
+  const int64_t kvh = blockIdx.y;
   const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kTileKB;
   const int j = threadIdx.x / kThreadsPerRow, sub = threadIdx.x % kThreadsPerRow;   // key j of the tile
   const int64_t col = k0 + j;
   const int64_t off = Tk - Tq;
-  const T* qb = q + bh * Tq * D;
-  const T* gb = dout + bh * Tq * D;
-  const uint32_t head_key = drop.on ? dropout_head_key(drop.seed, static_cast<uint32_t>(bh)) : 0u;
-  stage_rows(k + bh * Tk * D, k0, kTileKB, Tk, D, Ks, D + 1);
-  stage_rows(v + bh * Tk * D, k0, kTileKB, Tk, D, Vs, D + 1);
+  stage_rows(k + kvh * Tk * D, k0, kTileKB, Tk, D, Ks, D + 1);
+  stage_rows(v + kvh * Tk * D, k0, kTileKB, Tk, D, Vs, D + 1);
   float dk_acc[kDimsPerThread], dv_acc[kDimsPerThread];
 #pragma unroll
   for (int t = 0; t < kDimsPerThread; ++t) dk_acc[t] = dv_acc[t] = 0.f;
   const int64_t first = causal ? (max(int64_t(0), k0 - off) / kRowsQ) * kRowsQ : 0;   // earlier rows see none
+  for (int g = 0; g < group; ++g)                // the query heads reading this K/V head
   for (int64_t q0 = first; q0 < Tq; q0 += kRowsQ) {
+    const int64_t bh = kvh * group + g;
+    const T* qb = q + bh * Tq * D;
+    const T* gb = dout + bh * Tq * D;
+    const uint32_t head_key = drop.on ? dropout_head_key(drop.seed, static_cast<uint32_t>(bh)) : 0u;
     __syncthreads();
     stage_rows(qb, q0, kRowsQ, Tq, D, Qs, D);
     stage_rows(gb, q0, kRowsQ, Tq, D, Gs, D);
@@ -214,8 +217,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(
     for (int t = 0; t < kDimsPerThread; ++t) {
       const int d = sub + kThreadsPerRow * t;
       if (d < D) {
-        dk[(bh * Tk + col) * D + d] = from_f<T>(dk_acc[t]);
-        dv[(bh * Tk + col) * D + d] = from_f<T>(dv_acc[t]);
+        dk[(kvh * Tk + col) * D + d] = from_f<T>(dk_acc[t]);
+        dv[(kvh * Tk + col) * D + d] = from_f<T>(dv_acc[t]);
       }
     }
   }
@@ -226,7 +229,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
     const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq, int64_t Tq, int64_t Tk, int D,
-    bool causal, float scale, Dropout drop) {
+    bool causal, float scale, Dropout drop, int group) {
   extern __shared__ float smem[];
   float* Qs = smem;                              // kRowsQ x D
   float* Gs = Qs + kRowsQ * D;                   // kRowsQ x D (dO)
@@ -249,8 +252,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(
   const int64_t kv_end = causal ? min(Tk, q0 + kRowsQ + off) : Tk;
   for (int64_t k0 = 0; k0 < kv_end; k0 += kTileKB) {
     __syncthreads();
-    stage_rows(k + bh * Tk * D, k0, kTileKB, Tk, D, Ks, D + 1);
-    stage_rows(v + bh * Tk * D, k0, kTileKB, Tk, D, Vs, D + 1);
+    stage_rows(k + (bh / group) * Tk * D, k0, kTileKB, Tk, D, Ks, D + 1);
+    stage_rows(v + (bh / group) * Tk * D, k0, kTileKB, Tk, D, Vs, D + 1);
     __syncthreads();
 #pragma unroll
     for (int c = 0; c < kTileKB / kThreadsPerRow; ++c) {   // 2 keys per thread
@@ -288,13 +291,14 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(
 }  // namespace
 
 int attention_fwd(DType dt, const void* q, const void* k, const void* v, void* o, float* lse, int64_t BH, int64_t T,
-                  int64_t Tk, int64_t D, bool causal, float scale, float dropout_p, uint64_t seed, void* stream) {
-  if (D < 1 || D > kMaxHeadDim || Tk < T) return static_cast<int>(cudaErrorInvalidValue);
+                  int64_t Tk, int64_t D, bool causal, float scale, float dropout_p, uint64_t seed, void* stream,
+                  int64_t group) {
+  if (D < 1 || D > kMaxHeadDim || Tk < T || group < 1 || BH % group) return static_cast<int>(cudaErrorInvalidValue);
   if (BH == 0 || T == 0) return 0;
   const int d = static_cast<int>(D);
   if (attention_tensor_cores(dt, D))
     return attention_fwd_tc(dt, q, k, v, o, lse, BH, T, Tk, d, causal, scale, make_dropout(dropout_p, seed),
-                            static_cast<cudaStream_t>(stream));
+                            static_cast<cudaStream_t>(stream), static_cast<int>(group));
   const size_t smem = sizeof(float) * (kRowsQ * d + kTileK * (d + 1) + kTileK * d + kRowsQ * kTileK);
   return dispatch_dtype(dt, [&](auto tag) {
     using TT = decltype(tag);
@@ -302,15 +306,15 @@ int attention_fwd(DType dt, const void* q, const void* k, const void* v, void* o
     const dim3 grid(static_cast<unsigned>((T + kRowsQ - 1) / kRowsQ), static_cast<unsigned>(BH));
     attn_fwd_kernel<TT><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const TT*>(q), static_cast<const TT*>(k), static_cast<const TT*>(v), static_cast<TT*>(o), lse, T, Tk,
-        d, causal, scale, make_dropout(dropout_p, seed));
+        d, causal, scale, make_dropout(dropout_p, seed), static_cast<int>(group));
     return launch_status();
   });
 }
 
 int attention_bwd(DType dt, const void* dout, const void* q, const void* k, const void* v, const void* o,
                   const float* lse, float* delta, void* dq, void* dk, void* dv, int64_t BH, int64_t T, int64_t Tk,
-                  int64_t D, bool causal, float scale, float dropout_p, uint64_t seed, void* stream) {
-  if (D < 1 || D > kMaxHeadDim || Tk < T) return static_cast<int>(cudaErrorInvalidValue);
+                  int64_t D, bool causal, float scale, float dropout_p, uint64_t seed, void* stream, int64_t group) {
+  if (D < 1 || D > kMaxHeadDim || Tk < T || group < 1 || BH % group) return static_cast<int>(cudaErrorInvalidValue);
   if (BH == 0 || T == 0) return 0;
   const int d = static_cast<int>(D);
   auto s = static_cast<cudaStream_t>(stream);
@@ -323,18 +327,21 @@ int attention_bwd(DType dt, const void* dout, const void* q, const void* k, cons
     attn_delta_kernel<TT><<<static_cast<unsigned>((rows + 3) / 4), 128, 0, s>>>(pdo, po, delta, rows, d);
     if (int err = launch_status()) return err;
     if (attention_tensor_cores(dt, D))
-      return attention_bwd_tc(dt, dout, q, k, v, lse, delta, dq, dk, dv, BH, T, Tk, d, causal, scale, drop, s);
+      return attention_bwd_tc(dt, dout, q, k, v, lse, delta, dq, dk, dv, BH, T, Tk, d, causal, scale, drop, s,
+                              static_cast<int>(group));
     const size_t smem_kv = sizeof(float) * (2 * kTileKB * (d + 1) + 2 * kRowsQ * d + 2 * kTileKB * kRowsQ);
     if (int err = set_smem(attn_bwd_dkdv_kernel<TT>, smem_kv)) return err;
-    attn_bwd_dkdv_kernel<TT><<<dim3(static_cast<unsigned>((Tk + kTileKB - 1) / kTileKB), static_cast<unsigned>(BH)),
+    attn_bwd_dkdv_kernel<TT><<<dim3(static_cast<unsigned>((Tk + kTileKB - 1) / kTileKB),
+                                    static_cast<unsigned>(BH / group)),
                                kThreads, smem_kv, s>>>(pq, pk, pv, pdo, lse, delta, static_cast<TT*>(dk),
-                                                       static_cast<TT*>(dv), T, Tk, d, causal, scale, drop);
+                                                       static_cast<TT*>(dv), T, Tk, d, causal, scale, drop,
+                                                       static_cast<int>(group));
     if (int err = launch_status()) return err;
     const size_t smem_q = sizeof(float) * (2 * kRowsQ * d + 2 * kTileKB * (d + 1) + kRowsQ * kTileKB);
     if (int err = set_smem(attn_bwd_dq_kernel<TT>, smem_q)) return err;
     attn_bwd_dq_kernel<TT><<<dim3(static_cast<unsigned>((T + kRowsQ - 1) / kRowsQ), static_cast<unsigned>(BH)),
                              kThreads, smem_q, s>>>(pq, pk, pv, pdo, lse, delta, static_cast<TT*>(dq), T, Tk, d,
-                                                    causal, scale, drop);
+                                                    causal, scale, drop, static_cast<int>(group));
     return launch_status();
   });
 }

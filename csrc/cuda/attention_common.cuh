@@ -41,10 +41,11 @@ inline bool attention_tensor_cores(DType dt, int64_t D) {
 }
 
 int attention_fwd_tc(DType dt, const void* q, const void* k, const void* v, void* o, float* lse, int64_t BH,
-                     int64_t T, int64_t Tk, int D, bool causal, float scale, Dropout drop, cudaStream_t stream);
+                     int64_t T, int64_t Tk, int D, bool causal, float scale, Dropout drop, cudaStream_t stream,
+                     int group);
 int attention_bwd_tc(DType dt, const void* dout, const void* q, const void* k, const void* v, const float* lse,
                      const float* delta, void* dq, void* dk, void* dv, int64_t BH, int64_t T, int64_t Tk, int D,
-                     bool causal, float scale, Dropout drop, cudaStream_t stream);
+                     bool causal, float scale, Dropout drop, cudaStream_t stream, int group);
 
 }  // namespace cuda
 }  // namespace gptfast

@@ -13,8 +13,6 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
                                                       const at::Tensor& v_in, bool causal, double scale,
                                                       double dropout_p, const at::Tensor& seed) {
   check_attention_args(q_in, k_in, v_in, dropout_p, seed, kc::kMaxHeadDim, "CUDA");
-  TORCH_CHECK(k_in.size(1) == q_in.size(1), "the CUDA attention kernels take as many K/V heads as query heads (",
-              q_in.size(1), "), got ", k_in.size(1), ": grouped-query attention runs on the CPU and Triton kernels");
   const auto dt = dtype_code(q_in, "q");
   c10::DeviceGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
@@ -23,7 +21,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   maybe_poison(o), maybe_poison(lse);
   check_launch(kc::attention_fwd(dt, q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr<float>(),
                                  B * H, T, k.size(2), D, causal, static_cast<float>(scale),
-                                 static_cast<float>(dropout_p), seed_value(seed), current_stream(q)),
+                                 static_cast<float>(dropout_p), seed_value(seed), current_stream(q),
+                                 H / k.size(1)),   // grouped-query: query heads per K/V head
                "attention_fwd");
   return {o, lse};
 }
@@ -33,8 +32,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& o_in, const at::Tensor& lse_in, bool causal, double scale, double dropout_p,
     const at::Tensor& seed) {
   check_attention_args(q_in, k_in, v_in, dropout_p, seed, kc::kMaxHeadDim, "CUDA");
-  TORCH_CHECK(k_in.size(1) == q_in.size(1), "the CUDA attention kernels take as many K/V heads as query heads (",
-              q_in.size(1), "), got ", k_in.size(1), ": grouped-query attention runs on the CPU and Triton kernels");
   const auto dt = dtype_code(q_in, "q");
   check_attention_bwd_args(dout_in, o_in, lse_in, q_in);
   c10::DeviceGuard guard(q_in.device());
@@ -47,7 +44,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   check_launch(kc::attention_bwd(dt, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
                                  lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr(), dk.data_ptr(),
                                  dv.data_ptr(), B * H, T, k.size(2), D, causal, static_cast<float>(scale),
-                                 static_cast<float>(dropout_p), seed_value(seed), current_stream(q)),
+                                 static_cast<float>(dropout_p), seed_value(seed), current_stream(q),
+                                 H / k.size(1)),
                "attention_bwd");
   return {dq, dk, dv};
 }

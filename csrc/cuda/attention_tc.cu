@@ -143,7 +143,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const T* __restrict__ q, const T* __restrict__ k,
                                                                const T* __restrict__ v, T* __restrict__ o,
                                                                float* __restrict__ lse, int64_t Tq, int64_t Tk, int D,
-                                                               bool causal, float scale, Dropout drop, bool vec) {
+                                                               bool causal, float scale, Dropout drop, bool vec,
+                                                               int group) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   extern __shared__ __align__(128) unsigned char smem[];
   const FwdSmem L(D, sizeof(T));
@@ -163,8 +164,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const T* __restri
   const int64_t row = wrow0 + r;
   const int64_t off = Tk - Tq;                                       // cached keys before the first query
   const T* qb = q + bh * Tq * D;
-  const T* kb = k + bh * Tk * D;
-  const T* vb = v + bh * Tk * D;
+  const T* kb = k + (bh / group) * Tk * D;                           // grouped-query: the shared K/V head
+  const T* vb = v + (bh / group) * Tk * D;
   const uint32_t head_key = drop.on ? dropout_head_key(drop.seed, static_cast<uint32_t>(bh)) : 0u;
 
   stage(qb, q0, kBlockRows, Tq, D, Qs, ld, vec);
@@ -288,7 +289,7 @@ template <typename T, int ND>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
     const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv, int64_t Tq,
-    int64_t Tk, bool causal, float scale, Dropout drop, bool vec) {
+    int64_t Tk, bool causal, float scale, Dropout drop, bool vec, int group) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int D = 16 * ND;
   constexpr int ld = D + 8;
@@ -301,17 +302,14 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(
   T* Xw = t.x;                               // Z^T, then dS^T
   float *Ls = t.lse, *Ds = t.delta;          // lse and delta of the query tile
 
-  const int64_t bh = blockIdx.y;
+  const int64_t kvh = blockIdx.y;                                    // a K/V head: dK, dV sum over `group` heads
   const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kBlockRows;
   const int64_t wkey0 = k0 + 16 * warp;
   const int r = lane / 2, half = lane % 2;                           // 2 lanes per key row
   const int64_t key = wkey0 + r;
   const int64_t off = Tk - Tq;
-  const T* qb = q + bh * Tq * D;
-  const T* gb = dout + bh * Tq * D;
-  const uint32_t head_key = drop.on ? dropout_head_key(drop.seed, static_cast<uint32_t>(bh)) : 0u;
-  stage(k + bh * Tk * D, k0, kBlockRows, Tk, D, Ks, ld, vec);
-  stage(v + bh * Tk * D, k0, kBlockRows, Tk, D, Vs, ld, vec);
+  stage(k + kvh * Tk * D, k0, kBlockRows, Tk, D, Ks, ld, vec);
+  stage(v + kvh * Tk * D, k0, kBlockRows, Tk, D, Vs, ld, vec);
   FragC dk_acc[ND], dv_acc[ND];
 #pragma unroll
   for (int n = 0; n < ND; ++n) {
@@ -320,7 +318,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(
   }
   // causal: query rows before k0 - off see none of these keys
   const int64_t first = causal ? max(int64_t(0), k0 - off) / kTile * kTile : 0;
+  for (int g = 0; g < group; ++g)                                    // the query heads reading this K/V head
   for (int64_t q0 = first; q0 < Tq; q0 += kTile) {
+    const int64_t bh = kvh * group + g;
+    const T* qb = q + bh * Tq * D;
+    const T* gb = dout + bh * Tq * D;
+    const uint32_t head_key = drop.on ? dropout_head_key(drop.seed, static_cast<uint32_t>(bh)) : 0u;
     __syncthreads();
     stage(qb, q0, kTile, Tq, D, Qs, ld, vec);
     stage(gb, q0, kTile, Tq, D, Gs, ld, vec);
@@ -351,8 +354,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc_kernel(
     warp_accumulate<T, ND>(dk_acc, Xw, Qs, ld);                      // dK += dS^T Q  (scale is in dS)
     __syncwarp();
   }
-  warp_store_rows<T, ND>(dk_acc, Sw, dk + bh * Tk * D, wkey0, Tk, D);
-  warp_store_rows<T, ND>(dv_acc, Sw, dv + bh * Tk * D, wkey0, Tk, D);
+  warp_store_rows<T, ND>(dk_acc, Sw, dk + kvh * Tk * D, wkey0, Tk, D);
+  warp_store_rows<T, ND>(dv_acc, Sw, dv + kvh * Tk * D, wkey0, Tk, D);
 #endif
 }
 
@@ -361,7 +364,7 @@ template <typename T, int ND>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
     const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq, int64_t Tq, int64_t Tk,
-    bool causal, float scale, Dropout drop, bool vec) {
+    bool causal, float scale, Dropout drop, bool vec, int group) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int D = 16 * ND;
   constexpr int ld = D + 8;
@@ -390,8 +393,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc_kernel(
   const int64_t kv_end = causal ? min(Tk, q0 + kBlockRows + off) : Tk;
   for (int64_t k0 = 0; k0 < kv_end; k0 += kTile) {
     __syncthreads();
-    stage(k + bh * Tk * D, k0, kTile, Tk, D, Ks, ld, vec);
-    stage(v + bh * Tk * D, k0, kTile, Tk, D, Vs, ld, vec);
+    stage(k + (bh / group) * Tk * D, k0, kTile, Tk, D, Ks, ld, vec);
+    stage(v + (bh / group) * Tk * D, k0, kTile, Tk, D, Vs, ld, vec);
     __syncthreads();
 
     warp_abt_tile(Qs + 16 * warp * ld, Ks, ld, D, Sw);              // S = Q K^T
@@ -417,17 +420,17 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc_kernel(
 template <typename T, int ND>
 int launch_bwd(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta, T* dq, T* dk,
                T* dv, int64_t BH, int64_t Tq, int64_t Tk, bool causal, float scale, Dropout drop, bool vec,
-               cudaStream_t s) {
+               cudaStream_t s, int group) {
   const size_t smem = BwdSmem(16 * ND, sizeof(T)).total;
-  const dim3 key_grid(static_cast<unsigned>((Tk + kBlockRows - 1) / kBlockRows), static_cast<unsigned>(BH));
+  const dim3 key_grid(static_cast<unsigned>((Tk + kBlockRows - 1) / kBlockRows), static_cast<unsigned>(BH / group));
   const dim3 query_grid(static_cast<unsigned>((Tq + kBlockRows - 1) / kBlockRows), static_cast<unsigned>(BH));
   if (int err = set_smem(attn_bwd_dkdv_tc_kernel<T, ND>, smem)) return err;
   attn_bwd_dkdv_tc_kernel<T, ND><<<key_grid, kThreads, smem, s>>>(q, k, v, dout, lse, delta, dk, dv, Tq, Tk, causal,
-                                                                  scale, drop, vec);
+                                                                  scale, drop, vec, group);
   if (int err = launch_status()) return err;
   if (int err = set_smem(attn_bwd_dq_tc_kernel<T, ND>, smem)) return err;
   attn_bwd_dq_tc_kernel<T, ND><<<query_grid, kThreads, smem, s>>>(q, k, v, dout, lse, delta, dq, Tq, Tk, causal, scale,
-                                                                  drop, vec);
+                                                                  drop, vec, group);
   return launch_status();
 }
 
@@ -466,7 +469,8 @@ bool rows_aligned(std::initializer_list<const void*> ptrs, int D) {
 
 #ifndef GPTFAST_KERNELS_ONLY
 int attention_fwd_tc(DType dt, const void* q, const void* k, const void* v, void* o, float* lse, int64_t BH,
-                     int64_t T, int64_t Tk, int D, bool causal, float scale, Dropout drop, cudaStream_t stream) {
+                     int64_t T, int64_t Tk, int D, bool causal, float scale, Dropout drop, cudaStream_t stream,
+                     int group) {
   if (D % 16 || D < 16 || D > kMaxHeadDim) return static_cast<int>(cudaErrorInvalidValue);
   const bool vec = rows_aligned({q, k, v}, D);
   return dispatch_half(dt, [&](auto tag) {
@@ -476,14 +480,14 @@ int attention_fwd_tc(DType dt, const void* q, const void* k, const void* v, void
     const dim3 grid(static_cast<unsigned>((T + kBlockRows - 1) / kBlockRows), static_cast<unsigned>(BH));
     attn_fwd_tc_kernel<TT><<<grid, kThreads, smem, stream>>>(static_cast<const TT*>(q), static_cast<const TT*>(k),
                                                              static_cast<const TT*>(v), static_cast<TT*>(o), lse, T, Tk,
-                                                             D, causal, scale, drop, vec);
+                                                             D, causal, scale, drop, vec, group);
     return launch_status();
   });
 }
 
 int attention_bwd_tc(DType dt, const void* dout, const void* q, const void* k, const void* v, const float* lse,
                      const float* delta, void* dq, void* dk, void* dv, int64_t BH, int64_t T, int64_t Tk, int D,
-                     bool causal, float scale, Dropout drop, cudaStream_t stream) {
+                     bool causal, float scale, Dropout drop, cudaStream_t stream, int group) {
   if (D % 16 || D < 16 || D > kMaxHeadDim) return static_cast<int>(cudaErrorInvalidValue);
   const bool vec = rows_aligned({q, k, v, dout}, D);
   return dispatch_half(dt, [&](auto tag) {
@@ -492,7 +496,7 @@ int attention_bwd_tc(DType dt, const void* dout, const void* q, const void* k, c
       return launch_bwd<TT, decltype(nd)::value>(
           static_cast<const TT*>(q), static_cast<const TT*>(k), static_cast<const TT*>(v),
           static_cast<const TT*>(dout), lse, delta, static_cast<TT*>(dq), static_cast<TT*>(dk), static_cast<TT*>(dv),
-          BH, T, Tk, causal, scale, drop, vec, stream);
+          BH, T, Tk, causal, scale, drop, vec, stream, group);
     });
   });
 }

@@ -451,6 +451,53 @@ void test_attention(int64_t BH, int64_t T, int64_t D, bool causal = true, float 
   }
 }
 
+// Grouped-query attention: BHk K/V heads, each read by `group` query heads. The reference is the MHA one on K and
+// V repeated per group, its dK and dV summed over each group (what the kernels must give without the copies).
+void test_attention_gqa(int64_t BHk, int64_t group, int64_t T, int64_t D, float p = 0.f) {
+  const int64_t BH = BHk * group, nq = BH * T * D, nk = BHk * T * D;
+  auto q = randn(nq, 17), k = randn(nk, 18), v = randn(nk, 19), go = randn(nq, 20);
+  std::vector<float> kr(nq), vr(nq);                           // K, V repeated: head bh holds K/V head bh / group
+  for (int64_t bh = 0; bh < BH; ++bh)
+    for (int64_t i = 0; i < T * D; ++i) {
+      kr[bh * T * D + i] = k[(bh / group) * T * D + i];
+      vr[bh * T * D + i] = v[(bh / group) * T * D + i];
+    }
+  const uint64_t seed = 7654321;
+  const double scale = 1.0 / std::sqrt(double(D));
+  const AttentionReference ref = attention_reference(q, kr, vr, go, BH, T, T, D, true, p, seed);
+  std::vector<double> dk(nk, 0.0), dv(nk, 0.0);
+  for (int64_t bh = 0; bh < BH; ++bh)
+    for (int64_t i = 0; i < T * D; ++i) {
+      dk[(bh / group) * T * D + i] += ref.dk[bh * T * D + i];
+      dv[(bh / group) * T * D + i] += ref.dv[bh * T * D + i];
+    }
+  for (DType dt : {kF32, kBF16}) {
+    const double tol = dt == kF32 ? 1e-4 : 3e-2;
+    const size_t es = dt == kF32 ? 4 : 2;
+    auto upload = [&](const std::vector<float>& x) {
+      if (dt == kF32) return std::make_unique<DeviceBuffer>(x);
+      const auto bits = to_bits16(x, dt);
+      return std::make_unique<DeviceBuffer>(bits.data(), x.size() * 2);
+    };
+    auto download = [&](const DeviceBuffer& b) { return dt == kF32 ? b.get() : from_bits16(b, dt); };
+    auto dq_ = upload(q), dk_ = upload(k), dv_ = upload(v), dgo = upload(go);
+    DeviceBuffer dout(nq * es), dlse(BH * T * 4), ddelta(BH * T * 4), gq(nq * es), gk(nk * es), gv(nk * es);
+    char name[112];
+    std::snprintf(name, sizeof name, "attention %s GQA BHk=%lld x%lld T=%lld D=%lld%s",
+                  dt == kF32 ? "fp32" : "bf16", (long long)BHk, (long long)group, (long long)T, (long long)D,
+                  p > 0 ? " drop" : "");
+    const double ms = median_ms([&] {
+      const int fwd = attention_fwd(dt, dq_->ptr, dk_->ptr, dv_->ptr, dout.ptr, dlse.f(), BH, T, T, D, true,
+                                    float(scale), p, seed, nullptr, group);
+      return fwd ? fwd : attention_bwd(dt, dgo->ptr, dq_->ptr, dk_->ptr, dv_->ptr, dout.ptr, dlse.f(), ddelta.f(),
+                                       gq.ptr, gk.ptr, gv.ptr, BH, T, T, D, true, float(scale), p, seed, nullptr, group);
+    });
+    const double err = std::max({rel_error(download(dout), ref.o), rel_error(download(gq), ref.dq),
+                                 rel_error(download(gk), dk), rel_error(download(gv), dv)});
+    report(name, err, tol, ms, 3.5 * 2.0 * BH * T * T * D, "GFLOP/s");
+  }
+}
+
 void test_cross_entropy(int64_t N, int64_t V) {
   auto x = randn(N * V, 11, 2.f);
   std::vector<int64_t> t(N);
@@ -499,6 +546,8 @@ void emulated_checks() {
   test_attention(1, 40, 128, false, 0.1f);
   test_attention(2, 1, 64, true, 0.f, 77);       // one new token against a KV cache
   test_attention(1, 20, 80, true, 0.1f, 150);    // a chunk of new tokens, dropout at their positions
+  test_attention_gqa(2, 3, 70, 64);              // grouped-query: 6 query heads on 2 K/V heads (SIMT and tensor cores)
+  test_attention_gqa(1, 4, 33, 32, 0.1f);
   test_cross_entropy(6, 50257);
   test_dropout_add(7, 1023, 0.1f);
   test_dropout_add(3, 80, 0.5f);
@@ -531,6 +580,7 @@ void gpu_checks() {
   test_attention(2, 300, 64, true, 0.1f);
   test_attention(2, 200, 80, false, 0.f);
   test_attention(8, 1, 64, true, 0.f, 1000);
+  test_attention_gqa(8, 2, 512, 128);            // Qwen3-0.6B: 16 query heads on 8 K/V heads
   test_cross_entropy(64, 50257);
   test_dropout_add(8 * 1024, 768, 0.1f);
   test_dropout_add(7, 1023, 0.5f);

@@ -167,7 +167,8 @@ void check(const char* dtype, int64_t BH, int64_t T_, bool causal, float p, bool
   std::vector<float> lse(BH * T_, NAN), delta(BH * T_);
   const dim3 grid(static_cast<unsigned>((T_ + kBlockRows - 1) / kBlockRows), static_cast<unsigned>(BH));
   launch(grid, kThreads, FwdSmem(D, sizeof(T)).total, [&] {
-    attn_fwd_tc_kernel<T>(tq.data(), tk.data(), tv.data(), o.data(), lse.data(), T_, T_, D, causal, scale, drop, vec);
+    attn_fwd_tc_kernel<T>(tq.data(), tk.data(), tv.data(), o.data(), lse.data(), T_, T_, D, causal, scale, drop, vec,
+                          1);
   });
   for (int64_t r = 0; r < BH * T_; ++r) {          // what attn_delta_kernel computes on the GPU
     float s = 0;
@@ -176,11 +177,11 @@ void check(const char* dtype, int64_t BH, int64_t T_, bool causal, float p, bool
   }
   launch(grid, kThreads, BwdSmem(D, sizeof(T)).total, [&] {
     attn_bwd_dkdv_tc_kernel<T, ND>(tq.data(), tk.data(), tv.data(), tg.data(), lse.data(), delta.data(), dk.data(),
-                                   dv.data(), T_, T_, causal, scale, drop, vec);
+                                   dv.data(), T_, T_, causal, scale, drop, vec, 1);
   });
   launch(grid, kThreads, BwdSmem(D, sizeof(T)).total, [&] {
     attn_bwd_dq_tc_kernel<T, ND>(tq.data(), tk.data(), tv.data(), tg.data(), lse.data(), delta.data(), dq.data(), T_,
-                                 T_, causal, scale, drop, vec);
+                                 T_, causal, scale, drop, vec, 1);
   });
   const double e_o = rel_error(to_d(o), ref.o);
   std::vector<double> lse_d(lse.begin(), lse.end());
