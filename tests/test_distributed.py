@@ -26,9 +26,10 @@ def records(out, event):
 
 
 def one_process_settings(out, **kw):
-    return TrainSettings(data=str(verdict_path()), preset="tiny", dtype="float32", epochs=2, batch_size=2,
-                         context_length=32, grad_accum=4, eval_freq=4, eval_iter=3, progress=False,
-                         checkpoint_every=10, keep_checkpoints=9, out=str(out), **kw)
+    base = dict(data=str(verdict_path()), preset="tiny", dtype="float32", epochs=2, batch_size=2, context_length=32,
+                grad_accum=4, eval_freq=4, eval_iter=3, progress=False, checkpoint_every=10, keep_checkpoints=9,
+                out=str(out))
+    return TrainSettings(**{**base, **kw})
 
 
 def torchrun(*args, wait=True):
