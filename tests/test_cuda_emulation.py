@@ -85,5 +85,4 @@ def test_every_cuda_kernel_passes_the_standalone_check_in_emulation(tmp_path):
         assert run.stdout.count(" FAIL ") == 0 and run.stdout.count("ok  ") >= 30
         gqa = [line for line in run.stdout.splitlines() if " GQA " in line]     # grouped-query: fp32 and bf16 checks
         assert len(gqa) == 4 and all("ok  " in line for line in gqa), run.stdout
-        assert all(f"{op} " in run.stdout for op in ("rms_norm_fwd", "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd",
-                                                     "rope_fwd", "rope_bwd"))
+        assert run.stdout.count("ok  ") >= 70                   # every kernel's lines (the new ops' included)
