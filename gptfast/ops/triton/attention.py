@@ -11,8 +11,8 @@ dQ - so no two programs add into the same output (deterministic, no atomics).
 
 Dropout uses the shared counter-based hash (csrc/dropout_hash.h, gptfast/ops/dropout_rng.py),
 computed in int64 with explicit 32-bit masks; the mask equals the reference's bit for bit.
-q: (B, H, Tq, D), k, v: (B, Hk, Tk, D) with Hk dividing H (grouped-query: query head h reads K/V head
-h // (H / Hk)) and Tk >= Tq - the queries are the last Tq positions (a KV
+q: (B, H, Tq, D), k, v: (B, H, Tk, D) with Tk >= Tq (grouped-query K/V of fewer heads: repeated by the launchers,
+see _kv_per_query_head) - the queries are the last Tq positions (a KV
 cache; query row r sits at position r + Tk - Tq, which its causal mask and dropout row use);
 D in 16..128 (padded to a power of two and masked).
 """
@@ -146,14 +146,14 @@ def _visible_key_blocks(start_m, TK, off, CAUSAL: tl.constexpr, BLOCK_M: tl.cons
 @triton.autotune(configs=_autotune_configs("fwd"), key=["TQ", "BLOCK_D", "CAUSAL", "DROPOUT"],
                  prune_configs_by=_prune("fwd"))
 @triton.jit
-def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seed_ptr, TQ, TK, D, GROUP, qk_scale, threshold,
-                     keep_scale, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
+def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seed_ptr, TQ, TK, D, qk_scale, threshold, keep_scale,
+                     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     off = TK - TQ                                                    # cached positions before the queries
     base = bh.to(tl.int64) * TQ * D
-    kv_base = (bh // GROUP).to(tl.int64) * TK * D                    # grouped-query: the shared K/V head
+    kv_base = bh.to(tl.int64) * TK * D
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < TQ
@@ -233,11 +233,12 @@ def _dkdv_query_block(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh,
                  prune_configs_by=_prune("dkdv"))
 @triton.jit
 def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, seed_ptr, TQ, TK, D,
-                          GROUP, qk_scale, sm_scale, threshold, keep_scale, CAUSAL: tl.constexpr,
-                          DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          qk_scale, sm_scale, threshold, keep_scale, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0)
-    kvh = tl.program_id(1)                                           # a K/V head: its dK, dV sum over GROUP heads
-    kv_base = kvh.to(tl.int64) * TK * D
+    bh = tl.program_id(1)
+    base = bh.to(tl.int64) * TQ * D
+    kv_base = bh.to(tl.int64) * TK * D
     cols = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     kv_mask = (cols[:, None] < TK) & (dims[None, :] < D)
@@ -245,6 +246,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
     v = tl.load(v_ptr + kv_base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    head_key = _head_key(seed_ptr, bh) if DROPOUT else 0
     off = TK - TQ
     # causal: query rows before start_n * BLOCK_N - off see none of these keys
     lo = (tl.maximum(start_n * BLOCK_N - off, 0) // BLOCK_M) * BLOCK_M if CAUSAL else 0
@@ -255,22 +257,18 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
     last_full = (TQ // BLOCK_M) * BLOCK_M if start_n * BLOCK_N + BLOCK_N <= TK else 0
     mid = tl.maximum(tl.minimum(first_full, last_full), lo)
     end = tl.maximum(last_full, mid)
-    for g in range(0, GROUP):                                        # the query heads reading this K/V head
-        bh = kvh * GROUP + g
-        base = bh.to(tl.int64) * TQ * D
-        head_key = _head_key(seed_ptr, bh) if DROPOUT else 0
-        for start_m in range(lo, mid, BLOCK_M):                      # the diagonal: masked
-            dk, dv = _dkdv_query_block(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, start_m, dims, cols,
-                                       TQ, TK, D, qk_scale, sm_scale, head_key, threshold, keep_scale, CAUSAL,
-                                       DROPOUT, True, BLOCK_M)
-        for start_m in range(mid, end, BLOCK_M):                     # below the diagonal: no mask
-            dk, dv = _dkdv_query_block(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, start_m, dims, cols,
-                                       TQ, TK, D, qk_scale, sm_scale, head_key, threshold, keep_scale, CAUSAL,
-                                       DROPOUT, False, BLOCK_M)
-        for start_m in range(end, TQ, BLOCK_M):                      # ragged last query rows: masked
-            dk, dv = _dkdv_query_block(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, start_m, dims, cols,
-                                       TQ, TK, D, qk_scale, sm_scale, head_key, threshold, keep_scale, CAUSAL,
-                                       DROPOUT, True, BLOCK_M)
+    for start_m in range(lo, mid, BLOCK_M):                          # the diagonal: masked
+        dk, dv = _dkdv_query_block(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, start_m, dims, cols,
+                                   TQ, TK, D, qk_scale, sm_scale, head_key, threshold, keep_scale, CAUSAL, DROPOUT,
+                                   True, BLOCK_M)
+    for start_m in range(mid, end, BLOCK_M):                         # below the diagonal: no mask
+        dk, dv = _dkdv_query_block(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, start_m, dims, cols,
+                                   TQ, TK, D, qk_scale, sm_scale, head_key, threshold, keep_scale, CAUSAL, DROPOUT,
+                                   False, BLOCK_M)
+    for start_m in range(end, TQ, BLOCK_M):                          # ragged last query rows: masked
+        dk, dv = _dkdv_query_block(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, start_m, dims, cols,
+                                   TQ, TK, D, qk_scale, sm_scale, head_key, threshold, keep_scale, CAUSAL, DROPOUT,
+                                   True, BLOCK_M)
     tl.store(dk_ptr + kv_base + cols[:, None] * D + dims[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + kv_base + cols[:, None] * D + dims[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
@@ -292,13 +290,13 @@ def _dq_key_block(dq, q, do, lse2, delta, k_ptr, v_ptr, kv_base, rows, dims, sta
 @triton.autotune(configs=_autotune_configs("dq"), key=["TQ", "BLOCK_D", "CAUSAL", "DROPOUT"],
                  prune_configs_by=_prune("dq"))
 @triton.jit
-def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr, TQ, TK, D, GROUP,
+def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr, TQ, TK, D,
                         qk_scale, sm_scale, threshold, keep_scale, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     base = bh.to(tl.int64) * TQ * D
-    kv_base = (bh // GROUP).to(tl.int64) * TK * D
+    kv_base = bh.to(tl.int64) * TK * D
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     q, do, lse2, delta = _load_query_block(q_ptr, do_ptr, lse_ptr, delta_ptr, base, bh, rows, dims, TQ, D)
@@ -337,12 +335,12 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     if interpreted_bf16(q):
         o, lse = attention_fwd(q.float(), k.float(), v.float(), causal, scale, dropout_p, seed)
         return o.to(q.dtype), lse
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = q.contiguous(), *_kv_per_query_head(k, v, q.shape[1])
     B, H, T, D = q.shape
     o = torch.empty_like(q)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    _attn_fwd_kernel[_grid_m(T, B * H)](q, k, v, o, lse, seed.to(q.device), T, k.shape[2], D, H // k.shape[1],
-                                        scale * LOG2E, _threshold(dropout_p), 1.0 / (1.0 - dropout_p), CAUSAL=causal,
+    _attn_fwd_kernel[_grid_m(T, B * H)](q, k, v, o, lse, seed.to(q.device), T, k.shape[2], D, scale * LOG2E,
+                                        _threshold(dropout_p), 1.0 / (1.0 - dropout_p), CAUSAL=causal,
                                         DROPOUT=dropout_p > 0, BLOCK_D=max(16, triton.next_power_of_2(D)))
     return o, lse
 
@@ -356,19 +354,33 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         grads = attention_bwd(dout.float(), q.float(), k.float(), v.float(), o.float(), lse, causal, scale,
                               dropout_p, seed)
         return tuple(g.to(q.dtype) for g in grads)
-    q, k, v, dout, o = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous(), o.contiguous()
+    Hk = k.shape[1]
+    q, dout, o = q.contiguous(), dout.contiguous(), o.contiguous()
+    k, v = _kv_per_query_head(k, v, q.shape[1])
     B, H, T, D = q.shape
     delta = (dout.float() * o.float()).sum(-1).contiguous()          # (B, H, T): rowsum(dO * O)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     seed = seed.to(q.device)
     Tk = k.shape[2]
-    Hk = k.shape[1]
-    args = (T, Tk, D, H // Hk, scale * LOG2E, scale, _threshold(dropout_p), 1.0 / (1.0 - dropout_p))
+    args = (T, Tk, D, scale * LOG2E, scale, _threshold(dropout_p), 1.0 / (1.0 - dropout_p))
     meta = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, BLOCK_D=max(16, triton.next_power_of_2(D)))
-    _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), B * Hk)](
+    _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), B * H)](
         q, k, v, dout, lse.contiguous(), delta, dk, dv, seed, *args, **meta)
     _attn_bwd_dq_kernel[_grid_m(T, B * H)](q, k, v, dout, lse.contiguous(), delta, dq, seed, *args, **meta)
+    if Hk != H:                                                      # grouped-query: each K/V head's group summed
+        dk, dv = (g.view(B, Hk, H // Hk, *g.shape[2:]).sum(2, dtype=torch.float32).to(g.dtype) for g in (dk, dv))
     return dq, dk, dv
+
+
+def _kv_per_query_head(k: torch.Tensor, v: torch.Tensor, H: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query K/V (B, Hk, Tk, D) as one head per query head (H / Hk copies of each), for the Triton kernels,
+    which take H K/V heads; the CPU and CUDA kernels read the shared head in place. A group loop in the dK/dV
+    kernel pushed its tile configs past 255 registers on sm_80 (spills in .ci/triton_aot_check.py): reading in place
+    here is the next version, to be measured on a GPU."""
+    k, v = k.contiguous(), v.contiguous()
+    if k.shape[1] == H:
+        return k, v
+    return k.repeat_interleave(H // k.shape[1], dim=1), v.repeat_interleave(H // k.shape[1], dim=1)
 
 
 def aot_specializations(full: bool) -> list[Specialization]:
@@ -388,7 +400,7 @@ def aot_specializations(full: bool) -> list[Specialization]:
                 tiles = tiles[:1]
             t = TYPES[dt]
             types = {"q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "do_ptr": f"*{t}", "lse_ptr": "*fp32",
-                     "delta_ptr": "*fp32", "seed_ptr": "*i64", "TQ": "i32", "TK": "i32", "D": "i32", "GROUP": "i32",
+                     "delta_ptr": "*fp32", "seed_ptr": "*i64", "TQ": "i32", "TK": "i32", "D": "i32",
                      "qk_scale": "fp32", "sm_scale": "fp32", "threshold": "i32", "keep_scale": "fp32",
                      **{k: v.format(dt=t) for k, v in extra.items()}}
             for bm, bn, warps, stages in tiles:
