@@ -28,6 +28,7 @@ import torch
 from gptfast import ops
 from gptfast.model import build_model, config_from_preset
 from gptfast.training import make_optimizer
+from gptfast.training.precision import keep_working_copies, refresh_working_copies
 from gptfast.training.optim import resolve_precision
 
 # Vendor dense peaks in TFLOP/s (no sparsity): (name substring, bf16/fp16, tf32). First match wins.
@@ -108,6 +109,8 @@ def run_config(preset: str, backend: str, compile_model: bool, device: torch.dev
     T = context_length or cfg.context_length
     model = build_model(cfg).to(device).train()
     optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.1, device=device)   # what training uses
+    if dtype != torch.float32:                   # as train.py: 16-bit working copies instead of per-forward casts
+        keep_working_copies(model, dtype)
     step_model = torch.compile(model) if compile_model else model
     gen = torch.Generator().manual_seed(seed)
     batches = [torch.randint(0, cfg.vocab_size, (batch_size, T + 1), generator=gen).to(device) for _ in range(4)]
@@ -124,6 +127,7 @@ def run_config(preset: str, backend: str, compile_model: bool, device: torch.dev
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        refresh_working_copies(model)            # (nothing to do in float32)
         return loss
 
     warmup_s, times, loss, peak_mb, process_peak_mb = time_steps(step, device, steps, warmup)
