@@ -10,8 +10,29 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 
+class ModelConfig:
+    """What both families' configs share: the padded vocabulary, and to/from a dict (a checkpoint's) or a preset."""
+    family = ""
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and LM head: vocab_size rounded up to a multiple of vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "family": self.family}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return config_from_dict(d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides):
+        return config_from_preset(name, **overrides)
+
+
 @dataclass
-class GPTConfig:
+class GPTConfig(ModelConfig):
     vocab_size: int = 50257      # GPT-2 BPE vocabulary
     context_length: int = 256    # max tokens the model attends over (positional embeddings)
     emb_dim: int = 768           # width of the residual stream, C
@@ -37,27 +58,11 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
 
-    @property
-    def padded_vocab_size(self) -> int:
-        """Rows of the embedding and LM head: vocab_size rounded up to a multiple of vocab_multiple."""
-        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
-
     family = "gpt2"
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "family": self.family}
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        return config_from_dict(d)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides):
-        return config_from_preset(name, **overrides)
 
 
 @dataclass
-class LlamaConfig:
+class LlamaConfig(ModelConfig):
     """Llama 3.x and Qwen3 (llama.py): RMSNorm, rotary positions, SwiGLU, grouped-query attention; Qwen3 adds an
     RMSNorm of each head's queries and keys (qk_norm). Field names follow GPTConfig where the knob is the same;
     Hugging Face's names in the comments (llama_weights.py converts config.json both ways)."""
@@ -98,20 +103,6 @@ class LlamaConfig:
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"LlamaConfig.drop_rate must be in [0, 1), got {self.drop_rate}")
 
-    @property
-    def padded_vocab_size(self) -> int:
-        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "family": self.family}
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        return config_from_dict(d)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides):
-        return config_from_preset(name, **overrides)
 
 
 FAMILIES = {"gpt2": GPTConfig, "llama": LlamaConfig}
