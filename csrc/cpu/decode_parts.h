@@ -27,6 +27,16 @@ void layer_norm_row_f32(const float* x, const float* weight, const float* bias, 
 // y[i] = gelu(x[i]) for i < n, tanh approximation (gelu.cpp's loop); y may be x.
 void gelu_span_f32(const float* x, float* y, int64_t n);
 
+// One row of RMSNorm in float32 (rms_norm.cpp's row loop, without its statistics output); y may be x.
+void rms_norm_row_f32(const float* x, const float* weight, float* y, int64_t C, double eps);
+
+// One head's row of 2 * half values rotated by its position's angles, cos/sin (half each): rope.cpp's row loop; y
+// may be x.
+void rope_row_f32(const float* x, float* y, const float* cos, const float* sin, int64_t half);
+
+// y[i] = silu(gate[i]) * up[i] for i < n (swiglu.cpp's loop); y may be gate.
+void swiglu_span_f32(const float* gate, const float* up, float* y, int64_t n);
+
 // Causal attention of one query row, the newest of n_keys positions, over keys and values stored
 // row-major (n_keys x D) at k and v: out (D) = softmax(scale q K^T) V, as the attention op's
 // few-rows kernel computes it (attention_decode.cpp). scratch: n_keys + 2 * D floats.

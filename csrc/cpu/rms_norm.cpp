@@ -22,6 +22,7 @@
 
 #include "../common.h"
 #include "column_sums.h"
+#include "decode_parts.h"
 #include "kernels.h"
 #include "vec_io.h"
 
@@ -173,6 +174,11 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& dy_in, con
 }
 
 }  // namespace
+
+void rms_norm_row_f32(const float* x, const float* weight, float* y, int64_t C, double eps) {
+  float rstd;
+  rms_norm_fwd_row<float>(x, weight, y, &rstd, C, eps, /*stream=*/false);
+}
 
 static void rms_norm_kernels(torch::Library& m) {
   m.impl("rms_norm_fwd", &rms_norm_fwd_cpu);

@@ -16,6 +16,7 @@
 #include <tuple>
 
 #include "../common.h"
+#include "decode_parts.h"
 #include "kernels.h"
 #include "vec_io.h"
 
@@ -139,6 +140,10 @@ std::tuple<at::Tensor, at::Tensor> rope_bwd_cpu(const at::Tensor& dq, const at::
 }
 
 }  // namespace
+
+void rope_row_f32(const float* x, float* y, const float* cos, const float* sin, int64_t half) {
+  rotate_row<float>(x, y, cos, sin, half, /*back=*/false);
+}
 
 static void rope_kernels(torch::Library& m) {
   m.impl("rope_fwd", &rope_fwd_cpu);

@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "../common.h"
+#include "decode_parts.h"
 #include "kernels.h"
 #include "vec_io.h"
 
@@ -131,6 +132,8 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& dy_in, const
 }
 
 }  // namespace
+
+void swiglu_span_f32(const float* gate, const float* up, float* y, int64_t n) { swiglu_fwd_span<float>(gate, up, y, n); }
 
 static void swiglu_kernels(torch::Library& m) {
   m.impl("swiglu_fwd", &swiglu_fwd_cpu);

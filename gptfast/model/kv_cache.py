@@ -6,7 +6,7 @@ allocated once for the full context length.
 
 A step of one position is also where our CPU kernels fuse a whole block into one call (`ops.decode_block`:
 the block's LayerNorms, linear layers, cache write, attention and GELU, threads meeting at barriers instead of
-~12 op calls, bit-for-bit the op-by-op results). `KVCache.run_block` takes that path where the backend has
+~12 op calls, bit-for-bit the op-by-op results; `ops.decode_block_llama` for a Llama/Qwen3 block). `KVCache.run_block` takes that path where the backend has
 it (`ops.fuses_decode_block`) and autograd does not need the result; anything else runs the block as written
 in gpt.py.
 """
@@ -16,7 +16,7 @@ import torch
 
 from .. import ops
 
-__all__ = ["KVCache", "LayerKV", "decode_weights"]
+__all__ = ["KVCache", "LayerKV", "decode_weights", "decode_weights_llama"]
 
 
 class LayerKV:
@@ -56,9 +56,15 @@ class KVCache:
         the block takes besides, e.g. a Llama block's rotary angles)."""
         kv = self.layers[i]
         if self.fused and x.shape[1] == 1 and not block.training:   # one position: one call, where it fuses
-            weights = decode_weights(block)
-            if weights is not None and ops.fuses_decode_block(x, weights, kv.k, backend=block.backend):
-                return ops.decode_block(x, weights, kv.k, kv.v, start_pos, backend=block.backend)
+            if "rope" in extra:                                  # a Llama/Qwen3 block: the position's angles too
+                weights = decode_weights_llama(block)
+                if weights is not None and ops.fuses_decode_block_llama(x, weights, kv.k, backend=block.backend):
+                    return ops.decode_block_llama(x, weights, kv.k, kv.v, start_pos, *extra["rope"],
+                                                  backend=block.backend)
+            else:
+                weights = decode_weights(block)
+                if weights is not None and ops.fuses_decode_block(x, weights, kv.k, backend=block.backend):
+                    return ops.decode_block(x, weights, kv.k, kv.v, start_pos, backend=block.backend)
         return block(x, kv, start_pos, **extra)
 
 
@@ -77,3 +83,21 @@ def decode_weights(block) -> ops.BlockWeights | None:
         return ops.LinearWeights(m.weight, getattr(m, "scales", None), m.bias)
     return ops.BlockWeights(block.norm1.weight, block.norm1.bias, tuple(layer(m) for m in qkv), layer(att.out_proj),
                             block.norm2.weight, block.norm2.bias, layer(ff.fc), layer(ff.proj), block.norm1.eps)
+
+
+def decode_weights_llama(block) -> ops.LlamaBlockWeights | None:
+    """A LlamaBlock's tensors as ops.decode_block_llama reads them (None where autograd would need the result, or
+    where its norms differ in eps)."""
+    att, ff = block.att, block.ff
+    if torch.is_grad_enabled() and block.norm1.weight.requires_grad:
+        return None
+    norms = [block.norm1, block.norm2] + ([att.q_norm, att.k_norm] if att.q_norm is not None else [])
+    if len({n.eps for n in norms}) != 1:
+        return None
+
+    def layer(m):                                                # our Linear, or a quantized WeightOnlyLinear
+        return ops.LinearWeights(m.weight, getattr(m, "scales", None), m.bias)
+    return ops.LlamaBlockWeights(block.norm1.weight, layer(att.W_query), layer(att.W_key), layer(att.W_value),
+                                 layer(att.out_proj), block.norm2.weight, layer(ff.gate), layer(ff.up),
+                                 layer(ff.down), None if att.q_norm is None else att.q_norm.weight,
+                                 None if att.k_norm is None else att.k_norm.weight, block.norm1.eps)

@@ -149,7 +149,7 @@ def decode_block(x: torch.Tensor, weights: BlockWeights, k_cache: torch.Tensor, 
 
 
 # ----------------------------------------------------------------------------- the textbook
-def _linear(x: torch.Tensor, layer: LinearWeights) -> torch.Tensor:
+def layer_output(x: torch.Tensor, layer: LinearWeights) -> torch.Tensor:
     """x @ W^T [+ b] for a layer of any storage type, in x's precision."""
     if layer.weight.dtype == torch.int8:
         return linear_int8_reference(x, layer.weight, layer.scales, layer.bias)
@@ -164,13 +164,13 @@ def reference(x: torch.Tensor, weights: BlockWeights, k_cache: torch.Tensor, v_c
     H, D = k_cache.shape[1], k_cache.shape[3]
     q_w, k_w, v_w, out_w, fc_w, proj_w = w.layers()
     h = layer_norm_reference(x, w.ln1_weight.to(x.dtype), w.ln1_bias.to(x.dtype), w.eps)
-    q, k, v = (_linear(h, L).reshape(B, 1, H, D).transpose(1, 2) for L in (q_w, k_w, v_w))   # (B, H, 1, D)
+    q, k, v = (layer_output(h, L).reshape(B, 1, H, D).transpose(1, 2) for L in (q_w, k_w, v_w))   # (B, H, 1, D)
     k_cache[:, :, start_pos] = k[:, :, 0]
     v_cache[:, :, start_pos] = v[:, :, 0]
     a = attention_reference(q, k_cache[:, :, :start_pos + 1], v_cache[:, :, :start_pos + 1])   # (B, H, 1, D)
-    x1 = x + _linear(a.transpose(1, 2).reshape(B, 1, C), out_w)
+    x1 = x + layer_output(a.transpose(1, 2).reshape(B, 1, C), out_w)
     h2 = layer_norm_reference(x1, w.ln2_weight.to(x.dtype), w.ln2_bias.to(x.dtype), w.eps)
-    return x1 + _linear(gelu_reference(_linear(h2, fc_w)), proj_w)
+    return x1 + layer_output(gelu_reference(layer_output(h2, fc_w)), proj_w)
 
 
 # ----------------------------------------------------------------------------- the compiled kernel's contract
@@ -243,11 +243,15 @@ def _case(kind: str, B: int, H: int, D: int, F: int, context: int, start_pos: in
     return Case(label, build, call, extra=extra, found=found)
 
 
+def layer_float64(L: LinearWeights) -> LinearWeights:
+    """A layer for the float64 twin: int8 stays int8 (dequantized in float64), the rest widened."""
+    return LinearWeights(L.weight if L.weight.dtype == torch.int8 else L.weight.double(),
+                         None if L.scales is None else L.scales.double(), None if L.bias is None else L.bias.double())
+
+
 def _to_float64(w: BlockWeights) -> BlockWeights:
     """The block for the float64 twin: int8 stays int8 (dequantized in float64), the rest widened."""
-    def layer(L):
-        return LinearWeights(L.weight if L.weight.dtype == torch.int8 else L.weight.double(),
-                             None if L.scales is None else L.scales.double(), None if L.bias is None else L.bias.double())
+    layer = layer_float64
     return w._replace(ln1_weight=w.ln1_weight.double(), ln1_bias=w.ln1_bias.double(), qkv=tuple(map(layer, w.qkv)),
                       out=layer(w.out), ln2_weight=w.ln2_weight.double(), ln2_bias=w.ln2_bias.double(),
                       fc=layer(w.fc), proj=layer(w.proj))

@@ -1,0 +1,232 @@
+// One Llama/Qwen3 block's decoding step on CPU, in one call: a new position per sequence (x: B x 1 x C)
+// through RMSNorm -> Q/K/V -> (Qwen3: per-head RMSNorm of q and k) -> RoPE -> the KV cache -> grouped-query
+// attention -> output projection + residual -> RMSNorm -> gate, up -> SwiGLU -> down projection + residual.
+//
+// Why: as for GPT-2's block (decode_block.cpp), a Llama block op by op is ~14 op calls (Qwen3-0.6B: 28 blocks,
+// ~400 calls a token), each paying Python, the dispatcher, an allocation and a wake-up of the threads. Here a
+// block is one call whose threads meet at barriers between the steps.
+//
+// Every step runs the standalone op's own loop (decode_parts.h) on a thread's share: the columns of each linear
+// layer, the rows of the RMSNorms, the heads of the q/k norm + rotation and of the attention. Each element is
+// computed by the same instructions in the same order as by the ops one by one, so the output and the cache
+// rows written are bit-for-bit the unfused extension path's (tested). Grouped-query attention reads each K/V
+// head where it lies in the cache (n_heads / n_kv_heads query heads share it): no repeated copy.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "../common.h"
+#include "decode_parts.h"
+#include "kernels.h"
+
+#ifndef GPTFAST_ISA_MODULE   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
+TORCH_LIBRARY_FRAGMENT(gptfast, m) {
+  // One Llama/Qwen3 block's decoding step: x (B, 1, C), one new position per sequence at start_pos, through
+  // y = x1 + down(swiglu(gate(h2), up(h2))), h2 = rms(x1), x1 = x + out(attention(rope(q), rope(k), v)),
+  // q, k, v = projections of rms(x) (Qwen3: q and k RMS-normalized per head before the rotation), writing the new
+  // keys and values into k_cache/v_cache (B, n_kv_heads, context, head_dim) at start_pos and attending over
+  // positions 0..start_pos. norms: [norm1, norm2] (C,) or [norm1, norm2, q_norm, k_norm] (the last two (head_dim,));
+  // the seven linear layers in the order q, k, v, out, gate, up, down: weights (N, K) float32, bfloat16 or int8,
+  // scales (N,) for int8, biases (N,) or None; cos, sin (1, head_dim / 2) float32: the position's angles.
+  m.def("decode_block_llama(Tensor x, Tensor[] norms, Tensor[] weights, Tensor?[] scales, Tensor?[] biases, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, Tensor sin, SymInt start_pos, float eps) -> Tensor");
+}
+#endif
+
+namespace gptfast {
+namespace {
+
+constexpr int64_t kMaxRows = 16;   // sequences per call: the linear kernel's few-rows range (linear.cpp)
+
+struct Layer {
+  at::Tensor w;            // (N, K) float32, bfloat16 or int8, contiguous
+  const float* scales;     // (N,) or null
+  const float* bias;       // (N,) or null
+  int64_t N;
+};
+
+const char* const kLayerNames[] = {"q", "k", "v", "out", "gate", "up", "down"};
+
+// Layer i of the call, checked: the sizes, types and contiguity the loops rely on (gptfast.ops.decode_block_llama
+// checks them first, with each argument named; this is for a direct call of the kernel op).
+Layer layer_args(int i, const at::Tensor& w, const std::optional<at::Tensor>& scales,
+                 const std::optional<at::Tensor>& bias, int64_t N, int64_t K) {
+  const auto wt = w.scalar_type();
+  TORCH_CHECK((wt == at::kFloat || wt == at::kBFloat16 || wt == at::kChar) && w.dim() == 2 && w.size(1) == K &&
+                  (N < 0 || w.size(0) == N) && w.is_contiguous() && w.device().is_cpu(),
+              kLayerNames[i], " weight must be a contiguous float32, bfloat16 or int8 (", N < 0 ? "F" : std::to_string(N),
+              ", ", K, ") CPU tensor, got ", wt, " ", w.sizes());
+  TORCH_CHECK(wt != at::kChar || scales.has_value(), kLayerNames[i], " weight is int8 and needs scales");
+  const float* ptr[2] = {nullptr, nullptr};
+  for (int j = 0; j < 2; ++j) {
+    const auto& t = j == 0 ? scales : bias;
+    if (!t.has_value()) continue;
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == w.size(0) && t->is_contiguous() &&
+                    t->device().is_cpu(),
+                kLayerNames[i], j == 0 ? " scales" : " bias", " must be a contiguous float32 (", w.size(0),
+                ",) CPU tensor");
+    ptr[j] = t->data_ptr<float>();
+  }
+  return {w, ptr[0], ptr[1], w.size(0)};
+}
+
+// The block as the threads read it (checked: block_args). Hq query heads, Hkv K/V heads, D = head_dim.
+struct Block {
+  Layer q, k, v, out, gate, up, down;
+  const float *norm1, *norm2, *q_norm, *k_norm, *cos, *sin;   // q_norm, k_norm null without Qwen3's q/k norm
+  int64_t B, C, F, Hq, Hkv, Tmax, D;
+};
+
+Block block_args(const at::Tensor& x, at::TensorList norms, at::TensorList weights,
+                 const c10::List<std::optional<at::Tensor>>& scales, const c10::List<std::optional<at::Tensor>>& biases,
+                 const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cos, const at::Tensor& sin,
+                 int64_t start_pos) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(1) == 1 && x.is_contiguous() &&
+                  x.size(0) >= 1 && x.size(0) <= kMaxRows && x.device().is_cpu(),
+              "x must be a contiguous float32 (B, 1, C) CPU tensor with 1 <= B <= ", kMaxRows, ", got ",
+              x.scalar_type(), " ", x.sizes());
+  const int64_t B = x.size(0), C = x.size(2);
+  for (const at::Tensor* t : {&k_cache, &v_cache})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 4 && t->is_contiguous() && t->size(0) == B &&
+                    t->sizes() == k_cache.sizes() && t->device().is_cpu() && t->size(3) % 2 == 0,
+                "k_cache and v_cache must be contiguous float32 (", B, ", n_kv_heads, context, head_dim) CPU tensors "
+                "of one shape with an even head_dim, got ", t->sizes());
+  const int64_t Hkv = k_cache.size(1), Tmax = k_cache.size(2), D = k_cache.size(3);
+  TORCH_CHECK(start_pos >= 0 && start_pos < Tmax, "start_pos must be in [0, ", Tmax, "), got ", start_pos);
+  TORCH_CHECK(norms.size() == 2 || norms.size() == 4, "norms: [norm1, norm2] or [norm1, norm2, q_norm, k_norm], got ",
+              norms.size());
+  for (size_t i = 0; i < norms.size(); ++i)
+    TORCH_CHECK(norms[i].scalar_type() == at::kFloat && norms[i].dim() == 1 && norms[i].size(0) == (i < 2 ? C : D) &&
+                    norms[i].is_contiguous() && norms[i].device().is_cpu(),
+                "norms must be contiguous float32 CPU tensors: norm1, norm2 (", C, ",), q_norm, k_norm (", D, ",)");
+  for (const at::Tensor* t : {&cos, &sin})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == D / 2 && t->is_contiguous() && t->device().is_cpu(),
+                "cos and sin must be contiguous float32 tensors of head_dim / 2 = ", D / 2, " values, got ", t->sizes());
+  TORCH_CHECK(weights.size() == 7 && scales.size() == 7 && biases.size() == 7,
+              "weights, scales, biases: seven layers each (q, k, v, out, gate, up, down)");
+  auto layer = [&](int i, int64_t N, int64_t K) { return layer_args(i, weights[i], scales.get(i), biases.get(i), N, K); };
+  const Layer q = layer(0, -1, C);
+  TORCH_CHECK(q.N % D == 0 && (q.N / D) % Hkv == 0, "q weight must have n_heads * head_dim rows with n_heads a "
+              "multiple of the cache's n_kv_heads = ", Hkv, ", got ", q.N, " rows for head_dim ", D);
+  const Layer gate = layer(4, -1, C);
+  const bool qk = norms.size() == 4;
+  return {q, layer(1, Hkv * D, C), layer(2, Hkv * D, C), layer(3, C, q.N), gate, layer(5, gate.N, C),
+          layer(6, C, gate.N), norms[0].data_ptr<float>(), norms[1].data_ptr<float>(),
+          qk ? norms[2].data_ptr<float>() : nullptr, qk ? norms[3].data_ptr<float>() : nullptr,
+          cos.data_ptr<float>(), sin.data_ptr<float>(), B, C, gate.N, q.N / D, Hkv, Tmax, D};
+}
+
+// Thread t's share [begin, end) of N output columns, in whole blocks of kDecodeColumnBlock.
+std::pair<int64_t, int64_t> column_share(int64_t N, int64_t t, int64_t nt) {
+  const int64_t blocks = (N + kDecodeColumnBlock - 1) / kDecodeColumnBlock;
+  return {std::min(N, blocks * t / nt * kDecodeColumnBlock), std::min(N, blocks * (t + 1) / nt * kDecodeColumnBlock)};
+}
+
+void columns(const float* a, int64_t lda, int64_t B, const Layer& L, float* y, int64_t ldy, int64_t c0, int64_t c1) {
+  linear_columns(a, lda, B, L.w, L.scales, L.bias, y, ldy, c0, c1);
+}
+
+// Where the threads keep the step's rows: x, the RMSNorms' output h, q | k | v side by side (W = (Hq + 2 Hkv) D a
+// row), the heads' outputs, x1 = x + attention, gate and up (F each), y; the caches; each thread's attention scratch.
+struct Rows {
+  const float* x;
+  float *h, *qkv, *att, *x1, *g, *u, *y, *k_cache, *v_cache, *scratch;
+};
+
+// One thread's part (thread t of n) of the step: each stage the standalone op's loop on the thread's share,
+// a barrier between stages.
+void run_block(const Block& w, const Rows& r, int64_t P, double eps, int64_t t, int64_t n) {
+  const int64_t B = w.B, C = w.C, F = w.F, D = w.D, Hq = w.Hq, Hkv = w.Hkv, Cq = Hq * D, W = (Hq + 2 * Hkv) * D;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));   // 1/sqrt(D), as the attention op
+  for (int64_t b = t; b < B; b += n) rms_norm_row_f32(r.x + b * C, w.norm1, r.h + b * C, C, eps);
+#pragma omp barrier
+  int64_t col = 0;                                                        // q, k, v = h W^T
+  for (const Layer* L : {&w.q, &w.k, &w.v}) {
+    const auto [c0, c1] = column_share(L->N, t, n);
+    columns(r.h, C, B, *L, r.qkv + col, W, c0, c1);
+    col += L->N;
+  }
+#pragma omp barrier
+  for (int64_t i = t; i < B * (Hq + Hkv); i += n) {                       // each q and k head: norm, rotate
+    const int64_t b = i / (Hq + Hkv), hd = i % (Hq + Hkv);                // (k heads: into the cache, with v)
+    float* row = r.qkv + b * W + hd * D;                                  // q heads, then k heads: contiguous
+    const float* norm = hd < Hq ? w.q_norm : w.k_norm;
+    if (norm != nullptr) rms_norm_row_f32(row, norm, row, D, eps);
+    if (hd < Hq) {
+      rope_row_f32(row, row, w.cos, w.sin, D / 2);
+      continue;
+    }
+    const int64_t slot = ((b * Hkv + hd - Hq) * w.Tmax + P) * D;          // cache row (b, kv head, P)
+    rope_row_f32(row, r.k_cache + slot, w.cos, w.sin, D / 2);
+    std::copy(row + Hkv * D, row + Hkv * D + D, r.v_cache + slot);        // v sits Hkv heads after k
+  }
+#pragma omp barrier
+  const int64_t group = Hq / Hkv;
+  for (int64_t bh = t; bh < B * Hq; bh += n) {                            // attend: query head h reads K/V head h / group
+    const int64_t b = bh / Hq, hd = bh % Hq;
+    const int64_t kv = (b * Hkv + hd / group) * w.Tmax * D;
+    attention_last_row_f32(r.qkv + b * W + hd * D, r.k_cache + kv, r.v_cache + kv, P + 1, D, scale,
+                           r.att + b * Cq + hd * D, r.scratch + t * (P + 1 + 2 * D));
+  }
+#pragma omp barrier
+  {                                                                       // x1 = att W_out^T + x
+    const auto [c0, c1] = column_share(C, t, n);
+    columns(r.att, Cq, B, w.out, r.x1, C, c0, c1);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t c = c0; c < c1; ++c) r.x1[b * C + c] += r.x[b * C + c];
+  }
+#pragma omp barrier
+  for (int64_t b = t; b < B; b += n) rms_norm_row_f32(r.x1 + b * C, w.norm2, r.h + b * C, C, eps);
+#pragma omp barrier
+  {                                                                       // g = swiglu(h W_gate^T, h W_up^T)
+    const auto [c0, c1] = column_share(F, t, n);
+    columns(r.h, C, B, w.gate, r.g, F, c0, c1);
+    columns(r.h, C, B, w.up, r.u, F, c0, c1);
+    for (int64_t b = 0; b < B; ++b) swiglu_span_f32(r.g + b * F + c0, r.u + b * F + c0, r.g + b * F + c0, c1 - c0);
+  }
+#pragma omp barrier
+  const auto [c0, c1] = column_share(C, t, n);                            // y = g W_down^T + x1
+  columns(r.g, F, B, w.down, r.y, C, c0, c1);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = c0; c < c1; ++c) r.y[b * C + c] += r.x1[b * C + c];
+}
+
+at::Tensor decode_block_llama_cpu(const at::Tensor& x, at::TensorList norms, at::TensorList weights,
+                                  const c10::List<std::optional<at::Tensor>>& scales,
+                                  const c10::List<std::optional<at::Tensor>>& biases, const at::Tensor& k_cache,
+                                  const at::Tensor& v_cache, const at::Tensor& cos, const at::Tensor& sin,
+                                  int64_t start_pos, double eps) {
+  const Block w = block_args(x, norms, weights, scales, biases, k_cache, v_cache, cos, sin, start_pos);
+  const int64_t B = w.B, C = w.C, W = (w.Hq + 2 * w.Hkv) * w.D, Cq = w.Hq * w.D;
+  const auto opts = x.options();
+  at::Tensor y = at::empty({B, 1, C}, opts);
+  at::Tensor work = at::empty({B * (C + W + Cq + C + 2 * w.F)}, opts);   // h, qkv, att, x1, gate, up
+  const int nt = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+  at::Tensor scratch = at::empty({nt, start_pos + 1 + 2 * w.D}, opts);
+  maybe_poison(y), maybe_poison(work);
+  float* h = work.data_ptr<float>();
+  float* qkv = h + B * C;
+  float* att = qkv + B * W;
+  float* x1 = att + B * Cq;
+  float* g = x1 + B * C;
+  const Rows r{x.data_ptr<float>(), h, qkv, att, x1, g, g + B * w.F, y.data_ptr<float>(), k_cache.data_ptr<float>(),
+               v_cache.data_ptr<float>(), scratch.data_ptr<float>()};
+#pragma omp parallel num_threads(nt)
+  run_block(w, r, start_pos, eps, omp_get_thread_num(), omp_get_num_threads());
+  return y;
+}
+
+}  // namespace
+
+static void decode_block_llama_kernels(torch::Library& m) { m.impl("decode_block_llama", &decode_block_llama_cpu); }
+GPTFAST_CPU_KERNELS(decode_block_llama_kernels);
+
+}  // namespace gptfast
