@@ -13,7 +13,9 @@ makes, and its share of the read bandwidth measured in the same run (a sum over 
 - with --compile MODES, those modes again with the one-token step compiled (torch.compile; the
   compilation happens in the warm-up and is reported apart);
 - with --op-by-op MODES, those modes again with each block's decoding step run op by op instead of
-  as one fused op (ops.decode_block, where the backend has it): what the fusion buys.
+  as one fused op (ops.decode_block, where the backend has it): what the fusion buys;
+- with --peers transformers, transformers' own `generate` (greedy, KV cache, float32, attn_implementation
+  "sdpa") on the same weights, exported with gptfast's exporter and loaded by transformers in this process.
 
 Configurations take turns within each of --rounds rounds (the median is reported), so drift in the
 machine's speed hits them alike. Prefill (time to the first token) is timed apart from decoding.
@@ -33,10 +35,14 @@ import sys
 import time
 from dataclasses import dataclass
 
+import tempfile
+
 import torch
 
 from gptfast.generate import generate_tokens
-from gptfast.model import build_model, config_from_preset, quantization_of, quantize
+from gptfast.model import LlamaModel, build_model, config_from_preset, export_hf, export_llama, quantization_of, quantize
+
+PEERS = ("transformers",)
 
 
 @torch.no_grad()
@@ -57,6 +63,41 @@ def baseline_generate_tokens(model, idx, max_new_tokens):
             break
         logits = model(idx_next, cache=cache, start_pos=pos)[:, -1, :V]
         pos += 1
+
+
+class StepTimes:
+    """A transformers streamer that notes when each step's tokens arrive (the first `put` is the prompt)."""
+
+    def __init__(self):
+        self.times, self.tokens = [], []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+        self.tokens.append(value.reshape(-1, 1) if len(self.times) > 1 else value)
+
+    def end(self):
+        pass
+
+
+def transformers_timed_run(model, idx, max_new_tokens) -> tuple[float, float, torch.Tensor]:
+    """transformers' generate, greedy with its KV cache, exactly max_new_tokens tokens: (seconds to the first token,
+    seconds for the rest, tokens (B, n)), from the streamer's timestamps."""
+    steps = StepTimes()
+    t0 = time.perf_counter()
+    model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=max_new_tokens,
+                   min_new_tokens=max_new_tokens, do_sample=False, use_cache=True, streamer=steps, pad_token_id=0)
+    end = time.perf_counter()
+    return steps.times[1] - t0, end - steps.times[1], torch.cat(steps.tokens[1:], dim=1)
+
+
+def transformers_model(model, folder: str):
+    """`model`'s float32 weights as transformers' own model (GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM),
+    attn_implementation "sdpa" - written by gptfast's exporter, read back by transformers."""
+    import transformers
+
+    (export_llama if isinstance(model, LlamaModel) else export_hf)(model, folder, force=True)
+    # (float32: the dtype the exported config.json names)
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
 
 
 def timed_run(tokens_iter, sync) -> tuple[float, float, torch.Tensor]:
@@ -130,6 +171,14 @@ class Config:
     baseline: bool = False         # the generation loop as it was before the decoding work
     fused: bool = True             # each block's step as one op where the backend has it (ops.decode_block)
     compiled: bool = False         # the one-token step compiled (torch.compile)
+    peer: str | None = None        # another tool's generation ("transformers")
+
+    def timed(self, model, prompt, n, sync) -> tuple[float, float, torch.Tensor]:
+        """(seconds to the first token, seconds for the rest, tokens (B, n))."""
+        if self.peer == "transformers":
+            with torch.no_grad():
+                return transformers_timed_run(model, prompt, n)
+        return timed_run(self.tokens(model, prompt, n), sync)
 
     def tokens(self, model, prompt, n):
         if self.baseline:
@@ -143,18 +192,24 @@ def configurations(args) -> list[Config]:
     configs += [Config(f"{b} {m}", b, m) for m in modes]
     configs += [Config(f"{b} {m} op-by-op", b, m, fused=False) for m in args.op_by_op.split(",") if m]
     configs += [Config(f"{b} {m} compiled", b, m, compiled=True) for m in args.compile.split(",") if m]
+    configs += [Config(f"{p} generate", "torch", "none", peer=p) for p in args.peers.split(",") if p]
     return configs
 
 
-def build_models(preset: str, configs: list[Config], device) -> dict:
-    """{config: its model}: one float32 model, copied and quantized once per mode (compiled rows share their
-    mode's model)."""
+def build_models(preset: str, configs: list[Config], device) -> tuple[dict, torch.nn.Module]:
+    """({config: its model}, the float32 model): one float32 model, copied and quantized once per mode (compiled
+    rows share their mode's model; a peer gets the same weights in its own model)."""
     torch.manual_seed(0)
-    fp32 = build_model(config_from_preset(preset, backend=configs[-1].backend)).to(device).eval()
+    ours = next((c.backend for c in configs if not (c.baseline or c.peer)), "torch")   # the gptfast rows' backend
+    fp32 = build_model(config_from_preset(preset, backend=ours)).to(device).eval()
     quantized, models = {}, {}
     for c in configs:
         if c.baseline:
             models[c] = copy.deepcopy(fp32).set_backend("torch")
+            continue
+        if c.peer == "transformers":
+            with tempfile.TemporaryDirectory() as folder:
+                models[c] = transformers_model(fp32, folder)
             continue
         if c.quantize not in quantized:
             t0 = time.perf_counter()
@@ -163,7 +218,7 @@ def build_models(preset: str, configs: list[Config], device) -> dict:
                 print(f"  ({preset}: quantize to {c.quantize} took {time.perf_counter() - t0:.2f} s)")
         model = quantized[c.quantize]
         models[c] = model
-    return models
+    return models, fp32
 
 
 def time_batch(models: dict, prompt, args, sync) -> tuple[dict, dict, dict]:
@@ -172,22 +227,23 @@ def time_batch(models: dict, prompt, args, sync) -> tuple[dict, dict, dict]:
     compile_s = {}
     for c, model in models.items():
         t0 = time.perf_counter()
-        list(c.tokens(model, prompt, 4))
+        c.timed(model, prompt, 4, sync)
         if c.compiled:
             compile_s[c] = time.perf_counter() - t0
             print(f"  (batch {prompt.shape[0]}: {c.label}: compiling and 4 tokens took {compile_s[c]:.1f} s)")
     runs, tokens = {c: [] for c in models}, {}
     for _ in range(args.rounds):
         for c, model in models.items():
-            prefill, decode, tokens[c] = timed_run(c.tokens(model, prompt, args.new_tokens), sync)
+            prefill, decode, tokens[c] = c.timed(model, prompt, args.new_tokens, sync)
             runs[c].append((prefill, decode))
     return runs, tokens, compile_s
 
 
-def result_row(c: Config, model, preset, batch, args, runs, tokens, compile_s, ref) -> dict:
+def result_row(c: Config, model, preset, batch, args, runs, tokens, compile_s, ref, fp32) -> dict:
     prefill, decode = (statistics.median(r[i] for r in runs) for i in (0, 1))
     steps = args.new_tokens - 1
-    w_bytes, c_bytes = bytes_per_step(model, batch, args.prompt_tokens + args.new_tokens / 2)
+    # a peer's model reads what our float32 model reads (the same weights)
+    w_bytes, c_bytes = bytes_per_step(fp32 if c.peer else model, batch, args.prompt_tokens + args.new_tokens / 2)
     agree = None
     if ref is not None:
         same = (tokens == ref).all(dim=0).long()
@@ -196,7 +252,8 @@ def result_row(c: Config, model, preset, batch, args, runs, tokens, compile_s, r
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "tokens_per_s": batch * steps / decode,
             "prefill_ms": prefill * 1e3, "decode_s": decode, "weight_bytes_per_step": w_bytes,
             "cache_bytes_per_step": c_bytes, "GBps": (w_bytes + c_bytes) * steps / decode / 1e9,
-            "agreement_with_baseline": agree, "compiled": c.compiled, "fused_decoding": c.fused and not c.baseline,
+            "agreement_with_baseline": agree, "compiled": c.compiled, "peer": c.peer,
+            "fused_decoding": c.fused and not c.baseline and not c.peer,
             "compile_s": compile_s.get(c)}
 
 
@@ -226,6 +283,8 @@ def parse_args(argv):
                    "decoding block off (generate(..., fused_decoding=False))")
     p.add_argument("--compile", default="", help="comma-separated quantize modes to run again with compile=True "
                    "(the one-token step as a torch.compile graph; its compile time is reported, not timed)")
+    p.add_argument("--peers", default="", help=f"comma-separated other tools to run on the same weights: "
+                   f"{', '.join(PEERS)}")
     p.add_argument("--no-baseline", action="store_true", help="leave out the baseline row (not for the record)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -233,6 +292,9 @@ def parse_args(argv):
         extra = [m for m in value.split(",") if m and m not in args.quantize.split(",")]
         if extra:
             p.error(f"{flag} {','.join(extra)}: each mode must also be in --quantize ({args.quantize})")
+    unknown = [x for x in args.peers.split(",") if x and x not in PEERS]
+    if unknown:
+        p.error(f"--peers {','.join(unknown)}: choose from {', '.join(PEERS)}")
     return args
 
 
@@ -250,12 +312,12 @@ def main(argv=None):
     print(header + "\n" + "-" * len(header))
     configs, rows = configurations(args), []
     for preset in args.presets.split(","):
-        models = build_models(preset, configs, device)
+        models, fp32 = build_models(preset, configs, device)
         for batch in map(int, args.batch_sizes.split(",")):
-            prompt = torch.randint(0, 50257, (batch, args.prompt_tokens), device=device)
+            prompt = torch.randint(0, min(50257, fp32.cfg.vocab_size), (batch, args.prompt_tokens), device=device)
             runs, tokens, compile_s = time_batch(models, prompt, args, sync)
             ref = next((tokens[c] for c in models if c.baseline), None)
-            batch_rows = [result_row(c, m, preset, batch, args, runs[c], tokens[c], compile_s, ref)
+            batch_rows = [result_row(c, m, preset, batch, args, runs[c], tokens[c], compile_s, ref, fp32)
                           for c, m in models.items()]
             base = next((r["tokens_per_s"] for r, c in zip(batch_rows, models) if c.baseline), None)
             for r in batch_rows:

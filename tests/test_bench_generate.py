@@ -4,6 +4,7 @@ import pathlib
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_generate  # noqa: E402
@@ -30,3 +31,35 @@ def test_tiny_run_writes_every_configuration(tmp_path, monkeypatch):
 def test_a_mode_run_again_must_be_measured_too():
     with pytest.raises(SystemExit):
         bench_generate.parse_args(["--quantize", "none", "--compile", "int8"])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "qwen3-tiny"])
+def test_transformers_peer_runs_on_the_same_weights(preset, tmp_path, monkeypatch):
+    """--peers transformers: transformers' generate on our exported weights picks the baseline's greedy tokens."""
+    pytest.importorskip("transformers", reason="transformers is the [hf] extra")
+    monkeypatch.setattr(bench_generate, "read_bandwidth", lambda device: 10.0)
+    out = tmp_path / "g.json"
+    assert bench_generate.main(["--presets", preset, "--batch-sizes", "1,2", "--quantize", "none", "--peers",
+                                "transformers", "--new-tokens", "5", "--prompt-tokens", "3", "--rounds", "1",
+                                "--out", str(out)]) == 0
+    rows = {(r["path"], r["batch"]): r for r in json.loads(out.read_text())["results"]}
+    for b in (1, 2):
+        peer = rows[("transformers generate", b)]
+        assert peer["peer"] == "transformers" and not peer["fused_decoding"]
+        assert peer["agreement_with_baseline"] == 1.0 and peer["tokens_per_s"] > 0
+        assert peer["weight_bytes_per_step"] == rows[("baseline", b)]["weight_bytes_per_step"]
+
+
+def test_an_unknown_peer_is_refused():
+    with pytest.raises(SystemExit):
+        bench_generate.parse_args(["--peers", "vllm"])
+
+
+def test_the_gptfast_rows_run_their_backend_whatever_comes_last(monkeypatch):
+    """(The models were built with the last configuration's backend: a peer row last put the gptfast rows on
+    `torch`.)"""
+    args = bench_generate.parse_args(["--presets", "tiny", "--quantize", "none,int8", "--backend", "extension",
+                                      "--peers", "transformers"])
+    models, _ = bench_generate.build_models("tiny", bench_generate.configurations(args), torch.device("cpu"))
+    backends = {c.label: getattr(m, "cfg", None) and m.cfg.backend for c, m in models.items() if not c.peer}
+    assert backends == {"baseline": "torch", "extension none": "extension", "extension int8": "extension"}
