@@ -12,6 +12,8 @@ makes, and its share of the read bandwidth measured in the same run (a sum over 
 - one row per --quantize mode (none, bf16, int8) with --backend (default `auto`): `gptfast.generate`;
 - with --compile MODES, those modes again with the one-token step compiled (torch.compile; the
   compilation happens in the warm-up and is reported apart);
+- with --per-block MODES, those modes again with one fused op a block (ops.decode_block(_llama)) instead of one
+  for the whole token (ops.decode_model): what the whole-model step buys;
 - with --op-by-op MODES, those modes again with each block's decoding step run op by op instead of
   as one fused op (ops.decode_block, where the backend has it): what the fusion buys;
 - with --peers transformers, transformers' own `generate` (greedy, KV cache, float32, attn_implementation
@@ -169,7 +171,7 @@ class Config:
     backend: str                   # op backend ("torch" for the baseline)
     quantize: str                  # none | bf16 | int8
     baseline: bool = False         # the generation loop as it was before the decoding work
-    fused: bool = True             # each block's step as one op where the backend has it (ops.decode_block)
+    fused: bool | str = True       # the token as one op (ops.decode_model), "blocks": one op a block, False: op by op
     compiled: bool = False         # the one-token step compiled (torch.compile)
     peer: str | None = None        # another tool's generation ("transformers")
 
@@ -190,6 +192,7 @@ def configurations(args) -> list[Config]:
     modes, b = args.quantize.split(","), args.backend
     configs = [] if args.no_baseline else [Config("baseline", "torch", "none", baseline=True)]
     configs += [Config(f"{b} {m}", b, m) for m in modes]
+    configs += [Config(f"{b} {m} per-block", b, m, fused="blocks") for m in args.per_block.split(",") if m]
     configs += [Config(f"{b} {m} op-by-op", b, m, fused=False) for m in args.op_by_op.split(",") if m]
     configs += [Config(f"{b} {m} compiled", b, m, compiled=True) for m in args.compile.split(",") if m]
     configs += [Config(f"{p} generate", "torch", "none", peer=p) for p in args.peers.split(",") if p]
@@ -253,7 +256,7 @@ def result_row(c: Config, model, preset, batch, args, runs, tokens, compile_s, r
             "prefill_ms": prefill * 1e3, "decode_s": decode, "weight_bytes_per_step": w_bytes,
             "cache_bytes_per_step": c_bytes, "GBps": (w_bytes + c_bytes) * steps / decode / 1e9,
             "agreement_with_baseline": agree, "compiled": c.compiled, "peer": c.peer,
-            "fused_decoding": c.fused and not c.baseline and not c.peer,
+            "fused_decoding": (c.fused if c.fused == "blocks" else bool(c.fused)) and not c.baseline and not c.peer,
             "compile_s": compile_s.get(c)}
 
 
@@ -279,6 +282,8 @@ def parse_args(argv):
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--rounds", type=int, default=2, help="turns each configuration takes (median reported)")
+    p.add_argument("--per-block", default="", help="comma-separated quantize modes to run again with one fused op a "
+                   "block instead of one for the whole token (generate(..., fused_decoding=\"blocks\"))")
     p.add_argument("--op-by-op", default="", help="comma-separated quantize modes to run again with the fused "
                    "decoding block off (generate(..., fused_decoding=False))")
     p.add_argument("--compile", default="", help="comma-separated quantize modes to run again with compile=True "
@@ -288,7 +293,7 @@ def parse_args(argv):
     p.add_argument("--no-baseline", action="store_true", help="leave out the baseline row (not for the record)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    for flag, value in (("--compile", args.compile), ("--op-by-op", args.op_by_op)):
+    for flag, value in (("--compile", args.compile), ("--op-by-op", args.op_by_op), ("--per-block", args.per_block)):
         extra = [m for m in value.split(",") if m and m not in args.quantize.split(",")]
         if extra:
             p.error(f"{flag} {','.join(extra)}: each mode must also be in --quantize ({args.quantize})")

@@ -84,7 +84,7 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, context_size:
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     eos_id: int | None = None, seed: int | None = None,
                     use_cache: bool | None = None, compile: bool = False,
-                    fused_decoding: bool = True) -> Iterator[torch.Tensor]:
+                    fused_decoding: bool | str = True) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B, 1) one step at a time (see `generate`)."""
     check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:
@@ -156,7 +156,7 @@ def decode_step(model, idx: torch.Tensor, cache, start_pos: int, compile: bool =
 def generate(model, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, seed: int | None = None, use_cache: bool | None = None,
-             compile: bool = False, fused_decoding: bool = True) -> torch.Tensor:
+             compile: bool = False, fused_decoding: bool | str = True) -> torch.Tensor:
     """Extend `idx` (B, T) by up to `max_new_tokens` tokens; returns (B, T + n).
 
     Only the last `context_size` tokens (default: the model's context length) are seen by the
@@ -164,8 +164,8 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, context_size: int | 
     receiving `eos_id` while the others go on. `seed` makes sampling reproducible. `use_cache`:
     KV cache on/off; None = on where the op backend supports it (identical tokens either way).
     `compile`: run each one-token step as a compiled graph (see `decode_step`; worth it for long runs).
-    `fused_decoding`: each block of a one-token step as one op where the backend has one (model/kv_cache.py;
-    False: op by op, the same tokens).
+    `fused_decoding`: a one-token step as one op for the whole model where the backend has it, else one op a block
+    (model/kv_cache.py); "blocks": one op a block; False: op by op - the same tokens every way.
     The model runs in eval mode (no dropout) and is put back in its previous mode afterwards.
     """
     new = list(generate_tokens(model, idx, max_new_tokens, context_size, temperature, top_k, top_p, eos_id,

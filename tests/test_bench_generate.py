@@ -14,15 +14,17 @@ def test_tiny_run_writes_every_configuration(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_generate, "read_bandwidth", lambda device: 10.0)
     out = tmp_path / "g.json"
     assert bench_generate.main(["--presets", "tiny", "--batch-sizes", "1,2", "--quantize", "none,int8", "--op-by-op",
-                                "int8", "--new-tokens", "4", "--prompt-tokens", "3", "--rounds", "1",
+                                "int8", "--per-block", "int8", "--new-tokens", "4", "--prompt-tokens", "3", "--rounds", "1",
                                 "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
     assert [(r["path"], r["batch"]) for r in rows] == [(p, b) for b in (1, 2) for p in
-                                                       ("baseline", "auto none", "auto int8", "auto int8 op-by-op")]
+                                                       ("baseline", "auto none", "auto int8", "auto int8 per-block",
+                                                        "auto int8 op-by-op")]
     by = {(r["path"], r["batch"]): r for r in rows}
     assert by[("baseline", 1)]["backend"] == "torch" and not by[("baseline", 1)]["fused_decoding"]
     assert by[("auto int8 op-by-op", 2)]["quantize"] == "int8" and not by[("auto int8 op-by-op", 2)]["fused_decoding"]
-    assert by[("auto int8", 2)]["fused_decoding"] and by[("auto none", 1)]["agreement_with_baseline"] == 1.0
+    assert by[("auto int8", 2)]["fused_decoding"] is True and by[("auto none", 1)]["agreement_with_baseline"] == 1.0
+    assert by[("auto int8 per-block", 2)]["fused_decoding"] == "blocks"
     # fused and op by op compute the same tokens (bit-for-bit the same logits)
     assert by[("auto int8", 1)]["agreement_with_baseline"] == by[("auto int8 op-by-op", 1)]["agreement_with_baseline"]
     assert all(r["tokens_per_s"] > 0 and r["vs_baseline"] > 0 for r in rows)

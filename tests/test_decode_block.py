@@ -135,7 +135,7 @@ def test_model_step_is_bitwise_the_op_by_op_path(quantization, batch, monkeypatc
             monkeypatch.setattr(ops, "fuses_decode_block", lambda *a, **k: False)
         calls = fused_calls(monkeypatch)
         with torch.inference_mode():
-            cache = model.new_kv_cache(batch)
+            cache = model.new_kv_cache(batch, fused="blocks")   # (True: one call for the whole model)
             model(idx, cache=cache, start_pos=0)
             logits = [decode_step(model, idx[:, i:i + 1], cache, 6 + i) for i in range(4)]
         assert len(calls) == (4 * model.cfg.n_layers if fused else 0)
@@ -150,7 +150,7 @@ def test_generation_uses_it_and_agrees(quantization, monkeypatch):
     model = trained_like_model(tiny_config(backend="extension"), quantization, seed=1)
     prompt = torch.randint(0, 101, (2, 5), generator=torch.Generator().manual_seed(4))
     calls = fused_calls(monkeypatch)
-    fused = generate(model, prompt, max_new_tokens=12)
+    fused = generate(model, prompt, max_new_tokens=12, fused_decoding="blocks")   # (True: the whole model)
     assert len(calls) == 11 * model.cfg.n_layers                 # every step after the prefill
     ref = generate(model.set_backend("reference"), prompt, max_new_tokens=12)   # op by op, the textbook ops
     assert torch.equal(fused, ref)

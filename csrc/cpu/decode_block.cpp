@@ -37,6 +37,10 @@ TORCH_LIBRARY_FRAGMENT(gptfast, m) {
   // norms: [ln1_weight, ln1_bias, ln2_weight, ln2_bias]; the six linear layers in the order q, k, v, out, fc,
   // proj: weights (N, K) float32, bfloat16 or int8, scales (N,) for int8, biases (N,) or None. Inference only.
   m.def("decode_block(Tensor x, Tensor[] norms, Tensor[] weights, Tensor?[] scales, Tensor?[] biases, Tensor(a!) k_cache, Tensor(b!) v_cache, SymInt start_pos, float eps) -> Tensor");
+  // The whole model's step: the L blocks one after the other (norms 4 L, weights/scales/biases 6 L, a cache pair a
+  // block), then the final LayerNorm (final_norm: [weight, bias]) and the LM head (head_weight (V, C) with its
+  // scales and bias): logits (B, 1, V). One parallel region for the token; the threads meet at barriers.
+  m.def("decode_blocks(Tensor x, Tensor[] norms, Tensor[] weights, Tensor?[] scales, Tensor?[] biases, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, SymInt start_pos, float eps, Tensor[] final_norm, Tensor head_weight, Tensor? head_scales, Tensor? head_bias) -> Tensor");
 }
 #endif
 
@@ -54,25 +58,30 @@ struct LinearArgs {
 
 // The arguments' one check, for a direct call of the kernel op (gptfast.ops.decode_block checks them first, with
 // each argument named): sizes, types and contiguity the loops below rely on, layer by layer.
-LinearArgs layer_args(int i, const at::Tensor& w, const std::optional<at::Tensor>& scales,
-                      const std::optional<at::Tensor>& bias, int64_t N, int64_t K) {
-  static const char* names[] = {"q", "k", "v", "out", "fc", "proj"};
+LinearArgs layer_args_named(const char* name, const at::Tensor& w, const std::optional<at::Tensor>& scales,
+                            const std::optional<at::Tensor>& bias, int64_t N, int64_t K) {
   const auto wt = w.scalar_type();
   TORCH_CHECK((wt == at::kFloat || wt == at::kBFloat16 || wt == at::kChar) && w.dim() == 2 && w.size(1) == K &&
                   (N < 0 || w.size(0) == N) && w.is_contiguous() && w.device().is_cpu(),
-              names[i], " weight must be a contiguous float32, bfloat16 or int8 (N, ", K, ") CPU tensor, got ", wt, " ",
+              name, " weight must be a contiguous float32, bfloat16 or int8 (N, ", K, ") CPU tensor, got ", wt, " ",
               w.sizes());
-  TORCH_CHECK(wt != at::kChar || scales.has_value(), names[i], " weight is int8 and needs scales");
+  TORCH_CHECK(wt != at::kChar || scales.has_value(), name, " weight is int8 and needs scales");
   const float* ptr[2] = {nullptr, nullptr};
   for (int j = 0; j < 2; ++j) {
     const auto& t = j == 0 ? scales : bias;
     if (!t.has_value()) continue;
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == w.size(0) && t->is_contiguous() &&
                     t->device().is_cpu(),
-                names[i], j == 0 ? " scales" : " bias", " must be a contiguous float32 (", w.size(0), ",) CPU tensor");
+                name, j == 0 ? " scales" : " bias", " must be a contiguous float32 (", w.size(0), ",) CPU tensor");
     ptr[j] = t->data_ptr<float>();
   }
   return {w, ptr[0], ptr[1], w.size(0)};
+}
+
+LinearArgs layer_args(int i, const at::Tensor& w, const std::optional<at::Tensor>& scales,
+                      const std::optional<at::Tensor>& bias, int64_t N, int64_t K) {
+  static const char* names[] = {"q", "k", "v", "out", "fc", "proj"};
+  return layer_args_named(names[i], w, scales, bias, N, K);
 }
 
 // Thread t's share [begin, end) of N output columns, in whole blocks of kDecodeColumnBlock.
@@ -103,18 +112,22 @@ struct Block {
 // naming each): the sizes, types and contiguity the loops rely on.
 Block block_args(const at::Tensor& x, at::TensorList norms, at::TensorList weights,
                  const c10::List<std::optional<at::Tensor>>& scales, const c10::List<std::optional<at::Tensor>>& biases,
-                 const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t start_pos) {
+                 const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t start_pos, int64_t block = 0,
+                 int64_t n_layers = 1) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(1) == 1 && x.is_contiguous() &&
                   x.size(0) >= 1 && x.size(0) <= kMaxRows && x.device().is_cpu(),
               "x must be a contiguous float32 (B, 1, C) CPU tensor with 1 <= B <= ", kMaxRows, ", got ",
               x.scalar_type(), " ", x.sizes());
   const int64_t B = x.size(0), C = x.size(2);
-  TORCH_CHECK(norms.size() == 4, "norms: [ln1_weight, ln1_bias, ln2_weight, ln2_bias], got ", norms.size());
+  TORCH_CHECK(int64_t(norms.size()) == 4 * n_layers,
+              "norms: [ln1_weight, ln1_bias, ln2_weight, ln2_bias] a block, got ", norms.size(), " for ", n_layers);
+  norms = norms.slice(4 * block, 4);
   for (const at::Tensor& t : norms)
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == C && t.is_contiguous(),
                 "norms must be contiguous float32 (", C, ",) tensors");
-  TORCH_CHECK(weights.size() == 6 && scales.size() == 6 && biases.size() == 6,
-              "weights, scales, biases: six layers each (q, k, v, out, fc, proj)");
+  TORCH_CHECK(int64_t(weights.size()) == 6 * n_layers && int64_t(scales.size()) == 6 * n_layers &&
+                  int64_t(biases.size()) == 6 * n_layers,
+              "weights, scales, biases: six layers each (q, k, v, out, fc, proj) a block");
   for (const at::Tensor* t : {&k_cache, &v_cache})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 4 && t->is_contiguous() && t->size(0) == B &&
                     t->size(1) * t->size(3) == C && t->sizes() == k_cache.sizes() && t->device().is_cpu(),
@@ -122,7 +135,10 @@ Block block_args(const at::Tensor& x, at::TensorList norms, at::TensorList weigh
                 "n_heads * head_dim = ", C, ", got ", t->sizes());
   TORCH_CHECK(start_pos >= 0 && start_pos < k_cache.size(2), "start_pos must be in [0, ", k_cache.size(2), "), got ",
               start_pos);
-  auto layer = [&](int i, int64_t N, int64_t K) { return layer_args(i, weights[i], scales.get(i), biases.get(i), N, K); };
+  auto layer = [&](int i, int64_t N, int64_t K) {
+    const int64_t j = 6 * block + i;
+    return layer_args(i, weights[j], scales.get(j), biases.get(j), N, K);
+  };
   const LinearArgs fc = layer(4, -1, C);
   return {layer(0, C, C), layer(1, C, C), layer(2, C, C), layer(3, C, C), fc, layer(5, C, fc.N),
           norms[0].data_ptr<float>(), norms[1].data_ptr<float>(), norms[2].data_ptr<float>(), norms[3].data_ptr<float>(),
@@ -191,9 +207,61 @@ at::Tensor decode_block_cpu(const at::Tensor& x, at::TensorList norms, at::Tenso
   return y;
 }
 
+// The whole model's step: each block as decode_block runs it (its output the next block's input, two row buffers
+// taking turns), a barrier between blocks, then the final LayerNorm's rows and the LM head's columns.
+at::Tensor decode_blocks_cpu(const at::Tensor& x, at::TensorList norms, at::TensorList weights,
+                             const c10::List<std::optional<at::Tensor>>& scales,
+                             const c10::List<std::optional<at::Tensor>>& biases, at::TensorList k_caches,
+                             at::TensorList v_caches, int64_t start_pos, double eps, at::TensorList final_norm,
+                             const at::Tensor& head_weight, const std::optional<at::Tensor>& head_scales,
+                             const std::optional<at::Tensor>& head_bias) {
+  const int64_t L = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(L >= 1 && v_caches.size() == k_caches.size(), "k_caches and v_caches: one cache a block, at least one "
+              "block, got ", k_caches.size(), " and ", v_caches.size());
+  std::vector<Block> blocks;
+  for (int64_t l = 0; l < L; ++l)
+    blocks.push_back(block_args(x, norms, weights, scales, biases, k_caches[l], v_caches[l], start_pos, l, L));
+  const int64_t B = blocks[0].B, C = blocks[0].C;
+  int64_t F = 0, D = 0;
+  for (const Block& b : blocks) F = std::max(F, b.F), D = std::max(D, b.D);
+  TORCH_CHECK(final_norm.size() == 2, "final_norm: [weight, bias], got ", final_norm.size());
+  for (const at::Tensor& t : final_norm)
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == C && t.is_contiguous(),
+                "final_norm must be contiguous float32 (", C, ",) tensors");
+  const LinearArgs head = layer_args_named("head", head_weight, head_scales, head_bias, -1, C);
+  const auto opts = x.options();
+  at::Tensor logits = at::empty({B, 1, head.N}, opts);
+  at::Tensor work = at::empty({B * (C + 3 * C + C + C + F + 2 * C)}, opts);   // h, qkv, att, x1, f; two x rows
+  const int nt = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+  at::Tensor scratch = at::empty({nt, start_pos + 1 + 2 * D}, opts);
+  maybe_poison(logits), maybe_poison(work);
+  float* h = work.data_ptr<float>();
+  float* rows[2] = {h + B * (6 * C + F), h + B * (7 * C + F)};
+  const float *fw = final_norm[0].data_ptr<float>(), *fb = final_norm[1].data_ptr<float>();
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+    for (int64_t l = 0; l < L; ++l) {
+      const Rows r{l == 0 ? x.data_ptr<float>() : rows[(l - 1) % 2], h, h + B * C, h + B * 4 * C, h + B * 5 * C,
+                   h + B * 6 * C, rows[l % 2], k_caches[l].data_ptr<float>(), v_caches[l].data_ptr<float>(),
+                   scratch.data_ptr<float>()};
+      run_block(blocks[l], r, start_pos, eps, t, n);
+#pragma omp barrier
+    }
+    for (int64_t b = t; b < B; b += n) layer_norm_row_f32(rows[(L - 1) % 2] + b * C, fw, fb, h + b * C, C, eps);
+#pragma omp barrier
+    const auto [c0, c1] = column_share(head.N, t, n);
+    linear_columns(h, C, B, head.w, head.scales, head.bias, logits.data_ptr<float>(), head.N, c0, c1);
+  }
+  return logits;
+}
+
 }  // namespace
 
-static void decode_block_kernels(torch::Library& m) { m.impl("decode_block", &decode_block_cpu); }
+static void decode_block_kernels(torch::Library& m) {
+  m.impl("decode_block", &decode_block_cpu);
+  m.impl("decode_blocks", &decode_blocks_cpu);
+}
 GPTFAST_CPU_KERNELS(decode_block_kernels);
 
 }  // namespace gptfast

@@ -23,6 +23,7 @@
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "../common.h"
 #include "decode_parts.h"
@@ -38,6 +39,10 @@ TORCH_LIBRARY_FRAGMENT(gptfast, m) {
   // the seven linear layers in the order q, k, v, out, gate, up, down: weights (N, K) float32, bfloat16 or int8,
   // scales (N,) for int8, biases (N,) or None; cos, sin (1, head_dim / 2) float32: the position's angles.
   m.def("decode_block_llama(Tensor x, Tensor[] norms, Tensor[] weights, Tensor?[] scales, Tensor?[] biases, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, Tensor sin, SymInt start_pos, float eps) -> Tensor");
+  // The whole model's step: the L blocks one after the other (norms 2 L or 4 L, weights/scales/biases 7 L, a cache
+  // pair a block), then the final RMSNorm (final_norm (C,)) and the LM head (head_weight (V, C) with its scales and
+  // bias): logits (B, 1, V). One parallel region for the token; the threads meet at barriers.
+  m.def("decode_blocks_llama(Tensor x, Tensor[] norms, Tensor[] weights, Tensor?[] scales, Tensor?[] biases, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor cos, Tensor sin, SymInt start_pos, float eps, Tensor final_norm, Tensor head_weight, Tensor? head_scales, Tensor? head_bias) -> Tensor");
 }
 #endif
 
@@ -53,7 +58,7 @@ struct Layer {
   int64_t N;
 };
 
-const char* const kLayerNames[] = {"q", "k", "v", "out", "gate", "up", "down"};
+const char* const kLayerNames[] = {"q", "k", "v", "out", "gate", "up", "down", "head"};
 
 // Layer i of the call, checked: the sizes, types and contiguity the loops rely on (gptfast.ops.decode_block_llama
 // checks them first, with each argument named; this is for a direct call of the kernel op).
@@ -62,7 +67,7 @@ Layer layer_args(int i, const at::Tensor& w, const std::optional<at::Tensor>& sc
   const auto wt = w.scalar_type();
   TORCH_CHECK((wt == at::kFloat || wt == at::kBFloat16 || wt == at::kChar) && w.dim() == 2 && w.size(1) == K &&
                   (N < 0 || w.size(0) == N) && w.is_contiguous() && w.device().is_cpu(),
-              kLayerNames[i], " weight must be a contiguous float32, bfloat16 or int8 (", N < 0 ? "F" : std::to_string(N),
+              kLayerNames[i], " weight must be a contiguous float32, bfloat16 or int8 (", N < 0 ? std::string("N") : std::to_string(N),
               ", ", K, ") CPU tensor, got ", wt, " ", w.sizes());
   TORCH_CHECK(wt != at::kChar || scales.has_value(), kLayerNames[i], " weight is int8 and needs scales");
   const float* ptr[2] = {nullptr, nullptr};
@@ -88,7 +93,7 @@ struct Block {
 Block block_args(const at::Tensor& x, at::TensorList norms, at::TensorList weights,
                  const c10::List<std::optional<at::Tensor>>& scales, const c10::List<std::optional<at::Tensor>>& biases,
                  const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cos, const at::Tensor& sin,
-                 int64_t start_pos) {
+                 int64_t start_pos, int64_t block = 0, int64_t n_layers = 1) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(1) == 1 && x.is_contiguous() &&
                   x.size(0) >= 1 && x.size(0) <= kMaxRows && x.device().is_cpu(),
               "x must be a contiguous float32 (B, 1, C) CPU tensor with 1 <= B <= ", kMaxRows, ", got ",
@@ -101,8 +106,10 @@ Block block_args(const at::Tensor& x, at::TensorList norms, at::TensorList weigh
                 "of one shape with an even head_dim, got ", t->sizes());
   const int64_t Hkv = k_cache.size(1), Tmax = k_cache.size(2), D = k_cache.size(3);
   TORCH_CHECK(start_pos >= 0 && start_pos < Tmax, "start_pos must be in [0, ", Tmax, "), got ", start_pos);
-  TORCH_CHECK(norms.size() == 2 || norms.size() == 4, "norms: [norm1, norm2] or [norm1, norm2, q_norm, k_norm], got ",
-              norms.size());
+  TORCH_CHECK(int64_t(norms.size()) == 2 * n_layers || int64_t(norms.size()) == 4 * n_layers,
+              "norms: [norm1, norm2] or [norm1, norm2, q_norm, k_norm] a block, got ", norms.size(), " for ", n_layers);
+  const int64_t per = int64_t(norms.size()) / n_layers;
+  norms = norms.slice(per * block, per);
   for (size_t i = 0; i < norms.size(); ++i)
     TORCH_CHECK(norms[i].scalar_type() == at::kFloat && norms[i].dim() == 1 && norms[i].size(0) == (i < 2 ? C : D) &&
                     norms[i].is_contiguous() && norms[i].device().is_cpu(),
@@ -110,9 +117,13 @@ Block block_args(const at::Tensor& x, at::TensorList norms, at::TensorList weigh
   for (const at::Tensor* t : {&cos, &sin})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == D / 2 && t->is_contiguous() && t->device().is_cpu(),
                 "cos and sin must be contiguous float32 tensors of head_dim / 2 = ", D / 2, " values, got ", t->sizes());
-  TORCH_CHECK(weights.size() == 7 && scales.size() == 7 && biases.size() == 7,
-              "weights, scales, biases: seven layers each (q, k, v, out, gate, up, down)");
-  auto layer = [&](int i, int64_t N, int64_t K) { return layer_args(i, weights[i], scales.get(i), biases.get(i), N, K); };
+  TORCH_CHECK(int64_t(weights.size()) == 7 * n_layers && int64_t(scales.size()) == 7 * n_layers &&
+                  int64_t(biases.size()) == 7 * n_layers,
+              "weights, scales, biases: seven layers each (q, k, v, out, gate, up, down) a block");
+  auto layer = [&](int i, int64_t N, int64_t K) {
+    const int64_t j = 7 * block + i;
+    return layer_args(i, weights[j], scales.get(j), biases.get(j), N, K);
+  };
   const Layer q = layer(0, -1, C);
   TORCH_CHECK(q.N % D == 0 && (q.N / D) % Hkv == 0, "q weight must have n_heads * head_dim rows with n_heads a "
               "multiple of the cache's n_kv_heads = ", Hkv, ", got ", q.N, " rows for head_dim ", D);
@@ -224,9 +235,64 @@ at::Tensor decode_block_llama_cpu(const at::Tensor& x, at::TensorList norms, at:
   return y;
 }
 
+// The whole model's step: each block as decode_block_llama runs it (its output the next block's input, two row
+// buffers taking turns), a barrier between blocks, then the final RMSNorm's rows and the LM head's columns.
+at::Tensor decode_blocks_llama_cpu(const at::Tensor& x, at::TensorList norms, at::TensorList weights,
+                                   const c10::List<std::optional<at::Tensor>>& scales,
+                                   const c10::List<std::optional<at::Tensor>>& biases, at::TensorList k_caches,
+                                   at::TensorList v_caches, const at::Tensor& cos, const at::Tensor& sin,
+                                   int64_t start_pos, double eps, const at::Tensor& final_norm,
+                                   const at::Tensor& head_weight, const std::optional<at::Tensor>& head_scales,
+                                   const std::optional<at::Tensor>& head_bias) {
+  const int64_t L = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(L >= 1 && v_caches.size() == k_caches.size(), "k_caches and v_caches: one cache a block, at least one "
+              "block, got ", k_caches.size(), " and ", v_caches.size());
+  std::vector<Block> blocks;
+  for (int64_t l = 0; l < L; ++l)
+    blocks.push_back(block_args(x, norms, weights, scales, biases, k_caches[l], v_caches[l], cos, sin, start_pos, l, L));
+  const Block& b0 = blocks[0];
+  const int64_t B = b0.B, C = b0.C, W = (b0.Hq + 2 * b0.Hkv) * b0.D, Cq = b0.Hq * b0.D, F = b0.F, D = b0.D;
+  for (const Block& b : blocks)
+    TORCH_CHECK(b.F == F && b.Hq == b0.Hq && b.Hkv == b0.Hkv && b.D == D, "every block must have the first's shapes");
+  TORCH_CHECK(final_norm.scalar_type() == at::kFloat && final_norm.dim() == 1 && final_norm.size(0) == C &&
+                  final_norm.is_contiguous(), "final_norm must be a contiguous float32 (", C, ",) tensor");
+  const Layer head = layer_args(7, head_weight, head_scales, head_bias, -1, C);
+  const auto opts = x.options();
+  at::Tensor logits = at::empty({B, 1, head.N}, opts);
+  at::Tensor work = at::empty({B * (C + W + Cq + C + 2 * F + 2 * C)}, opts);   // h, qkv, att, x1, gate, up; 2 x rows
+  const int nt = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+  at::Tensor scratch = at::empty({nt, start_pos + 1 + 2 * D}, opts);
+  maybe_poison(logits), maybe_poison(work);
+  float* h = work.data_ptr<float>();
+  float* qkv = h + B * C;
+  float* att = qkv + B * W;
+  float* x1 = att + B * Cq;
+  float* g = x1 + B * C;
+  float* rows[2] = {g + 2 * B * F, g + 2 * B * F + B * C};
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+    for (int64_t l = 0; l < L; ++l) {
+      const Rows r{l == 0 ? x.data_ptr<float>() : rows[(l - 1) % 2], h, qkv, att, x1, g, g + B * F, rows[l % 2],
+                   k_caches[l].data_ptr<float>(), v_caches[l].data_ptr<float>(), scratch.data_ptr<float>()};
+      run_block(blocks[l], r, start_pos, eps, t, n);
+#pragma omp barrier
+    }
+    for (int64_t b = t; b < B; b += n) rms_norm_row_f32(rows[(L - 1) % 2] + b * C, final_norm.data_ptr<float>(),
+                                                        h + b * C, C, eps);
+#pragma omp barrier
+    const auto [c0, c1] = column_share(head.N, t, n);
+    columns(h, C, B, head, logits.data_ptr<float>(), head.N, c0, c1);
+  }
+  return logits;
+}
+
 }  // namespace
 
-static void decode_block_llama_kernels(torch::Library& m) { m.impl("decode_block_llama", &decode_block_llama_cpu); }
+static void decode_block_llama_kernels(torch::Library& m) {
+  m.impl("decode_block_llama", &decode_block_llama_cpu);
+  m.impl("decode_blocks_llama", &decode_blocks_llama_cpu);
+}
 GPTFAST_CPU_KERNELS(decode_block_llama_kernels);
 
 }  // namespace gptfast

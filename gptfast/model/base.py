@@ -39,10 +39,10 @@ class LanguageModel(nn.Module):
         """The activations' dtype (that of the final norm, which quantization leaves as it is)."""
         return self.final_norm.weight.dtype
 
-    def new_kv_cache(self, batch_size: int, fused: bool = True, length: int | None = None) -> KVCache:
+    def new_kv_cache(self, batch_size: int, fused: bool | str = True, length: int | None = None) -> KVCache:
         """An empty cache for `batch_size` sequences of up to `length` positions (default: the context length);
-        `fused`: a one-token step runs each block as one op where the backend has one (kv_cache.py; off: op by
-        op - the same results)."""
+        `fused`: a one-token step runs as one op for the whole model, else one op a block, where the backend has
+        them (kv_cache.py; "blocks": one op a block; False: op by op - the same results)."""
         return KVCache(self.cfg, batch_size, device=self.device, dtype=self.dtype, fused=fused, length=length)
 
     def check_positions(self, T: int, start_pos: int, cache) -> None:

@@ -179,6 +179,8 @@ class GPTModel(LanguageModel):
         self.check_positions(T, start_pos, cache)
         pos = torch.arange(start_pos, start_pos + T, device=idx.device)   # (T,)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C), pos broadcast over B
+        if cache is not None and targets is None and (logits := cache.run_model(self, x, start_pos)) is not None:
+            return logits                    # one new position: the whole step in one call, where it fuses (kv_cache.py)
         for i, block in enumerate(self.trf_blocks):
             # with a cache, the cache runs the block: a one-token step may go as one fused op (kv_cache.py)
             x = block(x) if cache is None else cache.run_block(i, block, x, start_pos)

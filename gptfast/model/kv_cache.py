@@ -36,10 +36,11 @@ class LayerKV:
 
 class KVCache:
     """Keys and values of every layer for the positions already seen (up to `length`). `GPTModel.forward(idx,
-    cache=cache, start_pos=start_pos)` writes positions start_pos onwards. `fused`: run one-token steps as one op per
-    block where the backend has it (False: op by op, to compare - the results are the same)."""
+    cache=cache, start_pos=start_pos)` writes positions start_pos onwards. `fused`: run one-token steps as one op for
+    the whole model (`run_model`), else one op per block (`run_block`), where the backend has them; "blocks": one op
+    per block only; False: op by op (to compare - the results are the same)."""
 
-    def __init__(self, cfg, batch_size: int, device=None, dtype=torch.float32, fused: bool = True,
+    def __init__(self, cfg, batch_size: int, device=None, dtype=torch.float32, fused: bool | str = True,
                  length: int | None = None):
         # grouped-query attention caches n_kv_heads heads, n_heads / n_kv_heads times fewer bytes; `length`
         # positions (default the whole context: Qwen3's 40,960 would be 2.3 GB a sequence - generate asks for what
@@ -50,6 +51,25 @@ class KVCache:
                                torch.zeros(shape, device=device, dtype=dtype)) for _ in range(cfg.n_layers)]
         self.batch_size = batch_size
         self.fused = fused
+
+    def run_model(self, model, x: torch.Tensor, start_pos: int, rope: tuple | None = None) -> torch.Tensor | None:
+        """The logits (B, 1, V) of the whole one-token step of `model` (its blocks, final norm and LM head) on x
+        (B, 1, C), the embedded token, in one call (`ops.decode_model`) - or None where that does not apply (more
+        than one position, training, autograd, a backend without it): the model then runs its blocks one by one.
+        `rope`: a Llama model's (cos, sin) of the position."""
+        if self.fused is not True or x.shape[1] != 1 or model.training:
+            return None
+        blocks = [(decode_weights_llama if rope is not None else decode_weights)(b) for b in model.trf_blocks]
+        norm, head = model.final_norm, model.out_head
+        if any(b is None or b.eps != norm.eps for b in blocks) or torch.is_grad_enabled() and head.weight.requires_grad:
+            return None
+        weights = ops.ModelWeights(tuple(blocks), norm.weight, getattr(norm, "bias", None),
+                                   ops.LinearWeights(head.weight, getattr(head, "scales", None), head.bias))
+        ks, vs = [kv.k for kv in self.layers], [kv.v for kv in self.layers]
+        backend = model.trf_blocks[0].backend
+        if not ops.fuses_decode_model(x, weights, ks, backend=backend):
+            return None
+        return ops.decode_model(x, weights, ks, vs, start_pos, rope, backend=backend)
 
     def run_block(self, i: int, block, x: torch.Tensor, start_pos: int, **extra) -> torch.Tensor:
         """Block i on x (B, T, C) at positions start_pos.., against (and into) layer i's cache (`extra`: what

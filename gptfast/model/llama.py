@@ -146,6 +146,8 @@ class LlamaModel(LanguageModel):
         self.check_positions(T, start_pos, cache)
         x = self.drop_emb(self.tok_emb(idx))                     # (B, T, C)
         rope = self.rope_angles(start_pos, T)
+        if cache is not None and targets is None and (logits := cache.run_model(self, x, start_pos, rope)) is not None:
+            return logits                    # one new position: the whole step in one call, where it fuses (kv_cache.py)
         for i, block in enumerate(self.trf_blocks):
             x = block(x, rope=rope) if cache is None else cache.run_block(i, block, x, start_pos, rope=rope)
         if last_position_only:
