@@ -256,7 +256,7 @@ def result_row(c: Config, model, preset, batch, args, runs, tokens, compile_s, r
             "prefill_ms": prefill * 1e3, "decode_s": decode, "weight_bytes_per_step": w_bytes,
             "cache_bytes_per_step": c_bytes, "GBps": (w_bytes + c_bytes) * steps / decode / 1e9,
             "agreement_with_baseline": agree, "compiled": c.compiled, "peer": c.peer,
-            "fused_decoding": (c.fused if c.fused == "blocks" else bool(c.fused)) and not c.baseline and not c.peer,
+            "fused_decoding": not (c.baseline or c.peer) and (c.fused if c.fused == "blocks" else bool(c.fused)),
             "compile_s": compile_s.get(c)}
 
 
