@@ -39,18 +39,19 @@ def test_int8_rows_are_symmetric_per_row():
 
 
 @pytest.mark.parametrize("tie", [False, True])
-@pytest.mark.parametrize("mode", ["int8", "bf16"])
+@pytest.mark.parametrize("mode", ["int8", "bf16", "w8a8"])
 def test_structure_of_a_quantized_model(tie, mode):
     model = quantize(tiny(tie), mode)
     assert model.quantization == mode and not model.training
-    wdtype = torch.int8 if mode == "int8" else torch.bfloat16
+    wdtype = torch.bfloat16 if mode == "bf16" else torch.int8
     for block in model.trf_blocks:
         att = block.att
         assert isinstance(att.W_qkv, WeightOnlyLinear) and att.W_qkv.weight.shape == (3 * 48, 48)
         assert not hasattr(att, "W_query")
         for layer in (att.W_qkv, att.out_proj, block.ff.fc, block.ff.proj):
             assert isinstance(layer, WeightOnlyLinear) and layer.weight.dtype == wdtype
-            assert (layer.scales is not None) == (mode == "int8") and layer.bias.dtype == torch.float32
+            assert (layer.scales is not None) == (mode != "bf16") and layer.bias.dtype == torch.float32
+            assert layer.mode == mode
     assert isinstance(model.out_head, WeightOnlyLinear) and model.out_head.weight.dtype == wdtype
     assert isinstance(model.tok_emb, QuantizedEmbedding) == tie
     # nothing float32 of the size of a weight matrix is left: the parameters are LayerNorms, positions
@@ -68,9 +69,9 @@ def test_quantized_logits_are_close_and_none_is_the_identity(tie):
     with torch.no_grad():
         want = ref(idx)
         assert torch.equal(quantize(clone(ref), "none")(idx), want)
-        errors = {mode: rel_error(quantize(clone(ref), mode)(idx), want) for mode in ("bf16", "int8")}
-    assert errors["bf16"] < 1e-2 and errors["int8"] < 3e-2, errors
-    assert errors["bf16"] < errors["int8"], errors
+        errors = {mode: rel_error(quantize(clone(ref), mode)(idx), want) for mode in ("bf16", "int8", "w8a8")}
+    assert errors["bf16"] < 1e-2 and errors["int8"] < 3e-2 and errors["w8a8"] < 5e-2, errors
+    assert errors["bf16"] < errors["int8"] < errors["w8a8"], errors
 
 
 def test_quantized_layers_compute_the_dequantized_weights_exactly():
@@ -160,7 +161,7 @@ def test_quality_on_a_trained_model(trained, gpt2_tokenizer):
         tokens = generate(model, prompt, 50)
     assert loss < 7.0                                             # it learned something (ln 50257 = 10.8)
     report = {}
-    for mode in ("bf16", "int8"):
+    for mode in ("bf16", "int8", "w8a8"):
         q = quantize(clone(model), mode)
         with torch.no_grad():
             q_loss = q(vx, vy).item()
@@ -170,23 +171,25 @@ def test_quality_on_a_trained_model(trained, gpt2_tokenizer):
                             "greedy_agreement": float((q_tokens == tokens)[0, prompt.shape[1]:].cumprod(0).float().mean())}
     print(f"\nquantization quality (val loss {loss:.4f}): {report}")
     assert report["bf16"]["val_loss_change"] <= 1e-3 and report["int8"]["val_loss_change"] <= 1e-2, report
+    assert report["w8a8"]["val_loss_change"] <= 3e-2, report                 # the activations' rounding on top
     assert report["bf16"]["greedy_agreement"] == 1.0, report   # 50 greedy tokens identical
     assert report["bf16"]["logits_rel_error"] < 5e-3 and report["int8"]["logits_rel_error"] < 3e-2, report
 
 
 @pytest.mark.slow                      # (its fixture trains a model: 12 s)
-def test_batched_decoding_picks_the_same_tokens_as_single(trained):
-    """Rows of a batch decode with the same bits as alone (the kernel's math order), so greedy
-    batched generation gives each sequence the tokens it gets alone."""
+@pytest.mark.parametrize("mode", ["int8", "w8a8"])
+def test_batched_decoding_picks_the_same_tokens_as_single(trained, mode):
+    """Rows of a batch decode with the same bits as alone (the kernel's math order; w8a8 quantizes each row by
+    itself), so greedy batched generation gives each sequence the tokens it gets alone."""
     model, (vx, _) = trained
-    q = quantize(clone(model), "int8")
+    q = quantize(clone(model), mode)
     prompts = vx[:4, :10]
     batched = generate(q, prompts, 20)
     for i in range(4):
         assert torch.equal(generate(q, prompts[i:i + 1], 20)[0], batched[i])
 
 
-@pytest.mark.parametrize("mode", ["int8", "bf16"])
+@pytest.mark.parametrize("mode", ["int8", "bf16", "w8a8"])
 def test_save_and_load_round_trip(trained, tmp_path, gpt2_tokenizer, mode):
     from safetensors import safe_open
 
@@ -199,8 +202,8 @@ def test_save_and_load_round_trip(trained, tmp_path, gpt2_tokenizer, mode):
     with safe_open(path, framework="pt") as f:
         keys = set(f.keys())
         head = f.get_tensor("out_head.weight")
-    assert head.dtype == (torch.int8 if mode == "int8" else torch.bfloat16)
-    assert ("out_head.scales" in keys) == (mode == "int8") and "trf_blocks.0.att.W_qkv.weight" in keys
+    assert head.dtype == (torch.bfloat16 if mode == "bf16" else torch.int8)
+    assert ("out_head.scales" in keys) == (mode != "bf16") and "trf_blocks.0.att.W_qkv.weight" in keys
     assert "tok_emb.weight" not in keys                          # tied: the head's rows serve both
     loaded, state = load_checkpoint(path, backend="extension")
     assert loaded.quantization == mode and state["quantization"] == mode

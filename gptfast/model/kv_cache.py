@@ -61,7 +61,8 @@ class KVCache:
             return None
         blocks = [(decode_weights_llama if rope is not None else decode_weights)(b) for b in model.trf_blocks]
         norm, head = model.final_norm, model.out_head
-        if any(b is None or b.eps != norm.eps for b in blocks) or torch.is_grad_enabled() and head.weight.requires_grad:
+        if any(b is None or b.eps != norm.eps for b in blocks) or quantizes_activations(head) \
+                or torch.is_grad_enabled() and head.weight.requires_grad:
             return None
         weights = ops.ModelWeights(tuple(blocks), norm.weight, getattr(norm, "bias", None),
                                    ops.LinearWeights(head.weight, getattr(head, "scales", None), head.bias))
@@ -88,6 +89,12 @@ class KVCache:
         return block(x, kv, start_pos, **extra)
 
 
+def quantizes_activations(layer) -> bool:
+    """A layer whose activations are quantized too (quantize.py's "w8a8"): the fused steps multiply float
+    activations, so such a model decodes op by op (ops.linear_w8a8)."""
+    return getattr(layer, "mode", None) == "w8a8"
+
+
 def decode_weights(block) -> ops.BlockWeights | None:
     """A TransformerBlock's tensors as ops.decode_block reads them (None where autograd would need the
     result: the fused block has no backward). A quantized block's stacked Q/K/V layer is passed as one."""
@@ -98,6 +105,8 @@ def decode_weights(block) -> ops.BlockWeights | None:
         return None
     stacked = getattr(att, "W_qkv", None)                        # quantize.py's one layer for Q, K and V
     qkv = (stacked,) if stacked is not None else (att.W_query, att.W_key, att.W_value)
+    if any(quantizes_activations(m) for m in (*qkv, att.out_proj, ff.fc, ff.proj)):
+        return None
 
     def layer(m):                                                # nn.Linear, or a quantized WeightOnlyLinear
         return ops.LinearWeights(m.weight, getattr(m, "scales", None), m.bias)
@@ -112,7 +121,8 @@ def decode_weights_llama(block) -> ops.LlamaBlockWeights | None:
     if torch.is_grad_enabled() and block.norm1.weight.requires_grad:
         return None
     norms = [block.norm1, block.norm2] + ([att.q_norm, att.k_norm] if att.q_norm is not None else [])
-    if len({n.eps for n in norms}) != 1:
+    if len({n.eps for n in norms}) != 1 or any(quantizes_activations(m) for m in (
+            att.W_query, att.W_key, att.W_value, att.out_proj, ff.gate, ff.up, ff.down)):
         return None
 
     def layer(m):                                                # our Linear, or a quantized WeightOnlyLinear

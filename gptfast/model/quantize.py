@@ -7,6 +7,9 @@ from memory: GPT-2 124M reads ~496 MB a token in float32, half that in bfloat16,
 - int8: symmetric, one scale per output row (the row's largest |weight| / 127), so
   weight ~= q * scale with q in [-127, 127]; the error of a weight is at most scale / 2.
 - bf16: the weights rounded to bfloat16 (8 bits of mantissa); the math stays float32.
+- w8a8: int8's weights, and each row of activations quantized to int8 too (per row, on the fly) so that the
+  products are integer dot products (`ops.linear_w8a8`): faster where decoding is compute-bound (a batch of
+  sequences), at the price of the activations' rounding (benchmarks/NOTES.md measures both).
 
 Each block's Q, K and V projections become one stacked layer (`att.W_qkv`, rows Q then K then V;
 per-row scales make that the same quantization as three layers): one weight read and one call a
@@ -31,7 +34,8 @@ from .. import ops
 from .base import LanguageModel
 from .gpt import CausalSelfAttention, GPTModel
 
-QUANTIZATION_MODES = ("none", "bf16", "int8")
+QUANTIZATION_MODES = ("none", "bf16", "int8", "w8a8")
+INT8_MODES = ("int8", "w8a8")                                # int8 weights with per-row scales (the same tensors)
 __all__ = ["QUANTIZATION_MODES", "quantize", "prepare_quantized", "quantization_of", "quantize_int8_rows",
            "WeightOnlyLinear", "QuantizedEmbedding", "QuantizedModel", "QuantizedGPTModel", "quantized_class",
            "StackedQKVAttention"]
@@ -55,19 +59,19 @@ def quantize_int8_rows(weight: torch.Tensor, rows_per_chunk: int = 1024) -> tupl
 
 
 class WeightOnlyLinear(nn.Module):
-    """A linear layer whose weight (out, in) is int8 (with `scales` (out,)) or bfloat16, kept as
-    buffers: nothing here is trained."""
+    """A linear layer whose weight (out, in) is int8 (with `scales` (out,); mode "int8", or "w8a8" with the
+    activations quantized too) or bfloat16, kept as buffers: nothing here is trained."""
 
     def __init__(self, in_features: int, out_features: int, mode: str, bias: bool = True,
                  backend: str | None = None, device=None, bias_dtype: torch.dtype = torch.float32):
         super().__init__()
-        if mode not in ("int8", "bf16"):
-            raise ValueError(f"WeightOnlyLinear mode must be 'int8' or 'bf16', got {mode!r}")
+        if mode not in ("int8", "w8a8", "bf16"):
+            raise ValueError(f"WeightOnlyLinear mode must be 'int8', 'w8a8' or 'bf16', got {mode!r}")
         self.in_features, self.out_features, self.mode, self.backend = in_features, out_features, mode, backend
-        dtype = torch.int8 if mode == "int8" else torch.bfloat16
+        dtype = torch.int8 if mode in INT8_MODES else torch.bfloat16
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device)
-                             if mode == "int8" else None)
+                             if mode in INT8_MODES else None)
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
 
     @classmethod
@@ -84,7 +88,7 @@ class WeightOnlyLinear(nn.Module):
                   bias_dtype=weight.dtype)
         if convert:
             with torch.no_grad():
-                if mode == "int8":
+                if mode in INT8_MODES:
                     q, scales = quantize_int8_rows(weight)
                     new.weight.copy_(q)
                     new.scales.copy_(scales)
@@ -96,11 +100,13 @@ class WeightOnlyLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weights this layer multiplies by, as a (out, in) tensor of `dtype`."""
-        if self.mode == "int8":
+        if self.mode in INT8_MODES:
             return self.weight.to(dtype) * self.scales.to(dtype).unsqueeze(1)
         return self.weight.to(dtype)
 
     def forward(self, x):                                        # (..., in) -> (..., out)
+        if self.mode == "w8a8":
+            return ops.linear_w8a8(x, self.weight, self.scales, self.bias, backend=self.backend)
         if self.mode == "int8":
             return ops.linear_int8(x, self.weight, self.scales, self.bias, backend=self.backend)
         return ops.linear_bf16(x, self.weight, self.bias, backend=self.backend)
@@ -123,7 +129,7 @@ class QuantizedEmbedding(nn.Module):
     def forward(self, idx):                                      # (B, T) -> (B, T, C)
         head = self._head[0]
         rows = F.embedding(idx, head.weight).to(self.dtype)
-        if head.mode == "int8":
+        if head.mode in INT8_MODES:
             rows = rows * F.embedding(idx, head.scales.unsqueeze(1)).to(self.dtype)
         return rows
 
@@ -166,7 +172,7 @@ QuantizedGPTModel = quantized_class(GPTModel)
 
 
 def quantization_of(model) -> str | None:
-    """"int8" / "bf16" for a quantized model, None for any other."""
+    """"int8" / "w8a8" / "bf16" for a quantized model, None for any other."""
     return getattr(model, "quantization", None)
 
 
@@ -217,7 +223,7 @@ def _replace(model: GPTModel, mode: str, convert: bool) -> GPTModel:
 
 @torch.no_grad()
 def quantize(model: GPTModel, mode: str) -> GPTModel:
-    """Quantize `model`'s linear layers in place ("int8", "bf16"; "none" leaves it as it is) and
+    """Quantize `model`'s linear layers in place ("int8", "w8a8", "bf16"; "none" leaves it as it is) and
     return it, in eval mode, for inference only."""
     return _replace(model, mode, convert=True)
 
