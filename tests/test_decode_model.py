@@ -54,7 +54,7 @@ def count_calls(monkeypatch, name):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen3", "llama"])
-@pytest.mark.parametrize("quantization", ["none", "bf16", "int8"])
+@pytest.mark.parametrize("quantization", ["none", "bf16", "int8", "w8a8"])
 @pytest.mark.parametrize("batch", [1, 5])
 def test_whole_step_is_bitwise_per_block_and_op_by_op(family, quantization, batch, monkeypatch):
     """Logits and caches: one call a token = one call a block = the ops one by one, to the bit."""
@@ -76,8 +76,9 @@ def test_whole_step_is_bitwise_per_block_and_op_by_op(family, quantization, batc
 
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen3"])
-def test_generation_uses_it_and_agrees_with_the_textbook(family, monkeypatch):
-    model = trained_like_model(config(family), "int8", seed=1)
+@pytest.mark.parametrize("quantization", ["int8", "w8a8"])
+def test_generation_uses_it_and_agrees_with_the_textbook(family, quantization, monkeypatch):
+    model = trained_like_model(config(family), quantization, seed=1)
     prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(4))
     calls = count_calls(monkeypatch, "decode_model")
     fused = generate(model, prompt, max_new_tokens=12)
@@ -161,7 +162,7 @@ def test_the_kernels_called_directly_refuse_what_their_loops_cannot_take():
             model(torch.tensor([[1, 2]]), cache=cache, start_pos=0)
         x, w, ks, vs, p, rope = model_weights(model, torch.tensor([[3]]), cache, 2)
         kernel = torch.ops.gptfast.decode_blocks if family == "gpt2" else torch.ops.gptfast.decode_blocks_llama
-        head_at = -3
+        head_at = -4                                           # (..., head weight, scales, bias, int8_activations)
         for change, message in [
             (lambda a: a.__setitem__(6, a[6][:1]), "one cache a block"),
             (lambda a: a.__setitem__(2, a[2][:-1]), "a block"),

@@ -113,8 +113,8 @@ def test_its_error_against_float_is_the_activation_rounding():
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen3"])
 def test_a_w8a8_model_decodes_through_it_and_agrees_with_the_textbook(family, monkeypatch):
-    """quantize(model, "w8a8"): every linear layer of a decoding step is one linear_w8a8 call (the fused block and
-    model steps multiply float activations, so they step aside), and the tokens are the reference backend's."""
+    """quantize(model, "w8a8"): op by op, every linear layer of a step is one linear_w8a8 call; fused (the whole
+    model in one call, test_decode_model) the same tokens; both the reference backend's."""
     import copy
 
     from gptfast.generate import generate
@@ -127,14 +127,14 @@ def test_a_w8a8_model_decodes_through_it_and_agrees_with_the_textbook(family, mo
         if family == "gpt2" else LlamaConfig(vocab_size=101, context_length=24, emb_dim=64, hidden_dim=96, n_heads=4,
                                              n_kv_heads=2, head_dim=16, n_layers=2, backend="extension")
     model = quantize(build_model(cfg), "w8a8")
-    calls, fused = [], []
+    calls = []
     real = ops.linear_w8a8
     monkeypatch.setattr(ops, "linear_w8a8", lambda *a, **k: calls.append(1) or real(*a, **k))
-    for name in ("decode_model", "decode_block", "decode_block_llama"):
-        monkeypatch.setattr(ops, name, lambda *a, **k: fused.append(1))
     prompt = torch.randint(0, 101, (2, 5), generator=torch.Generator().manual_seed(4))
-    out = generate(model, prompt, max_new_tokens=6)
+    op_by_op = generate(model, prompt, max_new_tokens=6, fused_decoding=False)
     per_step = 2 * (4 if family == "gpt2" else 7) + 1             # GPT-2: stacked qkv, out, fc, proj; + the head
-    assert fused == [] and len(calls) == 6 * per_step             # the prefill and 5 one-token steps
+    assert len(calls) == 6 * per_step                             # the prefill and 5 one-token steps
+    fused = generate(model, prompt, max_new_tokens=6)
+    assert len(calls) == 7 * per_step                             # the prefill alone: the steps are one call each
     ref = generate(copy.deepcopy(model).set_backend("reference"), prompt, max_new_tokens=6)
-    assert torch.equal(out, ref)
+    assert torch.equal(op_by_op, ref) and torch.equal(fused, ref)

@@ -36,11 +36,13 @@ TORCH_LIBRARY_FRAGMENT(gptfast, m) {
   // k_cache/v_cache (B, n_heads, context, head_dim) at start_pos and attending over positions 0..start_pos.
   // norms: [ln1_weight, ln1_bias, ln2_weight, ln2_bias]; the six linear layers in the order q, k, v, out, fc,
   // proj: weights (N, K) float32, bfloat16 or int8, scales (N,) for int8, biases (N,) or None. Inference only.
-  m.def("decode_block(Tensor x, Tensor[] norms, Tensor[] weights, Tensor?[] scales, Tensor?[] biases, Tensor(a!) k_cache, Tensor(b!) v_cache, SymInt start_pos, float eps) -> Tensor");
+  // int8_activations: every layer int8, each layer's input rows quantized to int8 and multiplied by integer dot
+  // products, as linear_w8a8 does (quantize(model, "w8a8")).
+  m.def("decode_block(Tensor x, Tensor[] norms, Tensor[] weights, Tensor?[] scales, Tensor?[] biases, Tensor(a!) k_cache, Tensor(b!) v_cache, SymInt start_pos, float eps, bool int8_activations=False) -> Tensor");
   // The whole model's step: the L blocks one after the other (norms 4 L, weights/scales/biases 6 L, a cache pair a
   // block), then the final LayerNorm (final_norm: [weight, bias]) and the LM head (head_weight (V, C) with its
   // scales and bias): logits (B, 1, V). One parallel region for the token; the threads meet at barriers.
-  m.def("decode_blocks(Tensor x, Tensor[] norms, Tensor[] weights, Tensor?[] scales, Tensor?[] biases, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, SymInt start_pos, float eps, Tensor[] final_norm, Tensor head_weight, Tensor? head_scales, Tensor? head_bias) -> Tensor");
+  m.def("decode_blocks(Tensor x, Tensor[] norms, Tensor[] weights, Tensor?[] scales, Tensor?[] biases, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, SymInt start_pos, float eps, Tensor[] final_norm, Tensor head_weight, Tensor? head_scales, Tensor? head_bias, bool int8_activations=False) -> Tensor");
 }
 #endif
 
@@ -90,13 +92,36 @@ std::pair<int64_t, int64_t> column_share(int64_t N, int64_t t, int64_t nt) {
   return {std::min(N, blocks * t / nt * kDecodeColumnBlock), std::min(N, blocks * (t + 1) / nt * kDecodeColumnBlock)};
 }
 
-// This thread's share of y (B x N) = a (B x K, row stride lda) W^T + residual (B x N): the residual added to
+// The rows a linear layer reads: float32 rows a (row stride lda), or with int8 activations their quantized copy
+// q (rows of w8a8_padded_k(K) bytes) and its row scales sx.
+struct Act {
+  const float* a;
+  int64_t lda;
+  const int8_t* q;
+  const float* sx;
+};
+
+// Columns [c0, c1) of y (row stride ldy) = the B rows of `in` times L's weights: the linear or the linear_w8a8 kernel.
+void layer_columns(const Act& in, int64_t B, const LinearArgs& L, float* y, int64_t ldy, int64_t c0, int64_t c1) {
+  if (in.q != nullptr)
+    w8a8_columns(in.q, in.sx, B, L.w, L.scales, L.bias, y, ldy, c0, c1);
+  else
+    linear_columns(in.a, in.lda, B, L.w, L.scales, L.bias, y, ldy, c0, c1);
+}
+
+// With int8 activations, this thread's rows of a (B x K) quantized into q, sx (the rows the next layer reads).
+void quantize_my_rows(const float* a, int64_t B, int64_t K, int8_t* q, float* sx, int64_t t, int64_t nt) {
+  if (q == nullptr) return;
+  for (int64_t b = t; b < B; b += nt) w8a8_quantize_rows(a + b * K, K, 1, K, q + b * w8a8_padded_k(K), sx + b);
+}
+
+// This thread's share of y (B x N) = in (B x K) W^T + residual (B x N): the residual added to
 // the columns the thread computed, so no barrier in between.
-void linear_plus_residual(const float* a, int64_t lda, int64_t B, const LinearArgs& L, const float* residual,
-                          float* y, int64_t t, int64_t nt) {
+void linear_plus_residual(const Act& in, int64_t B, const LinearArgs& L, const float* residual, float* y, int64_t t,
+                          int64_t nt) {
   const int64_t N = L.N;
   const auto [c0, c1] = column_share(N, t, nt);
-  linear_columns(a, lda, B, L.w, L.scales, L.bias, y, N, c0, c1);
+  layer_columns(in, B, L, y, N, c0, c1);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t c = c0; c < c1; ++c) y[b * N + c] += residual[b * N + c];
 }
@@ -150,6 +175,8 @@ Block block_args(const at::Tensor& x, at::TensorList norms, at::TensorList weigh
 struct Rows {
   const float* x;
   float *h, *qkv, *att, *x1, *f, *y, *k_cache, *v_cache, *scratch;
+  int8_t* q;   // with int8 activations: the quantized rows the next layer reads (else null)
+  float* sx;   // and their scales
 };
 
 // One thread's part (thread t of n) of the step: each stage the standalone op's loop on the thread's share,
@@ -157,12 +184,14 @@ struct Rows {
 void run_block(const Block& w, const Rows& r, int64_t P, double eps, int64_t t, int64_t n) {
   const int64_t B = w.B, C = w.C, F = w.F, D = w.D, n_keys = P + 1;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));   // 1/sqrt(D), as the attention op
+  const bool q8 = r.q != nullptr;
   for (int64_t b = t; b < B; b += n) layer_norm_row_f32(r.x + b * C, w.ln1_w, w.ln1_b, r.h + b * C, C, eps);
+  quantize_my_rows(r.h, B, C, r.q, r.sx, t, n);
 #pragma omp barrier
   int64_t col = 0;                                                        // q, k, v = h W^T
   for (const LinearArgs* L : {&w.q, &w.k, &w.v}) {
     const auto [c0, c1] = column_share(L->N, t, n);
-    linear_columns(r.h, C, B, L->w, L->scales, L->bias, r.qkv + col, 3 * C, c0, c1);
+    layer_columns(Act{r.h, C, r.q, r.sx}, B, *L, r.qkv + col, 3 * C, c0, c1);
     col += L->N;
   }
 #pragma omp barrier
@@ -176,22 +205,50 @@ void run_block(const Block& w, const Rows& r, int64_t P, double eps, int64_t t, 
     attention_last_row_f32(q, kh, vh, n_keys, D, scale, r.att + b * C + hd * D, r.scratch + t * (n_keys + 2 * D));
   }
 #pragma omp barrier
-  linear_plus_residual(r.att, C, B, w.out, r.x, r.x1, t, n);              // x1 = att W_out^T + x
+  if (q8) {                                                               // (a row's heads came from several threads)
+    quantize_my_rows(r.att, B, C, r.q, r.sx, t, n);
+#pragma omp barrier
+  }
+  linear_plus_residual(Act{r.att, C, r.q, r.sx}, B, w.out, r.x, r.x1, t, n);   // x1 = att W_out^T + x
 #pragma omp barrier
   for (int64_t b = t; b < B; b += n) layer_norm_row_f32(r.x1 + b * C, w.ln2_w, w.ln2_b, r.h + b * C, C, eps);
+  quantize_my_rows(r.h, B, C, r.q, r.sx, t, n);
 #pragma omp barrier
   const auto [c0, c1] = column_share(F, t, n);                            // f = gelu(h W_fc^T)
-  linear_columns(r.h, C, B, w.fc.w, w.fc.scales, w.fc.bias, r.f, F, c0, c1);
+  layer_columns(Act{r.h, C, r.q, r.sx}, B, w.fc, r.f, F, c0, c1);
   for (int64_t b = 0; b < B; ++b) gelu_span_f32(r.f + b * F + c0, r.f + b * F + c0, c1 - c0);
 #pragma omp barrier
-  linear_plus_residual(r.f, F, B, w.proj, r.x1, r.y, t, n);               // y = f W_proj^T + x1
+  if (q8) {
+    quantize_my_rows(r.f, B, F, r.q, r.sx, t, n);
+#pragma omp barrier
+  }
+  linear_plus_residual(Act{r.f, F, r.q, r.sx}, B, w.proj, r.x1, r.y, t, n);   // y = f W_proj^T + x1
+}
+
+// With int8 activations: the quantized rows' buffer (B rows of the widest input, padded) and their scales.
+std::pair<at::Tensor, at::Tensor> int8_rows(bool on, const at::Tensor& x, int64_t B, int64_t widest) {
+  if (!on) return {};
+  return {at::empty({B * w8a8_padded_k(widest)}, x.options().dtype(at::kChar)), at::empty({B}, x.options())};
+}
+
+void check_int8_activations(bool on, const LinearArgs& L, const char* name) {
+  TORCH_CHECK(!on || L.w.scalar_type() == at::kChar, "int8_activations needs int8 weights: ", name, " is ",
+              L.w.scalar_type());
+}
+
+void check_int8_activations(bool on, const Block& w) {
+  const char* names[] = {"q", "k", "v", "out", "fc", "proj"};
+  const LinearArgs* layers[] = {&w.q, &w.k, &w.v, &w.out, &w.fc, &w.proj};
+  for (int i = 0; i < 6; ++i) check_int8_activations(on, *layers[i], names[i]);
 }
 
 at::Tensor decode_block_cpu(const at::Tensor& x, at::TensorList norms, at::TensorList weights,
                             const c10::List<std::optional<at::Tensor>>& scales,
                             const c10::List<std::optional<at::Tensor>>& biases, const at::Tensor& k_cache,
-                            const at::Tensor& v_cache, int64_t start_pos, double eps) {
+                            const at::Tensor& v_cache, int64_t start_pos, double eps, bool int8_activations) {
   const Block w = block_args(x, norms, weights, scales, biases, k_cache, v_cache, start_pos);
+  check_int8_activations(int8_activations, w);
+  const auto [q8, sx] = int8_rows(int8_activations, x, w.B, std::max(w.C, w.F));
   const int64_t B = w.B, C = w.C;
   const auto opts = x.options();
   at::Tensor y = at::empty({B, 1, C}, opts);
@@ -201,7 +258,8 @@ at::Tensor decode_block_cpu(const at::Tensor& x, at::TensorList norms, at::Tenso
   maybe_poison(y), maybe_poison(work);
   float* h = work.data_ptr<float>();
   const Rows r{x.data_ptr<float>(), h, h + B * C, h + B * 4 * C, h + B * 5 * C, h + B * 6 * C, y.data_ptr<float>(),
-               k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), scratch.data_ptr<float>()};
+               k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), scratch.data_ptr<float>(),
+               int8_activations ? q8.data_ptr<int8_t>() : nullptr, int8_activations ? sx.data_ptr<float>() : nullptr};
 #pragma omp parallel num_threads(nt)
   run_block(w, r, start_pos, eps, omp_get_thread_num(), omp_get_num_threads());
   return y;
@@ -214,7 +272,7 @@ at::Tensor decode_blocks_cpu(const at::Tensor& x, at::TensorList norms, at::Tens
                              const c10::List<std::optional<at::Tensor>>& biases, at::TensorList k_caches,
                              at::TensorList v_caches, int64_t start_pos, double eps, at::TensorList final_norm,
                              const at::Tensor& head_weight, const std::optional<at::Tensor>& head_scales,
-                             const std::optional<at::Tensor>& head_bias) {
+                             const std::optional<at::Tensor>& head_bias, bool int8_activations) {
   const int64_t L = static_cast<int64_t>(k_caches.size());
   TORCH_CHECK(L >= 1 && v_caches.size() == k_caches.size(), "k_caches and v_caches: one cache a block, at least one "
               "block, got ", k_caches.size(), " and ", v_caches.size());
@@ -229,6 +287,11 @@ at::Tensor decode_blocks_cpu(const at::Tensor& x, at::TensorList norms, at::Tens
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == C && t.is_contiguous(),
                 "final_norm must be contiguous float32 (", C, ",) tensors");
   const LinearArgs head = layer_args_named("head", head_weight, head_scales, head_bias, -1, C);
+  for (const Block& b : blocks) check_int8_activations(int8_activations, b);
+  check_int8_activations(int8_activations, head, "head");
+  const auto [q8, sx] = int8_rows(int8_activations, x, B, std::max(C, F));
+  int8_t* pq = int8_activations ? q8.data_ptr<int8_t>() : nullptr;
+  float* psx = int8_activations ? sx.data_ptr<float>() : nullptr;
   const auto opts = x.options();
   at::Tensor logits = at::empty({B, 1, head.N}, opts);
   at::Tensor work = at::empty({B * (C + 3 * C + C + C + F + 2 * C)}, opts);   // h, qkv, att, x1, f; two x rows
@@ -244,14 +307,15 @@ at::Tensor decode_blocks_cpu(const at::Tensor& x, at::TensorList norms, at::Tens
     for (int64_t l = 0; l < L; ++l) {
       const Rows r{l == 0 ? x.data_ptr<float>() : rows[(l - 1) % 2], h, h + B * C, h + B * 4 * C, h + B * 5 * C,
                    h + B * 6 * C, rows[l % 2], k_caches[l].data_ptr<float>(), v_caches[l].data_ptr<float>(),
-                   scratch.data_ptr<float>()};
+                   scratch.data_ptr<float>(), pq, psx};
       run_block(blocks[l], r, start_pos, eps, t, n);
 #pragma omp barrier
     }
     for (int64_t b = t; b < B; b += n) layer_norm_row_f32(rows[(L - 1) % 2] + b * C, fw, fb, h + b * C, C, eps);
+    quantize_my_rows(h, B, C, pq, psx, t, n);
 #pragma omp barrier
     const auto [c0, c1] = column_share(head.N, t, n);
-    linear_columns(h, C, B, head.w, head.scales, head.bias, logits.data_ptr<float>(), head.N, c0, c1);
+    layer_columns(Act{h, C, pq, psx}, B, head, logits.data_ptr<float>(), head.N, c0, c1);
   }
   return logits;
 }

@@ -38,11 +38,13 @@ TORCH_LIBRARY_FRAGMENT(gptfast, m) {
   // positions 0..start_pos. norms: [norm1, norm2] (C,) or [norm1, norm2, q_norm, k_norm] (the last two (head_dim,));
   // the seven linear layers in the order q, k, v, out, gate, up, down: weights (N, K) float32, bfloat16 or int8,
   // scales (N,) for int8, biases (N,) or None; cos, sin (1, head_dim / 2) float32: the position's angles.
-  m.def("decode_block_llama(Tensor x, Tensor[] norms, Tensor[] weights, Tensor?[] scales, Tensor?[] biases, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, Tensor sin, SymInt start_pos, float eps) -> Tensor");
+  // int8_activations: every layer int8, each layer's input rows quantized to int8 and multiplied by integer dot
+  // products, as linear_w8a8 does (quantize(model, "w8a8")).
+  m.def("decode_block_llama(Tensor x, Tensor[] norms, Tensor[] weights, Tensor?[] scales, Tensor?[] biases, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, Tensor sin, SymInt start_pos, float eps, bool int8_activations=False) -> Tensor");
   // The whole model's step: the L blocks one after the other (norms 2 L or 4 L, weights/scales/biases 7 L, a cache
   // pair a block), then the final RMSNorm (final_norm (C,)) and the LM head (head_weight (V, C) with its scales and
   // bias): logits (B, 1, V). One parallel region for the token; the threads meet at barriers.
-  m.def("decode_blocks_llama(Tensor x, Tensor[] norms, Tensor[] weights, Tensor?[] scales, Tensor?[] biases, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor cos, Tensor sin, SymInt start_pos, float eps, Tensor final_norm, Tensor head_weight, Tensor? head_scales, Tensor? head_bias) -> Tensor");
+  m.def("decode_blocks_llama(Tensor x, Tensor[] norms, Tensor[] weights, Tensor?[] scales, Tensor?[] biases, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor cos, Tensor sin, SymInt start_pos, float eps, Tensor final_norm, Tensor head_weight, Tensor? head_scales, Tensor? head_bias, bool int8_activations=False) -> Tensor");
 }
 #endif
 
@@ -141,8 +143,20 @@ std::pair<int64_t, int64_t> column_share(int64_t N, int64_t t, int64_t nt) {
   return {std::min(N, blocks * t / nt * kDecodeColumnBlock), std::min(N, blocks * (t + 1) / nt * kDecodeColumnBlock)};
 }
 
-void columns(const float* a, int64_t lda, int64_t B, const Layer& L, float* y, int64_t ldy, int64_t c0, int64_t c1) {
-  linear_columns(a, lda, B, L.w, L.scales, L.bias, y, ldy, c0, c1);
+// Columns [c0, c1) of y (row stride ldy) = the B rows a (row stride lda) times L's weights; with int8 activations
+// (q non-null) the rows' quantized copy q, sx is what is multiplied (the linear_w8a8 kernel).
+void columns(const float* a, int64_t lda, int64_t B, const Layer& L, float* y, int64_t ldy, int64_t c0, int64_t c1,
+             const int8_t* q = nullptr, const float* sx = nullptr) {
+  if (q != nullptr)
+    w8a8_columns(q, sx, B, L.w, L.scales, L.bias, y, ldy, c0, c1);
+  else
+    linear_columns(a, lda, B, L.w, L.scales, L.bias, y, ldy, c0, c1);
+}
+
+// With int8 activations, this thread's rows of a (B x K) quantized into q, sx (the rows the next layer reads).
+void quantize_my_rows(const float* a, int64_t B, int64_t K, int8_t* q, float* sx, int64_t t, int64_t nt) {
+  if (q == nullptr) return;
+  for (int64_t b = t; b < B; b += nt) w8a8_quantize_rows(a + b * K, K, 1, K, q + b * w8a8_padded_k(K), sx + b);
 }
 
 // Where the threads keep the step's rows: x, the RMSNorms' output h, q | k | v side by side (W = (Hq + 2 Hkv) D a
@@ -150,6 +164,8 @@ void columns(const float* a, int64_t lda, int64_t B, const Layer& L, float* y, i
 struct Rows {
   const float* x;
   float *h, *qkv, *att, *x1, *g, *u, *y, *k_cache, *v_cache, *scratch;
+  int8_t* q;   // with int8 activations: the quantized rows the next layer reads (else null)
+  float* sx;   // and their scales
 };
 
 // One thread's part (thread t of n) of the step: each stage the standalone op's loop on the thread's share,
@@ -158,11 +174,12 @@ void run_block(const Block& w, const Rows& r, int64_t P, double eps, int64_t t, 
   const int64_t B = w.B, C = w.C, F = w.F, D = w.D, Hq = w.Hq, Hkv = w.Hkv, Cq = Hq * D, W = (Hq + 2 * Hkv) * D;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));   // 1/sqrt(D), as the attention op
   for (int64_t b = t; b < B; b += n) rms_norm_row_f32(r.x + b * C, w.norm1, r.h + b * C, C, eps);
+  quantize_my_rows(r.h, B, C, r.q, r.sx, t, n);
 #pragma omp barrier
   int64_t col = 0;                                                        // q, k, v = h W^T
   for (const Layer* L : {&w.q, &w.k, &w.v}) {
     const auto [c0, c1] = column_share(L->N, t, n);
-    columns(r.h, C, B, *L, r.qkv + col, W, c0, c1);
+    columns(r.h, C, B, *L, r.qkv + col, W, c0, c1, r.q, r.sx);
     col += L->N;
   }
 #pragma omp barrier
@@ -188,34 +205,61 @@ void run_block(const Block& w, const Rows& r, int64_t P, double eps, int64_t t, 
                            r.att + b * Cq + hd * D, r.scratch + t * (P + 1 + 2 * D));
   }
 #pragma omp barrier
+  if (r.q != nullptr) {                                                   // (a row's heads came from several threads)
+    quantize_my_rows(r.att, B, Cq, r.q, r.sx, t, n);
+#pragma omp barrier
+  }
   {                                                                       // x1 = att W_out^T + x
     const auto [c0, c1] = column_share(C, t, n);
-    columns(r.att, Cq, B, w.out, r.x1, C, c0, c1);
+    columns(r.att, Cq, B, w.out, r.x1, C, c0, c1, r.q, r.sx);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t c = c0; c < c1; ++c) r.x1[b * C + c] += r.x[b * C + c];
   }
 #pragma omp barrier
   for (int64_t b = t; b < B; b += n) rms_norm_row_f32(r.x1 + b * C, w.norm2, r.h + b * C, C, eps);
+  quantize_my_rows(r.h, B, C, r.q, r.sx, t, n);
 #pragma omp barrier
   {                                                                       // g = swiglu(h W_gate^T, h W_up^T)
     const auto [c0, c1] = column_share(F, t, n);
-    columns(r.h, C, B, w.gate, r.g, F, c0, c1);
-    columns(r.h, C, B, w.up, r.u, F, c0, c1);
+    columns(r.h, C, B, w.gate, r.g, F, c0, c1, r.q, r.sx);
+    columns(r.h, C, B, w.up, r.u, F, c0, c1, r.q, r.sx);
     for (int64_t b = 0; b < B; ++b) swiglu_span_f32(r.g + b * F + c0, r.u + b * F + c0, r.g + b * F + c0, c1 - c0);
   }
 #pragma omp barrier
+  if (r.q != nullptr) {
+    quantize_my_rows(r.g, B, F, r.q, r.sx, t, n);
+#pragma omp barrier
+  }
   const auto [c0, c1] = column_share(C, t, n);                            // y = g W_down^T + x1
-  columns(r.g, F, B, w.down, r.y, C, c0, c1);
+  columns(r.g, F, B, w.down, r.y, C, c0, c1, r.q, r.sx);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t c = c0; c < c1; ++c) r.y[b * C + c] += r.x1[b * C + c];
+}
+
+// With int8 activations: the quantized rows' buffer (B rows of the widest input, padded) and their scales.
+std::pair<at::Tensor, at::Tensor> int8_rows(bool on, const at::Tensor& x, int64_t B, int64_t widest) {
+  if (!on) return {};
+  return {at::empty({B * w8a8_padded_k(widest)}, x.options().dtype(at::kChar)), at::empty({B}, x.options())};
+}
+
+void check_int8_activations(bool on, const Layer& L, int i) {
+  TORCH_CHECK(!on || L.w.scalar_type() == at::kChar, "int8_activations needs int8 weights: ", kLayerNames[i], " is ",
+              L.w.scalar_type());
+}
+
+void check_int8_activations(bool on, const Block& w) {
+  const Layer* layers[] = {&w.q, &w.k, &w.v, &w.out, &w.gate, &w.up, &w.down};
+  for (int i = 0; i < 7; ++i) check_int8_activations(on, *layers[i], i);
 }
 
 at::Tensor decode_block_llama_cpu(const at::Tensor& x, at::TensorList norms, at::TensorList weights,
                                   const c10::List<std::optional<at::Tensor>>& scales,
                                   const c10::List<std::optional<at::Tensor>>& biases, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& cos, const at::Tensor& sin,
-                                  int64_t start_pos, double eps) {
+                                  int64_t start_pos, double eps, bool int8_activations) {
   const Block w = block_args(x, norms, weights, scales, biases, k_cache, v_cache, cos, sin, start_pos);
+  check_int8_activations(int8_activations, w);
+  const auto [q8, sx] = int8_rows(int8_activations, x, w.B, std::max({w.C, w.F, w.Hq * w.D}));
   const int64_t B = w.B, C = w.C, W = (w.Hq + 2 * w.Hkv) * w.D, Cq = w.Hq * w.D;
   const auto opts = x.options();
   at::Tensor y = at::empty({B, 1, C}, opts);
@@ -229,7 +273,8 @@ at::Tensor decode_block_llama_cpu(const at::Tensor& x, at::TensorList norms, at:
   float* x1 = att + B * Cq;
   float* g = x1 + B * C;
   const Rows r{x.data_ptr<float>(), h, qkv, att, x1, g, g + B * w.F, y.data_ptr<float>(), k_cache.data_ptr<float>(),
-               v_cache.data_ptr<float>(), scratch.data_ptr<float>()};
+               v_cache.data_ptr<float>(), scratch.data_ptr<float>(),
+               int8_activations ? q8.data_ptr<int8_t>() : nullptr, int8_activations ? sx.data_ptr<float>() : nullptr};
 #pragma omp parallel num_threads(nt)
   run_block(w, r, start_pos, eps, omp_get_thread_num(), omp_get_num_threads());
   return y;
@@ -243,7 +288,7 @@ at::Tensor decode_blocks_llama_cpu(const at::Tensor& x, at::TensorList norms, at
                                    at::TensorList v_caches, const at::Tensor& cos, const at::Tensor& sin,
                                    int64_t start_pos, double eps, const at::Tensor& final_norm,
                                    const at::Tensor& head_weight, const std::optional<at::Tensor>& head_scales,
-                                   const std::optional<at::Tensor>& head_bias) {
+                                   const std::optional<at::Tensor>& head_bias, bool int8_activations) {
   const int64_t L = static_cast<int64_t>(k_caches.size());
   TORCH_CHECK(L >= 1 && v_caches.size() == k_caches.size(), "k_caches and v_caches: one cache a block, at least one "
               "block, got ", k_caches.size(), " and ", v_caches.size());
@@ -257,6 +302,11 @@ at::Tensor decode_blocks_llama_cpu(const at::Tensor& x, at::TensorList norms, at
   TORCH_CHECK(final_norm.scalar_type() == at::kFloat && final_norm.dim() == 1 && final_norm.size(0) == C &&
                   final_norm.is_contiguous(), "final_norm must be a contiguous float32 (", C, ",) tensor");
   const Layer head = layer_args(7, head_weight, head_scales, head_bias, -1, C);
+  for (const Block& b : blocks) check_int8_activations(int8_activations, b);
+  check_int8_activations(int8_activations, head, 7);
+  const auto [q8, sx] = int8_rows(int8_activations, x, B, std::max({C, F, Cq}));
+  int8_t* pq = int8_activations ? q8.data_ptr<int8_t>() : nullptr;
+  float* psx = int8_activations ? sx.data_ptr<float>() : nullptr;
   const auto opts = x.options();
   at::Tensor logits = at::empty({B, 1, head.N}, opts);
   at::Tensor work = at::empty({B * (C + W + Cq + C + 2 * F + 2 * C)}, opts);   // h, qkv, att, x1, gate, up; 2 x rows
@@ -274,15 +324,16 @@ at::Tensor decode_blocks_llama_cpu(const at::Tensor& x, at::TensorList norms, at
     const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
     for (int64_t l = 0; l < L; ++l) {
       const Rows r{l == 0 ? x.data_ptr<float>() : rows[(l - 1) % 2], h, qkv, att, x1, g, g + B * F, rows[l % 2],
-                   k_caches[l].data_ptr<float>(), v_caches[l].data_ptr<float>(), scratch.data_ptr<float>()};
+                   k_caches[l].data_ptr<float>(), v_caches[l].data_ptr<float>(), scratch.data_ptr<float>(), pq, psx};
       run_block(blocks[l], r, start_pos, eps, t, n);
 #pragma omp barrier
     }
     for (int64_t b = t; b < B; b += n) rms_norm_row_f32(rows[(L - 1) % 2] + b * C, final_norm.data_ptr<float>(),
                                                         h + b * C, C, eps);
+    quantize_my_rows(h, B, C, pq, psx, t, n);
 #pragma omp barrier
     const auto [c0, c1] = column_share(head.N, t, n);
-    columns(h, C, B, head, logits.data_ptr<float>(), head.N, c0, c1);
+    columns(h, C, B, head, logits.data_ptr<float>(), head.N, c0, c1, pq, psx);
   }
   return logits;
 }

@@ -21,6 +21,15 @@ constexpr int64_t kDecodeColumnBlock = 48;
 void linear_columns(const float* x, int64_t ldx, int64_t M, const at::Tensor& w, const float* scales,
                     const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end);
 
+// The int8 x int8 products (linear_w8a8.cpp): rows of x quantized to int8 (symmetric per row) into q, each row
+// padded with zeros to w8a8_padded_k(K) bytes, scales sx (M); then y[m * ldy + n] = sum_k q[m, k] w[n, k] (exact, in
+// int32) * sx[m] * scales[n] [+ bias[n]] for n in [n_begin, n_end), w (N, K) int8 contiguous: what linear_w8a8 does
+// with the same rows.
+int64_t w8a8_padded_k(int64_t K);
+void w8a8_quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* q, float* sx);
+void w8a8_columns(const int8_t* q, const float* sx, int64_t M, const at::Tensor& w, const float* scales,
+                  const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end);
+
 // One row of LayerNorm in float32 (layer_norm.cpp's row loop, without its statistics outputs).
 void layer_norm_row_f32(const float* x, const float* weight, const float* bias, float* y, int64_t C, double eps);
 

@@ -32,6 +32,7 @@
 #include <utility>
 
 #include "../common.h"
+#include "decode_parts.h"
 #include "kernels.h"
 
 #ifndef GPTFAST_ISA_MODULE   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
@@ -297,6 +298,20 @@ at::Tensor linear_w8a8_fwd_cpu(const at::Tensor& x, const at::Tensor& weight_in,
 }
 
 }  // namespace
+
+int64_t w8a8_padded_k(int64_t K) { return (K + kPad - 1) / kPad * kPad; }
+
+void w8a8_quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* q, float* sx) {
+  quantize_rows(x, ldx, M, K, q, w8a8_padded_k(K), sx);
+}
+
+void w8a8_columns(const int8_t* q, const float* sx, int64_t M, const at::Tensor& w, const float* scales,
+                  const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
+  const int64_t K = w.size(1);
+  static const char* path = path_here();
+  dot_columns(q, w8a8_padded_k(K), M, w.const_data_ptr<int8_t>(), K, n_begin, n_end, Out{sx, scales, bias, y, ldy},
+              path);
+}
 
 static void linear_w8a8_kernels(torch::Library& m) { m.impl("linear_w8a8_fwd", &linear_w8a8_fwd_cpu); }
 GPTFAST_CPU_KERNELS(linear_w8a8_kernels);

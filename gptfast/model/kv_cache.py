@@ -61,7 +61,7 @@ class KVCache:
             return None
         blocks = [(decode_weights_llama if rope is not None else decode_weights)(b) for b in model.trf_blocks]
         norm, head = model.final_norm, model.out_head
-        if any(b is None or b.eps != norm.eps for b in blocks) or quantizes_activations(head) \
+        if any(b is None or b.eps != norm.eps or b.int8_activations != activations_quantized([head]) for b in blocks) \
                 or torch.is_grad_enabled() and head.weight.requires_grad:
             return None
         weights = ops.ModelWeights(tuple(blocks), norm.weight, getattr(norm, "bias", None),
@@ -89,10 +89,11 @@ class KVCache:
         return block(x, kv, start_pos, **extra)
 
 
-def quantizes_activations(layer) -> bool:
-    """A layer whose activations are quantized too (quantize.py's "w8a8"): the fused steps multiply float
-    activations, so such a model decodes op by op (ops.linear_w8a8)."""
-    return getattr(layer, "mode", None) == "w8a8"
+def activations_quantized(layers) -> bool | None:
+    """Whether these layers quantize their activations too (quantize.py's "w8a8": the fused steps then do as
+    ops.linear_w8a8 does); None where some do and some do not (the fused steps take one way for all)."""
+    modes = {getattr(m, "mode", None) == "w8a8" for m in layers}
+    return None if len(modes) > 1 else modes.pop()
 
 
 def decode_weights(block) -> ops.BlockWeights | None:
@@ -105,13 +106,14 @@ def decode_weights(block) -> ops.BlockWeights | None:
         return None
     stacked = getattr(att, "W_qkv", None)                        # quantize.py's one layer for Q, K and V
     qkv = (stacked,) if stacked is not None else (att.W_query, att.W_key, att.W_value)
-    if any(quantizes_activations(m) for m in (*qkv, att.out_proj, ff.fc, ff.proj)):
+    q8 = activations_quantized([*qkv, att.out_proj, ff.fc, ff.proj])
+    if q8 is None:
         return None
 
     def layer(m):                                                # nn.Linear, or a quantized WeightOnlyLinear
         return ops.LinearWeights(m.weight, getattr(m, "scales", None), m.bias)
     return ops.BlockWeights(block.norm1.weight, block.norm1.bias, tuple(layer(m) for m in qkv), layer(att.out_proj),
-                            block.norm2.weight, block.norm2.bias, layer(ff.fc), layer(ff.proj), block.norm1.eps)
+                            block.norm2.weight, block.norm2.bias, layer(ff.fc), layer(ff.proj), block.norm1.eps, q8)
 
 
 def decode_weights_llama(block) -> ops.LlamaBlockWeights | None:
@@ -121,8 +123,8 @@ def decode_weights_llama(block) -> ops.LlamaBlockWeights | None:
     if torch.is_grad_enabled() and block.norm1.weight.requires_grad:
         return None
     norms = [block.norm1, block.norm2] + ([att.q_norm, att.k_norm] if att.q_norm is not None else [])
-    if len({n.eps for n in norms}) != 1 or any(quantizes_activations(m) for m in (
-            att.W_query, att.W_key, att.W_value, att.out_proj, ff.gate, ff.up, ff.down)):
+    q8 = activations_quantized([att.W_query, att.W_key, att.W_value, att.out_proj, ff.gate, ff.up, ff.down])
+    if len({n.eps for n in norms}) != 1 or q8 is None:
         return None
 
     def layer(m):                                                # our Linear, or a quantized WeightOnlyLinear
@@ -130,4 +132,4 @@ def decode_weights_llama(block) -> ops.LlamaBlockWeights | None:
     return ops.LlamaBlockWeights(block.norm1.weight, layer(att.W_query), layer(att.W_key), layer(att.W_value),
                                  layer(att.out_proj), block.norm2.weight, layer(ff.gate), layer(ff.up),
                                  layer(ff.down), None if att.q_norm is None else att.q_norm.weight,
-                                 None if att.k_norm is None else att.k_norm.weight, block.norm1.eps)
+                                 None if att.k_norm is None else att.k_norm.weight, block.norm1.eps, q8)

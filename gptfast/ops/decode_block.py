@@ -24,6 +24,7 @@ from .attention import reference as attention_reference
 from .gelu import reference as gelu_reference
 from .layer_norm import reference as layer_norm_reference
 from .linear import reference as linear_reference, reference_int8 as linear_int8_reference, weights_of_kind
+from .linear_w8a8 import reference as linear_w8a8_reference
 from .registry import BackendError, get_backend, resolve_backend_name
 from .spec import BadInput, Case, Kernel, Op, randn, register
 
@@ -42,7 +43,8 @@ class LinearWeights(NamedTuple):
 class BlockWeights(NamedTuple):
     """One pre-LN transformer block. `qkv`: one stacked (3C, C) layer (rows Q, K, V, as quantized models
     keep them) or three (C, C) ones; `fc` (4C, C) and `proj` (C, 4C) the feed-forward; both LayerNorms
-    use `eps`."""
+    use `eps`. `int8_activations`: every layer int8 and each layer's input rows quantized to int8 as
+    `linear_w8a8` does (quantize(model, "w8a8"))."""
     ln1_weight: torch.Tensor
     ln1_bias: torch.Tensor
     qkv: tuple[LinearWeights, ...]
@@ -52,6 +54,7 @@ class BlockWeights(NamedTuple):
     fc: LinearWeights
     proj: LinearWeights
     eps: float = 1e-5
+    int8_activations: bool = False
 
     def layers(self) -> tuple[LinearWeights, ...]:
         """The six linear layers in the kernel's order: q, k, v, out, fc, proj. A stacked Q/K/V layer is split
@@ -107,6 +110,14 @@ def check_decode_block(x: torch.Tensor, weights: BlockWeights, k_cache: torch.Te
         raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
     if not 0 <= start_pos < k_cache.shape[2]:
         raise ValueError(f"start_pos must be in [0, {k_cache.shape[2]}) (the cache's context), got {start_pos}")
+    check_int8_activations(weights.int8_activations, zip(LAYER_NAMES, weights.layers()))
+
+
+def check_int8_activations(on: bool, named_layers) -> None:
+    """int8 activations are multiplied with int8 weights only (linear_w8a8)."""
+    for name, L in named_layers if on else ():
+        if L.weight.dtype != torch.int8:
+            raise ValueError(f"int8_activations needs int8 weights: {name} weight is {L.weight.dtype}")
 
 
 def fuses_decode_block(x: torch.Tensor, weights: BlockWeights, k_cache: torch.Tensor,
@@ -149,8 +160,11 @@ def decode_block(x: torch.Tensor, weights: BlockWeights, k_cache: torch.Tensor, 
 
 
 # ----------------------------------------------------------------------------- the textbook
-def layer_output(x: torch.Tensor, layer: LinearWeights) -> torch.Tensor:
-    """x @ W^T [+ b] for a layer of any storage type, in x's precision."""
+def layer_output(x: torch.Tensor, layer: LinearWeights, int8_activations: bool = False) -> torch.Tensor:
+    """x @ W^T [+ b] for a layer of any storage type, in x's precision (int8_activations: x's rows quantized to int8
+    first, linear_w8a8's twin)."""
+    if int8_activations:
+        return linear_w8a8_reference(x, layer.weight, layer.scales, layer.bias)
     if layer.weight.dtype == torch.int8:
         return linear_int8_reference(x, layer.weight, layer.scales, layer.bias)
     return linear_reference(x, layer.weight.to(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
@@ -163,29 +177,30 @@ def reference(x: torch.Tensor, weights: BlockWeights, k_cache: torch.Tensor, v_c
     B, _, C = x.shape
     H, D = k_cache.shape[1], k_cache.shape[3]
     q_w, k_w, v_w, out_w, fc_w, proj_w = w.layers()
+    q8 = w.int8_activations
     h = layer_norm_reference(x, w.ln1_weight.to(x.dtype), w.ln1_bias.to(x.dtype), w.eps)
-    q, k, v = (layer_output(h, L).reshape(B, 1, H, D).transpose(1, 2) for L in (q_w, k_w, v_w))   # (B, H, 1, D)
+    q, k, v = (layer_output(h, L, q8).reshape(B, 1, H, D).transpose(1, 2) for L in (q_w, k_w, v_w))   # (B, H, 1, D)
     k_cache[:, :, start_pos] = k[:, :, 0]
     v_cache[:, :, start_pos] = v[:, :, 0]
     a = attention_reference(q, k_cache[:, :, :start_pos + 1], v_cache[:, :, :start_pos + 1])   # (B, H, 1, D)
-    x1 = x + layer_output(a.transpose(1, 2).reshape(B, 1, C), out_w)
+    x1 = x + layer_output(a.transpose(1, 2).reshape(B, 1, C), out_w, q8)
     h2 = layer_norm_reference(x1, w.ln2_weight.to(x.dtype), w.ln2_bias.to(x.dtype), w.eps)
-    return x1 + layer_output(gelu_reference(layer_output(h2, fc_w)), proj_w)
+    return x1 + layer_output(gelu_reference(layer_output(h2, fc_w, q8)), proj_w, q8)
 
 
 # ----------------------------------------------------------------------------- the compiled kernel's contract
-def _fake(x, norms, weights, scales, biases, k_cache, v_cache, start_pos, eps):
+def _fake(x, norms, weights, scales, biases, k_cache, v_cache, start_pos, eps, int8_activations=False):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def kernel_args(x: torch.Tensor, weights: BlockWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 start_pos: int) -> tuple:
     """The kernel's arguments in its one fixed order: x, [ln1_weight, ln1_bias, ln2_weight, ln2_bias], the six
-    layers' [weights], [scales], [biases] (q, k, v, out, fc, proj), the caches, start_pos, eps."""
+    layers' [weights], [scales], [biases] (q, k, v, out, fc, proj), the caches, start_pos, eps, int8_activations."""
     layers = weights.layers()
     return (x.contiguous(), [weights.ln1_weight, weights.ln1_bias, weights.ln2_weight, weights.ln2_bias],
             [L.weight for L in layers], [L.scales for L in layers], [L.bias for L in layers], k_cache, v_cache,
-            start_pos, weights.eps)
+            start_pos, weights.eps, weights.int8_activations)
 
 
 def compiled(k, backend: str):
@@ -284,6 +299,8 @@ def bad_inputs() -> list[BadInput]:
                      "proj bias must be a float32"),
             BadInput(lambda: run(weights=w._replace(ln2_weight=torch.ones(31))), ValueError, "ln2_weight must be"),
             BadInput(lambda: run(weights=w._replace(qkv=w.qkv * 2)), ValueError, "one stacked"),
+            BadInput(lambda: run(weights=w._replace(int8_activations=True)), ValueError,
+                     "int8_activations needs int8 weights: q weight is torch.float32"),
             BadInput(lambda: run(x=torch.randn(17, 1, C), k_cache=torch.randn(17, H, 6, D),
                                  v_cache=torch.randn(17, H, 6, D)), BackendError, "no fused decoding block"),
             BadInput(lambda: run(backend="torch"), BackendError, "'torch' has no fused decoding block")]

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from .attention import reference as attention_reference
-from .decode_block import MAX_BATCH, WEIGHT_DTYPES, LinearWeights, layer_float64, layer_output
+from .decode_block import MAX_BATCH, WEIGHT_DTYPES, LinearWeights, check_int8_activations, layer_float64, layer_output
 from .linear import weights_of_kind
 from .registry import BackendError, get_backend, resolve_backend_name
 from .rms_norm import reference as rms_norm_reference
@@ -33,7 +33,8 @@ from .swiglu import reference as swiglu_reference
 class LlamaBlockWeights(NamedTuple):
     """One Llama/Qwen3 block: RMSNorm weights norm1, norm2 (C,); projections q (n_heads * head_dim, C), k and v
     (n_kv_heads * head_dim, C), out (C, n_heads * head_dim), gate and up (F, C), down (C, F); Qwen3's per-head
-    q_norm, k_norm (head_dim,) or None; every RMSNorm's eps."""
+    q_norm, k_norm (head_dim,) or None; every RMSNorm's eps; `int8_activations`: every layer int8 and each layer's
+    input rows quantized to int8 as `linear_w8a8` does (quantize(model, "w8a8"))."""
     norm1: torch.Tensor
     q: LinearWeights
     k: LinearWeights
@@ -46,6 +47,7 @@ class LlamaBlockWeights(NamedTuple):
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
     eps: float = 1e-6
+    int8_activations: bool = False
 
     def layers(self) -> tuple[LinearWeights, ...]:
         """The seven linear layers in the kernel's order."""
@@ -97,6 +99,7 @@ def check_decode_block_llama(x, weights: LlamaBlockWeights, k_cache, v_cache, st
             raise ValueError(f"{name} must be a float32 {want} tensor on x's device, got {t.dtype} {tuple(t.shape)}")
     if not 0 <= start_pos < k_cache.shape[2]:
         raise ValueError(f"start_pos must be in [0, {k_cache.shape[2]}) (the cache's context), got {start_pos}")
+    check_int8_activations(weights.int8_activations, zip(LAYER_NAMES, weights.layers()))
 
 
 def fuses_decode_block_llama(x: torch.Tensor, weights: LlamaBlockWeights, k_cache: torch.Tensor,
@@ -137,37 +140,39 @@ def decode_block_llama(x: torch.Tensor, weights: LlamaBlockWeights, k_cache: tor
 def reference(x, weights: LlamaBlockWeights, k_cache, v_cache, start_pos: int, cos, sin) -> torch.Tensor:
     """One Llama/Qwen3 block for one new position per sequence (x (B, 1, C)) with a KV cache, op by op."""
     w = weights
+    q8 = w.int8_activations
     B, _, C = x.shape
     Hkv, D = k_cache.shape[1], k_cache.shape[3]
     Hq = w.q.weight.shape[0] // D
     h = rms_norm_reference(x, w.norm1.to(x.dtype), w.eps)
-    q = layer_output(h, w.q).view(B, 1, Hq, D)
-    k = layer_output(h, w.k).view(B, 1, Hkv, D)
-    v = layer_output(h, w.v).view(B, 1, Hkv, D)
+    q = layer_output(h, w.q, q8).view(B, 1, Hq, D)
+    k = layer_output(h, w.k, q8).view(B, 1, Hkv, D)
+    v = layer_output(h, w.v, q8).view(B, 1, Hkv, D)
     if w.q_norm is not None:                                     # Qwen3: each head's q and k to unit RMS
         q, k = rms_norm_reference(q, w.q_norm.to(x.dtype), w.eps), rms_norm_reference(k, w.k_norm.to(x.dtype), w.eps)
     q, k = rope_reference(q.transpose(1, 2), k.transpose(1, 2), cos, sin)   # (B, heads, 1, D)
     k_cache[:, :, start_pos] = k[:, :, 0]
     v_cache[:, :, start_pos] = v[:, 0]
     a = attention_reference(q, k_cache[:, :, :start_pos + 1], v_cache[:, :, :start_pos + 1])   # (B, Hq, 1, D)
-    x1 = x + layer_output(a.transpose(1, 2).reshape(B, 1, Hq * D), w.out)
+    x1 = x + layer_output(a.transpose(1, 2).reshape(B, 1, Hq * D), w.out, q8)
     h2 = rms_norm_reference(x1, w.norm2.to(x.dtype), w.eps)
-    return x1 + layer_output(swiglu_reference(layer_output(h2, w.gate), layer_output(h2, w.up)), w.down)
+    return x1 + layer_output(swiglu_reference(layer_output(h2, w.gate, q8), layer_output(h2, w.up, q8)), w.down, q8)
 
 
 # ----------------------------------------------------------------------------- the compiled kernel's contract
-def _fake(x, norms, weights, scales, biases, k_cache, v_cache, cos, sin, start_pos, eps):
+def _fake(x, norms, weights, scales, biases, k_cache, v_cache, cos, sin, start_pos, eps, int8_activations=False):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def kernel_args(x, weights: LlamaBlockWeights, k_cache, v_cache, start_pos: int, cos, sin) -> tuple:
     """The kernel's arguments in its one fixed order: x, [norm1, norm2 (, q_norm, k_norm)], the seven layers'
-    [weights], [scales], [biases] (q, k, v, out, gate, up, down), the caches, cos, sin, start_pos, eps."""
+    [weights], [scales], [biases] (q, k, v, out, gate, up, down), the caches, cos, sin, start_pos, eps,
+    int8_activations."""
     w = weights
     norms = [w.norm1, w.norm2] + ([w.q_norm, w.k_norm] if w.q_norm is not None else [])
     layers = w.layers()
     return (x.contiguous(), norms, [L.weight for L in layers], [L.scales for L in layers], [L.bias for L in layers],
-            k_cache, v_cache, cos.contiguous(), sin.contiguous(), start_pos, w.eps)
+            k_cache, v_cache, cos.contiguous(), sin.contiguous(), start_pos, w.eps, w.int8_activations)
 
 
 def compiled(k, backend: str):
@@ -185,7 +190,7 @@ def to_float64(w: LlamaBlockWeights) -> LlamaBlockWeights:
     """The block for the float64 twin: int8 weights stay int8 (dequantized in float64), the rest widened."""
     d = lambda t: None if t is None else t.double()   # noqa: E731
     return LlamaBlockWeights(d(w.norm1), *map(layer_float64, w.layers()[:4]), d(w.norm2),
-                             *map(layer_float64, w.layers()[4:]), d(w.q_norm), d(w.k_norm), w.eps)
+                             *map(layer_float64, w.layers()[4:]), d(w.q_norm), d(w.k_norm), w.eps, w.int8_activations)
 
 
 # ----------------------------------------------------------------------------- cases

@@ -77,6 +77,10 @@ def check_decode_model(x, weights: ModelWeights, k_caches, v_caches, start_pos: 
     V = head.weight.shape[0]
     if head.weight.dtype == torch.int8 and head.scales is None:
         raise ValueError("head weight is int8 and needs scales")
+    if any(b.int8_activations != blocks[0].int8_activations for b in blocks):
+        raise ValueError("int8_activations: all blocks or none")
+    if blocks[0].int8_activations and head.weight.dtype != torch.int8:
+        raise ValueError(f"int8_activations needs int8 weights: head weight is {head.weight.dtype}")
     for what, t in (("scales", head.scales), ("bias", head.bias)):
         if t is not None and (t.dtype != torch.float32 or t.shape != (V,) or t.device != x.device):
             raise ValueError(f"head {what} must be a float32 ({V},) tensor on x's device, got {t.dtype} "
@@ -122,17 +126,17 @@ def reference(x, weights: ModelWeights, k_caches, v_caches, start_pos: int, rope
     w, b = weights.final_norm.to(x.dtype), weights.final_norm_bias
     eps = weights.blocks[0].eps
     h = rms_norm_reference(x, w, eps) if b is None else layer_norm_reference(x, w, b.to(x.dtype), eps)
-    return layer_output(h, weights.head)
+    return layer_output(h, weights.head, weights.blocks[0].int8_activations)
 
 
 # ----------------------------------------------------------------------------- the compiled kernels' contract
 def _fake_gpt(x, norms, weights, scales, biases, k_caches, v_caches, start_pos, eps, final_norm, head_weight,
-              head_scales, head_bias):
+              head_scales, head_bias, int8_activations=False):
     return torch.empty((x.shape[0], 1, head_weight.shape[0]), dtype=x.dtype, device=x.device)
 
 
 def _fake_llama(x, norms, weights, scales, biases, k_caches, v_caches, cos, sin, start_pos, eps, final_norm,
-                head_weight, head_scales, head_bias):
+                head_weight, head_scales, head_bias, int8_activations=False):
     return torch.empty((x.shape[0], 1, head_weight.shape[0]), dtype=x.dtype, device=x.device)
 
 
@@ -148,12 +152,12 @@ def kernel_args(x, weights: ModelWeights, k_caches, v_caches, start_pos: int, ro
         scales += a[3]
         biases += a[4]
     h = weights.head
-    eps = weights.blocks[0].eps
+    eps, q8 = weights.blocks[0].eps, weights.blocks[0].int8_activations
     if weights.llama:
         return (x.contiguous(), norms, ws, scales, biases, list(k_caches), list(v_caches), rope[0].contiguous(),
-                rope[1].contiguous(), start_pos, eps, weights.final_norm, h.weight, h.scales, h.bias)
+                rope[1].contiguous(), start_pos, eps, weights.final_norm, h.weight, h.scales, h.bias, q8)
     return (x.contiguous(), norms, ws, scales, biases, list(k_caches), list(v_caches), start_pos, eps,
-            [weights.final_norm, weights.final_norm_bias], h.weight, h.scales, h.bias)
+            [weights.final_norm, weights.final_norm_bias], h.weight, h.scales, h.bias, q8)
 
 
 def compiled(k, backend: str):
