@@ -4,7 +4,7 @@
         --eval-freq 5 --eval-iter 5 --seed 123 --out runs/book          # the book experiment (~10 min on 2 cores)
     python benchmarks/quantize_quality.py --checkpoint runs/book
 
-For each mode (bf16, int8) against the float32 model: the relative error of the logits over the whole
+For each mode (bf16, int8, w8a8: int8 weights and activations) against the float32 model: the relative error of the logits over the whole
 validation split, the validation loss (the run's own split of its corpus, every batch) and its
 relative change, and the agreement of greedy continuations (the share of tokens equal up to the
 first difference) for a few prompts. Writes benchmarks/results/quantize_quality.json.
@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None, help="the run's corpus (default: the shipped The Verdict)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--new-tokens", type=int, default=50)
+    p.add_argument("--modes", default="bf16,int8,w8a8", help="comma-separated quantization modes to measure")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                  "quantize_quality.json"))
     args = p.parse_args(argv)
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     ref_loss, ref_logits, ref_tokens = measure(model, val, prompts, args.new_tokens)
     rows = {"float32": {"val_loss": ref_loss}}
     print(f"float32: val loss {ref_loss:.4f}")
-    for mode in ("bf16", "int8"):
+    for mode in args.modes.split(","):
         q = quantize(copy.deepcopy(model), mode)
         loss, logits, tokens = measure(q, val, prompts, args.new_tokens)
         agree = []
