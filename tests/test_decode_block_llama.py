@@ -123,7 +123,7 @@ def fused_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
-@pytest.mark.parametrize("quantization", ["none", "bf16", "int8", "w8a8"])
+@pytest.mark.parametrize("quantization", ["none", "bf16", "int8", "w8a8", "int4"])
 @pytest.mark.parametrize("batch", [1, 5])
 def test_model_step_is_bitwise_the_op_by_op_path(family, quantization, batch, monkeypatch):
     """Inside the model the fused block gives the very bits of the extension ops one by one: logits and caches."""

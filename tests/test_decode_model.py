@@ -54,7 +54,7 @@ def count_calls(monkeypatch, name):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen3", "llama"])
-@pytest.mark.parametrize("quantization", ["none", "bf16", "int8", "w8a8"])
+@pytest.mark.parametrize("quantization", ["none", "bf16", "int8", "w8a8", "int4"])
 @pytest.mark.parametrize("batch", [1, 5])
 def test_whole_step_is_bitwise_per_block_and_op_by_op(family, quantization, batch, monkeypatch):
     """Logits and caches: one call a token = one call a block = the ops one by one, to the bit."""
@@ -76,7 +76,7 @@ def test_whole_step_is_bitwise_per_block_and_op_by_op(family, quantization, batc
 
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen3"])
-@pytest.mark.parametrize("quantization", ["int8", "w8a8"])
+@pytest.mark.parametrize("quantization", ["int8", "w8a8", "int4-g64"])
 def test_generation_uses_it_and_agrees_with_the_textbook(family, quantization, monkeypatch):
     model = trained_like_model(config(family), quantization, seed=1)
     prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(4))

@@ -86,8 +86,8 @@ def test_quantized_layers_compute_the_dequantized_weights_exactly():
 
 
 def test_bad_calls():
-    with pytest.raises(ValueError, match="unknown quantization 'int4'; choose one of: none, bf16, int8"):
-        quantize(tiny(), "int4")
+    with pytest.raises(ValueError, match="unknown quantization 'int3'; choose one of: none, bf16, int8, w8a8, int4"):
+        quantize(tiny(), "int3")
     model = quantize(tiny(), "int8")
     with pytest.raises(ValueError, match="already quantized"):
         quantize(model, "bf16")
@@ -189,7 +189,7 @@ def test_batched_decoding_picks_the_same_tokens_as_single(trained, mode):
         assert torch.equal(generate(q, prompts[i:i + 1], 20)[0], batched[i])
 
 
-@pytest.mark.parametrize("mode", ["int8", "bf16", "w8a8"])
+@pytest.mark.parametrize("mode", ["int8", "bf16", "w8a8", "int4"])
 def test_save_and_load_round_trip(trained, tmp_path, gpt2_tokenizer, mode):
     from safetensors import safe_open
 
@@ -202,7 +202,7 @@ def test_save_and_load_round_trip(trained, tmp_path, gpt2_tokenizer, mode):
     with safe_open(path, framework="pt") as f:
         keys = set(f.keys())
         head = f.get_tensor("out_head.weight")
-    assert head.dtype == (torch.bfloat16 if mode == "bf16" else torch.int8)
+    assert head.dtype == (torch.bfloat16 if mode == "bf16" else torch.int8)      # (a 4-bit model's head: w8a8)
     assert ("out_head.scales" in keys) == (mode != "bf16") and "trf_blocks.0.att.W_qkv.weight" in keys
     assert "tok_emb.weight" not in keys                          # tied: the head's rows serve both
     loaded, state = load_checkpoint(path, backend="extension")

@@ -51,39 +51,12 @@ namespace {
 
 constexpr int64_t kMaxRows = 16;   // sequences per call: the linear kernel's few-rows range (linear.cpp)
 
-struct LinearArgs {
-  at::Tensor w;            // (N, K) float32, bfloat16 or int8, contiguous
-  const float* scales;     // (N,) or null
-  const float* bias;       // (N,) or null
-  int64_t N;
-};
-
-// The arguments' one check, for a direct call of the kernel op (gptfast.ops.decode_block checks them first, with
-// each argument named): sizes, types and contiguity the loops below rely on, layer by layer.
-LinearArgs layer_args_named(const char* name, const at::Tensor& w, const std::optional<at::Tensor>& scales,
-                            const std::optional<at::Tensor>& bias, int64_t N, int64_t K) {
-  const auto wt = w.scalar_type();
-  TORCH_CHECK((wt == at::kFloat || wt == at::kBFloat16 || wt == at::kChar) && w.dim() == 2 && w.size(1) == K &&
-                  (N < 0 || w.size(0) == N) && w.is_contiguous() && w.device().is_cpu(),
-              name, " weight must be a contiguous float32, bfloat16 or int8 (N, ", K, ") CPU tensor, got ", wt, " ",
-              w.sizes());
-  TORCH_CHECK(wt != at::kChar || scales.has_value(), name, " weight is int8 and needs scales");
-  const float* ptr[2] = {nullptr, nullptr};
-  for (int j = 0; j < 2; ++j) {
-    const auto& t = j == 0 ? scales : bias;
-    if (!t.has_value()) continue;
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == w.size(0) && t->is_contiguous() &&
-                    t->device().is_cpu(),
-                name, j == 0 ? " scales" : " bias", " must be a contiguous float32 (", w.size(0), ",) CPU tensor");
-    ptr[j] = t->data_ptr<float>();
-  }
-  return {w, ptr[0], ptr[1], w.size(0)};
-}
+using LinearArgs = FusedLinear;   // decode_parts.h: a layer of any storage type, checked by fused_layer
 
 LinearArgs layer_args(int i, const at::Tensor& w, const std::optional<at::Tensor>& scales,
                       const std::optional<at::Tensor>& bias, int64_t N, int64_t K) {
   static const char* names[] = {"q", "k", "v", "out", "fc", "proj"};
-  return layer_args_named(names[i], w, scales, bias, N, K);
+  return fused_layer(names[i], w, scales, bias, N, K);
 }
 
 // Thread t's share [begin, end) of N output columns, in whole blocks of kDecodeColumnBlock.
@@ -103,10 +76,7 @@ struct Act {
 
 // Columns [c0, c1) of y (row stride ldy) = the B rows of `in` times L's weights: the linear or the linear_w8a8 kernel.
 void layer_columns(const Act& in, int64_t B, const LinearArgs& L, float* y, int64_t ldy, int64_t c0, int64_t c1) {
-  if (in.q != nullptr)
-    w8a8_columns(in.q, in.sx, B, L.w, L.scales, L.bias, y, ldy, c0, c1);
-  else
-    linear_columns(in.a, in.lda, B, L.w, L.scales, L.bias, y, ldy, c0, c1);
+  fused_columns(L, in.a, in.lda, in.q, in.sx, B, y, ldy, c0, c1);
 }
 
 // With int8 activations, this thread's rows of a (B x K) quantized into q, sx (the rows the next layer reads).
@@ -231,11 +201,6 @@ std::pair<at::Tensor, at::Tensor> int8_rows(bool on, const at::Tensor& x, int64_
   return {at::empty({B * w8a8_padded_k(widest)}, x.options().dtype(at::kChar)), at::empty({B}, x.options())};
 }
 
-void check_int8_activations(bool on, const LinearArgs& L, const char* name) {
-  TORCH_CHECK(!on || L.w.scalar_type() == at::kChar, "int8_activations needs int8 weights: ", name, " is ",
-              L.w.scalar_type());
-}
-
 void check_int8_activations(bool on, const Block& w) {
   const char* names[] = {"q", "k", "v", "out", "fc", "proj"};
   const LinearArgs* layers[] = {&w.q, &w.k, &w.v, &w.out, &w.fc, &w.proj};
@@ -286,7 +251,7 @@ at::Tensor decode_blocks_cpu(const at::Tensor& x, at::TensorList norms, at::Tens
   for (const at::Tensor& t : final_norm)
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == C && t.is_contiguous(),
                 "final_norm must be contiguous float32 (", C, ",) tensors");
-  const LinearArgs head = layer_args_named("head", head_weight, head_scales, head_bias, -1, C);
+  const LinearArgs head = fused_layer("head", head_weight, head_scales, head_bias, -1, C);
   for (const Block& b : blocks) check_int8_activations(int8_activations, b);
   check_int8_activations(int8_activations, head, "head");
   const auto [q8, sx] = int8_rows(int8_activations, x, B, std::max(C, F));

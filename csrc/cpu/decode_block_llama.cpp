@@ -53,36 +53,13 @@ namespace {
 
 constexpr int64_t kMaxRows = 16;   // sequences per call: the linear kernel's few-rows range (linear.cpp)
 
-struct Layer {
-  at::Tensor w;            // (N, K) float32, bfloat16 or int8, contiguous
-  const float* scales;     // (N,) or null
-  const float* bias;       // (N,) or null
-  int64_t N;
-};
+using Layer = FusedLinear;   // decode_parts.h: a layer of any storage type, checked by fused_layer
 
 const char* const kLayerNames[] = {"q", "k", "v", "out", "gate", "up", "down", "head"};
 
-// Layer i of the call, checked: the sizes, types and contiguity the loops rely on (gptfast.ops.decode_block_llama
-// checks them first, with each argument named; this is for a direct call of the kernel op).
 Layer layer_args(int i, const at::Tensor& w, const std::optional<at::Tensor>& scales,
                  const std::optional<at::Tensor>& bias, int64_t N, int64_t K) {
-  const auto wt = w.scalar_type();
-  TORCH_CHECK((wt == at::kFloat || wt == at::kBFloat16 || wt == at::kChar) && w.dim() == 2 && w.size(1) == K &&
-                  (N < 0 || w.size(0) == N) && w.is_contiguous() && w.device().is_cpu(),
-              kLayerNames[i], " weight must be a contiguous float32, bfloat16 or int8 (", N < 0 ? std::string("N") : std::to_string(N),
-              ", ", K, ") CPU tensor, got ", wt, " ", w.sizes());
-  TORCH_CHECK(wt != at::kChar || scales.has_value(), kLayerNames[i], " weight is int8 and needs scales");
-  const float* ptr[2] = {nullptr, nullptr};
-  for (int j = 0; j < 2; ++j) {
-    const auto& t = j == 0 ? scales : bias;
-    if (!t.has_value()) continue;
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == w.size(0) && t->is_contiguous() &&
-                    t->device().is_cpu(),
-                kLayerNames[i], j == 0 ? " scales" : " bias", " must be a contiguous float32 (", w.size(0),
-                ",) CPU tensor");
-    ptr[j] = t->data_ptr<float>();
-  }
-  return {w, ptr[0], ptr[1], w.size(0)};
+  return fused_layer(kLayerNames[i], w, scales, bias, N, K);
 }
 
 // The block as the threads read it (checked: block_args). Hq query heads, Hkv K/V heads, D = head_dim.
@@ -147,10 +124,7 @@ std::pair<int64_t, int64_t> column_share(int64_t N, int64_t t, int64_t nt) {
 // (q non-null) the rows' quantized copy q, sx is what is multiplied (the linear_w8a8 kernel).
 void columns(const float* a, int64_t lda, int64_t B, const Layer& L, float* y, int64_t ldy, int64_t c0, int64_t c1,
              const int8_t* q = nullptr, const float* sx = nullptr) {
-  if (q != nullptr)
-    w8a8_columns(q, sx, B, L.w, L.scales, L.bias, y, ldy, c0, c1);
-  else
-    linear_columns(a, lda, B, L.w, L.scales, L.bias, y, ldy, c0, c1);
+  fused_columns(L, a, lda, q, sx, B, y, ldy, c0, c1);
 }
 
 // With int8 activations, this thread's rows of a (B x K) quantized into q, sx (the rows the next layer reads).
@@ -168,6 +142,25 @@ struct Rows {
   float* sx;   // and their scales
 };
 
+// This thread's q and k heads (of B x (Hq + Hkv)): Qwen3's per-head RMSNorm, the rotation in place; a k head then goes
+// into the cache at position P, with its v.
+void rotate_and_cache(const Block& w, const Rows& r, int64_t P, double eps, int64_t t, int64_t n) {
+  const int64_t B = w.B, D = w.D, Hq = w.Hq, Hkv = w.Hkv, W = (Hq + 2 * Hkv) * D;
+  for (int64_t i = t; i < B * (Hq + Hkv); i += n) {
+    const int64_t b = i / (Hq + Hkv), hd = i % (Hq + Hkv);
+    float* row = r.qkv + b * W + hd * D;                                  // q heads, then k heads: contiguous
+    const float* norm = hd < Hq ? w.q_norm : w.k_norm;
+    if (norm != nullptr) rms_norm_row_f32(row, norm, row, D, eps);
+    if (hd < Hq) {
+      rope_row_f32(row, row, w.cos, w.sin, D / 2);
+      continue;
+    }
+    const int64_t slot = ((b * Hkv + hd - Hq) * w.Tmax + P) * D;          // cache row (b, kv head, P)
+    rope_row_f32(row, r.k_cache + slot, w.cos, w.sin, D / 2);
+    std::copy(row + Hkv * D, row + Hkv * D + D, r.v_cache + slot);        // v sits Hkv heads after k
+  }
+}
+
 // One thread's part (thread t of n) of the step: each stage the standalone op's loop on the thread's share,
 // a barrier between stages.
 void run_block(const Block& w, const Rows& r, int64_t P, double eps, int64_t t, int64_t n) {
@@ -183,19 +176,7 @@ void run_block(const Block& w, const Rows& r, int64_t P, double eps, int64_t t, 
     col += L->N;
   }
 #pragma omp barrier
-  for (int64_t i = t; i < B * (Hq + Hkv); i += n) {                       // each q and k head: norm, rotate
-    const int64_t b = i / (Hq + Hkv), hd = i % (Hq + Hkv);                // (k heads: into the cache, with v)
-    float* row = r.qkv + b * W + hd * D;                                  // q heads, then k heads: contiguous
-    const float* norm = hd < Hq ? w.q_norm : w.k_norm;
-    if (norm != nullptr) rms_norm_row_f32(row, norm, row, D, eps);
-    if (hd < Hq) {
-      rope_row_f32(row, row, w.cos, w.sin, D / 2);
-      continue;
-    }
-    const int64_t slot = ((b * Hkv + hd - Hq) * w.Tmax + P) * D;          // cache row (b, kv head, P)
-    rope_row_f32(row, r.k_cache + slot, w.cos, w.sin, D / 2);
-    std::copy(row + Hkv * D, row + Hkv * D + D, r.v_cache + slot);        // v sits Hkv heads after k
-  }
+  rotate_and_cache(w, r, P, eps, t, n);
 #pragma omp barrier
   const int64_t group = Hq / Hkv;
   for (int64_t bh = t; bh < B * Hq; bh += n) {                            // attend: query head h reads K/V head h / group
@@ -242,14 +223,9 @@ std::pair<at::Tensor, at::Tensor> int8_rows(bool on, const at::Tensor& x, int64_
   return {at::empty({B * w8a8_padded_k(widest)}, x.options().dtype(at::kChar)), at::empty({B}, x.options())};
 }
 
-void check_int8_activations(bool on, const Layer& L, int i) {
-  TORCH_CHECK(!on || L.w.scalar_type() == at::kChar, "int8_activations needs int8 weights: ", kLayerNames[i], " is ",
-              L.w.scalar_type());
-}
-
 void check_int8_activations(bool on, const Block& w) {
   const Layer* layers[] = {&w.q, &w.k, &w.v, &w.out, &w.gate, &w.up, &w.down};
-  for (int i = 0; i < 7; ++i) check_int8_activations(on, *layers[i], i);
+  for (int i = 0; i < 7; ++i) check_int8_activations(on, *layers[i], kLayerNames[i]);
 }
 
 at::Tensor decode_block_llama_cpu(const at::Tensor& x, at::TensorList norms, at::TensorList weights,
@@ -303,7 +279,7 @@ at::Tensor decode_blocks_llama_cpu(const at::Tensor& x, at::TensorList norms, at
                   final_norm.is_contiguous(), "final_norm must be a contiguous float32 (", C, ",) tensor");
   const Layer head = layer_args(7, head_weight, head_scales, head_bias, -1, C);
   for (const Block& b : blocks) check_int8_activations(int8_activations, b);
-  check_int8_activations(int8_activations, head, 7);
+  check_int8_activations(int8_activations, head, "head");
   const auto [q8, sx] = int8_rows(int8_activations, x, B, std::max({C, F, Cq}));
   int8_t* pq = int8_activations ? q8.data_ptr<int8_t>() : nullptr;
   float* psx = int8_activations ? sx.data_ptr<float>() : nullptr;

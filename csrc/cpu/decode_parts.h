@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace gptfast {
 
@@ -29,6 +30,31 @@ int64_t w8a8_padded_k(int64_t K);
 void w8a8_quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* q, float* sx);
 void w8a8_columns(const int8_t* q, const float* sx, int64_t M, const at::Tensor& w, const float* scales,
                   const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end);
+
+// The 4-bit products (linear_int4.cpp) on rows quantized as above: w (N, Kp / 2) uint8 packed by
+// ops/linear_int4.py's pack_int4, scales (N, groups) float32; y[m * ldy + n] for n in [n_begin, n_end).
+void int4_columns(const int8_t* q, const float* sx, int64_t M, const at::Tensor& w, const float* scales,
+                  int64_t groups, const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end);
+
+// A linear layer as the fused steps read it: w (N, K) float32, bfloat16 or int8 (scales (N,)), or 4-bit uint8
+// (N, Kp / 2) with scales (N, groups); bias (N,) or null. fused_layer checks a call's tensors (naming the layer).
+struct FusedLinear {
+  at::Tensor w;
+  const float* scales;
+  int64_t groups;          // 4-bit: scales a row; else 0
+  const float* bias;
+  int64_t N;
+};
+FusedLinear fused_layer(const char* name, const at::Tensor& w, const std::optional<at::Tensor>& scales,
+                        const std::optional<at::Tensor>& bias, int64_t N, int64_t K);
+
+// Columns [n_begin, n_end) of y (row stride ldy) for M rows: float rows x (row stride ldx) through linear_columns,
+// or, with int8 activations (q non-null), their quantized copy q, sx through w8a8_columns / int4_columns.
+void fused_columns(const FusedLinear& L, const float* x, int64_t ldx, const int8_t* q, const float* sx, int64_t M,
+                   float* y, int64_t ldy, int64_t n_begin, int64_t n_end);
+
+// With int8 activations every layer must be int8 or 4-bit, and 4-bit layers need int8 activations.
+void check_int8_activations(bool on, const FusedLinear& L, const char* name);
 
 // One row of LayerNorm in float32 (layer_norm.cpp's row loop, without its statistics outputs).
 void layer_norm_row_f32(const float* x, const float* weight, const float* bias, float* y, int64_t C, double eps);

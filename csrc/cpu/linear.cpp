@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <type_traits>
 
 #include "../common.h"
@@ -298,6 +299,60 @@ void linear_columns(const float* x, int64_t ldx, int64_t M, const at::Tensor& w,
       break;
     default: rows_kernel<int8_t>(x, ldx, M, w.const_data_ptr<int8_t>(), K, y, ldy, n_begin, n_end, ep); break;
   }
+}
+
+FusedLinear fused_layer(const char* name, const at::Tensor& w, const std::optional<at::Tensor>& scales,
+                        const std::optional<at::Tensor>& bias, int64_t N, int64_t K) {
+  const auto wt = w.scalar_type();
+  const bool four = wt == at::kByte;                       // 4-bit: (N, Kp / 2) with (N, groups) scales
+  const int64_t width = four ? w8a8_padded_k(K) / 2 : K;
+  TORCH_CHECK((wt == at::kFloat || wt == at::kBFloat16 || wt == at::kChar || four) && w.dim() == 2 &&
+                  w.size(1) == width && (N < 0 || w.size(0) == N) && w.is_contiguous() && w.device().is_cpu(),
+              name, " weight must be a contiguous float32, bfloat16 or int8 (", N < 0 ? std::string("N") : std::to_string(N),
+              ", ", K, ") or 4-bit uint8 (N, ", w8a8_padded_k(K) / 2, ") CPU tensor, got ", wt, " ", w.sizes());
+  TORCH_CHECK((wt != at::kChar && !four) || scales.has_value(), name, " weight is ", four ? "4-bit" : "int8",
+              " and needs scales");
+  const int64_t rows = w.size(0);
+  int64_t groups = 0;
+  if (four) {
+    const at::Tensor& s = *scales;
+    const int64_t Kp = w8a8_padded_k(K);
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2 && s.size(0) == rows && s.is_contiguous() &&
+                    (s.size(1) == Kp / 32 || s.size(1) == Kp / 64),
+                name, " scales must be a contiguous float32 (", rows, ", ", Kp / 32, " or ", Kp / 64, ") tensor");
+    groups = s.size(1);
+  }
+  const float* ptr[2] = {nullptr, nullptr};
+  for (int j = 0; j < 2; ++j) {
+    const auto& t = j == 0 ? scales : bias;
+    if (!t.has_value()) continue;
+    if (j == 0 && four) {
+      ptr[0] = t->data_ptr<float>();
+      continue;
+    }
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == rows && t->is_contiguous() &&
+                    t->device().is_cpu(),
+                name, j == 0 ? " scales" : " bias", " must be a contiguous float32 (", rows, ",) CPU tensor");
+    ptr[j] = t->data_ptr<float>();
+  }
+  return {w, ptr[0], groups, ptr[1], rows};
+}
+
+void fused_columns(const FusedLinear& L, const float* x, int64_t ldx, const int8_t* q, const float* sx, int64_t M,
+                   float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
+  if (q == nullptr)
+    linear_columns(x, ldx, M, L.w, L.scales, L.bias, y, ldy, n_begin, n_end);
+  else if (L.groups > 0)
+    int4_columns(q, sx, M, L.w, L.scales, L.groups, L.bias, y, ldy, n_begin, n_end);
+  else
+    w8a8_columns(q, sx, M, L.w, L.scales, L.bias, y, ldy, n_begin, n_end);
+}
+
+void check_int8_activations(bool on, const FusedLinear& L, const char* name) {
+  const auto wt = L.w.scalar_type();
+  TORCH_CHECK(!on || wt == at::kChar || wt == at::kByte, "int8_activations needs int8 or 4-bit weights: ", name,
+              " is ", wt);
+  TORCH_CHECK(on || wt != at::kByte, name, " weight is 4-bit: it needs int8_activations");
 }
 
 static void linear_kernels(torch::Library& m) {

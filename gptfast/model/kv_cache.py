@@ -90,9 +90,10 @@ class KVCache:
 
 
 def activations_quantized(layers) -> bool | None:
-    """Whether these layers quantize their activations too (quantize.py's "w8a8": the fused steps then do as
-    ops.linear_w8a8 does); None where some do and some do not (the fused steps take one way for all)."""
-    modes = {getattr(m, "mode", None) == "w8a8" for m in layers}
+    """Whether these layers quantize their activations too (quantize.py's "w8a8" and 4-bit modes: the fused steps
+    then do as ops.linear_w8a8 / ops.linear_int4 do); None where some do and some do not (the fused steps take one
+    way for all)."""
+    modes = {getattr(m, "mode", None) in ("w8a8", "int4", "int4-g64") for m in layers}
     return None if len(modes) > 1 else modes.pop()
 
 

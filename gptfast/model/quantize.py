@@ -10,6 +10,10 @@ from memory: GPT-2 124M reads ~496 MB a token in float32, half that in bfloat16,
 - w8a8: int8's weights, and each row of activations quantized to int8 too (per row, on the fly) so that the
   products are integer dot products (`ops.linear_w8a8`): faster where decoding is compute-bound (a batch of
   sequences), at the price of the activations' rounding (benchmarks/NOTES.md measures both).
+- int4 / int4-g64: the blocks' weights in 4 bits, symmetric in groups of 32 (64) along K with a float32 scale a
+  group (w ~= q * scale, q in [-7, 7]; 5 bits a weight with the scales, 4.5 for groups of 64), two a byte
+  (`pack_int4`), activations quantized to int8 per row as in w8a8 (`ops.linear_int4`). The LM head (and so a tied
+  embedding) stays w8a8: it is the layer most sensitive to rounding, and a tenth of GPT-2's weights.
 
 Each block's Q, K and V projections become one stacked layer (`att.W_qkv`, rows Q then K then V;
 per-row scales make that the same quantization as three layers): one weight read and one call a
@@ -31,14 +35,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.linear_int4 import pack_int4, padded_k, unpack_int4
 from .base import LanguageModel
 from .gpt import CausalSelfAttention, GPTModel
 
-QUANTIZATION_MODES = ("none", "bf16", "int8", "w8a8")
+QUANTIZATION_MODES = ("none", "bf16", "int8", "w8a8", "int4", "int4-g64")
 INT8_MODES = ("int8", "w8a8")                                # int8 weights with per-row scales (the same tensors)
+INT4_GROUPS = {"int4": 32, "int4-g64": 64}                   # 4-bit modes: weights a scale covers along K
 __all__ = ["QUANTIZATION_MODES", "quantize", "prepare_quantized", "quantization_of", "quantize_int8_rows",
            "WeightOnlyLinear", "QuantizedEmbedding", "QuantizedModel", "QuantizedGPTModel", "quantized_class",
-           "StackedQKVAttention"]
+           "StackedQKVAttention", "pack_int4", "unpack_int4"]
 
 
 def quantize_int8_rows(weight: torch.Tensor, rows_per_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,18 +66,25 @@ def quantize_int8_rows(weight: torch.Tensor, rows_per_chunk: int = 1024) -> tupl
 
 class WeightOnlyLinear(nn.Module):
     """A linear layer whose weight (out, in) is int8 (with `scales` (out,); mode "int8", or "w8a8" with the
-    activations quantized too) or bfloat16, kept as buffers: nothing here is trained."""
+    activations quantized too), 4-bit (mode "int4"/"int4-g64": packed (out, padded in / 2) uint8 with `scales`
+    (out, groups)) or bfloat16, kept as buffers: nothing here is trained."""
 
     def __init__(self, in_features: int, out_features: int, mode: str, bias: bool = True,
                  backend: str | None = None, device=None, bias_dtype: torch.dtype = torch.float32):
         super().__init__()
-        if mode not in ("int8", "w8a8", "bf16"):
-            raise ValueError(f"WeightOnlyLinear mode must be 'int8', 'w8a8' or 'bf16', got {mode!r}")
+        if mode not in ("int8", "w8a8", "bf16", *INT4_GROUPS):
+            raise ValueError(f"WeightOnlyLinear mode must be one of int8, w8a8, bf16, int4, int4-g64, got {mode!r}")
         self.in_features, self.out_features, self.mode, self.backend = in_features, out_features, mode, backend
-        dtype = torch.int8 if mode in INT8_MODES else torch.bfloat16
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype, device=device))
-        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device)
-                             if mode in INT8_MODES else None)
+        if mode in INT4_GROUPS:
+            Kp = padded_k(in_features)
+            self.register_buffer("weight", torch.empty(out_features, Kp // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("scales", torch.empty(out_features, Kp // INT4_GROUPS[mode], dtype=torch.float32,
+                                                       device=device))
+        else:
+            dtype = torch.int8 if mode in INT8_MODES else torch.bfloat16
+            self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype, device=device))
+            self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device)
+                                 if mode in INT8_MODES else None)
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
 
     @classmethod
@@ -88,8 +101,9 @@ class WeightOnlyLinear(nn.Module):
                   bias_dtype=weight.dtype)
         if convert:
             with torch.no_grad():
-                if mode in INT8_MODES:
-                    q, scales = quantize_int8_rows(weight)
+                if mode in INT8_MODES or mode in INT4_GROUPS:
+                    q, scales = quantize_int8_rows(weight) if mode in INT8_MODES else \
+                        pack_int4(weight, INT4_GROUPS[mode])
                     new.weight.copy_(q)
                     new.scales.copy_(scales)
                 else:
@@ -100,6 +114,8 @@ class WeightOnlyLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weights this layer multiplies by, as a (out, in) tensor of `dtype`."""
+        if self.mode in INT4_GROUPS:
+            return unpack_int4(self.weight, self.scales, self.in_features, dtype)
         if self.mode in INT8_MODES:
             return self.weight.to(dtype) * self.scales.to(dtype).unsqueeze(1)
         return self.weight.to(dtype)
@@ -107,6 +123,8 @@ class WeightOnlyLinear(nn.Module):
     def forward(self, x):                                        # (..., in) -> (..., out)
         if self.mode == "w8a8":
             return ops.linear_w8a8(x, self.weight, self.scales, self.bias, backend=self.backend)
+        if self.mode in INT4_GROUPS:
+            return ops.linear_int4(x, self.weight, self.scales, self.bias, backend=self.backend)
         if self.mode == "int8":
             return ops.linear_int8(x, self.weight, self.scales, self.bias, backend=self.backend)
         return ops.linear_bf16(x, self.weight, self.bias, backend=self.backend)
@@ -172,7 +190,7 @@ QuantizedGPTModel = quantized_class(GPTModel)
 
 
 def quantization_of(model) -> str | None:
-    """"int8" / "w8a8" / "bf16" for a quantized model, None for any other."""
+    """The quantization mode of a quantized model ("int8", "w8a8", "int4", ...), None for any other."""
     return getattr(model, "quantization", None)
 
 
@@ -212,7 +230,8 @@ def _replace(model: GPTModel, mode: str, convert: bool) -> GPTModel:
         att.__class__ = StackedQKVAttention                      # the same module, now reading W_qkv
         att.W_qkv = WeightOnlyLinear.from_weights(weight, bias, mode, att.backend, convert)
     for parent, name, layer in list(_linears(model)):
-        setattr(parent, name, WeightOnlyLinear.from_linear(layer, mode, convert))
+        layer_mode = "w8a8" if mode in INT4_GROUPS and parent is model else mode   # (the LM head of a 4-bit model)
+        setattr(parent, name, WeightOnlyLinear.from_linear(layer, layer_mode, convert))
     if model.cfg.tie_embeddings:
         model.tok_emb = QuantizedEmbedding(model.out_head, dtype)
     model.requires_grad_(False)                                  # what is left (LayerNorms, positions) is frozen too
@@ -223,7 +242,8 @@ def _replace(model: GPTModel, mode: str, convert: bool) -> GPTModel:
 
 @torch.no_grad()
 def quantize(model: GPTModel, mode: str) -> GPTModel:
-    """Quantize `model`'s linear layers in place ("int8", "w8a8", "bf16"; "none" leaves it as it is) and
+    """Quantize `model`'s linear layers in place ("int8", "w8a8", "int4", "int4-g64", "bf16"; "none" leaves it as
+    it is) and
     return it, in eval mode, for inference only."""
     return _replace(model, mode, convert=True)
 

@@ -12,6 +12,7 @@ textbook `reference` math, its `torch` twin, its compiled kernels' contract and 
     dropout_add.py           residual + dropout (the mask regenerated from a seed)
     linear.py                the linear layers of inference: linear, linear_int8, linear_bf16
     linear_w8a8.py           int8 weights x int8 activations (quantized per row on the fly): integer dot products
+    linear_int4.py           4-bit weights in groups of 32 or 64 x int8 activations
     decode_block.py          a whole block's one-token decoding step in one call, where a backend fuses it
     decode_block_llama.py    the same for a Llama/Qwen3 block (RMSNorm, RoPE, grouped-query attention, SwiGLU)
     decode_model.py          the whole model's one-token step (every block, the final norm, the LM head) in one call
@@ -35,13 +36,14 @@ from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_chu
 from .dropout_add import dropout_add
 from .linear import linear, linear_bf16, linear_int8
 from .linear_w8a8 import linear_w8a8
+from .linear_int4 import linear_int4
 from .decode_block import BlockWeights, LinearWeights, decode_block, fuses_decode_block
 from .decode_block_llama import LlamaBlockWeights, decode_block_llama, fuses_decode_block_llama
 from .decode_model import ModelWeights, decode_model, fuses_decode_model
 from .spec import OPS
 
 __all__ = ["layer_norm", "rms_norm", "gelu", "swiglu", "rope", "rope_angles", "rope_inv_freq", "causal_attention", "cross_entropy", "linear_cross_entropy",
-           "linear_cross_entropy_chunk_rows", "dropout_add", "linear", "linear_int8", "linear_bf16", "linear_w8a8", "decode_block",
+           "linear_cross_entropy_chunk_rows", "dropout_add", "linear", "linear_int8", "linear_bf16", "linear_w8a8", "linear_int4", "decode_block",
            "fuses_decode_block", "decode_block_llama", "fuses_decode_block_llama", "LlamaBlockWeights",
            "decode_model", "fuses_decode_model", "ModelWeights", "BlockWeights", "LinearWeights", "OPS", "available_backends", "resolve_backend_name",
            "register_backend", "get_backend", "known_backends", "shares_dropout_rng", "supports_kv_cache",

@@ -24,17 +24,19 @@ from .attention import reference as attention_reference
 from .gelu import reference as gelu_reference
 from .layer_norm import reference as layer_norm_reference
 from .linear import reference as linear_reference, reference_int8 as linear_int8_reference, weights_of_kind
+from .linear_int4 import padded_k, reference as linear_int4_reference
 from .linear_w8a8 import reference as linear_w8a8_reference
 from .registry import BackendError, get_backend, resolve_backend_name
 from .spec import BadInput, Case, Kernel, Op, randn, register
 
 MAX_BATCH = 16              # sequences the fused block takes: the linear kernel's few-rows range (linear.cpp)
-WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8, torch.uint8)   # uint8: 4-bit (ops/linear_int4.py)
 
 
 class LinearWeights(NamedTuple):
     """A linear layer as the fused ops read it: weight (N, K) float32, bfloat16 or int8; scales (N,)
-    float32 for int8 (per output row); bias (N,) or None."""
+    float32 for int8 (per output row); or 4-bit weights packed (N, Kp / 2) uint8 with scales (N, groups)
+    (ops/linear_int4.py, int8 activations only); bias (N,) or None."""
     weight: torch.Tensor
     scales: torch.Tensor | None = None
     bias: torch.Tensor | None = None
@@ -91,16 +93,7 @@ def check_decode_block(x: torch.Tensor, weights: BlockWeights, k_cache: torch.Te
         raise ValueError(f"qkv: a stacked layer must have 3C = {3 * C} rows, got {weights.qkv[0].weight.shape[0]}")
     F = weights.fc.weight.shape[0]
     for name, L, (N, K) in zip(LAYER_NAMES, weights.layers(), [(C, C)] * 4 + [(F, C), (C, F)]):
-        if L.weight.dtype not in WEIGHT_DTYPES:
-            raise TypeError(f"{name} weight must be float32, bfloat16 or int8, got {L.weight.dtype}")
-        if tuple(L.weight.shape) != (N, K) or L.weight.device != x.device:
-            raise ValueError(f"{name} weight must have shape ({N}, {K}) on x's device, got {tuple(L.weight.shape)}")
-        if L.weight.dtype == torch.int8 and L.scales is None:
-            raise ValueError(f"{name} weight is int8 and needs scales")
-        for what, t in (("scales", L.scales), ("bias", L.bias)):
-            if t is not None and (t.dtype != torch.float32 or t.shape != (N,) or t.device != x.device):
-                raise ValueError(f"{name} {what} must be a float32 ({N},) tensor on x's device, got {t.dtype} "
-                                 f"{tuple(t.shape)}")
+        check_layer(name, L, N, K, x.device)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dtype != torch.float32 or t.ndim != 4 or t.shape[0] != B or t.shape[1] * t.shape[3] != C \
                 or t.device != x.device:
@@ -113,11 +106,34 @@ def check_decode_block(x: torch.Tensor, weights: BlockWeights, k_cache: torch.Te
     check_int8_activations(weights.int8_activations, zip(LAYER_NAMES, weights.layers()))
 
 
+def check_layer(name: str, L: LinearWeights, N: int, K: int, device) -> None:
+    """Layer `name` of (N, K) as the fused steps take it, named when wrong: float32/bfloat16/int8 (N, K) weights
+    (int8 with float32 scales (N,)) or 4-bit packed uint8 (N, Kp / 2) with scales (N, Kp / 32 or Kp / 64); a float32
+    bias (N,) or None."""
+    four = L.weight.dtype == torch.uint8
+    shape = (N, padded_k(K) // 2) if four else (N, K)
+    if L.weight.dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"{name} weight must be float32, bfloat16, int8 or 4-bit (uint8), got {L.weight.dtype}")
+    if tuple(L.weight.shape) != shape or L.weight.device != device:
+        raise ValueError(f"{name} weight must have shape {shape} on x's device, got {tuple(L.weight.shape)}")
+    if L.weight.dtype in (torch.int8, torch.uint8) and L.scales is None:
+        raise ValueError(f"{name} weight is {'4-bit' if four else 'int8'} and needs scales")
+    scale_shapes = ((N, padded_k(K) // 32), (N, padded_k(K) // 64)) if four else ((N,),)
+    for what, t, shapes in (("scales", L.scales, scale_shapes), ("bias", L.bias, ((N,),))):
+        if t is not None and (t.dtype != torch.float32 or not any(tuple(t.shape) == sh for sh in shapes)
+                              or t.device != device):
+            raise ValueError(f"{name} {what} must be a float32 {' or '.join(map(str, shapes))} tensor on x's device, "
+                             f"got {t.dtype} {tuple(t.shape)}")
+
+
 def check_int8_activations(on: bool, named_layers) -> None:
-    """int8 activations are multiplied with int8 weights only (linear_w8a8)."""
-    for name, L in named_layers if on else ():
-        if L.weight.dtype != torch.int8:
-            raise ValueError(f"int8_activations needs int8 weights: {name} weight is {L.weight.dtype}")
+    """int8 activations are multiplied with int8 (linear_w8a8) or 4-bit (linear_int4) weights; 4-bit weights need
+    them."""
+    for name, L in named_layers:
+        if on and L.weight.dtype not in (torch.int8, torch.uint8):
+            raise ValueError(f"int8_activations needs int8 or 4-bit weights: {name} weight is {L.weight.dtype}")
+        if not on and L.weight.dtype == torch.uint8:
+            raise ValueError(f"{name} weight is 4-bit: it needs int8_activations")
 
 
 def fuses_decode_block(x: torch.Tensor, weights: BlockWeights, k_cache: torch.Tensor,
@@ -163,6 +179,8 @@ def decode_block(x: torch.Tensor, weights: BlockWeights, k_cache: torch.Tensor, 
 def layer_output(x: torch.Tensor, layer: LinearWeights, int8_activations: bool = False) -> torch.Tensor:
     """x @ W^T [+ b] for a layer of any storage type, in x's precision (int8_activations: x's rows quantized to int8
     first, linear_w8a8's twin)."""
+    if layer.weight.dtype == torch.uint8:
+        return linear_int4_reference(x, layer.weight, layer.scales, layer.bias)
     if int8_activations:
         return linear_w8a8_reference(x, layer.weight, layer.scales, layer.bias)
     if layer.weight.dtype == torch.int8:
@@ -260,7 +278,7 @@ def _case(kind: str, B: int, H: int, D: int, F: int, context: int, start_pos: in
 
 def layer_float64(L: LinearWeights) -> LinearWeights:
     """A layer for the float64 twin: int8 stays int8 (dequantized in float64), the rest widened."""
-    return LinearWeights(L.weight if L.weight.dtype == torch.int8 else L.weight.double(),
+    return LinearWeights(L.weight if L.weight.dtype in (torch.int8, torch.uint8) else L.weight.double(),
                          None if L.scales is None else L.scales.double(), None if L.bias is None else L.bias.double())
 
 
@@ -300,7 +318,7 @@ def bad_inputs() -> list[BadInput]:
             BadInput(lambda: run(weights=w._replace(ln2_weight=torch.ones(31))), ValueError, "ln2_weight must be"),
             BadInput(lambda: run(weights=w._replace(qkv=w.qkv * 2)), ValueError, "one stacked"),
             BadInput(lambda: run(weights=w._replace(int8_activations=True)), ValueError,
-                     "int8_activations needs int8 weights: q weight is torch.float32"),
+                     "int8_activations needs int8 or 4-bit weights: q weight is torch.float32"),
             BadInput(lambda: run(x=torch.randn(17, 1, C), k_cache=torch.randn(17, H, 6, D),
                                  v_cache=torch.randn(17, H, 6, D)), BackendError, "no fused decoding block"),
             BadInput(lambda: run(backend="torch"), BackendError, "'torch' has no fused decoding block")]

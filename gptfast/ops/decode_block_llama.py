@@ -21,7 +21,8 @@ from typing import NamedTuple
 import torch
 
 from .attention import reference as attention_reference
-from .decode_block import MAX_BATCH, WEIGHT_DTYPES, LinearWeights, check_int8_activations, layer_float64, layer_output
+from .decode_block import (MAX_BATCH, WEIGHT_DTYPES, LinearWeights, check_int8_activations, check_layer, layer_float64,
+                           layer_output)
 from .linear import weights_of_kind
 from .registry import BackendError, get_backend, resolve_backend_name
 from .rms_norm import reference as rms_norm_reference
@@ -80,16 +81,7 @@ def check_decode_block_llama(x, weights: LlamaBlockWeights, k_cache, v_cache, st
                          f"n_kv_heads = {Hkv}, got {Nq} rows for head_dim {D}")
     shapes = [(Nq, C), (Hkv * D, C), (Hkv * D, C), (C, Nq), (F, C), (F, C), (C, F)]
     for name, L, (N, K) in zip(LAYER_NAMES, weights.layers(), shapes):
-        if L.weight.dtype not in WEIGHT_DTYPES:
-            raise TypeError(f"{name} weight must be float32, bfloat16 or int8, got {L.weight.dtype}")
-        if tuple(L.weight.shape) != (N, K) or L.weight.device != x.device:
-            raise ValueError(f"{name} weight must have shape ({N}, {K}) on x's device, got {tuple(L.weight.shape)}")
-        if L.weight.dtype == torch.int8 and L.scales is None:
-            raise ValueError(f"{name} weight is int8 and needs scales")
-        for what, t in (("scales", L.scales), ("bias", L.bias)):
-            if t is not None and (t.dtype != torch.float32 or t.shape != (N,) or t.device != x.device):
-                raise ValueError(f"{name} {what} must be a float32 ({N},) tensor on x's device, got {t.dtype} "
-                                 f"{tuple(t.shape)}")
+        check_layer(name, L, N, K, x.device)
     if (weights.q_norm is None) != (weights.k_norm is None):
         raise ValueError("q_norm and k_norm: both (Qwen3) or neither")
     for name, t, n in (("norm1", weights.norm1, C), ("norm2", weights.norm2, C), ("q_norm", weights.q_norm, D),

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from .decode_block import (MAX_BATCH, WEIGHT_DTYPES, BlockWeights, LinearWeights, check_decode_block,
-                           fuses_decode_block, layer_float64, layer_output)
+                           check_int8_activations, check_layer, fuses_decode_block, layer_float64, layer_output)
 from .decode_block import _to_float64 as gpt_block_float64, kernel_args as gpt_block_args
 from .decode_block import reference as gpt_block_reference
 from .decode_block_llama import (LlamaBlockWeights, check_decode_block_llama, fuses_decode_block_llama,
@@ -70,21 +70,12 @@ def check_decode_model(x, weights: ModelWeights, k_caches, v_caches, start_pos: 
     if weights.llama != (weights.final_norm_bias is None):
         raise ValueError("final_norm_bias: GPT-2's LayerNorm has one, Llama's RMSNorm none")
     head = weights.head
-    if head.weight.dtype not in WEIGHT_DTYPES or head.weight.ndim != 2 or head.weight.shape[1] != C \
-            or head.weight.device != x.device:
-        raise ValueError(f"head weight must be a float32, bfloat16 or int8 (V, {C}) tensor on x's device, got "
-                         f"{head.weight.dtype} {tuple(head.weight.shape)}")
-    V = head.weight.shape[0]
-    if head.weight.dtype == torch.int8 and head.scales is None:
-        raise ValueError("head weight is int8 and needs scales")
+    if head.weight.ndim != 2:
+        raise ValueError(f"head weight must be a (V, C) tensor, got {tuple(head.weight.shape)}")
+    check_layer("head", head, head.weight.shape[0], C, x.device)
     if any(b.int8_activations != blocks[0].int8_activations for b in blocks):
         raise ValueError("int8_activations: all blocks or none")
-    if blocks[0].int8_activations and head.weight.dtype != torch.int8:
-        raise ValueError(f"int8_activations needs int8 weights: head weight is {head.weight.dtype}")
-    for what, t in (("scales", head.scales), ("bias", head.bias)):
-        if t is not None and (t.dtype != torch.float32 or t.shape != (V,) or t.device != x.device):
-            raise ValueError(f"head {what} must be a float32 ({V},) tensor on x's device, got {t.dtype} "
-                             f"{tuple(t.shape)}")
+    check_int8_activations(blocks[0].int8_activations, [("head", head)])
 
 
 def fuses_decode_model(x: torch.Tensor, weights: ModelWeights, k_caches, backend: str | None = None) -> bool:
@@ -264,7 +255,7 @@ def bad_inputs() -> list[BadInput]:
             BadInput(lambda: run(weights=w._replace(final_norm=torch.ones(31))), ValueError, "final_norm must be"),
             BadInput(lambda: run(weights=w._replace(final_norm_bias=None)), ValueError, "final_norm_bias: "),
             BadInput(lambda: run(weights=w._replace(head=LinearWeights(torch.randn(11, 5)))), ValueError,
-                     r"head weight must be a float32, bfloat16 or int8 \(V, 32\)"),
+                     r"head weight must have shape \(11, 32\)"),
             BadInput(lambda: run(weights=w._replace(head=LinearWeights(torch.ones(11, C, dtype=torch.int8)))),
                      ValueError, "head weight is int8 and needs scales"),
             BadInput(lambda: run(weights=w._replace(head=LinearWeights(torch.randn(11, C), None, torch.zeros(3)))),
