@@ -17,7 +17,10 @@ makes, and its share of the read bandwidth measured in the same run (a sum over 
 - with --op-by-op MODES, those modes again with each block's decoding step run op by op instead of
   as one fused op (ops.decode_block, where the backend has it): what the fusion buys;
 - with --peers transformers, transformers' own `generate` (greedy, KV cache, float32, attn_implementation
-  "sdpa") on the same weights, exported with gptfast's exporter and loaded by transformers in this process.
+  "sdpa") on the same weights, exported with gptfast's exporter and loaded by transformers in this process;
+- with --peers llama.cpp (where llama-cpp-python and gguf are installed: an optional benchmark extra), llama.cpp
+  on the same weights written as GGUF files of each --llama-cpp-types type (f32, q8_0, q4_0; llama_cpp_peer.py),
+  greedy, one token a call, batch 1 only (its batched decoding is llama-batched-bench, not driven from here).
 
 Configurations take turns within each of --rounds rounds (the median is reported), so drift in the
 machine's speed hits them alike. Prefill (time to the first token) is timed apart from decoding.
@@ -44,7 +47,8 @@ import torch
 from gptfast.generate import generate_tokens
 from gptfast.model import LlamaModel, build_model, config_from_preset, export_hf, export_llama, quantization_of, quantize
 
-PEERS = ("transformers",)
+PEERS = ("transformers", "llama.cpp")
+GGUF_DIR = tempfile.TemporaryDirectory(prefix="gptfast-gguf-")   # llama.cpp rows' files, removed at exit
 
 
 @torch.no_grad()
@@ -173,10 +177,16 @@ class Config:
     baseline: bool = False         # the generation loop as it was before the decoding work
     fused: bool | str = True       # the token as one op (ops.decode_model), "blocks": one op a block, False: op by op
     compiled: bool = False         # the one-token step compiled (torch.compile)
-    peer: str | None = None        # another tool's generation ("transformers")
+    peer: str | None = None        # another tool's generation ("transformers", "llama.cpp")
+    gguf_type: str | None = None   # llama.cpp: the GGUF file's weight type
+
+    def runs_batch(self, batch: int) -> bool:
+        return self.peer != "llama.cpp" or batch == 1
 
     def timed(self, model, prompt, n, sync) -> tuple[float, float, torch.Tensor]:
         """(seconds to the first token, seconds for the rest, tokens (B, n))."""
+        if self.peer == "llama.cpp":
+            return model.timed(prompt, n)
         if self.peer == "transformers":
             with torch.no_grad():
                 return transformers_timed_run(model, prompt, n)
@@ -195,7 +205,11 @@ def configurations(args) -> list[Config]:
     configs += [Config(f"{b} {m} per-block", b, m, fused="blocks") for m in args.per_block.split(",") if m]
     configs += [Config(f"{b} {m} op-by-op", b, m, fused=False) for m in args.op_by_op.split(",") if m]
     configs += [Config(f"{b} {m} compiled", b, m, compiled=True) for m in args.compile.split(",") if m]
-    configs += [Config(f"{p} generate", "torch", "none", peer=p) for p in args.peers.split(",") if p]
+    configs += [Config(f"{p} generate", "torch", "none", peer=p) for p in args.peers.split(",")
+                if p and p != "llama.cpp"]
+    if "llama.cpp" in args.peers.split(","):
+        configs += [Config(f"llama.cpp {t}", "torch", "none", peer="llama.cpp", gguf_type=t)
+                    for t in args.llama_cpp_types.split(",")]
     return configs
 
 
@@ -214,6 +228,12 @@ def build_models(preset: str, configs: list[Config], device) -> tuple[dict, torc
             with tempfile.TemporaryDirectory() as folder:
                 models[c] = transformers_model(fp32, folder)
             continue
+        if c.peer == "llama.cpp":
+            from llama_cpp_peer import LlamaCppRunner, write_gguf
+            path = write_gguf(fp32, os.path.join(GGUF_DIR.name, f"{preset}-{c.gguf_type}.gguf"), c.gguf_type)
+            models[c] = LlamaCppRunner(path, n_ctx=fp32.cfg.context_length, threads=torch.get_num_threads())
+            models[c].file_bytes = os.path.getsize(path)
+            continue
         if c.quantize not in quantized:
             t0 = time.perf_counter()
             quantized[c.quantize] = quantize(copy.deepcopy(fp32), c.quantize)
@@ -228,6 +248,7 @@ def time_batch(models: dict, prompt, args, sync) -> tuple[dict, dict, dict]:
     """Warm-up (kernels loaded, allocator caches filled, compiled steps compiled), then --rounds interleaved
     rounds: ({config: [(prefill s, decode s)]}, {config: tokens}, {config: compile s})."""
     compile_s = {}
+    models = {c: m for c, m in models.items() if c.runs_batch(prompt.shape[0])}
     for c, model in models.items():
         t0 = time.perf_counter()
         c.timed(model, prompt, 4, sync)
@@ -245,8 +266,10 @@ def time_batch(models: dict, prompt, args, sync) -> tuple[dict, dict, dict]:
 def result_row(c: Config, model, preset, batch, args, runs, tokens, compile_s, ref, fp32) -> dict:
     prefill, decode = (statistics.median(r[i] for r in runs) for i in (0, 1))
     steps = args.new_tokens - 1
-    # a peer's model reads what our float32 model reads (the same weights)
+    # a peer's model reads what our float32 model reads (the same weights); llama.cpp: its file's tensors
     w_bytes, c_bytes = bytes_per_step(fp32 if c.peer else model, batch, args.prompt_tokens + args.new_tokens / 2)
+    if c.peer == "llama.cpp":
+        w_bytes = model.file_bytes
     agree = None
     if ref is not None:
         same = (tokens == ref).all(dim=0).long()
@@ -290,6 +313,7 @@ def parse_args(argv):
                    "(the one-token step as a torch.compile graph; its compile time is reported, not timed)")
     p.add_argument("--peers", default="", help=f"comma-separated other tools to run on the same weights: "
                    f"{', '.join(PEERS)}")
+    p.add_argument("--llama-cpp-types", default="f32,q8_0,q4_0", help="GGUF weight types of the llama.cpp rows")
     p.add_argument("--no-baseline", action="store_true", help="leave out the baseline row (not for the record)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -300,6 +324,14 @@ def parse_args(argv):
     unknown = [x for x in args.peers.split(",") if x and x not in PEERS]
     if unknown:
         p.error(f"--peers {','.join(unknown)}: choose from {', '.join(PEERS)}")
+    if "llama.cpp" in args.peers.split(","):
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from llama_cpp_peer import GGUF_TYPES, available
+        if available() is not None:
+            p.error(f"--peers llama.cpp: {available()}")
+        bad = [t for t in args.llama_cpp_types.split(",") if t not in GGUF_TYPES]
+        if bad:
+            p.error(f"--llama-cpp-types {','.join(bad)}: choose from {', '.join(GGUF_TYPES)}")
     return args
 
 
@@ -323,8 +355,8 @@ def main(argv=None):
             runs, tokens, compile_s = time_batch(models, prompt, args, sync)
             ref = next((tokens[c] for c in models if c.baseline), None)
             batch_rows = [result_row(c, m, preset, batch, args, runs[c], tokens[c], compile_s, ref, fp32)
-                          for c, m in models.items()]
-            base = next((r["tokens_per_s"] for r, c in zip(batch_rows, models) if c.baseline), None)
+                          for c, m in models.items() if c in runs]
+            base = next((r["tokens_per_s"] for r in batch_rows if r["path"] == "baseline"), None)
             for r in batch_rows:
                 r["vs_baseline"] = r["tokens_per_s"] / base if base else None
             rows += batch_rows

@@ -65,3 +65,42 @@ def test_the_gptfast_rows_run_their_backend_whatever_comes_last(monkeypatch):
     models, _ = bench_generate.build_models("tiny", bench_generate.configurations(args), torch.device("cpu"))
     backends = {c.label: getattr(m, "cfg", None) and m.cfg.backend for c, m in models.items() if not c.peer}
     assert backends == {"baseline": "torch", "extension none": "extension", "extension int8": "extension"}
+
+
+def test_the_llama_cpp_peer_says_what_is_missing(monkeypatch):
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import llama_cpp_peer
+
+    monkeypatch.setattr(llama_cpp_peer, "available", lambda: "llama_cpp is not installed (pip install ...)")
+    with pytest.raises(SystemExit):
+        bench_generate.parse_args(["--peers", "llama.cpp"])
+    monkeypatch.setattr(llama_cpp_peer, "available", lambda: None)
+    with pytest.raises(SystemExit):
+        bench_generate.parse_args(["--peers", "llama.cpp", "--llama-cpp-types", "q5_k"])
+    args = bench_generate.parse_args(["--peers", "llama.cpp", "--llama-cpp-types", "q8_0,q4_0", "--quantize", "int8"])
+    labels = [c.label for c in bench_generate.configurations(args)]
+    assert labels[-2:] == ["llama.cpp q8_0", "llama.cpp q4_0"]
+    assert not bench_generate.configurations(args)[-1].runs_batch(8)
+
+
+def test_llama_cpp_decodes_our_gguf_with_our_greedy_tokens(tmp_path):
+    """Where the peers extra is installed: a GPT-2 model written as GGUF f32 decodes in llama.cpp to the tokens
+    gptfast picks (the same weights, the same greedy rule)."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import llama_cpp_peer
+
+    why = llama_cpp_peer.available()
+    if why is not None:
+        pytest.skip(why)
+    from gptfast.generate import generate
+    from gptfast.model import GPTModel
+    from gptfast.model.config import GPTConfig
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=50257, context_length=64, emb_dim=64, n_heads=2, n_layers=2,
+                               qkv_bias=True, backend="torch")).eval()
+    path = llama_cpp_peer.write_gguf(model, str(tmp_path / "m.gguf"), "f32")
+    prompt = torch.tensor([[464, 3290, 318, 257]])
+    _, _, tokens = llama_cpp_peer.LlamaCppRunner(path, n_ctx=64, threads=2).timed(prompt, 8)
+    ours = generate(model, prompt, 8)[:, 4:]
+    assert torch.equal(tokens, ours)
