@@ -102,7 +102,7 @@ def write_gguf(model, path: str, qtype: str = "f32") -> str:
     for name, t, quantizable in _gpt2_tensors(model):
         data = t.detach().float().contiguous().numpy()
         if quantizable and kind != gguf.GGMLQuantizationType.F32 and data.shape[-1] % 32 == 0:
-            w.add_tensor(name, gguf.quants.quantize(data, kind), raw_shape=data.shape, raw_dtype=kind)
+            w.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)   # (its byte shape: the writer converts)
         else:
             w.add_tensor(name, data)
     w.write_header_to_file()
@@ -112,14 +112,33 @@ def write_gguf(model, path: str, qtype: str = "f32") -> str:
     return path
 
 
+def extra_buffers() -> bool:
+    """Whether llama.cpp may use its extra CPU buffer types (AMX int8 tiles, weights repacked into interleaved
+    layouts at load). On the 2-core Intel Xeon (AMX) with llama-cpp-python 0.3.36 a q8_0 or q4_0 model segfaults in its
+    first decode with them (f32 runs), so they are off unless GPTFAST_LLAMA_CPP_EXTRA_BUFFERS=1 - where they work,
+    turn them on: they are part of llama.cpp's speed."""
+    return os.environ.get("GPTFAST_LLAMA_CPP_EXTRA_BUFFERS") == "1"
+
+
 class LlamaCppRunner:
     """A GGUF file loaded by llama.cpp (llama-cpp-python), `threads` threads, greedy decoding one token a call."""
 
     def __init__(self, path: str, n_ctx: int, threads: int):
         import llama_cpp
+        import llama_cpp.llama_cpp as lib
 
-        self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                                   n_batch=512, logits_all=False, verbose=False)
+        defaults = lib.llama_model_default_params
+
+        def model_params():                       # Llama() takes the defaults from here and sets its own fields
+            p = defaults()
+            p.use_extra_bufts = extra_buffers()
+            return p
+        lib.llama_model_default_params = model_params
+        try:
+            self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                                       n_batch=512, logits_all=False, verbose=False)
+        finally:
+            lib.llama_model_default_params = defaults
         self.vocab = self.llm.n_vocab()
         # the last position's logits as llama.cpp leaves them (Llama.scores is not filled without logits_all)
         self.last_logits = lambda: np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1),
