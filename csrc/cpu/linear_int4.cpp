@@ -35,6 +35,7 @@
 
 #include "../common.h"
 #include "decode_parts.h"
+#include "int8_paths.h"
 #include "kernels.h"
 
 #ifndef GPTFAST_ISA_MODULE   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
@@ -219,17 +220,6 @@ GPTFAST_VNNI void dot_vnni(const int8_t* q, int64_t Kp, int64_t M, const uint8_t
 }
 #endif
 
-const char* path_here() {
-#if defined(CPU_CAPABILITY_AVX512)
-  static const bool vnni = __builtin_cpu_supports("avx512vnni");
-  return vnni ? "vnni" : "avx2";
-#elif defined(CPU_CAPABILITY_AVX2)
-  return "avx2";
-#else
-  return "generic";
-#endif
-}
-
 void dot_columns(const int8_t* q, int64_t Kp, int64_t M, const uint8_t* w, int64_t group, int64_t n0, int64_t n1,
                  const Out& o, const char* path) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -239,16 +229,6 @@ void dot_columns(const int8_t* q, int64_t Kp, int64_t M, const uint8_t* w, int64
   if (path[0] == 'a') return dot_avx2(q, Kp, M, w, group, n0, n1, o);
 #endif
   dot_generic(q, Kp, M, w, group, n0, n1, o);
-}
-
-const char* choose_path(const std::optional<c10::string_view>& wanted) {
-  const char* best = path_here();
-  if (!wanted.has_value()) return best;
-  const std::string w(*wanted), b(best);
-  TORCH_CHECK(w == "generic" || w == b || (w == "avx2" && b == "vnni"), "path ", w,
-              " does not run here (this build and CPU: ", b, b == "generic" ? "" : ", generic",
-              b == "vnni" ? ", avx2" : "", ")");
-  return w == "generic" ? "generic" : w == "avx2" ? "avx2" : "vnni";
 }
 
 // The group size of a layer (32 or 64) from its shapes, checked.
@@ -289,7 +269,7 @@ at::Tensor linear_int4_fwd_cpu(const at::Tensor& x, const at::Tensor& weight_in,
   w8a8_quantize_rows(x2.data_ptr<float>(), x2.stride(0), M, K, q.data_ptr<int8_t>(), sx.data_ptr<float>());
   const Out o{sx.data_ptr<float>(), scales.data_ptr<float>(), scales.size(1), bias ? bias->data_ptr<float>() : nullptr,
               y.data_ptr<float>(), N};
-  const char* path = choose_path(path_in);
+  const char* path = choose_int8_dot_path(path_in);
   const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / std::max<int64_t>(kRowBlock * Kp / 2, 1));
   at::parallel_for(0, (N + kRowBlock - 1) / kRowBlock, grain, [&](int64_t b0, int64_t b1) {
     dot_columns(q.data_ptr<int8_t>(), Kp, M, w.data_ptr<uint8_t>(), group, b0 * kRowBlock, std::min(N, b1 * kRowBlock),
@@ -303,7 +283,7 @@ at::Tensor linear_int4_fwd_cpu(const at::Tensor& x, const at::Tensor& weight_in,
 void int4_columns(const int8_t* q, const float* sx, int64_t M, const at::Tensor& w, const float* scales,
                   int64_t groups, const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
   const int64_t Kp = w.size(1) * 2;
-  static const char* path = path_here();
+  static const char* path = int8_dot_path_here();
   dot_columns(q, Kp, M, w.const_data_ptr<uint8_t>(), Kp / groups, n_begin, n_end, Out{sx, scales, groups, bias, y, ldy},
               path);
 }

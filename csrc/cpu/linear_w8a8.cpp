@@ -33,6 +33,7 @@
 
 #include "../common.h"
 #include "decode_parts.h"
+#include "int8_paths.h"
 #include "kernels.h"
 
 #ifndef GPTFAST_ISA_MODULE   // the schemas once, in gptfast._C (the AVX-512 module adds kernels only)
@@ -221,18 +222,6 @@ GPTFAST_VNNI void dot_vnni(const int8_t* q, int64_t Kp, int64_t M, const int8_t*
 }
 #endif
 
-// The best instructions this build and this CPU have: "vnni", "avx2" or "generic".
-const char* path_here() {
-#if defined(CPU_CAPABILITY_AVX512)
-  static const bool vnni = __builtin_cpu_supports("avx512vnni");
-  return vnni ? "vnni" : "avx2";
-#elif defined(CPU_CAPABILITY_AVX2)
-  return "avx2";
-#else
-  return "generic";
-#endif
-}
-
 void dot_columns(const int8_t* q, int64_t Kp, int64_t M, const int8_t* w, int64_t K, int64_t n0, int64_t n1,
                  const Out& o, const char* path) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -242,18 +231,6 @@ void dot_columns(const int8_t* q, int64_t Kp, int64_t M, const int8_t* w, int64_
   if (path[0] == 'a') return dot_avx2(q, Kp, M, w, K, n0, n1, o);
 #endif
   dot_generic(q, Kp, M, w, K, n0, n1, o);
-}
-
-// `wanted` if this build and CPU have it (an error naming the paths that run here otherwise), else the best.
-const char* choose_path(const std::optional<c10::string_view>& wanted) {
-  const char* best = path_here();
-  if (!wanted.has_value()) return best;
-  const std::string w(*wanted);
-  const std::string b(best);
-  const bool ok = w == "generic" || w == b || (w == "avx2" && b == "vnni");
-  TORCH_CHECK(ok, "path ", w, " does not run here (this build and CPU: ", b, b == "generic" ? "" : ", generic",
-              b == "vnni" ? ", avx2" : "", ")");
-  return w == "generic" ? "generic" : w == "avx2" ? "avx2" : "vnni";
 }
 
 at::Tensor linear_w8a8_fwd_cpu(const at::Tensor& x, const at::Tensor& weight_in, const at::Tensor& scales_in,
@@ -288,7 +265,7 @@ at::Tensor linear_w8a8_fwd_cpu(const at::Tensor& x, const at::Tensor& weight_in,
   quantize_rows(x2.data_ptr<float>(), x2.stride(0), M, K, q.data_ptr<int8_t>(), Kp, sx.data_ptr<float>());
   const Out o{sx.data_ptr<float>(), scales.data_ptr<float>(), bias ? bias->data_ptr<float>() : nullptr,
               y.data_ptr<float>(), N};
-  const char* path = choose_path(path_in);
+  const char* path = choose_int8_dot_path(path_in);
   const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / std::max<int64_t>(kRowBlock * K, 1));
   at::parallel_for(0, (N + kRowBlock - 1) / kRowBlock, grain, [&](int64_t b0, int64_t b1) {
     dot_columns(q.data_ptr<int8_t>(), Kp, M, w.data_ptr<int8_t>(), K, b0 * kRowBlock, std::min(N, b1 * kRowBlock), o,
@@ -308,7 +285,7 @@ void w8a8_quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int8_
 void w8a8_columns(const int8_t* q, const float* sx, int64_t M, const at::Tensor& w, const float* scales,
                   const float* bias, float* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
   const int64_t K = w.size(1);
-  static const char* path = path_here();
+  static const char* path = int8_dot_path_here();
   dot_columns(q, w8a8_padded_k(K), M, w.const_data_ptr<int8_t>(), K, n_begin, n_end, Out{sx, scales, bias, y, ldy},
               path);
 }
