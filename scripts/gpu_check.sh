@@ -8,7 +8,8 @@
 # plot into OUT_DIR plus a SUMMARY.md. Stages (default: all but `tests`, in this order):
 #   build  compare  gpu_tests  bench_ops  auto_table  bench_train  bench_generate  bench_hf  cuda_kernels  cpu_isa  tests (the whole suite)
 # `bench_generate`: gpt2-124m decoding at batch 1 with float32, bf16 and int8 weights on our CUDA
-# kernels (`extension`) and Triton's, tokens/s against the HBM floor (bytes a step / measured read bandwidth).
+# kernels (`extension`) and Triton's, tokens/s against the HBM floor (bytes a step / measured read bandwidth);
+# then w8a8 and int4 (CPU kernels only so far: their PyTorch twins on the GPU).
 # `bench_hf`: a transformers GPT-2 124M training step (bf16 autocast, batch 8 x 1024): transformers' sdpa (and
 # flash_attention_2 where flash-attn is installed) against attn_implementation="gptfast" and apply_gptfast
 # (skipped, saying so, where transformers is not installed).
@@ -99,7 +100,11 @@ bench_generate() {   # decoding: our CUDA linear kernels, then the Triton ones (
   python benchmarks/bench_generate.py --device cuda --presets gpt2-124m --batch-sizes 1,8 --quantize none,bf16,int8 \
     --backend extension --rounds 2 --out "$out/bench_generate_cuda_extension.json" || return 1
   python benchmarks/bench_generate.py --device cuda --presets gpt2-124m --batch-sizes 1 --quantize bf16,int8 \
-    --backend triton --rounds 2 --no-baseline --out "$out/bench_generate_cuda_triton.json"
+    --backend triton --rounds 2 --no-baseline --out "$out/bench_generate_cuda_triton.json" || return 1
+  # last (the stage's time limit may cut it): w8a8 and 4-bit weights, which have CPU kernels only so far - on a GPU
+  # their PyTorch twins run; the figure says where a GPU kernel for them would start from
+  python benchmarks/bench_generate.py --device cuda --presets gpt2-124m --batch-sizes 1 --quantize int8,w8a8,int4 \
+    --backend extension --rounds 1 --new-tokens 50 --no-baseline --out "$out/bench_generate_cuda_int4.json"
 }
 bench_hf() {   # our kernels inside transformers' GPT-2, against its own attentions
   python -c "import transformers" 2>/dev/null || { echo "skipped: transformers is not installed here"; return 0; }
