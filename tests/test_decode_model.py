@@ -47,9 +47,13 @@ def trained_like_model(cfg, quantization="none", seed=0):
 
 
 def count_calls(monkeypatch, name):
+    """Calls of ops.<name>; "decode_model": of the whole-model step as the model runs it (a bound ops.DecodeStep);
+    "DecodeStep": bindings."""
     calls = []
-    real = getattr(ops, name)
-    monkeypatch.setattr(ops, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    owner, attr = {"decode_model": (ops.DecodeStep, "__call__"), "DecodeStep": (ops.DecodeStep, "__init__")}.get(
+        name, (ops, name))
+    real = getattr(owner, attr)
+    monkeypatch.setattr(owner, attr, lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
@@ -103,17 +107,72 @@ def test_not_with_autograd(monkeypatch):
     assert model(torch.tensor([[3]]), cache=cache, start_pos=2).requires_grad and calls == []
 
 
+def test_a_cache_binds_its_model_once(monkeypatch):
+    """The weights are gathered and checked on the first one-token step only; another model on the same cache binds
+    again (and gives that model's own logits); grad mode on with trainable weights leaves the bound step alone."""
+    model, other = (trained_like_model(config("qwen3"), "int8", seed=s) for s in (1, 2))
+    binds = count_calls(monkeypatch, "DecodeStep")
+    idx = torch.tensor([[1, 2, 3]])
+    with torch.inference_mode():
+        cache = model.new_kv_cache(1)
+        model(idx, cache=cache, start_pos=0)
+        for i in range(4):
+            model(idx[:, :1], cache=cache, start_pos=3 + i)
+        assert len(binds) == 1
+        got = other(idx[:, :1], cache=cache, start_pos=7)
+        assert len(binds) == 2
+        fresh = model_cache_copy(other, [(kv.k, kv.v) for kv in cache.layers])
+        assert torch.equal(got, other(idx[:, :1], cache=fresh, start_pos=7))
+    trainable = trained_like_model(config("gpt2"))
+    cache = trainable.new_kv_cache(1)
+    with torch.no_grad():
+        trainable(idx, cache=cache, start_pos=0)
+        trainable(idx[:, :1], cache=cache, start_pos=3)
+    assert trainable(idx[:, :1], cache=cache, start_pos=4).requires_grad      # autograd: op by op again
+
+
+def test_a_bound_step_refuses_what_changed():
+    model = trained_like_model(config("qwen3"), "int8")
+    cache = model.new_kv_cache(2)
+    with torch.inference_mode():
+        x = model.tok_emb(torch.tensor([[1], [2]]))
+        cos, sin = model.rope_angles(0, 1)
+        step = ops.DecodeStep(x, model_weights(model, torch.tensor([[1], [2]]), cache, 0)[1],
+                              [kv.k for kv in cache.layers], [kv.v for kv in cache.layers], (cos, sin),
+                              backend="extension")
+        assert torch.equal(step(x, 1, (cos, sin)), ops.decode_model(
+            x, step.weights, step.k_caches, step.v_caches, 1, (cos, sin), backend="extension"))
+        for call, message in [(lambda: step(x[:1], 1, (cos, sin)), r"x must be a float32 \(2, 1, 64\)"),
+                              (lambda: step(x.double(), 1, (cos, sin)), "x must be a float32"),
+                              (lambda: step(x, 24, (cos, sin)), r"start_pos must be in \[0, 24\)"),
+                              (lambda: step(x, -1, (cos, sin)), "start_pos must be in"),
+                              (lambda: step(x, 1, None), "rope: "),
+                              (lambda: step(x, 1, (cos[:, :3], sin)), r"cos must be a float32 \(1, 8\)"),
+                              (lambda: step(x, 1, (cos, sin.double())), "sin must be a float32")]:
+            with pytest.raises(ValueError, match=message):
+                call()
+    trainable = trained_like_model(config("qwen3"))
+    cache = trainable.new_kv_cache(1)
+    with torch.no_grad():
+        x = trainable.tok_emb(torch.tensor([[1]]))
+        w = model_weights(trainable, torch.tensor([[1]]), cache, 0)[1]
+        step = ops.DecodeStep(x, w, [kv.k for kv in cache.layers], [kv.v for kv in cache.layers], (cos, sin),
+                              backend="extension")
+    with pytest.raises(RuntimeError, match="for inference"):
+        step(x, 1, (cos, sin))
+
+
 def model_weights(model, x, cache, start_pos):
-    """The ModelWeights run_model would pass, caught on the way."""
+    """The arguments of decode_model as run_model's bound step passes them, caught on the way."""
     seen = []
-    real = ops.decode_model
-    ops.decode_model = lambda x, w, ks, vs, p, rope, backend: seen.append((x, w, ks, vs, p, rope)) or real(
-        x, w, ks, vs, p, rope, backend=backend)
+    real = ops.DecodeStep.__call__
+    ops.DecodeStep.__call__ = lambda self, x, p, rope=None: seen.append(
+        (x, self.weights, self.k_caches, self.v_caches, p, rope)) or real(self, x, p, rope)
     try:
         with torch.inference_mode():
             model(x, cache=cache, start_pos=start_pos)
     finally:
-        ops.decode_model = real
+        ops.DecodeStep.__call__ = real
     return seen[0]
 
 

@@ -51,14 +51,26 @@ class KVCache:
                                torch.zeros(shape, device=device, dtype=dtype)) for _ in range(cfg.n_layers)]
         self.batch_size = batch_size
         self.fused = fused
+        self.step = None                     # (what it was bound for, the bound ops.DecodeStep or None): run_model
 
     def run_model(self, model, x: torch.Tensor, start_pos: int, rope: tuple | None = None) -> torch.Tensor | None:
         """The logits (B, 1, V) of the whole one-token step of `model` (its blocks, final norm and LM head) on x
         (B, 1, C), the embedded token, in one call (`ops.decode_model`) - or None where that does not apply (more
         than one position, training, autograd, a backend without it): the model then runs its blocks one by one.
-        `rope`: a Llama model's (cos, sin) of the position."""
+        `rope`: a Llama model's (cos, sin) of the position. The first step binds the model's weights to the cache
+        (`ops.DecodeStep`: gathered and checked once, not once a token); a different model, backend, batch shape
+        or grad mode binds again. Replacing a bound model's layers in place (e.g. quantize) needs a new cache."""
         if self.fused is not True or x.shape[1] != 1 or model.training:
             return None
+        key = (model, model.out_head, model.trf_blocks[0].backend, tuple(x.shape), x.dtype, x.device,
+               torch.is_grad_enabled(), rope is None)
+        if self.step is None or self.step[0] != key:
+            self.step = (key, self.bind_model(model, x, rope))
+        step = self.step[1]
+        return None if step is None else step(x, start_pos, rope)
+
+    def bind_model(self, model, x: torch.Tensor, rope: tuple | None) -> ops.DecodeStep | None:
+        """model's weights and these caches as one fused step (None where it does not fuse)."""
         blocks = [(decode_weights_llama if rope is not None else decode_weights)(b) for b in model.trf_blocks]
         norm, head = model.final_norm, model.out_head
         if any(b is None or b.eps != norm.eps or b.int8_activations != activations_quantized([head]) for b in blocks) \
@@ -70,7 +82,7 @@ class KVCache:
         backend = model.trf_blocks[0].backend
         if not ops.fuses_decode_model(x, weights, ks, backend=backend):
             return None
-        return ops.decode_model(x, weights, ks, vs, start_pos, rope, backend=backend)
+        return ops.DecodeStep(x, weights, ks, vs, rope, backend=backend)
 
     def run_block(self, i: int, block, x: torch.Tensor, start_pos: int, **extra) -> torch.Tensor:
         """Block i on x (B, T, C) at positions start_pos.., against (and into) layer i's cache (`extra`: what

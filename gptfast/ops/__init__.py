@@ -39,12 +39,12 @@ from .linear_w8a8 import linear_w8a8
 from .linear_int4 import linear_int4
 from .decode_block import BlockWeights, LinearWeights, decode_block, fuses_decode_block
 from .decode_block_llama import LlamaBlockWeights, decode_block_llama, fuses_decode_block_llama
-from .decode_model import ModelWeights, decode_model, fuses_decode_model
+from .decode_model import DecodeStep, ModelWeights, decode_model, fuses_decode_model
 from .spec import OPS
 
 __all__ = ["layer_norm", "rms_norm", "gelu", "swiglu", "rope", "rope_angles", "rope_inv_freq", "causal_attention", "cross_entropy", "linear_cross_entropy",
            "linear_cross_entropy_chunk_rows", "dropout_add", "linear", "linear_int8", "linear_bf16", "linear_w8a8", "linear_int4", "decode_block",
            "fuses_decode_block", "decode_block_llama", "fuses_decode_block_llama", "LlamaBlockWeights",
-           "decode_model", "fuses_decode_model", "ModelWeights", "BlockWeights", "LinearWeights", "OPS", "available_backends", "resolve_backend_name",
+           "decode_model", "DecodeStep", "fuses_decode_model", "ModelWeights", "BlockWeights", "LinearWeights", "OPS", "available_backends", "resolve_backend_name",
            "register_backend", "get_backend", "known_backends", "shares_dropout_rng", "supports_kv_cache",
            "BackendError", "DEFAULT_BACKEND"]
