@@ -56,9 +56,14 @@ TARGETS = {"sm_80": (80, 164 * 1024, 164 * 1024), "sm_90": (90, 227 * 1024, 228 
 class Case:
     """One kernel specialization with one launch config."""
 
-    def __init__(self, kernel, fn, signature, constexprs, num_warps=4, num_stages=3, dot=False, label=""):
+    def __init__(self, kernel, fn, signature, constexprs, num_warps=4, num_stages=3, dot=False, label="",
+                 fp_fusion=True):
         self.kernel, self.fn, self.signature, self.constexprs = kernel, fn, signature, constexprs
         self.num_warps, self.num_stages, self.dot, self.label = num_warps, num_stages, dot, label
+        self.fp_fusion = fp_fusion
+
+    def options(self) -> dict:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": self.fp_fusion}
 
 
 def jit_fn(kernel):
@@ -84,7 +89,7 @@ def all_cases(full: bool) -> list[Case]:
         for sp in module.aot_specializations(full):
             fn = jit_fn(sp.fn)
             cases.append(Case(sp.kernel, fn, signature(fn, sp.types, sp.constexprs), sp.constexprs, sp.num_warps,
-                              sp.num_stages, sp.dot, sp.label))
+                              sp.num_stages, sp.dot, sp.label, sp.fp_fusion))
     return cases
 
 
@@ -115,7 +120,7 @@ def compile_case(case: Case, target: str) -> dict:
     try:
         compiled = triton.compile(ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs),
                                   target=GPUTarget("cuda", cc, 32),
-                                  options={"num_warps": case.num_warps, "num_stages": case.num_stages})
+                                  options=case.options())
     except Exception as err:                              # noqa: BLE001 - reported as a failure row
         row["problem"] = f"does not compile: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
         return row
@@ -135,6 +140,8 @@ def compile_case(case: Case, target: str) -> dict:
         problems.append(f"needs {smem // 1024} KB shared memory, {target} allows {max_smem // 1024} KB per block")
     if case.dot and not row["tensor_cores"]:
         problems.append("tl.dot kernel without tensor-core instructions")
+    if not case.fp_fusion and re.search(r"\bfma\.rn\.f32", ptx):
+        problems.append("launched without fp fusion, yet its PTX has fma.rn.f32")
     row["ok"], row["problem"] = not problems, "; ".join(problems)
     return row
 
@@ -161,7 +168,7 @@ def loop_profile() -> int:
     for target, (cc, _, _) in TARGETS.items():
         compiled = triton.compile(ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs),
                                   target=GPUTarget("cuda", cc, 32),
-                                  options={"num_warps": case.num_warps, "num_stages": case.num_stages})
+                                  options=case.options())
         print(f"{target} {case.kernel} {case.label}: loop bodies (PTX instructions) {loop_bodies(compiled.asm['ptx'])}")
     return 0
 

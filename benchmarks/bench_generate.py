@@ -19,8 +19,10 @@ makes, and its share of the read bandwidth measured in the same run (a sum over 
 - with --peers transformers, transformers' own `generate` (greedy, KV cache, float32, attn_implementation
   "sdpa") on the same weights, exported with gptfast's exporter and loaded by transformers in this process;
 - with --peers llama.cpp (where llama-cpp-python and gguf are installed: an optional benchmark extra), llama.cpp
-  on the same weights written as GGUF files of each --llama-cpp-types type (f32, q8_0, q4_0; llama_cpp_peer.py),
-  greedy, one token a call, batch 1 only (its batched decoding is llama-batched-bench, not driven from here).
+  on the same weights written as GGUF files of each --llama-cpp-types type (f32, q8_0, q4_0, q4_0+q8_0;
+  llama_cpp_peer.py), greedy, one token a call, batch 1 only; with --llama-cpp-bin DIR (or GPTFAST_LLAMA_CPP_BIN),
+  llama.cpp's own `llama-batched-bench` from a llama.cpp build instead, at every batch size (no Python in its loop;
+  its tokens are not compared).
 
 Configurations take turns within each of --rounds rounds (the median is reported), so drift in the
 machine's speed hits them alike. Prefill (time to the first token) is timed apart from decoding.
@@ -179,9 +181,10 @@ class Config:
     compiled: bool = False         # the one-token step compiled (torch.compile)
     peer: str | None = None        # another tool's generation ("transformers", "llama.cpp")
     gguf_type: str | None = None   # llama.cpp: the GGUF file's weight type
+    llama_cpp_bin: str | None = None   # llama.cpp: its build's bin folder (llama-batched-bench), else llama-cpp-python
 
     def runs_batch(self, batch: int) -> bool:
-        return self.peer != "llama.cpp" or batch == 1
+        return self.peer != "llama.cpp" or batch == 1 or self.llama_cpp_bin is not None
 
     def timed(self, model, prompt, n, sync) -> tuple[float, float, torch.Tensor]:
         """(seconds to the first token, seconds for the rest, tokens (B, n))."""
@@ -208,8 +211,8 @@ def configurations(args) -> list[Config]:
     configs += [Config(f"{p} generate", "torch", "none", peer=p) for p in args.peers.split(",")
                 if p and p != "llama.cpp"]
     if "llama.cpp" in args.peers.split(","):
-        configs += [Config(f"llama.cpp {t}", "torch", "none", peer="llama.cpp", gguf_type=t)
-                    for t in args.llama_cpp_types.split(",")]
+        configs += [Config(f"llama.cpp {t}", "torch", "none", peer="llama.cpp", gguf_type=t,
+                           llama_cpp_bin=args.llama_cpp_bin) for t in args.llama_cpp_types.split(",")]
     return configs
 
 
@@ -229,9 +232,12 @@ def build_models(preset: str, configs: list[Config], device) -> tuple[dict, torc
                 models[c] = transformers_model(fp32, folder)
             continue
         if c.peer == "llama.cpp":
-            from llama_cpp_peer import LlamaCppRunner, write_gguf
+            from llama_cpp_peer import BatchedBenchRunner, LlamaCppRunner, write_gguf
             path = write_gguf(fp32, os.path.join(GGUF_DIR.name, f"{preset}-{c.gguf_type}.gguf"), c.gguf_type)
-            models[c] = LlamaCppRunner(path, n_ctx=fp32.cfg.context_length, threads=torch.get_num_threads())
+            if c.llama_cpp_bin:
+                models[c] = BatchedBenchRunner(path, fp32.cfg.context_length, torch.get_num_threads(), c.llama_cpp_bin)
+            else:
+                models[c] = LlamaCppRunner(path, n_ctx=fp32.cfg.context_length, threads=torch.get_num_threads())
             models[c].file_bytes = os.path.getsize(path)
             continue
         if c.quantize not in quantized:
@@ -271,7 +277,7 @@ def result_row(c: Config, model, preset, batch, args, runs, tokens, compile_s, r
     if c.peer == "llama.cpp":
         w_bytes = model.file_bytes
     agree = None
-    if ref is not None:
+    if ref is not None and tokens is not None:
         same = (tokens == ref).all(dim=0).long()
         agree = int(same.cumprod(0).sum()) / same.numel()
     return {"preset": preset, "batch": batch, "path": c.label, "backend": c.backend, "quantize": c.quantize,
@@ -313,7 +319,11 @@ def parse_args(argv):
                    "(the one-token step as a torch.compile graph; its compile time is reported, not timed)")
     p.add_argument("--peers", default="", help=f"comma-separated other tools to run on the same weights: "
                    f"{', '.join(PEERS)}")
-    p.add_argument("--llama-cpp-types", default="f32,q8_0,q4_0", help="GGUF weight types of the llama.cpp rows")
+    p.add_argument("--llama-cpp-types", default="f32,q8_0,q4_0", help="GGUF weight types of the llama.cpp rows "
+                   "(q4_0+q8_0: 4-bit blocks, an 8-bit token embedding / LM head, as gptfast's int4 modes)")
+    p.add_argument("--llama-cpp-bin", default=os.environ.get("GPTFAST_LLAMA_CPP_BIN"),
+                   help="a llama.cpp build's bin folder: its llama-batched-bench times the llama.cpp rows at every "
+                   "batch size (default $GPTFAST_LLAMA_CPP_BIN; unset: llama-cpp-python, batch 1)")
     p.add_argument("--no-baseline", action="store_true", help="leave out the baseline row (not for the record)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -327,8 +337,9 @@ def parse_args(argv):
     if "llama.cpp" in args.peers.split(","):
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from llama_cpp_peer import GGUF_TYPES, available
-        if available() is not None:
-            p.error(f"--peers llama.cpp: {available()}")
+        why = available(args.llama_cpp_bin)
+        if why is not None:
+            p.error(f"--peers llama.cpp: {why}")
         bad = [t for t in args.llama_cpp_types.split(",") if t not in GGUF_TYPES]
         if bad:
             p.error(f"--llama-cpp-types {','.join(bad)}: choose from {', '.join(GGUF_TYPES)}")

@@ -68,6 +68,24 @@ def test_every_path_here_against_the_generic_loop_and_the_twin(shape, group):
     assert torch.equal(kernel(x, w, scales, b), outs[paths_here()[-1]])
 
 
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("shape", [(1, 768, 300), (20, 130, 50), (5, 1000, 129), (3, 7, 17)],
+                         ids=lambda s: "M{}_K{}_N{}".format(*s))
+def test_the_triton_twin_against_the_cpu_kernel_and_the_twin(shape, group):
+    """The Triton kernel (here in Triton's interpreter): the same exact group sums as the CPU kernel, summed in float
+    in another order (1e-6 of each other), 1e-5 of the float64 twin; 20 rows: two programs along M."""
+    ops.get_backend("triton")                 # loads the Triton kernels (torch.ops.gptfast_triton)
+    M, K, N = shape
+    g = torch.Generator().manual_seed(K + group + 1)
+    w, scales = pack_int4(torch.randn(N, K, generator=g) * K ** -0.5, group)
+    b = torch.randn(N, generator=g) * 0.1
+    x = torch.randn(M, K, generator=g)
+    ours = torch.ops.gptfast_triton.linear_int4_fwd(x, w, scales, b)
+    assert rel_error(ours, kernel(x, w, scales, b)) < 1e-6
+    assert rel_error(ours, reference(x.double(), w, scales, b)) < 1e-5
+    assert rel_error(torch.ops.gptfast_triton.linear_int4_fwd(x, w, scales, None), reference(x.double(), w, scales)) < 1e-5
+
+
 def test_a_row_alone_is_the_row_in_a_batch():
     w, s = pack_int4(torch.randn(300, 768, generator=torch.Generator().manual_seed(3)) * 0.03)
     x = torch.randn(9, 768, generator=torch.Generator().manual_seed(2))

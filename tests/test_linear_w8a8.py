@@ -58,6 +58,21 @@ def test_every_path_here_is_the_generic_loop_to_the_bit(shape):
     assert torch.equal(kernel(x, w, scales, b), outs[paths[-1]])    # None: the best path here
 
 
+@pytest.mark.parametrize("shape", [(1, 768, 300), (20, 130, 50), (5, 1000, 129), (3, 7, 17)],
+                         ids=lambda s: "M{}_K{}_N{}".format(*s))
+def test_the_triton_twin_is_the_cpu_kernel_to_the_bit(shape):
+    """The Triton kernel (here in Triton's interpreter) quantizes x to the same q, sums the same exact integers and
+    scales them in the same order as the CPU kernel: the same bits (20 rows: two programs along M)."""
+    ops.get_backend("triton")                 # loads the Triton kernels (torch.ops.gptfast_triton)
+    M, K, N = shape
+    w, scales, b = layer(N, K, seed=K)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(2)) * torch.rand(M, 1) * 10
+    x[0, 1] = 0.0
+    ours = torch.ops.gptfast_triton.linear_w8a8_fwd(x, w, scales, b)
+    assert torch.equal(ours, kernel(x, w, scales, b))
+    assert torch.equal(torch.ops.gptfast_triton.linear_w8a8_fwd(x, w, scales, None), kernel(x, w, scales, None))
+
+
 def test_a_path_this_cpu_lacks_is_refused_by_name():
     x, (w, s, b) = torch.randn(2, 64), layer(8, 64)
     missing = [p for p in ("vnni", "avx2", "amx") if p not in paths_here()]

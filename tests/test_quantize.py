@@ -161,7 +161,7 @@ def test_quality_on_a_trained_model(trained, gpt2_tokenizer):
         tokens = generate(model, prompt, 50)
     assert loss < 7.0                                             # it learned something (ln 50257 = 10.8)
     report = {}
-    for mode in ("bf16", "int8", "w8a8"):
+    for mode in ("bf16", "int8", "w8a8", "int4", "int4-g64"):
         q = quantize(clone(model), mode)
         with torch.no_grad():
             q_loss = q(vx, vy).item()
@@ -172,8 +172,51 @@ def test_quality_on_a_trained_model(trained, gpt2_tokenizer):
     print(f"\nquantization quality (val loss {loss:.4f}): {report}")
     assert report["bf16"]["val_loss_change"] <= 1e-3 and report["int8"]["val_loss_change"] <= 1e-2, report
     assert report["w8a8"]["val_loss_change"] <= 3e-2, report                 # the activations' rounding on top
+    assert report["int4"]["val_loss_change"] <= 3e-2 and report["int4-g64"]["val_loss_change"] <= 3e-2, report
     assert report["bf16"]["greedy_agreement"] == 1.0, report   # 50 greedy tokens identical
     assert report["bf16"]["logits_rel_error"] < 5e-3 and report["int8"]["logits_rel_error"] < 3e-2, report
+
+
+@pytest.fixture(scope="module")
+def trained_on_more(large_text):
+    """A byte-level model (its vocabulary: the 256 byte values) trained for 400 steps on the first 90% of ~1.1 MB of
+    generated English-like text - about 25x The Verdict's tokens, and wider layers (C 128, F 512); the rest
+    validates."""
+    ids = torch.tensor(list(large_text.encode("utf-8")))
+    split = int(0.9 * len(ids))
+    train, val = ids[:split], ids[split:]
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=256, context_length=128, emb_dim=128, n_heads=4, n_layers=2, drop_rate=0.0,
+                               tie_embeddings=True, backend="extension"))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(400):
+        start = torch.randint(0, len(train) - 129, (16,), generator=g)
+        x = torch.stack([train[s:s + 128] for s in start])
+        y = torch.stack([train[s + 1:s + 129] for s in start])
+        opt.zero_grad()
+        model(x, y).backward()
+        opt.step()
+    model.eval()
+    starts = range(0, len(val) - 129, len(val) // 64)
+    return model, (torch.stack([val[i:i + 128] for i in starts]), torch.stack([val[i + 1:i + 129] for i in starts]))
+
+
+@pytest.mark.slow
+def test_4_bit_quality_on_a_model_trained_on_a_larger_corpus(trained_on_more):
+    """int4 (groups of 32) and int4-g64: validation loss within 3% of float32 (the issue's bound), group 32 no worse
+    than 64 by more than noise; the 8-bit modes beside them for the table it prints."""
+    model, (vx, vy) = trained_on_more
+    with torch.no_grad():
+        loss = model(vx, vy).item()
+    assert loss < 2.5                                            # it learned the text (ln 256 = 5.5)
+    report = {}
+    for mode in ("int8", "w8a8", "int4", "int4-g64"):
+        with torch.no_grad():
+            report[mode] = (quantize(clone(model), mode)(vx, vy).item() - loss) / loss
+    print(f"\nval loss {loss:.4f}, relative change: " + ", ".join(f"{m} {c:+.4%}" for m, c in report.items()))
+    assert all(abs(c) <= 3e-2 for c in report.values()), report
+    assert abs(report["int4"]) <= abs(report["int4-g64"]) + 5e-3, report
 
 
 @pytest.mark.slow                      # (its fixture trains a model: 12 s)

@@ -103,7 +103,8 @@ def _fake(x, weight, scales, bias, path=None):
 
 def compiled(k, backend: str):
     def linear_int4(x, weight, scales, bias):
-        if x.dtype != torch.float32 or x.device.type != "cpu":      # (our kernel: float32 on CPU)
+        # our kernels take float32: on CPU (extension) or on any device Triton runs on (triton)
+        if x.dtype != torch.float32 or (backend == "extension" and x.device.type != "cpu"):
             return torch_twin(x, weight, scales, bias)
         return k.linear_int4_fwd(x, weight, scales, bias)
     return linear_int4
@@ -172,5 +173,5 @@ def bench(key: str, shape: tuple) -> Bench:
 register(Op("linear_int4", linear_int4, reference, torch_twin, cases, bad_inputs,
             lambda device_type, quick, sweep: {"linear_int4": [(1, 256, 512)] if quick else list(DECODE_SHAPES)},
             bench, kernels={"linear_int4_fwd": Kernel(_fake)}, compiled=compiled, inference_only=True,
-            rowwise=_rowwise, backends=("reference", "torch", "extension"), dtypes=("float32",),
+            rowwise=_rowwise, backends=("reference", "torch", "extension", "triton"), dtypes=("float32",),
             module=__name__))

@@ -42,7 +42,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     the kernels round every element the same way."""
     x32 = x.float()
     amax = x32.abs().amax(dim=-1, keepdim=True)                    # (..., 1)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # (a tensor over a tensor: IEEE division, as the kernels' 127.f / amax; `127.0 / amax` would be PyTorch's
+    # reciprocal times 127, off by an ulp now and then - and q with it)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     return (x32 * inv).round().clamp(-127, 127), amax / 127
 
 
@@ -70,7 +72,8 @@ def _fake(x, weight, scales, bias, path=None):
 
 def compiled(k, backend: str):
     def linear_w8a8(x, weight, scales, bias):
-        if x.dtype != torch.float32 or x.device.type != "cpu":      # (our kernel: float32 on CPU)
+        # our kernels take float32: on CPU (extension) or on any device Triton runs on (triton)
+        if x.dtype != torch.float32 or (backend == "extension" and x.device.type != "cpu"):
             return torch_twin(x, weight, scales, bias)
         return k.linear_w8a8_fwd(x, weight, scales, bias)
     return linear_w8a8
@@ -140,5 +143,5 @@ def bench(key: str, shape: tuple) -> Bench:
 register(Op("linear_w8a8", linear_w8a8, reference, torch_twin, cases, bad_inputs,
             lambda device_type, quick, sweep: {"linear_w8a8": [(1, 256, 512)] if quick else list(DECODE_SHAPES)},
             bench, kernels={"linear_w8a8_fwd": Kernel(_fake)}, compiled=compiled, inference_only=True,
-            rowwise=_rowwise, backends=("reference", "torch", "extension"), dtypes=("float32",),
+            rowwise=_rowwise, backends=("reference", "torch", "extension", "triton"), dtypes=("float32",),
             module=__name__))

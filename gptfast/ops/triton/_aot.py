@@ -18,4 +18,5 @@ class Specialization:
     num_warps: int = 4
     num_stages: int = 3
     dot: bool = False                  # built on tl.dot: must use the tensor cores
+    fp_fusion: bool = True             # False: launched with enable_fp_fusion=False (no multiply-add fused into an FMA)
     label: str = ""
