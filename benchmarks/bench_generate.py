@@ -282,6 +282,7 @@ def result_row(c: Config, model, preset, batch, args, runs, tokens, compile_s, r
         agree = int(same.cumprod(0).sum()) / same.numel()
     return {"preset": preset, "batch": batch, "path": c.label, "backend": c.backend, "quantize": c.quantize,
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "tokens_per_s": batch * steps / decode,
+            "tokens_per_s_rounds": [batch * steps / r[1] for r in runs],
             "prefill_ms": prefill * 1e3, "decode_s": decode, "weight_bytes_per_step": w_bytes,
             "cache_bytes_per_step": c_bytes, "GBps": (w_bytes + c_bytes) * steps / decode / 1e9,
             "agreement_with_baseline": agree, "compiled": c.compiled, "peer": c.peer,

@@ -13,6 +13,19 @@ bool poison_outputs();
 void set_poison_outputs(bool on);
 void maybe_poison(at::Tensor& t);
 
+// v, held in a register the compiler cannot see into: an addition after it is not contracted with the
+// multiplication before it into one FMA. GCC contracts `a * b + c` wherever FMA is enabled - in some inlined copies
+// of an epilogue and not in others (another tile shape, a function compiled for another target) - and an output's
+// bits would then depend on the tile or the instruction path it went through.
+inline float rounded(float v) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  asm("" : "+x"(v));
+#elif defined(__GNUC__) && defined(__aarch64__)
+  asm("" : "+w"(v));
+#endif
+  return v;
+}
+
 inline void check_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.defined(), name, " is undefined");
   TORCH_CHECK(t.is_floating_point(), name, " must be a floating-point tensor, got ", t.scalar_type());

@@ -90,6 +90,19 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
+def int8_dot_paths_here() -> list[str]:
+    """The integer-dot-product paths (csrc/cpu/int8_paths.h) this build and CPU run, best last - selected by the
+    CPU's flags, never skipped (generic runs everywhere): the tests of linear_w8a8 and linear_int4 run each one."""
+    from gptfast import ops
+    from gptfast.compiled import cpu_flags
+
+    flags = cpu_flags() or set()
+    isa = ops.get_backend("extension").build_info()["cpu_isa"]
+    vector = isa in ("avx2", "avx512")
+    return ["generic"] + (["avx2"] if vector else []) + (["avxvnni"] if vector and "avx_vnni" in flags else []) + \
+        (["vnni"] if isa == "avx512" and "avx512_vnni" in flags else [])
+
+
 def precision_errors(fn, ref_fn, inputs64, dtype, seed=1):
     """Relative errors of fn at `dtype` vs ref_fn in float64: [output, *grads]."""
     ref_in = [t.clone().requires_grad_() for t in inputs64]

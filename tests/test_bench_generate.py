@@ -28,6 +28,7 @@ def test_tiny_run_writes_every_configuration(tmp_path, monkeypatch):
     # fused and op by op compute the same tokens (bit-for-bit the same logits)
     assert by[("auto int8", 1)]["agreement_with_baseline"] == by[("auto int8 op-by-op", 1)]["agreement_with_baseline"]
     assert all(r["tokens_per_s"] > 0 and r["vs_baseline"] > 0 for r in rows)
+    assert all(len(r["tokens_per_s_rounds"]) == 1 for r in rows)              # each round's figure kept
 
 
 def test_a_mode_run_again_must_be_measured_too():
@@ -112,6 +113,25 @@ def test_llama_batched_bench_runner_reads_llama_cpp_timings(tmp_path):
         runner.timed(torch.zeros(1, 4, dtype=torch.long), 8)
     why = llama_cpp_peer.available(str(tmp_path / "nowhere"))
     assert why.startswith("no executable llama-batched-bench in") or why.startswith("gguf is not installed")
+
+
+def test_llama_cpp_rows_from_its_binary_at_every_batch_size(tmp_path, monkeypatch):
+    """--llama-cpp-bin: the llama.cpp rows come from llama-batched-bench (a stand-in here) at batch 1 and 2, its
+    own speed as the row's tokens/s, no tokens to compare."""
+    pytest.importorskip("gguf", reason="gguf is the peers extra's (pip install gguf)")
+    exe = tmp_path / "llama-batched-bench"
+    exe.write_text(FAKE_BATCHED_BENCH)
+    exe.chmod(0o755)
+    monkeypatch.setattr(bench_generate, "read_bandwidth", lambda device: 10.0)
+    out = tmp_path / "g.json"
+    assert bench_generate.main(["--presets", "qwen3-tiny", "--batch-sizes", "1,2", "--quantize", "int8", "--peers",
+                                "llama.cpp", "--llama-cpp-bin", str(tmp_path), "--llama-cpp-types", "q8_0",
+                                "--new-tokens", "5", "--prompt-tokens", "3", "--rounds", "1", "--out", str(out)]) == 0
+    rows = {(r["path"], r["batch"]): r for r in json.loads(out.read_text())["results"]}
+    for b in (1, 2):
+        peer = rows[("llama.cpp q8_0", b)]
+        assert peer["agreement_with_baseline"] is None and peer["prefill_ms"] == pytest.approx(250.0)
+        assert peer["tokens_per_s"] == pytest.approx(b * 5 / 4.0)        # B n / t_tg: llama.cpp's speed_tg
 
 
 def test_gguf_with_an_8_bit_head_keeps_the_blocks_4_bit(tmp_path):

@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from conftest import rel_error
+from conftest import int8_dot_paths_here, rel_error
 from gptfast import ops
-from gptfast.compiled import cpu_flags, set_poison_outputs
+from gptfast.compiled import set_poison_outputs
 from gptfast.ops.linear_int4 import pack_int4, reference, unpack_int4
 
 ops.get_backend("extension")                  # loads the compiled kernels (torch.ops.gptfast)
@@ -23,12 +23,7 @@ def poisoned_outputs():
     set_poison_outputs(False)
 
 
-def paths_here() -> list[str]:
-    """The paths this build and CPU run, selected by the CPU's flags (generic runs everywhere)."""
-    flags = cpu_flags() or set()
-    isa = ops.get_backend("extension").build_info()["cpu_isa"]
-    return ["generic"] + (["avx2"] if isa in ("avx2", "avx512") else []) + \
-        (["vnni"] if isa == "avx512" and "avx512_vnni" in flags else [])
+paths_here = int8_dot_paths_here
 
 
 @pytest.mark.parametrize("group", [32, 64])
@@ -65,6 +60,8 @@ def test_every_path_here_against_the_generic_loop_and_the_twin(shape, group):
     for p, y in outs.items():
         assert rel_error(y, ref) < 1e-5, p
         assert rel_error(y, outs["generic"]) < 1e-6, p
+    if "avxvnni" in outs:                                          # AVX2's sums and float steps, one instruction each
+        assert torch.equal(outs["avxvnni"], outs["avx2"])
     assert torch.equal(kernel(x, w, scales, b), outs[paths_here()[-1]])
 
 
@@ -103,7 +100,7 @@ def test_the_kernel_refuses_what_its_loops_cannot_take():
                           ((x, w, s, torch.ones(3)), r"bias must be float32 \(8,\)")]:
         with pytest.raises(RuntimeError, match=message):
             kernel(*args)
-    missing = [p for p in ("vnni", "avx2") if p not in paths_here()]
+    missing = [p for p in ("vnni", "avxvnni", "avx2") if p not in paths_here()]
     for p in missing:
         with pytest.raises(RuntimeError, match=f"path {p} does not run here"):
             kernel(x, w, s, None, path=p)

@@ -5,9 +5,9 @@ compile through the interface: its cases, test_op_contract.)"""
 import pytest
 import torch
 
-from conftest import rel_error
+from conftest import int8_dot_paths_here, rel_error
 from gptfast import ops
-from gptfast.compiled import cpu_flags, set_poison_outputs
+from gptfast.compiled import set_poison_outputs
 from gptfast.ops.linear import weights_of_kind
 from gptfast.ops.linear_w8a8 import quantize_rows, reference
 
@@ -28,16 +28,7 @@ def layer(N, K, seed=0):
     return w, scales, torch.randn(N, generator=g) * 0.1
 
 
-def paths_here() -> list[str]:
-    """The paths this build and CPU run: selected by the CPU's flags (never skipped: generic runs everywhere)."""
-    flags = cpu_flags() or set()
-    isa = ops.get_backend("extension").build_info()["cpu_isa"]
-    paths = ["generic"]
-    if isa in ("avx2", "avx512"):
-        paths.append("avx2")
-    if isa == "avx512" and "avx512_vnni" in flags:
-        paths.append("vnni")
-    return paths
+paths_here = int8_dot_paths_here
 
 
 # (M, K, N): GPT-2's and Qwen3-0.6B's decoding layers at batch 1 and 8, K off every vector width
@@ -75,7 +66,7 @@ def test_the_triton_twin_is_the_cpu_kernel_to_the_bit(shape):
 
 def test_a_path_this_cpu_lacks_is_refused_by_name():
     x, (w, s, b) = torch.randn(2, 64), layer(8, 64)
-    missing = [p for p in ("vnni", "avx2", "amx") if p not in paths_here()]
+    missing = [p for p in ("vnni", "avxvnni", "avx2", "amx") if p not in paths_here()]
     for p in missing:
         with pytest.raises(RuntimeError, match=f"path {p} does not run here"):
             kernel(x, w, s, b, path=p)

@@ -66,6 +66,9 @@ constexpr int kNB1 = 8;                        // weight rows per tile with one 
 constexpr int kMB = 4;                         // rows of x per pass with several
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kNB = 4;                         // weight rows per tile then: kNB * kMB accumulators of 32 zmm
+constexpr int kMB8 = 8;                        // 8+ rows of x (a batch of 8 sequences): passes of 8 rows over
+constexpr int kNB8 = 2;                        // 2 weight rows - 16 accumulators + 8 rows of x, each weight vector
+                                               // widened once for 8 rows instead of once a pass of 4
 #else
 constexpr int kNB = 3;                         // of 16 ymm: 12 accumulators + 4 rows of x, the weights read
                                                // as FMA memory operands (4x2 tiles: 24 GMAC/s a core in
@@ -183,7 +186,7 @@ void tile(const float* x, int64_t ldx, const W* w, int64_t K, int64_t n0, float*
       // the tail, as explicit FMAs: left to the compiler, `s += w * x` is contracted in some
       // instantiations and not in others, and a row's bits would depend on the path it took
       for (int64_t kk = k; kk < K; ++kk) s = std::fma(static_cast<float>(wr[kk]), x[m * ldx + kk], s);
-      if (ep.scales) s *= ep.scales[n];
+      if (ep.scales) s = rounded(s * ep.scales[n]);   // (then the bias: no FMA, in any tile shape)
       if (ep.bias) s += ep.bias[n];
       y[m * ldy + n] = s;
     }
@@ -201,6 +204,21 @@ void rows_kernel(const float* x, int64_t ldx, int64_t M, const W* w, int64_t K, 
   int64_t n = n_begin;
   if (M == 1)
     for (; n + kNB1 <= n_end; n += kNB1) tile<W, kNB1, 1>(x, ldx, w + n * K, K, n, y, N, ep, true);
+#if defined(CPU_CAPABILITY_AVX512)
+  if (M >= kMB8)
+    for (; n + kNB8 <= n_end; n += kNB8) {
+      const W* wt = w + n * K;
+      int64_t m = 0;
+      for (; m + kMB8 <= M; m += kMB8) tile<W, kNB8, kMB8>(x + m * ldx, ldx, wt, K, n, y + m * N, N, ep, m == 0);
+      for (; m + kMB <= M; m += kMB) tile<W, kNB8, kMB>(x + m * ldx, ldx, wt, K, n, y + m * N, N, ep, false);
+      switch (M - m) {                            // the last 1-3 rows of x
+        case 3: tile<W, kNB8, 3>(x + m * ldx, ldx, wt, K, n, y + m * N, N, ep, false); break;
+        case 2: tile<W, kNB8, 2>(x + m * ldx, ldx, wt, K, n, y + m * N, N, ep, false); break;
+        case 1: tile<W, kNB8, 1>(x + m * ldx, ldx, wt, K, n, y + m * N, N, ep, false); break;
+        default: break;
+      }
+    }
+#endif
   for (; n + kNB <= n_end; n += kNB) {
     const W* wt = w + n * K;
     int64_t m = 0;

@@ -15,6 +15,7 @@
 //   AVX-512 VNNI: 64 weights a vpdpbusd, tiles of 4 weight rows x 4 rows of x (or 8 x 1).
 //   AVX2 (no VNNI): vpmaddubsw (u8 nibble x s8: pairs stay below 2 * 15 * 127, no saturation) + vpmaddwd; a ymm is
 //   32 weights, one group of 32 (half of one of 64).
+//   AVX-VNNI (ymm vpdpbusd, where the CPU has it: Intel's client cores): AVX2's tile, one instruction a sum.
 //   generic: loops.
 // The float sums of the lanes differ between paths in the last bits (tested to 1e-6 of each other); on one path a
 // row of x gets the same bits alone or in a batch.
@@ -42,7 +43,7 @@
 TORCH_LIBRARY_FRAGMENT(gptfast, m) {
   // A 4-bit linear layer for inference: x (..., K) float32 quantized to int8 per row, weight (N, Kp / 2) uint8 (two
   // 4-bit weights a byte, Kp = K rounded up to 64; quantize.py pack_int4), scales (N, Kp / group) float32 with group
-  // 32 or 64, bias (N,) or None. path: "vnni", "avx2", "generic" or None (the best this CPU has).
+  // 32 or 64, bias (N,) or None. path: "vnni", "avxvnni", "avx2", "generic" or None (the best this CPU has).
   m.def("linear_int4_fwd(Tensor x, Tensor weight, Tensor scales, Tensor? bias, str? path=None) -> Tensor");
 }
 #endif
@@ -63,7 +64,7 @@ struct Out {
 };
 
 inline void store(const Out& o, int64_t m, int64_t n, float acc) {
-  float s = acc * o.sx[m];
+  float s = rounded(acc * o.sx[m]);                 // (then the bias: no FMA, on any path)
   if (o.bias) s += o.bias[n];
   o.y[m * o.ldy + n] = s;
 }
@@ -147,6 +148,60 @@ void dot_avx2(const int8_t* q, int64_t Kp, int64_t M, const uint8_t* w, int64_t 
   for (; n < n1; ++n)
     for (int64_t m = 0; m < M; ++m) tile_avx2<1, 1>(q + m * Kp, Kp, w, group, n, at(m));
 }
+// AVX-VNNI (ymm vpdpbusd, either build on a CPU that has it): the AVX2 tile with each 32-weight sum one vpdpbusd
+// started at -8 x (the lane's sum of its 4 x, times 8) instead of vpmaddubsw + vpmaddwd + a subtraction - the same
+// int32 sums, the same float steps: the AVX2 path's bits.
+#define GPTFAST_AVX_VNNI __attribute__((target("avx2,fma,avxvnni")))
+
+template <int NB, int MB>
+GPTFAST_AVX_VNNI inline void tile_avx_vnni(const int8_t* q, int64_t Kp, const uint8_t* w, int64_t group, int64_t n0,
+                                           const Out& o) {
+  const __m256i ones8 = _mm256_set1_epi8(1), low4 = _mm256_set1_epi8(0x0F);
+  __m256 acc[NB][MB];
+  GPTFAST_UNROLL
+  for (int i = 0; i < NB; ++i)
+    GPTFAST_UNROLL
+    for (int m = 0; m < MB; ++m) acc[i][m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < Kp; k += 32) {
+    const int64_t half = (k / 32) % 2;                    // 0: the low nibbles of block k / 64, 1: the high ones
+    __m256i xv[MB], init[MB];
+    GPTFAST_UNROLL
+    for (int m = 0; m < MB; ++m) {
+      xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * Kp + k));
+      init[m] = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                 _mm256_slli_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ones8, xv[m]), 3));
+    }
+    GPTFAST_UNROLL
+    for (int i = 0; i < NB; ++i) {
+      const uint8_t* wr = w + (n0 + i) * (Kp / 2) + (k / 64) * 32;
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr));
+      const __m256i u = _mm256_and_si256(half ? _mm256_srli_epi16(b, 4) : b, low4);
+      const __m256 s = _mm256_set1_ps(o.scales[(n0 + i) * o.G + k / group]);
+      GPTFAST_UNROLL
+      for (int m = 0; m < MB; ++m)
+        acc[i][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(init[m], u, xv[m])), s, acc[i][m]);
+    }
+  }
+  GPTFAST_UNROLL
+  for (int i = 0; i < NB; ++i)
+    GPTFAST_UNROLL
+    for (int m = 0; m < MB; ++m) store(o, m, n0 + i, hsum256_ps(acc[i][m]));
+}
+
+GPTFAST_AVX_VNNI void dot_avx_vnni(const int8_t* q, int64_t Kp, int64_t M, const uint8_t* w, int64_t group,
+                                   int64_t n0, int64_t n1, const Out& o) {
+  auto at = [&](int64_t m) { return Out{o.sx + m, o.scales, o.G, o.bias, o.y + m * o.ldy, o.ldy}; };
+  int64_t n = n0;
+  if (M == 1)
+    for (; n + 4 <= n1; n += 4) tile_avx_vnni<4, 1>(q, Kp, w, group, n, o);
+  for (; n + 2 <= n1; n += 2) {
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) tile_avx_vnni<2, 2>(q + m * Kp, Kp, w, group, n, at(m));
+    if (m < M) tile_avx_vnni<2, 1>(q + m * Kp, Kp, w, group, n, at(m));
+  }
+  for (; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) tile_avx_vnni<1, 1>(q + m * Kp, Kp, w, group, n, at(m));
+}
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -223,10 +278,11 @@ GPTFAST_VNNI void dot_vnni(const int8_t* q, int64_t Kp, int64_t M, const uint8_t
 void dot_columns(const int8_t* q, int64_t Kp, int64_t M, const uint8_t* w, int64_t group, int64_t n0, int64_t n1,
                  const Out& o, const char* path) {
 #if defined(CPU_CAPABILITY_AVX512)
-  if (path[0] == 'v') return dot_vnni(q, Kp, M, w, group, n0, n1, o);
+  if (is_path(path, "vnni")) return dot_vnni(q, Kp, M, w, group, n0, n1, o);
 #endif
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  if (path[0] == 'a') return dot_avx2(q, Kp, M, w, group, n0, n1, o);
+  if (is_path(path, "avxvnni")) return dot_avx_vnni(q, Kp, M, w, group, n0, n1, o);
+  if (is_path(path, "avx2")) return dot_avx2(q, Kp, M, w, group, n0, n1, o);
 #endif
   dot_generic(q, Kp, M, w, group, n0, n1, o);
 }

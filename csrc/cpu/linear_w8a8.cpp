@@ -10,6 +10,7 @@
 //   VNNI: vpdpbusd wants one unsigned operand. x's int8 q is flipped to q + 128 (one xor a vector of x, shared by
 //         the tile's weight rows), and sum((q + 128) w) - 128 sum(w) = sum(q w), sum(w) by one more vpdpbusd with
 //         ones per weight vector (shared by the rows of x): M + 1 instructions per 64 weights for M rows of x.
+//   AVX-VNNI (either build, where the CPU has it and lacks AVX-512 VNNI: Intel's client cores): the same on ymm.
 //   AVX2 (no VNNI: the 2-core EPYC): vpmaddubsw(|q|, sign(w, q)) pairs products into int16 - |q| <= 127 and
 //         |w| <= 127 keep each pair below 32767, no saturation - then vpmaddwd with ones into int32.
 //   generic: int32 loops.
@@ -40,7 +41,8 @@
 TORCH_LIBRARY_FRAGMENT(gptfast, m) {
   // An int8 x int8 linear layer for inference: each row of x (..., K) float32 quantized to int8 (symmetric, per
   // row), multiplied with weight (N, K) int8 by integer dot products, y = acc * row scale * scales[n] + bias[n].
-  // path: the instructions ("vnni", "avx2", "generic"; None: the best this CPU has) - tests run each one here.
+  // path: the instructions ("vnni", "avxvnni", "avx2", "generic"; None: the best this CPU has) - tests run each one
+  // here.
   m.def("linear_w8a8_fwd(Tensor x, Tensor weight, Tensor scales, Tensor? bias, str? path=None) -> Tensor");
 }
 #endif
@@ -77,7 +79,7 @@ struct Out {
 };
 
 inline void store(const Out& o, int64_t m, int64_t n, int32_t acc) {
-  float s = static_cast<float>(acc) * o.sx[m] * o.scales[n];
+  float s = rounded(static_cast<float>(acc) * o.sx[m] * o.scales[n]);   // (then the bias: no FMA, on any path)
   if (o.bias) s += o.bias[n];
   o.y[m * o.ldy + n] = s;
 }
@@ -155,6 +157,61 @@ void dot_avx2(const int8_t* q, int64_t Kp, int64_t M, const int8_t* w, int64_t K
     for (int64_t m = 0; m < M; ++m)
       tile_avx2<1, 1>(q + m * Kp, Kp, w, K, n, Out{o.sx + m, o.scales, o.bias, o.y + m * o.ldy, o.ldy});
 }
+// AVX-VNNI (ymm vpdpbusd, either build on a CPU that has it): the VNNI tile on 32 bytes - q + 128 against the
+// weights plus the weights' sum for the correction - with AVX2's scalar K tail (no byte-masked loads).
+#define GPTFAST_AVX_VNNI __attribute__((target("avx2,avxvnni")))
+
+template <int NB, int MB>
+GPTFAST_AVX_VNNI inline void tile_avx_vnni(const int8_t* q, int64_t Kp, const int8_t* w, int64_t K, int64_t n0,
+                                           const Out& o) {
+  const __m256i ones = _mm256_set1_epi8(1), flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  __m256i acc[NB][MB], wsum[NB];
+  GPTFAST_UNROLL
+  for (int i = 0; i < NB; ++i) {
+    wsum[i] = _mm256_setzero_si256();
+    GPTFAST_UNROLL
+    for (int m = 0; m < MB; ++m) acc[i][m] = _mm256_setzero_si256();
+  }
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m256i xv[MB];
+    GPTFAST_UNROLL
+    for (int m = 0; m < MB; ++m)                                                   // q + 128
+      xv[m] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * Kp + k)), flip);
+    GPTFAST_UNROLL
+    for (int i = 0; i < NB; ++i) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n0 + i) * K + k));
+      wsum[i] = _mm256_dpbusd_avx_epi32(wsum[i], ones, wv);
+      GPTFAST_UNROLL
+      for (int m = 0; m < MB; ++m) acc[i][m] = _mm256_dpbusd_avx_epi32(acc[i][m], xv[m], wv);
+    }
+  }
+  GPTFAST_UNROLL
+  for (int i = 0; i < NB; ++i) {
+    const int32_t ws = hsum256(wsum[i]);
+    GPTFAST_UNROLL
+    for (int m = 0; m < MB; ++m) {
+      int32_t s = hsum256(acc[i][m]) - 128 * ws;
+      for (int64_t kk = k; kk < K; ++kk) s += int32_t(q[m * Kp + kk]) * int32_t(w[(n0 + i) * K + kk]);
+      store(o, m, n0 + i, s);
+    }
+  }
+}
+
+GPTFAST_AVX_VNNI void dot_avx_vnni(const int8_t* q, int64_t Kp, int64_t M, const int8_t* w, int64_t K, int64_t n0,
+                                   int64_t n1, const Out& o) {
+  auto at = [&](int64_t m) { return Out{o.sx + m, o.scales, o.bias, o.y + m * o.ldy, o.ldy}; };
+  int64_t n = n0;
+  if (M == 1)
+    for (; n + 4 <= n1; n += 4) tile_avx_vnni<4, 1>(q, Kp, w, K, n, o);
+  for (; n + 2 <= n1; n += 2) {
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) tile_avx_vnni<2, 2>(q + m * Kp, Kp, w, K, n, at(m));
+    if (m < M) tile_avx_vnni<2, 1>(q + m * Kp, Kp, w, K, n, at(m));
+  }
+  for (; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) tile_avx_vnni<1, 1>(q + m * Kp, Kp, w, K, n, at(m));
+}
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -225,10 +282,11 @@ GPTFAST_VNNI void dot_vnni(const int8_t* q, int64_t Kp, int64_t M, const int8_t*
 void dot_columns(const int8_t* q, int64_t Kp, int64_t M, const int8_t* w, int64_t K, int64_t n0, int64_t n1,
                  const Out& o, const char* path) {
 #if defined(CPU_CAPABILITY_AVX512)
-  if (path[0] == 'v') return dot_vnni(q, Kp, M, w, K, n0, n1, o);
+  if (is_path(path, "vnni")) return dot_vnni(q, Kp, M, w, K, n0, n1, o);
 #endif
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  if (path[0] == 'a') return dot_avx2(q, Kp, M, w, K, n0, n1, o);
+  if (is_path(path, "avxvnni")) return dot_avx_vnni(q, Kp, M, w, K, n0, n1, o);
+  if (is_path(path, "avx2")) return dot_avx2(q, Kp, M, w, K, n0, n1, o);
 #endif
   dot_generic(q, Kp, M, w, K, n0, n1, o);
 }
