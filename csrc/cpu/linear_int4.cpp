@@ -15,7 +15,8 @@
 //   AVX-512 VNNI: 64 weights a vpdpbusd, tiles of 4 weight rows x 4 rows of x (or 8 x 1).
 //   AVX2 (no VNNI): vpmaddubsw (u8 nibble x s8: pairs stay below 2 * 15 * 127, no saturation) + vpmaddwd; a ymm is
 //   32 weights, one group of 32 (half of one of 64).
-//   AVX-VNNI (ymm vpdpbusd, where the CPU has it: Intel's client cores): AVX2's tile, one instruction a sum.
+//   AVX-VNNI (ymm vpdpbusd, where the CPU has it: Intel's client cores): AVX2's tile, one instruction a sum - the
+//   same int32 sums and float steps, so the AVX2 path's bits.
 //   generic: loops.
 // The float sums of the lanes differ between paths in the last bits (tested to 1e-6 of each other); on one path a
 // row of x gets the same bits alone or in a batch.
@@ -98,35 +99,61 @@ inline float hsum256_ps(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// AVX2: NB weight rows x MB rows of x; each 32-byte block of a row is 64 weights = two ymm of 32 (one group of 32
-// each, or the halves of a group of 64).
-template <int NB, int MB>
-void tile_avx2(const int8_t* q, int64_t Kp, const uint8_t* w, int64_t group, int64_t n0, const Out& o) {
-  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0F);
+// The int32 lanes' sums init + u . x over each lane's 4 bytes (u unsigned nibbles, x signed). AVX2: vpmaddubsw
+// pairs (u <= 15, |x| <= 127: no saturation) then vpmaddwd; AVX-VNNI: one vpdpbusd, written as VEX-encoded inline
+// asm so that one tile template serves both paths without compiling the AVX2 one for AVX-VNNI ("x": ymm0-15, the
+// registers VEX can name).
+template <bool kVnni>
+inline __m256i dot4(__m256i init, __m256i u, __m256i x) {
+  if constexpr (kVnni) {
+    asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(init) : "x"(u), "x"(x));
+    return init;
+  } else {
+    return _mm256_add_epi32(init, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1)));
+  }
+}
+
+// AVX2 / AVX-VNNI: NB weight rows x MB rows of x, 64 weights (one 32-byte block a row: the low nibbles are weights
+// 0..31, the high 32..63) a step, each block loaded once. The int32 sums start at -8 x (each lane's sum of its 4 x,
+// times 8: the nibbles are w + 8); a group of 64 sums both halves in int32 before its one convert and FMA, a group
+// of 32 converts each half.
+template <int NB, int MB, int kGroup, bool kVnni>
+void tile_ymm(const int8_t* q, int64_t Kp, const uint8_t* w, int64_t n0, const Out& o) {
+  const __m256i ones8 = _mm256_set1_epi8(1), low4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
   __m256 acc[NB][MB];
   GPTFAST_UNROLL
   for (int i = 0; i < NB; ++i)
     GPTFAST_UNROLL
     for (int m = 0; m < MB; ++m) acc[i][m] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < Kp; k += 32) {
-    const int64_t half = (k / 32) % 2;                    // 0: the low nibbles of block k / 64, 1: the high ones
-    __m256i xv[MB], x8[MB];
+  for (int64_t k = 0; k < Kp; k += 64) {
+    __m256i xlo[MB], xhi[MB], init_lo[MB], init_hi[MB];
     GPTFAST_UNROLL
     for (int m = 0; m < MB; ++m) {
-      xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * Kp + k));
-      // 8 x (the sum of each lane's 4 x), to take off: the nibbles are w + 8
-      x8[m] = _mm256_slli_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(ones8, xv[m]), ones16), 3);
+      xlo[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * Kp + k));
+      xhi[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * Kp + k + 32));
+      init_lo[m] = _mm256_sub_epi32(zero, _mm256_slli_epi32(dot4<kVnni>(zero, ones8, xlo[m]), 3));
+      init_hi[m] = _mm256_sub_epi32(zero, _mm256_slli_epi32(dot4<kVnni>(zero, ones8, xhi[m]), 3));
+      if constexpr (kGroup == 64) init_lo[m] = _mm256_add_epi32(init_lo[m], init_hi[m]);
     }
     GPTFAST_UNROLL
     for (int i = 0; i < NB; ++i) {
-      const uint8_t* wr = w + (n0 + i) * (Kp / 2) + (k / 64) * 32;
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr));
-      const __m256i u = _mm256_and_si256(half ? _mm256_srli_epi16(b, 4) : b, low4);
-      const __m256 s = _mm256_set1_ps(o.scales[(n0 + i) * o.G + k / group]);
-      GPTFAST_UNROLL
-      for (int m = 0; m < MB; ++m) {
-        const __m256i d = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(u, xv[m]), ones16), x8[m]);
-        acc[i][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc[i][m]);
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n0 + i) * (Kp / 2) + k / 2));
+      const __m256i ulo = _mm256_and_si256(b, low4), uhi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
+      const float* sc = o.scales + (n0 + i) * o.G + k / kGroup;
+      if constexpr (kGroup == 64) {
+        const __m256 s = _mm256_set1_ps(sc[0]);
+        GPTFAST_UNROLL
+        for (int m = 0; m < MB; ++m) {
+          const __m256i d = dot4<kVnni>(dot4<kVnni>(init_lo[m], ulo, xlo[m]), uhi, xhi[m]);
+          acc[i][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc[i][m]);
+        }
+      } else {
+        const __m256 s0 = _mm256_set1_ps(sc[0]), s1 = _mm256_set1_ps(sc[1]);
+        GPTFAST_UNROLL
+        for (int m = 0; m < MB; ++m) {
+          acc[i][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4<kVnni>(init_lo[m], ulo, xlo[m])), s0, acc[i][m]);
+          acc[i][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4<kVnni>(init_hi[m], uhi, xhi[m])), s1, acc[i][m]);
+        }
       }
     }
   }
@@ -136,71 +163,26 @@ void tile_avx2(const int8_t* q, int64_t Kp, const uint8_t* w, int64_t group, int
     for (int m = 0; m < MB; ++m) store(o, m, n0 + i, hsum256_ps(acc[i][m]));
 }
 
-void dot_avx2(const int8_t* q, int64_t Kp, int64_t M, const uint8_t* w, int64_t group, int64_t n0, int64_t n1,
-              const Out& o) {
-  auto at = [&](int64_t m) { return Out{o.sx + m, o.scales, o.G, o.bias, o.y + m * o.ldy, o.ldy}; };
-  int64_t n = n0;
-  for (; n + 2 <= n1; n += 2) {
-    int64_t m = 0;
-    for (; m + 2 <= M; m += 2) tile_avx2<2, 2>(q + m * Kp, Kp, w, group, n, at(m));
-    if (m < M) tile_avx2<2, 1>(q + m * Kp, Kp, w, group, n, at(m));
-  }
-  for (; n < n1; ++n)
-    for (int64_t m = 0; m < M; ++m) tile_avx2<1, 1>(q + m * Kp, Kp, w, group, n, at(m));
-}
-// AVX-VNNI (ymm vpdpbusd, either build on a CPU that has it): the AVX2 tile with each 32-weight sum one vpdpbusd
-// started at -8 x (the lane's sum of its 4 x, times 8) instead of vpmaddubsw + vpmaddwd + a subtraction - the same
-// int32 sums, the same float steps: the AVX2 path's bits.
-#define GPTFAST_AVX_VNNI __attribute__((target("avx2,fma,avxvnni")))
-
-template <int NB, int MB>
-GPTFAST_AVX_VNNI inline void tile_avx_vnni(const int8_t* q, int64_t Kp, const uint8_t* w, int64_t group, int64_t n0,
-                                           const Out& o) {
-  const __m256i ones8 = _mm256_set1_epi8(1), low4 = _mm256_set1_epi8(0x0F);
-  __m256 acc[NB][MB];
-  GPTFAST_UNROLL
-  for (int i = 0; i < NB; ++i)
-    GPTFAST_UNROLL
-    for (int m = 0; m < MB; ++m) acc[i][m] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < Kp; k += 32) {
-    const int64_t half = (k / 32) % 2;                    // 0: the low nibbles of block k / 64, 1: the high ones
-    __m256i xv[MB], init[MB];
-    GPTFAST_UNROLL
-    for (int m = 0; m < MB; ++m) {
-      xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * Kp + k));
-      init[m] = _mm256_sub_epi32(_mm256_setzero_si256(),
-                                 _mm256_slli_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ones8, xv[m]), 3));
-    }
-    GPTFAST_UNROLL
-    for (int i = 0; i < NB; ++i) {
-      const uint8_t* wr = w + (n0 + i) * (Kp / 2) + (k / 64) * 32;
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr));
-      const __m256i u = _mm256_and_si256(half ? _mm256_srli_epi16(b, 4) : b, low4);
-      const __m256 s = _mm256_set1_ps(o.scales[(n0 + i) * o.G + k / group]);
-      GPTFAST_UNROLL
-      for (int m = 0; m < MB; ++m)
-        acc[i][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(init[m], u, xv[m])), s, acc[i][m]);
-    }
-  }
-  GPTFAST_UNROLL
-  for (int i = 0; i < NB; ++i)
-    GPTFAST_UNROLL
-    for (int m = 0; m < MB; ++m) store(o, m, n0 + i, hsum256_ps(acc[i][m]));
-}
-
-GPTFAST_AVX_VNNI void dot_avx_vnni(const int8_t* q, int64_t Kp, int64_t M, const uint8_t* w, int64_t group,
-                                   int64_t n0, int64_t n1, const Out& o) {
+template <int kGroup, bool kVnni>
+void dot_ymm_group(const int8_t* q, int64_t Kp, int64_t M, const uint8_t* w, int64_t n0, int64_t n1, const Out& o) {
   auto at = [&](int64_t m) { return Out{o.sx + m, o.scales, o.G, o.bias, o.y + m * o.ldy, o.ldy}; };
   int64_t n = n0;
   if (M == 1)
-    for (; n + 4 <= n1; n += 4) tile_avx_vnni<4, 1>(q, Kp, w, group, n, o);
+    for (; n + 4 <= n1; n += 4) tile_ymm<4, 1, kGroup, kVnni>(q, Kp, w, n, o);
   for (; n + 2 <= n1; n += 2) {
     int64_t m = 0;
-    for (; m + 2 <= M; m += 2) tile_avx_vnni<2, 2>(q + m * Kp, Kp, w, group, n, at(m));
-    if (m < M) tile_avx_vnni<2, 1>(q + m * Kp, Kp, w, group, n, at(m));
+    for (; m + 2 <= M; m += 2) tile_ymm<2, 2, kGroup, kVnni>(q + m * Kp, Kp, w, n, at(m));
+    if (m < M) tile_ymm<2, 1, kGroup, kVnni>(q + m * Kp, Kp, w, n, at(m));
   }
   for (; n < n1; ++n)
-    for (int64_t m = 0; m < M; ++m) tile_avx_vnni<1, 1>(q + m * Kp, Kp, w, group, n, at(m));
+    for (int64_t m = 0; m < M; ++m) tile_ymm<1, 1, kGroup, kVnni>(q + m * Kp, Kp, w, n, at(m));
+}
+
+template <bool kVnni>
+void dot_ymm(const int8_t* q, int64_t Kp, int64_t M, const uint8_t* w, int64_t group, int64_t n0, int64_t n1,
+             const Out& o) {
+  if (group == 64) return dot_ymm_group<64, kVnni>(q, Kp, M, w, n0, n1, o);
+  dot_ymm_group<32, kVnni>(q, Kp, M, w, n0, n1, o);
 }
 #endif
 
@@ -281,8 +263,8 @@ void dot_columns(const int8_t* q, int64_t Kp, int64_t M, const uint8_t* w, int64
   if (is_path(path, "vnni")) return dot_vnni(q, Kp, M, w, group, n0, n1, o);
 #endif
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  if (is_path(path, "avxvnni")) return dot_avx_vnni(q, Kp, M, w, group, n0, n1, o);
-  if (is_path(path, "avx2")) return dot_avx2(q, Kp, M, w, group, n0, n1, o);
+  if (is_path(path, "avxvnni")) return dot_ymm<true>(q, Kp, M, w, group, n0, n1, o);
+  if (is_path(path, "avx2")) return dot_ymm<false>(q, Kp, M, w, group, n0, n1, o);
 #endif
   dot_generic(q, Kp, M, w, group, n0, n1, o);
 }
