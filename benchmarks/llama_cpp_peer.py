@@ -262,7 +262,10 @@ class BatchedBenchRunner:
         ctx = -(-B * (T + n) // 256) * 256                      # every sequence's cells (its KV cache is shared)
         cmd = [self.exe, "-m", self.path, "-c", str(ctx), "-b", "2048", "-ub", "512", "-npp", str(T), "-ntg", str(n),
                "-npl", str(B), "-t", str(self.threads), "-tb", str(self.threads), "--output-format", "jsonl"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        # its libraries beside it (a build's bin folder copied elsewhere still loads its own ggml, not the build's)
+        env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(
+            p for p in (os.path.dirname(self.exe), os.environ.get("LD_LIBRARY_PATH")) if p)}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode != 0 or not rows:
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]

@@ -3,6 +3,7 @@ every instruction path this CPU runs against the generic loop and the float64 tw
 = in a batch, the kernel's refusals, a 4-bit model's decoding. (Odd shapes, strided views, bad inputs, opcheck and
 compile through the interface: its cases, test_op_contract.)"""
 import copy
+import os
 
 import pytest
 import torch
@@ -81,6 +82,37 @@ def test_the_triton_twin_against_the_cpu_kernel_and_the_twin(shape, group):
     assert rel_error(ours, kernel(x, w, scales, b)) < 1e-6
     assert rel_error(ours, reference(x.double(), w, scales, b)) < 1e-5
     assert rel_error(torch.ops.gptfast_triton.linear_int4_fwd(x, w, scales, None), reference(x.double(), w, scales)) < 1e-5
+
+
+GPTFAST_PATH_PROBE = """
+import torch
+from gptfast import ops
+ops.get_backend("extension")
+from gptfast.ops.linear_int4 import pack_int4
+g = torch.Generator().manual_seed(0)
+w, s = pack_int4(torch.randn(64, 768, generator=g), 64)
+x = torch.randn(3, 768, generator=g)
+k = torch.ops.gptfast.linear_int4_fwd
+print(sorted(p for p in {paths} if torch.equal(k(x, w, s, None), k(x, w, s, None, path=p))))
+"""
+
+
+def test_the_default_path_can_be_named_in_the_environment():
+    """GPTFAST_INT8_DOT_PATH=avx2 makes the kernels (here linear_int4 without a path) take the AVX2 path on a CPU
+    with better ones (groups of 64: vnni's float sums differ in the last bits, so the bits tell the path); a name
+    that does not run here is an error naming the ones that do."""
+    import subprocess
+    import sys
+
+    paths = paths_here()
+    probe = GPTFAST_PATH_PROBE.format(paths=paths)
+    run = lambda value: subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,  # noqa: E731
+                                       env={**os.environ, "GPTFAST_INT8_DOT_PATH": value})
+    if "avx2" in paths:
+        same = eval(run("avx2").stdout.strip())                   # the paths whose bits the default run gives
+        assert "avx2" in same and "vnni" not in same and "generic" not in same, same
+    bad = run("sse9")
+    assert bad.returncode != 0 and "GPTFAST_INT8_DOT_PATH=sse9 does not run here" in bad.stderr
 
 
 def test_a_row_alone_is_the_row_in_a_batch():

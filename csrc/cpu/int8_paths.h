@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -26,7 +27,7 @@ inline bool cpu_has_avx_vnni() {
 
 // The best path this build and this CPU have: "vnni" (AVX-512 VNNI, zmm), "avxvnni" (AVX-VNNI, ymm), "avx2"
 // (vpmaddubsw + vpmaddwd) or "generic".
-inline const char* int8_dot_path_here() {
+inline const char* best_int8_dot_path() {
 #if defined(CPU_CAPABILITY_AVX512)
   static const bool vnni = __builtin_cpu_supports("avx512vnni");
   return vnni ? "vnni" : cpu_has_avx_vnni() ? "avxvnni" : "avx2";
@@ -39,12 +40,29 @@ inline const char* int8_dot_path_here() {
 
 // Every path this build and CPU run, best last.
 inline std::vector<const char*> int8_dot_paths_here() {
-  const std::string best = int8_dot_path_here();
+  const std::string best = best_int8_dot_path();
   if (best == "generic") return {"generic"};
   std::vector<const char*> paths{"generic", "avx2"};
   if (cpu_has_avx_vnni()) paths.push_back("avxvnni");
   if (best == "vnni") paths.push_back("vnni");
   return paths;
+}
+
+// The path the kernels take by default: the best here, or GPTFAST_INT8_DOT_PATH where it names one that runs here
+// (to measure a lesser CPU's path on this one, e.g. "avx2" for an AVX2-only EPYC; an unknown name is an error).
+inline const char* int8_dot_path_here() {
+  static const char* path = [] {
+    const char* env = std::getenv("GPTFAST_INT8_DOT_PATH");
+    if (env == nullptr || *env == '\0') return best_int8_dot_path();
+    std::string here;
+    for (const char* p : int8_dot_paths_here()) {
+      if (std::strcmp(env, p) == 0) return p;
+      here += here.empty() ? p : std::string(", ") + p;
+    }
+    TORCH_CHECK(false, "GPTFAST_INT8_DOT_PATH=", env, " does not run here (this build and CPU: ", here, ")");
+    return best_int8_dot_path();
+  }();
+  return path;
 }
 
 // `wanted` if this build and CPU run it (an error naming the paths that run here otherwise), else the best. Tests

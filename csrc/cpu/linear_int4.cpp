@@ -118,7 +118,7 @@ inline __m256i dot4(__m256i init, __m256i u, __m256i x) {
 // times 8: the nibbles are w + 8); a group of 64 sums both halves in int32 before its one convert and FMA, a group
 // of 32 converts each half.
 template <int NB, int MB, int kGroup, bool kVnni>
-void tile_ymm(const int8_t* q, int64_t Kp, const uint8_t* w, int64_t n0, const Out& o) {
+void tile_ymm(const int8_t* q, int64_t Kp, const uint8_t* w, int64_t n0, const Out& o, bool prefetch = false) {
   const __m256i ones8 = _mm256_set1_epi8(1), low4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
   __m256 acc[NB][MB];
   GPTFAST_UNROLL
@@ -126,6 +126,11 @@ void tile_ymm(const int8_t* q, int64_t Kp, const uint8_t* w, int64_t n0, const O
     GPTFAST_UNROLL
     for (int m = 0; m < MB; ++m) acc[i][m] = _mm256_setzero_ps();
   for (int64_t k = 0; k < Kp; k += 64) {
+    if (prefetch && (k & 127) == 0) {                     // a line of each of the next NB rows every 128 weights
+      GPTFAST_UNROLL
+      for (int i = 0; i < NB; ++i)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + NB + i) * (Kp / 2) + k / 2), _MM_HINT_T1);
+    }
     __m256i xlo[MB], xhi[MB], init_lo[MB], init_hi[MB];
     GPTFAST_UNROLL
     for (int m = 0; m < MB; ++m) {
@@ -167,8 +172,8 @@ template <int kGroup, bool kVnni>
 void dot_ymm_group(const int8_t* q, int64_t Kp, int64_t M, const uint8_t* w, int64_t n0, int64_t n1, const Out& o) {
   auto at = [&](int64_t m) { return Out{o.sx + m, o.scales, o.G, o.bias, o.y + m * o.ldy, o.ldy}; };
   int64_t n = n0;
-  if (M == 1)
-    for (; n + 4 <= n1; n += 4) tile_ymm<4, 1, kGroup, kVnni>(q, Kp, w, n, o);
+  if (M == 1)                                              // the next 4 rows prefetched meanwhile
+    for (; n + 4 <= n1; n += 4) tile_ymm<4, 1, kGroup, kVnni>(q, Kp, w, n, o, true);
   for (; n + 2 <= n1; n += 2) {
     int64_t m = 0;
     for (; m + 2 <= M; m += 2) tile_ymm<2, 2, kGroup, kVnni>(q + m * Kp, Kp, w, n, at(m));

@@ -107,7 +107,8 @@ inline int32_t hsum256(__m256i v) {
 
 // AVX2: NB weight rows x MB rows of x, 32 products per vpmaddubsw; the K tail (under 32) in scalar.
 template <int NB, int MB>
-void tile_avx2(const int8_t* q, int64_t Kp, const int8_t* w, int64_t K, int64_t n0, const Out& o) {
+void tile_avx2(const int8_t* q, int64_t Kp, const int8_t* w, int64_t K, int64_t n0, const Out& o,
+               bool prefetch = false) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[NB][MB];
   GPTFAST_UNROLL
@@ -116,6 +117,10 @@ void tile_avx2(const int8_t* q, int64_t Kp, const int8_t* w, int64_t K, int64_t 
     for (int m = 0; m < MB; ++m) acc[i][m] = _mm256_setzero_si256();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
+    if (prefetch && (k & 63) == 0) {                      // a line of each of the next NB rows every 64 weights
+      GPTFAST_UNROLL
+      for (int i = 0; i < NB; ++i) _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + NB + i) * K + k), _MM_HINT_T1);
+    }
     __m256i xa[MB], xs[MB];
     GPTFAST_UNROLL
     for (int m = 0; m < MB; ++m) {
@@ -145,6 +150,8 @@ void tile_avx2(const int8_t* q, int64_t Kp, const int8_t* w, int64_t K, int64_t 
 void dot_avx2(const int8_t* q, int64_t Kp, int64_t M, const int8_t* w, int64_t K, int64_t n0, int64_t n1,
               const Out& o) {
   int64_t n = n0;
+  if (M == 1)                                     // one row of x: 8 weight rows a tile, the next 8 prefetched
+    for (; n + 8 <= n1; n += 8) tile_avx2<8, 1>(q, Kp, w, K, n, o, true);
   for (; n + 2 <= n1; n += 2) {
     int64_t m = 0;
     for (; m + 2 <= M; m += 2) {
@@ -163,7 +170,7 @@ void dot_avx2(const int8_t* q, int64_t Kp, int64_t M, const int8_t* w, int64_t K
 
 template <int NB, int MB>
 GPTFAST_AVX_VNNI inline void tile_avx_vnni(const int8_t* q, int64_t Kp, const int8_t* w, int64_t K, int64_t n0,
-                                           const Out& o) {
+                                           const Out& o, bool prefetch = false) {
   const __m256i ones = _mm256_set1_epi8(1), flip = _mm256_set1_epi8(static_cast<char>(0x80));
   __m256i acc[NB][MB], wsum[NB];
   GPTFAST_UNROLL
@@ -174,6 +181,10 @@ GPTFAST_AVX_VNNI inline void tile_avx_vnni(const int8_t* q, int64_t Kp, const in
   }
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
+    if (prefetch && (k & 63) == 0) {
+      GPTFAST_UNROLL
+      for (int i = 0; i < NB; ++i) _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + NB + i) * K + k), _MM_HINT_T1);
+    }
     __m256i xv[MB];
     GPTFAST_UNROLL
     for (int m = 0; m < MB; ++m)                                                   // q + 128
@@ -203,7 +214,7 @@ GPTFAST_AVX_VNNI void dot_avx_vnni(const int8_t* q, int64_t Kp, int64_t M, const
   auto at = [&](int64_t m) { return Out{o.sx + m, o.scales, o.bias, o.y + m * o.ldy, o.ldy}; };
   int64_t n = n0;
   if (M == 1)
-    for (; n + 4 <= n1; n += 4) tile_avx_vnni<4, 1>(q, Kp, w, K, n, o);
+    for (; n + 4 <= n1; n += 4) tile_avx_vnni<4, 1>(q, Kp, w, K, n, o, true);
   for (; n + 2 <= n1; n += 2) {
     int64_t m = 0;
     for (; m + 2 <= M; m += 2) tile_avx_vnni<2, 2>(q + m * Kp, Kp, w, K, n, at(m));

@@ -18,6 +18,7 @@
 #include "kernels.h"
 #include "layer_norm.h"
 #include "linear.h"
+#include "linear_int8_dot.h"
 #include "rms_norm.h"
 #include "rope.h"
 #include "swiglu.h"
@@ -522,6 +523,96 @@ void test_cross_entropy(int64_t N, int64_t V) {
   report(name, std::max(rel_error(dloss.get(), loss), rel_error(dgrad.get(), grad)), 1e-5, ms, 2.0 * N * V * 4, "GB/s");
 }
 
+// x's rows quantized on the host as the CPU kernels do (127.f / amax, nearbyint, clamp): the kernels' q must match
+// these bits exactly; returns Kp.
+int64_t host_quantize(const std::vector<float>& x, int64_t M, int64_t K, std::vector<int8_t>& q, std::vector<float>& sx) {
+  const int64_t Kp = (K + 63) / 64 * 64;
+  q.assign(M * Kp, 0);
+  sx.assign(M, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[m * K + k]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    sx[m] = amax / 127.f;
+    for (int64_t k = 0; k < K; ++k)
+      q[m * Kp + k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(x[m * K + k] * inv))));
+  }
+  return Kp;
+}
+
+// The rows of x to int8 on the device: q and sx bit for bit the host's. Returns the buffers' error count (0 or more).
+double quantize_on_device(const std::vector<float>& x, int64_t M, int64_t K, DeviceBuffer& dq, DeviceBuffer& dsx) {
+  std::vector<int8_t> q;
+  std::vector<float> sx;
+  const int64_t Kp = host_quantize(x, M, K, q, sx);
+  DeviceBuffer dx(x);
+  CUDA_OK(static_cast<cudaError_t>(quantize_rows_int8(dx.f(), K, M, K, static_cast<int8_t*>(dq.ptr), Kp, dsx.f(), nullptr)));
+  std::vector<int8_t> got(M * Kp);
+  CUDA_OK(cudaMemcpy(got.data(), dq.ptr, got.size(), cudaMemcpyDeviceToHost));
+  double wrong = std::memcmp(got.data(), q.data(), got.size()) != 0;
+  const auto gsx = dsx.get();
+  for (int64_t m = 0; m < M; ++m) wrong += gsx[m] != sx[m];
+  return wrong;
+}
+
+// int8 x int8 (linear_w8a8): exact sums, the host's q and sx, against float64.
+void test_linear_w8a8(int64_t M, int64_t N, int64_t K) {
+  auto x = randn(M * K, 31), bias = randn(N, 32), scales = randn(N, 33, 0.001f, 0.003f), wf = randn(N * K, 34, 40.f);
+  std::vector<int8_t> w(N * K), q;
+  for (int64_t i = 0; i < N * K; ++i) w[i] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::round(wf[i]))));
+  std::vector<float> sx;
+  const int64_t Kp = host_quantize(x, M, K, q, sx);
+  std::vector<double> y(M * N);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double acc = 0;
+      for (int64_t k = 0; k < K; ++k) acc += double(q[m * Kp + k]) * w[n * K + k];
+      y[m * N + n] = acc * sx[m] * scales[n] + bias[n];
+    }
+  DeviceBuffer dq(M * Kp), dsx(M * 4), dw(w.data(), w.size()), ds(scales), db(bias), dy(M * N * 4);
+  const double wrong_q = quantize_on_device(x, M, K, dq, dsx);
+  const double ms = median_ms([&] {
+    return linear_w8a8_fwd(static_cast<int8_t*>(dq.ptr), Kp, dsx.f(), static_cast<int8_t*>(dw.ptr), ds.f(), db.f(),
+                           dy.f(), M, N, K, nullptr);
+  });
+  char name[96];
+  std::snprintf(name, sizeof name, "linear_w8a8 M=%lld N=%lld K=%lld", (long long)M, (long long)N, (long long)K);
+  report(name, wrong_q > 0 ? 1.0 : rel_error(dy.get(), y), 1e-5, ms, double(N * K), "GB/s");
+}
+
+// 4-bit weights (linear_int4), groups of `group`: nibbles u = w + 8 packed as pack_int4 does, against float64.
+void test_linear_int4(int64_t M, int64_t N, int64_t K, int group) {
+  auto x = randn(M * K, 41), bias = randn(N, 42), uf = randn(N * K, 43, 4.f, 8.f);
+  std::vector<int8_t> q;
+  std::vector<float> sx;
+  const int64_t Kp = host_quantize(x, M, K, q, sx), G = Kp / group;
+  auto scales = randn(N * G, 44, 0.001f, 0.003f);
+  std::vector<int> u(N * Kp, 8);                       // padding: weight 0
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) u[n * Kp + k] = std::max(0, std::min(15, static_cast<int>(std::lround(uf[n * K + k]))));
+  std::vector<uint8_t> packed(N * Kp / 2);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t b = 0; b < Kp / 64; ++b)
+      for (int j = 0; j < 32; ++j)
+        packed[n * Kp / 2 + b * 32 + j] = static_cast<uint8_t>(u[n * Kp + b * 64 + j] | (u[n * Kp + b * 64 + 32 + j] << 4));
+  std::vector<double> y(M * N);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double acc = 0;
+      for (int64_t k = 0; k < Kp; ++k) acc += double(q[m * Kp + k]) * (u[n * Kp + k] - 8) * scales[n * G + k / group];
+      y[m * N + n] = acc * sx[m] + bias[n];
+    }
+  DeviceBuffer dq(M * Kp), dsx(M * 4), dw(packed.data(), packed.size()), ds(scales), db(bias), dy(M * N * 4);
+  const double wrong_q = quantize_on_device(x, M, K, dq, dsx);
+  const double ms = median_ms([&] {
+    return linear_int4_fwd(static_cast<int8_t*>(dq.ptr), Kp, dsx.f(), static_cast<uint8_t*>(dw.ptr), ds.f(), G, db.f(),
+                           dy.f(), M, N, nullptr);
+  });
+  char name[96];
+  std::snprintf(name, sizeof name, "linear_int4 g%d M=%lld N=%lld K=%lld", group, (long long)M, (long long)N, (long long)K);
+  report(name, wrong_q > 0 ? 1.0 : rel_error(dy.get(), y), 1e-5, ms, double(packed.size() + scales.size() * 4), "GB/s");
+}
+
 }  // namespace
 
 // Every code path, at sizes a CPU emulation (tests/cuda_emulation) gets through in seconds.
@@ -556,6 +647,12 @@ void emulated_checks() {
     test_linear(5, 9, 100, wt);        // unaligned rows: one element at a time
     test_linear(16, 6, 64, wt);
   }
+  test_linear_w8a8(1, 9, 768);         // 16-byte packs
+  test_linear_w8a8(5, 7, 100);         // K off the pack: one element at a time
+  test_linear_w8a8(16, 5, 33);
+  test_linear_int4(1, 9, 768, 32);
+  test_linear_int4(3, 7, 130, 64);     // K padded to 192
+  test_linear_int4(16, 5, 64, 32);
 }
 
 // The GPU's run: GPT-2 and Qwen3 shapes, timed, and the unaligned paths.
@@ -590,6 +687,13 @@ void gpu_checks() {
     test_linear(8, 50257, 768, wt);
     test_linear(3, 77, 1001, wt);      // unaligned rows
   }
+  for (int64_t M : {1, 8}) {           // decoding: GPT-2's MLP and LM head, int8 and 4-bit
+    test_linear_w8a8(M, 3072, 768);
+    test_linear_w8a8(M, 50257, 768);
+    test_linear_int4(M, 3072, 768, 32);
+    test_linear_int4(M, 3072, 768, 64);
+  }
+  test_linear_w8a8(3, 77, 1001);       // K off the 16-byte pack
 }
 
 int main() {

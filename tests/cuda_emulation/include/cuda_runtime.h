@@ -112,6 +112,22 @@ inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   emu::warp.bar->arrive_and_wait();
   return other;
 }
+inline int __shfl_xor_sync(unsigned mask, int v, int lane_mask) {   // the bits through the float exchange
+  float f;
+  std::memcpy(&f, &v, 4);
+  f = __shfl_xor_sync(mask, f, lane_mask);
+  std::memcpy(&v, &f, 4);
+  return v;
+}
+inline int __dp4a(int a, int b, int c) {   // four signed bytes of a times those of b, summed into c
+  for (int i = 0; i < 4; ++i) c += static_cast<int8_t>(a >> (8 * i)) * static_cast<int8_t>(b >> (8 * i));
+  return c;
+}
+// the rounded operations: one IEEE rounding each, never fused (volatile keeps g++ from contracting them)
+inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+inline float __fdiv_rn(float a, float b) { volatile float r = a / b; return r; }
+inline int __float2int_rn(float x) { return static_cast<int>(std::nearbyint(x)); }
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
