@@ -1,4 +1,4 @@
-// Which instructions the integer-dot-product kernels (linear_w8a8.cpp, linear_int4.cpp) run: "vnni" (AVX-512 VNNI
+// Which instructions the integer-dot-product kernels (int8 and 4-bit weights x int8 rows of x) run: "vnni" (AVX-512 VNNI
 // vpdpbusd, in the AVX-512 build on a CPU that has it), "avxvnni" (the same instruction on ymm registers, AVX-VNNI:
 // either build, on a CPU that has it), "avx2" (vpmaddubsw + vpmaddwd) or "generic" (loops). Header only: each ISA
 // build compiles it with its own CPU_CAPABILITY macros.

@@ -1,5 +1,5 @@
 // The 4-bit linear layer for decoding on CPU: weights in groups of 32 or 64 along K, 4 bits each with a float32
-// scale a group (gptfast.quantize(model, "int4")), times activations quantized to int8 per row (as linear_w8a8):
+// scale a group (gptfast.quantize(model, "int4")), times activations quantized to int8 per row (as the w8a8 kernel does):
 //   y[m, n] = sx[m] * sum_g scales[n, g] * sum_{k in g} q[m, k] w[n, k]      (+ bias[n])
 //
 // Why: decoding reads every weight once a token; 4 bits (+ 32 bits a group of 32: 5 bits a weight) is 0.63x the

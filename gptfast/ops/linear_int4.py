@@ -1,7 +1,7 @@
 """The 4-bit linear layer of inference: `linear_int4` - weights in 4 bits with a float32 scale per group of 32 or 64
-along K (gptfast.quantize(model, "int4" | "int4-g64")), activations quantized to int8 per row as in linear_w8a8.
+along K (gptfast.quantize(model, "int4" | "int4-g64")), activations quantized to int8 per row (int8_rows.py).
 
-    q, sx = quantize_rows(x)                                    (linear_w8a8.py)
+    q, sx = quantize_rows(x)                                    (int8_rows.py)
     y[m, n] = sx[m] * sum_g scales[n, g] * sum_{k in g} q[m, k] w[n, k]   [+ bias[n]]
 
 A token reads every weight once: 4 bits and a scale per 32 weights is 5 bits a weight (4.5 for groups of 64),
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .checks import check_floating
 from .linear import DECODE_SHAPES
-from .linear_w8a8 import MAX_K, quantize_rows
+from .int8_rows import MAX_K, quantize_rows
 from .registry import get_backend
 from .spec import BadInput, Bench, Case, Kernel, Op, randn, register
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
+from .int8_rows import MAX_K, quantize_rows
 from .linear import DECODE_SHAPES, check_linear_inputs, weights_of_kind
 from .registry import get_backend
 from .spec import BadInput, Bench, Case, Kernel, Op, randn, register
 
-MAX_K = 65536            # (q + 128) * w summed over K in int32
 
 
 def linear_w8a8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
@@ -36,18 +36,6 @@ def linear_w8a8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
 
 
 # ----------------------------------------------------------------------------- the textbook and PyTorch's
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, sx): each row of x as int8 values (float tensor) in [-127, 127] and its scale absmax / 127, computed in
-    float32 exactly as the kernels do (127 / absmax, one rounding of x * that, half to even), so that the twin and
-    the kernels round every element the same way."""
-    x32 = x.float()
-    amax = x32.abs().amax(dim=-1, keepdim=True)                    # (..., 1)
-    # (a tensor over a tensor: IEEE division, as the kernels' 127.f / amax; `127.0 / amax` would be PyTorch's
-    # reciprocal times 127, off by an ulp now and then - and q with it)
-    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
-    return (x32 * inv).round().clamp(-127, 127), amax / 127
-
-
 def reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
     """The integer products summed exactly (in float64), then the two scales and the bias."""
     q, sx = quantize_rows(x)

@@ -1,7 +1,7 @@
 """Quantizing rows of activations to int8 inside a Triton kernel, as the CPU kernels and the PyTorch twin do
-(gptfast/ops/linear_w8a8.py `quantize_rows`): per row sx = absmax / 127, q = round(x * 127 / absmax), half to even.
+(gptfast/ops/int8_rows.py `quantize_rows`): per row sx = absmax / 127, q = round(x * 127 / absmax), half to even.
 Each program quantizes the rows it multiplies (a few rows of x, re-read from cache): no second launch, no buffer.
-Shared by linear_w8a8.py and linear_int4.py here; the division is IEEE's (div_rn), and the kernels launch with
+Shared by this folder's int8 x int8 and 4-bit kernel files; the division is IEEE's (div_rn), and the kernels launch with
 enable_fp_fusion=False (else x * inv and the rounding add below become one FMA, rounding the exact product, not
 the float32 one), so that q is the same bits on a GPU as on the CPU (.ci/triton_aot_check.py checks the PTX).
 Triton's interpreter has no libdevice.rint: the rounding is the add-and-subtract of 1.5 * 2^23."""
