@@ -127,6 +127,20 @@ def test_compiled_quantized_model(backend, fresh_dynamo):
 
 
 # ----------------------------------------------------------------------------- a model trained here
+def train_on(ids: torch.Tensor, model, steps: int, batch: int, T: int):
+    """`model` trained with AdamW for `steps` steps of `batch` random windows of T tokens of ids; in eval mode."""
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        start = torch.randint(0, len(ids) - T - 1, (batch,), generator=g)
+        x = torch.stack([ids[s:s + T] for s in start])
+        y = torch.stack([ids[s + 1:s + T + 1] for s in start])
+        opt.zero_grad()
+        model(x, y).backward()
+        opt.step()
+    return model.eval()
+
+
 @pytest.fixture(scope="module")
 def trained(gpt2_tokenizer, verdict_text):
     """A tied (GPT-2-layout) model trained for 150 steps on the first 90% of The Verdict; the rest validates."""
@@ -134,18 +148,8 @@ def trained(gpt2_tokenizer, verdict_text):
     split = int(0.9 * len(ids))
     train, val = ids[:split], ids[split:]
     torch.manual_seed(0)
-    model = GPTModel(GPTConfig(context_length=64, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,
-                               tie_embeddings=True, backend="extension"))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(150):
-        start = torch.randint(0, len(train) - 65, (8,), generator=g)
-        x = torch.stack([train[s:s + 64] for s in start])
-        y = torch.stack([train[s + 1:s + 65] for s in start])
-        opt.zero_grad()
-        model(x, y).backward()
-        opt.step()
-    model.eval()
+    model = train_on(train, GPTModel(GPTConfig(context_length=64, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,
+                                               tie_embeddings=True, backend="extension")), steps=150, batch=8, T=64)
     vx = torch.stack([val[i:i + 64] for i in range(0, len(val) - 65, 32)])
     vy = torch.stack([val[i + 1:i + 65] for i in range(0, len(val) - 65, 32)])
     return model, (vx, vy)
@@ -186,18 +190,9 @@ def trained_on_more(large_text):
     split = int(0.9 * len(ids))
     train, val = ids[:split], ids[split:]
     torch.manual_seed(0)
-    model = GPTModel(GPTConfig(vocab_size=256, context_length=128, emb_dim=128, n_heads=4, n_layers=2, drop_rate=0.0,
-                               tie_embeddings=True, backend="extension"))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(400):
-        start = torch.randint(0, len(train) - 129, (16,), generator=g)
-        x = torch.stack([train[s:s + 128] for s in start])
-        y = torch.stack([train[s + 1:s + 129] for s in start])
-        opt.zero_grad()
-        model(x, y).backward()
-        opt.step()
-    model.eval()
+    model = train_on(train, GPTModel(GPTConfig(vocab_size=256, context_length=128, emb_dim=128, n_heads=4, n_layers=2,
+                                               drop_rate=0.0, tie_embeddings=True, backend="extension")),
+                     steps=400, batch=16, T=128)
     starts = range(0, len(val) - 129, len(val) // 64)
     return model, (torch.stack([val[i:i + 128] for i in starts]), torch.stack([val[i + 1:i + 129] for i in starts]))
 

@@ -7,6 +7,7 @@ the float32 one), so that q is the same bits on a GPU as on the CPU (.ci/triton_
 Triton's interpreter has no libdevice.rint: the rounding is the add-and-subtract of 1.5 * 2^23."""
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -34,3 +35,16 @@ def quantized(x, inv):
     v = x * inv
     r = (v + 12582912.0) - 12582912.0
     return tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int32)
+
+
+def launch_operands(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, what: str):
+    """(x as (M, K) rows of unit stride, weight, scales, bias contiguous, y (M, N) to fill): what the kernels read
+    (x's row stride is an argument; the rest packed). `what` names the layer in the error for non-float32 x."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"x: the Triton {what} takes float32 activations, got {x.dtype}")
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty((x2.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    return x2, weight.contiguous(), scales.contiguous(), bias.contiguous() if bias is not None else None, y

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._aot import Specialization
-from ._int8_rows import quantized, row_scales
+from ._int8_rows import launch_operands, quantized, row_scales
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_N = 128 if INTERPRET else 16  # the interpreter: few, big programs
@@ -57,16 +57,8 @@ def launch_shape(M: int) -> tuple[int, int, int]:
 @torch.library.custom_op("gptfast_triton::linear_w8a8_fwd", mutates_args=())
 def linear_w8a8_fwd(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                     path: str | None = None) -> torch.Tensor:
-    if x.dtype != torch.float32:
-        raise TypeError(f"x: the Triton int8 x int8 linear takes float32 activations, got {x.dtype}")
-    K, N = x.shape[-1], weight.shape[0]
-    x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    weight, scales = weight.contiguous(), scales.contiguous()
-    bias = bias.contiguous() if bias is not None else None
-    M = x2.shape[0]
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    x2, weight, scales, bias, y = launch_operands(x, weight, scales, bias, "int8 x int8 linear")
+    (M, K), N = x2.shape, weight.shape[0]
     if M and N:
         block_m, block_n, block_k = launch_shape(M)
         _w8a8_kernel[(triton.cdiv(N, block_n), triton.cdiv(M, block_m))](
