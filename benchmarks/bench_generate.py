@@ -379,7 +379,10 @@ def main(argv=None):
                                    f"bench_generate_{device.type}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"environment": env, "args": vars(args), "results": rows}, f, indent=1)
+        # the llama.cpp build by its folder's name, not this machine's path to it
+        record = {**vars(args), "llama_cpp_bin": args.llama_cpp_bin and os.path.basename(os.path.normpath(
+            args.llama_cpp_bin))}
+        json.dump({"environment": env, "args": record, "results": rows}, f, indent=1)
     print(f"wrote {out}")
     return 0
 

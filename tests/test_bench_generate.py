@@ -127,7 +127,9 @@ def test_llama_cpp_rows_from_its_binary_at_every_batch_size(tmp_path, monkeypatc
     assert bench_generate.main(["--presets", "qwen3-tiny", "--batch-sizes", "1,2", "--quantize", "int8", "--peers",
                                 "llama.cpp", "--llama-cpp-bin", str(tmp_path), "--llama-cpp-types", "q8_0",
                                 "--new-tokens", "5", "--prompt-tokens", "3", "--rounds", "1", "--out", str(out)]) == 0
-    rows = {(r["path"], r["batch"]): r for r in json.loads(out.read_text())["results"]}
+    record = json.loads(out.read_text())
+    assert record["args"]["llama_cpp_bin"] == tmp_path.name                  # the build's folder, not the path
+    rows = {(r["path"], r["batch"]): r for r in record["results"]}
     for b in (1, 2):
         peer = rows[("llama.cpp q8_0", b)]
         assert peer["agreement_with_baseline"] is None and peer["prefill_ms"] == pytest.approx(250.0)
